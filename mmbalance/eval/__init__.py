@@ -1,0 +1,1 @@
+"""Evaluation: metrics and analyses of trained models."""

@@ -1,0 +1,134 @@
+"""Baselines: joint training, unimodal, ensemble, multi-loss and unimodal pre-training.
+
+These are the reference points of every balancing paper; each is a few lines on the method
+interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmbalance.config import check
+from mmbalance.errors import ConfigError
+from mmbalance.methods.base import (
+    METHODS,
+    Method,
+    ModelInfo,
+    StepContext,
+    unimodal_losses,
+)
+from mmbalance.models.output import ModelOutput
+
+
+@METHODS.register("joint")
+class Joint(Method):
+    """One task loss on the fused output (the default joint training)."""
+
+    name = "joint"
+
+
+@dataclass
+class MultiLossParams:
+    lam_uni: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lam_uni >= 0, f"method.lam_uni must be >= 0, got {self.lam_uni}")
+
+
+@METHODS.register("multiloss")
+class MultiLoss(Method):
+    """Fused loss plus ``lam_uni`` times one unimodal-head loss per modality."""
+
+    name = "multiloss"
+    Params = MultiLossParams
+    needs_unimodal_heads = True
+
+    def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
+        return {"task": ctx.task_loss(output.logits)} | unimodal_losses(
+            output, ctx, self.params.lam_uni
+        )
+
+
+@dataclass
+class UnimodalParams:
+    modality: str | None = None
+
+
+@METHODS.register("unimodal")
+class Unimodal(Method):
+    """One modality alone: its encoder and unimodal head (default: the first modality)."""
+
+    name = "unimodal"
+    Params = UnimodalParams
+    needs_unimodal_heads = True
+
+    def setup(self, info: ModelInfo) -> nn.Module | None:
+        super().setup(info)
+        if self.params.modality is None:
+            self.params.modality = info.modalities[0]
+        if self.params.modality not in info.modalities:
+            raise ConfigError(
+                f"method.modality={self.params.modality!r} is not one of {list(info.modalities)}"
+            )
+        return None
+
+    def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
+        return {"task": ctx.task_loss(output.unimodal_logits[self.params.modality])}
+
+    def predict(self, output: ModelOutput) -> Tensor:
+        return output.unimodal_logits[self.params.modality]
+
+
+@dataclass
+class EnsembleParams:
+    combine: Literal["logits", "probs"] = "logits"
+
+
+def ensemble_prediction(output: ModelOutput, combine: str = "logits") -> Tensor:
+    """Average of the unimodal heads' logits (or of their probabilities, as log-probabilities)."""
+    stacked = torch.stack(list(output.unimodal_logits.values()))
+    if combine == "probs":
+        return stacked.softmax(-1).mean(0).clamp_min(1e-12).log()
+    return stacked.mean(0)
+
+
+@METHODS.register("ensemble")
+class Ensemble(Method):
+    """Independently trained unimodal models, predictions averaged.
+
+    Each encoder is trained only by its own unimodal loss; encoders share no parameters, so
+    summing the losses trains them independently. The fusion head is not used.
+    """
+
+    name = "ensemble"
+    Params = EnsembleParams
+    needs_unimodal_heads = True
+
+    def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
+        return unimodal_losses(output, ctx, 1.0)
+
+    def predict(self, output: ModelOutput) -> Tensor:
+        return ensemble_prediction(output, self.params.combine)
+
+
+@METHODS.register("unipre_frozen")
+class UniPreFrozen(Method):
+    """Unimodal pre-training, then a fusion head trained on the frozen encoders."""
+
+    name = "unipre_frozen"
+    needs_unimodal_heads = True
+    needs_unimodal_pretraining = True
+    freezes_encoders = True
+
+
+@METHODS.register("unipre_finetuned")
+class UniPreFinetuned(Method):
+    """Unimodal pre-training, then joint training of encoders and fusion head."""
+
+    name = "unipre_finetuned"
+    needs_unimodal_heads = True
+    needs_unimodal_pretraining = True

@@ -1,0 +1,488 @@
+"""The training loop: one explicit loop for every method, on Lightning Fabric.
+
+``fit(cfg, out_dir)`` trains one run and writes its directory::
+
+    out_dir/config.yaml     the resolved configuration
+    out_dir/last.ckpt       everything needed to resume (written atomically every epoch)
+    out_dir/best.ckpt       the weights selected on the validation split
+    out_dir/metrics.csv     one row per epoch (train loss terms, validation metrics, lr)
+    out_dir/steps.csv       per-step scalars logged by the method (tidy: step, epoch, name, value)
+    out_dir/tb/             TensorBoard events
+    out_dir/metrics.json    final validation and test metrics of the selected model
+
+Model selection and early stopping look at the validation split only; the test split is
+evaluated once, at the end, on the selected weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
+from torch import Tensor, nn
+
+from mmbalance.build import build_dataset, build_method, build_model, model_info
+from mmbalance.config import NamedParams, RunConfig
+from mmbalance.data.base import Batch, DatasetBundle
+from mmbalance.errors import MMBalanceError, TrainingDiverged
+from mmbalance.eval.metrics import selection_key, task_metrics
+from mmbalance.methods.base import Method, StepContext, task_loss, total_loss
+from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.models.output import ModelOutput
+from mmbalance.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from mmbalance.train.data import EpochBatchSampler, ShardBatchSampler, make_loader
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run: final metrics per split for the validation-selected model."""
+
+    out_dir: Path
+    metrics: dict[str, dict[str, float]]
+    best_epoch: int
+    epochs_run: int
+    bayes_accuracy: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "bayes_accuracy": self.bayes_accuracy,
+        }
+
+
+class TrainingModule(nn.Module):
+    """The model plus the method's own trainable modules, so DDP sees one module.
+
+    Its forward runs the whole training computation (encoders, latent transform, heads, method
+    losses), so every parameter used by a loss is inside the DDP forward.
+    """
+
+    def __init__(self, model: MultimodalModel, method: Method, extra: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.method_module = extra if extra is not None else nn.Module()
+        self._method = [method]  # a list keeps the method out of the module tree
+
+    def forward(self, batch: Batch, ctx: StepContext) -> tuple[ModelOutput, dict[str, Tensor]]:
+        method = self._method[0]
+        latents = self.model.encode(batch.inputs)
+        latents = method.transform_latents(latents, ctx)
+        output = self.model.heads(latents)
+        return output, method.losses(output, ctx)
+
+
+def make_fabric(cfg: RunConfig) -> Fabric:
+    t = cfg.train
+    world = t.devices * t.num_nodes
+    strategy: Any = "auto"
+    if world > 1:
+        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+        strategy = DDPStrategy(
+            find_unused_parameters=True,
+            start_method="spawn" if cpu else "popen",
+            process_group_backend="gloo" if cpu else None,
+        )
+    return Fabric(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+    )
+
+
+def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> RunResult:
+    """Train one run described by ``cfg`` into ``out_dir`` (``resume`` continues a killed run)."""
+    out_dir = Path(out_dir)
+    fabric = make_fabric(cfg)
+    if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
+        if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
+            return fabric.launch(_fit_in_process, cfg, out_dir, resume)
+        fabric.launch()
+    return _fit_in_process(fabric, cfg, out_dir, resume)
+
+
+def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+    fabric.seed_everything(cfg.train.seed, verbose=False)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    data = build_dataset(cfg)
+    method = build_method(cfg)
+    model = build_model(cfg, data, method)
+    extra = method.setup(model_info(model, data))
+    pretrain_epochs = cfg.train.unimodal_pretrain_epochs
+    if method.needs_unimodal_pretraining or pretrain_epochs > 0:
+        _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
+        if method.freezes_encoders:
+            model.encoders.requires_grad_(False)
+    trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir)
+    return trainer.run(resume)
+
+
+def _unimodal_pretraining(
+    fabric: Fabric, cfg: RunConfig, out_dir: Path, model: MultimodalModel, resume: bool
+) -> None:
+    """Train each encoder with its unimodal head alone (the ``ensemble`` method), then copy the
+    validation-selected encoders and heads into ``model``."""
+    epochs = cfg.train.unimodal_pretrain_epochs or cfg.train.epochs
+    pre_cfg = replace(
+        cfg,
+        method=NamedParams("ensemble"),
+        unimodal_heads=True,
+        train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
+    )
+    if not (resume and (out_dir / "metrics.json").is_file()):
+        _fit_in_process(fabric, pre_cfg, out_dir, resume)
+    state = load_checkpoint(out_dir / "best.ckpt")["model"]
+    keep = {k: v for k, v in state.items() if k.startswith(("encoders.", "unimodal_heads."))}
+    if model.unimodal_heads:
+        model.load_state_dict(keep, strict=False)
+    else:
+        model.load_state_dict({k: v for k, v in keep.items() if k.startswith("encoders.")}, False)
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda info: bar.update(task, advance=1, info=info)
+
+
+class Trainer:
+    """Runs the epochs of one run; see the module docstring for what it writes."""
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        cfg: RunConfig,
+        data: DatasetBundle,
+        model: MultimodalModel,
+        method: Method,
+        extra: nn.Module | None,
+        out_dir: Path,
+    ) -> None:
+        self.fabric, self.cfg, self.data = fabric, cfg, data
+        self.method, self.out_dir = method, out_dir
+        self.model = model
+        t = cfg.train
+        module = TrainingModule(model, method, extra)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise MMBalanceError("the model has no trainable parameters")
+        self.optimizer = _make_optimizer(params, cfg)
+        self.module, self.optimizer = fabric.setup(module, self.optimizer)
+        rank, world = fabric.global_rank, fabric.world_size
+        self.train_sampler = EpochBatchSampler(
+            len(data.splits["train"]), t.batch_size, t.seed, rank, world
+        )
+        self.loaders = {
+            "train": make_loader(data.splits["train"], self.train_sampler, t.num_workers),
+        }
+        for split in ("val", "test"):
+            sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
+            self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.step_logs: list[dict[str, float]] = []
+        self.best: dict[str, Any] | None = None
+        self.bad_epochs = 0
+        self.start_epoch = 0
+        self._writer: Any = None
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool) -> RunResult:
+        fabric, t = self.fabric, self.cfg.train
+        last = self.out_dir / "last.ckpt"
+        if resume and last.is_file():
+            self._restore(load_checkpoint(last))
+        elif last.is_file() and not resume:
+            raise MMBalanceError(
+                f"{str(self.out_dir)!r} already holds a run; resume it or choose another --out"
+            )
+        if fabric.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(
+                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            )
+        stopped = t.patience is not None and self.bad_epochs >= t.patience
+        for epoch in range(self.start_epoch, t.epochs):
+            if stopped:
+                break
+            started = time.perf_counter()
+            lr = self._set_lr(epoch)
+            self.method.on_epoch_start(epoch)
+            train_stats = self._train_epoch(epoch)
+            self.method.on_epoch_end(epoch)
+            val = self.evaluate("val")
+            row = {"epoch": epoch, "lr": lr, **train_stats}
+            row |= {f"val_{k}": v for k, v in val.items()}
+            row["seconds"] = time.perf_counter() - started
+            self.history.append(row)
+            key = selection_key(val, self.data.task)
+            if self.best is None or key > tuple(self.best["key"]):
+                self.best = {"key": list(key), "epoch": epoch}
+                self.bad_epochs = 0
+                self._save("best.ckpt", {"model": self.model.state_dict(), "epoch": epoch})
+            else:
+                self.bad_epochs += 1
+            stopped = t.patience is not None and self.bad_epochs >= t.patience
+            self._save("last.ckpt", self._snapshot(epoch))
+            self._write_logs(row)
+        return self._finish()
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        fabric, t = self.fabric, self.cfg.train
+        self.module.train()
+        if self.method.freezes_encoders:
+            self.model.encoders.eval()
+        self.train_sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        count = 0
+        loader = self.loaders["train"]
+        show = t.progress and fabric.is_global_zero
+        with _progress(show, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as advance:
+            for batch in loader:
+                batch = batch.to(fabric.device)
+                ctx = self._context(batch, epoch)
+                self.optimizer.zero_grad(set_to_none=True)
+                _, losses = self.module(batch, ctx)
+                loss = total_loss(losses)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
+                        f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
+                    )
+                self.method.backward(losses, ctx)
+                self.method.rewrite_gradients(ctx)
+                if t.grad_clip is not None:
+                    fabric.clip_gradients(self.module, self.optimizer, max_norm=t.grad_clip)
+                self.optimizer.step()
+                sums["train_loss"] = sums.get("train_loss", 0.0) + value
+                for name, term in losses.items():
+                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(term.detach())
+                if ctx.logs:
+                    self.step_logs.append({"step": self.step, "epoch": epoch, **ctx.logs})
+                self.step += 1
+                count += 1
+                if advance is not None:
+                    advance(f"loss {value:.4f}")
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _context(self, batch: Batch, epoch: int) -> StepContext:
+        fabric = self.fabric
+        return StepContext(
+            targets=batch.targets,
+            task=self.data.task,
+            fusion=self.model.fusion,
+            encode=self.model.encode,
+            inputs=batch.inputs,
+            encoder_params=self.model.encoder_parameters(),
+            epoch=epoch,
+            step=self.step,
+            backward=lambda loss: fabric.backward(loss),
+            all_reduce=lambda x: fabric.all_reduce(x, reduce_op="sum"),
+            world_size=fabric.world_size,
+            regression_loss=self.cfg.train.regression_loss,
+        )
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, split: str) -> dict[str, Tensor]:
+        """Predictions of the current weights on ``split``, each sample once, in dataset order.
+
+        Returns ``prediction`` (what the method predicts), ``targets``, ``index`` and, when the
+        model has unimodal heads, ``unimodal_<m>``.
+        """
+        fabric = self.fabric
+        self.module.eval()
+        parts: dict[str, list[Tensor]] = {}
+        autocast = fabric.autocast() if self.cfg.train.precision != "32-true" else nullcontext()
+        for batch in self.loaders[split]:
+            batch = batch.to(fabric.device)
+            with autocast:
+                output = self.model(batch.inputs)
+            pieces = {
+                "prediction": self.method.predict(output).float(),
+                "targets": batch.targets,
+                "index": batch.index,
+            }
+            pieces |= {f"unimodal_{m}": u.float() for m, u in output.unimodal_logits.items()}
+            for k, v in pieces.items():
+                parts.setdefault(k, []).append(v)
+        local = {k: torch.cat(v) for k, v in parts.items()}
+        return _gather_once(fabric, local)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        out = self.predict(split)
+        task, n_out = self.data.task, self.data.num_outputs
+        metrics = task_metrics(out["prediction"], out["targets"], task, n_out)
+        metrics["loss"] = float(
+            task_loss(out["prediction"], out["targets"], task, self.cfg.train.regression_loss)
+        )
+        for m in self.model.unimodal_heads:
+            uni = task_metrics(out[f"unimodal_{m}"], out["targets"], task, n_out)
+            primary = "accuracy" if task == "classification" else "mae"
+            metrics[f"unimodal_{primary}_{m}"] = uni[primary]
+        return metrics
+
+    def _finish(self) -> RunResult:
+        best_epoch = -1
+        if self.best is not None:
+            state = load_checkpoint(self.out_dir / "best.ckpt")
+            self.model.load_state_dict(state["model"])
+            best_epoch = int(state["epoch"])
+        metrics = {split: self.evaluate(split) for split in ("val", "test")}
+        result = RunResult(
+            self.out_dir,
+            metrics,
+            best_epoch,
+            len(self.history),
+            self.data.bayes_accuracy,
+            self.history,
+        )
+        if self.fabric.is_global_zero:
+            (self.out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+            if self._writer is not None:
+                self._writer.close()
+        return result
+
+    # --- state ---------------------------------------------------------------------------------
+    def _snapshot(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "step_logs": self.step_logs,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def _restore(self, ckpt: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(ckpt["module"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.method.load_state_dict(ckpt["method"])
+        set_rng_state(ckpt["rng"])
+        self.step = ckpt["step"]
+        self.history = list(ckpt["history"])
+        self.step_logs = list(ckpt["step_logs"])
+        self.best = ckpt["best"]
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.start_epoch = ckpt["epoch"] + 1
+
+    def _save(self, name: str, obj: Any) -> None:
+        if self.fabric.is_global_zero:
+            save_atomic(obj, self.out_dir / name)
+        self.fabric.barrier()
+
+    def _set_lr(self, epoch: int) -> float:
+        lr = self.cfg.train.lr * lr_factor(self.cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    # --- logs ----------------------------------------------------------------------------------
+    def _write_logs(self, row: Mapping[str, float]) -> None:
+        if not self.fabric.is_global_zero:
+            return
+        _write_csv(self.out_dir / "metrics.csv", self.history)
+        tidy = [
+            {"step": r["step"], "epoch": r["epoch"], "name": k, "value": v}
+            for r in self.step_logs
+            for k, v in r.items()
+            if k not in ("step", "epoch")
+        ]
+        if tidy:
+            _write_csv(self.out_dir / "steps.csv", tidy)
+        if self.cfg.train.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            for k, v in row.items():
+                if k != "epoch":
+                    self._writer.add_scalar(k, v, int(row["epoch"]))
+            self._writer.flush()
+
+
+def lr_factor(cfg: RunConfig, epoch: int) -> float:
+    """Learning-rate multiplier at ``epoch``: linear warm-up, then step or cosine decay."""
+    t = cfg.train
+    if epoch < t.warmup_epochs:
+        return (epoch + 1) / (t.warmup_epochs + 1)
+    e = epoch - t.warmup_epochs
+    if t.scheduler == "step":
+        return t.gamma ** (e // t.step_size)
+    if t.scheduler == "cosine":
+        span = max(t.epochs - t.warmup_epochs, 1)
+        return 0.5 * (1 + math.cos(math.pi * e / span))
+    return 1.0
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _gather_once(fabric: Fabric, local: dict[str, Tensor]) -> dict[str, Tensor]:
+    """All-gather per-rank predictions of uneven length and restore dataset order."""
+    if fabric.world_size == 1:
+        return local
+    n = torch.tensor([local["index"].shape[0]], device=fabric.device)
+    sizes = fabric.all_gather(n).reshape(-1)
+    longest = int(sizes.max())
+    out: dict[str, Tensor] = {}
+    for k, v in local.items():
+        padded = torch.zeros((longest, *v.shape[1:]), dtype=v.dtype, device=v.device)
+        padded[: v.shape[0]] = v
+        gathered = fabric.all_gather(padded)  # (world, longest, ...)
+        out[k] = torch.cat([gathered[r, : int(sizes[r])] for r in range(len(sizes))])
+    order = torch.argsort(out["index"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def _write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
