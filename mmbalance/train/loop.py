@@ -37,6 +37,7 @@ from mmbalance.config import NamedParams, RunConfig
 from mmbalance.data.base import Batch, DatasetBundle
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.eval.metrics import selection_key, task_metrics
+from mmbalance.eval.probe import probe_accuracy
 from mmbalance.methods.base import Method, StepContext, task_loss, total_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
@@ -360,6 +361,9 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
+        if self.data.task == "classification" and self.fabric.is_global_zero:
+            probes = probe_accuracy(self.model, self.data.splits["train"], self.data.splits["test"])
+            metrics["test"] |= {f"probe_accuracy_{m}": v for m, v in probes.items()}
         result = RunResult(
             self.out_dir,
             metrics,
