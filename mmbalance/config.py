@@ -10,7 +10,7 @@ Keys of the command line and of flattened YAML files:
 - ``method=NAME``, ``method.PARAM=V``: balancing method and its parameters
 - ``fusion=NAME``, ``fusion.PARAM=V``: fusion head and its parameters
 - ``encoder.MODALITY=NAME``, ``encoder.MODALITY.PARAM=V``: per-modality encoder
-- ``unimodal_heads=true|false``, ``latent_dim``-style encoder params via ``encoder.*``
+- ``unimodal_heads=true|false``: force unimodal heads on or off (default: as the method needs)
 - ``train.FIELD=V`` (or just ``FIELD=V``): a field of :class:`TrainConfig`
 """
 
@@ -172,21 +172,17 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_overrides(self) -> dict[str, Any]:
-        """Flatten back into ``key=value`` form (the inverse of :func:`parse_overrides`)."""
+        """The YAML-file form (sections with ``name`` plus parameters), readable by
+        :func:`load_yaml`, so a run's saved ``config.yaml`` can be trained again as it is."""
         out: dict[str, Any] = {}
         for section in ("dataset", "method", "fusion"):
             named: NamedParams = getattr(self, section)
-            out[section] = named.name
-            out.update({f"{section}.{k}": v for k, v in named.params.items()})
-        for modality, named in self.encoders.items():
-            out[f"encoder.{modality}"] = named.name
-            out.update({f"encoder.{modality}.{k}": v for k, v in named.params.items()})
+            out[section] = {"name": named.name, **named.params}
+        if self.encoders:
+            out["encoders"] = {m: {"name": n.name, **n.params} for m, n in self.encoders.items()}
         if self.unimodal_heads is not None:
             out["unimodal_heads"] = self.unimodal_heads
-        out.update({f"train.{k}": v for k, v in dataclasses.asdict(self.train).items()})
+        out["train"] = dataclasses.asdict(self.train)
         return out
 
 
@@ -225,12 +221,14 @@ def flatten_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
             value = dict(value)
             if "name" in value:
                 out[key] = value.pop("name")
+            value.update(value.pop("params", None) or {})
             out.update({f"{key}.{k}": v for k, v in value.items()})
         elif key == "encoders" and isinstance(value, Mapping):
             for modality, spec in value.items():
                 spec = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
-                if "name" in spec:
+                if spec.get("name"):
                     out[f"encoder.{modality}"] = spec.pop("name")
+                spec.pop("name", None)
                 out.update({f"encoder.{modality}.{k}": v for k, v in spec.items()})
         elif key == "train" and isinstance(value, Mapping):
             out.update({f"train.{k}": v for k, v in value.items()})

@@ -147,6 +147,11 @@ class Method:
         self.info: ModelInfo | None = None
 
     # --- set-up --------------------------------------------------------------------------------
+    @classmethod
+    def variants(cls, name: str, modalities: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        """The configurations a comparison runs for this method: ``(label, options)`` pairs."""
+        return [(name, {})]
+
     def setup(self, info: ModelInfo) -> nn.Module | None:
         """Check the model and create trainable modules the method owns (returned, or None).
 

@@ -6,8 +6,9 @@ interface.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +66,10 @@ class Unimodal(Method):
     name = "unimodal"
     Params = UnimodalParams
     needs_unimodal_heads = True
+
+    @classmethod
+    def variants(cls, name: str, modalities: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        return [(f"{name}[{m}]", {"modality": m}) for m in modalities]
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)

@@ -1,5 +1,5 @@
 """The training loop, checkpoints and batching."""
 
-from mmbalance.train.loop import RunResult, Trainer, fit
+from mmbalance.train.loop import RunResult, Trainer, evaluate_run, fit
 
-__all__ = ["RunResult", "Trainer", "fit"]
+__all__ = ["RunResult", "Trainer", "evaluate_run", "fit"]

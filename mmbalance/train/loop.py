@@ -490,3 +490,38 @@ def _write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """Re-evaluate a finished or interrupted run on its validation and test splits.
+
+    ``path`` is a run directory (its ``best.ckpt`` is used) or a checkpoint file inside one
+    (``best.ckpt`` or ``last.ckpt``); the run's ``config.yaml`` rebuilds data, model and method.
+    """
+    from mmbalance.build import resolve_config
+    from mmbalance.config import load_yaml
+
+    path = Path(path)
+    run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
+    if not (run_dir / "config.yaml").is_file():
+        raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = resolve_config(load_yaml(run_dir / "config.yaml"))
+    cfg.train = replace(cfg.train, devices=1, num_nodes=1, progress=False, tensorboard=False)
+    fabric = make_fabric(cfg)
+    data = build_dataset(cfg)
+    method = build_method(cfg)
+    model = build_model(cfg, data, method)
+    extra = method.setup(model_info(model, data))
+    trainer = Trainer(fabric, cfg, data, model, method, extra, run_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        if "model" in ckpt:
+            model.load_state_dict(ckpt["model"])
+        else:
+            trainer.module.load_state_dict(ckpt["module"])
+    except (KeyError, RuntimeError) as err:
+        first = str(err).splitlines()[0]
+        raise MMBalanceError(
+            f"checkpoint {str(ckpt_path)!r} does not match the run's model ({first})"
+        ) from None
+    return {split: trainer.evaluate(split) for split in ("val", "test")}

@@ -1,0 +1,164 @@
+"""The ``mmbalance`` command line.
+
+Errors caused by input (unknown names, invalid values, missing files, diverged runs) are printed
+as one line on stderr with exit status 2; nobody has to read a traceback to fix a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmbalance.config import load_yaml, parse_overrides
+from mmbalance.errors import MMBalanceError
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file (if any), then --dataset / --method, then key=value pairs (later wins)."""
+    values: dict[str, Any] = {}
+    pairs = list(args.overrides)
+    if pairs and pairs[0].endswith((".yaml", ".yml")) and "=" not in pairs[0]:
+        values.update(load_yaml(pairs.pop(0)))
+    if getattr(args, "dataset", None):
+        values["dataset"] = args.dataset
+    if getattr(args, "method", None):
+        values["method"] = args.method
+    values.update(parse_overrides(pairs))
+    return values
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmbalance.build import resolve_config
+    from mmbalance.train import fit
+
+    cfg = resolve_config(_overrides(args))
+    out = Path(args.out or f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
+    result = fit(cfg, out, resume=args.resume)
+    console = _console()
+    console.print(f"[bold]run[/bold] {out}  best epoch {result.best_epoch + 1}")
+    _print_metrics(console, result.metrics, result.bayes_accuracy)
+    return 0
+
+
+def _print_metrics(console: Any, metrics: dict[str, dict[str, float]], bayes: float | None) -> None:
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("metric")
+    for split in metrics:
+        table.add_column(split, justify="right")
+    names = list(dict.fromkeys(k for m in metrics.values() for k in m))
+    for name in names:
+        table.add_row(
+            name, *(f"{metrics[s][name]:.4f}" if name in metrics[s] else "-" for s in metrics)
+        )
+    if bayes is not None:
+        table.add_row("bayes_accuracy", "", f"{bayes:.4f}")
+    console.print(table)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmbalance.train import evaluate_run
+
+    metrics = evaluate_run(args.run)
+    _print_metrics(_console(), metrics, None)
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mmbalance.compare import plot_comparison, results_table, run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
+    records = run_compare(methods, args.seeds, out, _overrides(args))
+    console = _console()
+    console.print(results_table(records))
+    figure = plot_comparison(records, out / "comparison.png")
+    console.print(f"results: {out / 'results.json'}   plot: {figure}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mmbalance.data import DATASETS
+    from mmbalance.methods import METHODS
+    from mmbalance.models import ENCODERS, FUSION_HEADS
+
+    table = Table(title="registered components")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("description")
+    for kind, registry in (
+        ("method", METHODS),
+        ("dataset", DATASETS),
+        ("encoder", ENCODERS),
+        ("fusion head", FUSION_HEADS),
+    ):
+        for name, obj in registry.items():
+            doc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
+            table.add_row(kind, name, doc)
+    _console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmbalance",
+        description="Balanced multimodal training: methods, datasets, comparisons.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    over_help = "optional CONFIG.yaml first, then key=value overrides (e.g. train.lr=0.01)"
+
+    train = sub.add_parser("train", help="train one run")
+    train.add_argument("--dataset")
+    train.add_argument("--method")
+    train.add_argument("--out", help="run directory (default runs/DATASET-METHOD-seedS)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("overrides", nargs="*", help=over_help)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint")
+    evaluate.add_argument("run", help="run directory or checkpoint file")
+    evaluate.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    compare = sub.add_parser("compare", help="compare methods over seeds")
+    compare.add_argument("--dataset")
+    compare.add_argument("--methods", required=True, help="comma-separated method names")
+    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--out", required=True, help="output directory")
+    compare.add_argument("overrides", nargs="*", help=over_help)
+    compare.set_defaults(func=_cmd_compare)
+
+    lister = sub.add_parser("list", help="list methods, datasets, encoders and fusion heads")
+    lister.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MMBalanceError as err:
+        print(f"mmbalance: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmbalance: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
