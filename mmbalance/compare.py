@@ -127,6 +127,7 @@ def summarize(
 
 def results_table(records: Sequence[Mapping[str, Any]]) -> Any:
     """A rich table: mean ± std over seeds of the test metrics, per method."""
+    from rich.markup import escape
     from rich.table import Table
 
     summary = summarize(records, "test")
@@ -140,7 +141,7 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> Any:
     if bayes is not None:
         title += f" (Bayes accuracy {bayes:.4f})"
     table = Table(title=title)
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("seeds", justify="right")
     table.add_column(f"val {metrics[0]}", justify="right")
     for m in metrics:
@@ -151,10 +152,10 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> Any:
         table.add_column(p.replace("probe_accuracy_", "probe "), justify="right")
 
     def fmt(stat: tuple[float, float, int] | None) -> str:
-        return "-" if stat is None else f"{stat[0]:.4f} ± {stat[1]:.4f}"
+        return "-" if stat is None else f"{stat[0]:.4f}±{stat[1]:.4f}"
 
     for method, stats in summary.items():
-        row = [method, str(stats[metrics[0]][2]), fmt(val.get(method, {}).get(metrics[0]))]
+        row = [escape(method), str(stats[metrics[0]][2]), fmt(val.get(method, {}).get(metrics[0]))]
         row += [fmt(stats.get(m)) for m in metrics]
         if bayes is not None:
             row.append(f"{bayes - stats['accuracy'][0]:.4f}")

@@ -197,9 +197,15 @@ KEY_HELP = (
 def parse_value(text: str) -> Any:
     """Parse a command-line value as YAML (so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e6" as a string; users mean a number
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
