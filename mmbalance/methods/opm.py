@@ -1,0 +1,145 @@
+"""OPM: on-the-fly prediction modulation (Wei, Hu, Du, Wen, TPAMI 2024).
+
+The dominant modality's features are dropped per sample during training, with a probability that
+grows with how far ahead it is. It uses the discrepancy score of :mod:`mmbalance.methods.ogm`
+(computed on this batch's undropped latents, under DDP all-reduced over ranks).
+
+Per training batch, inside the modulation window (by default after the journal's 6 warm-up
+epochs):
+
+1. ``q_m = q_base * (1 + lam * tanh(relu(rho_m - 1)))`` where ``rho_m > 1``, else 0, clipped to
+   ``[0, 1]``;
+2. with probability ``p_exe`` the drop is executed (one draw per batch), otherwise the batch is
+   unchanged;
+3. masks ``keep_m,i ~ Bernoulli(1 - q_m)`` per sample and modality;
+4. survivors are rescaled by the *global* ``1 / (1 - theta)`` with ``theta = sum_m d_m q_m /
+   sum_m d_m`` (``d_m`` latent sizes), as the journal code does, so with ``q = (0.6, 0)`` the
+   weak modality's features are scaled by ``1/0.7`` too;
+5. samples whose modalities are all dropped are removed from the loss.
+
+Nothing is dropped at evaluation (the trainer calls :meth:`OPM.transform_latents` only while
+training). Logged per step: ``rho_<m>``, ``q_<m>``, ``opm_executed``, ``opm_kept_fraction``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmbalance.config import check
+from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext, task_loss
+from mmbalance.methods.ogm import (
+    ModulationParams,
+    batch_scores,
+    discrepancy_ratios,
+    require_classification,
+)
+from mmbalance.models.output import ModelOutput
+
+
+def opm_drop_probabilities(ratios: Tensor, q_base: float, lam: float) -> Tensor:
+    """``q_m = clip(q_base (1 + lam tanh(relu(rho_m - 1))), 0, 1)`` if ``rho_m > 1``, else 0."""
+    r = torch.tanh(torch.relu(ratios - 1))
+    q = torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r))
+    return q.clamp(0.0, 1.0)
+
+
+def drop_latents(
+    latents: Mapping[str, Tensor],
+    q: Mapping[str, float | Tensor],
+    generator: torch.Generator | None = None,  # a CPU generator; None: the global one
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Drop each sample's latent of modality ``m`` with probability ``q[m]``, rescale survivors by
+    the global ``1/(1 - theta)``, and return the new latents plus the mask of samples that keep
+    at least one modality."""
+    modalities = list(latents)
+    first = latents[modalities[0]]
+    n, device = first.shape[0], first.device
+    dims = torch.tensor([float(latents[m].shape[1]) for m in modalities])
+    qs = torch.tensor([float(q[m]) for m in modalities])
+    theta = float((dims * qs).sum() / dims.sum())
+    scale = 1.0 / (1.0 - theta) if theta < 1.0 else 0.0
+    out: dict[str, Tensor] = {}
+    kept_any = torch.zeros(n, dtype=torch.bool, device=device)
+    for m, qm in zip(modalities, qs.tolist(), strict=True):
+        z = latents[m]
+        if qm <= 0.0:
+            out[m] = z * scale if scale != 1.0 else z
+            kept_any.fill_(True)
+            continue
+        keep = (torch.rand(n, generator=generator) >= qm).to(device)  # CPU draw: reproducible
+        kept_any |= keep
+        out[m] = z * (keep.to(z.dtype) * scale).unsqueeze(1)
+    return out, kept_any
+
+
+@dataclass
+class OPMParams(ModulationParams):
+    """OPM options (journal code defaults): ``q_base`` base drop probability, ``lam`` its growth
+    with the discrepancy, ``p_exe`` probability that a batch is modulated at all."""
+
+    warmup_epochs: int = 6
+    q_base: float = 0.5
+    lam: float = 0.5
+    p_exe: float = 0.7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.q_base <= 1, f"method.q_base must be in [0, 1], got {self.q_base}")
+        check(self.lam >= 0, f"method.lam must be >= 0, got {self.lam}")
+        check(0 <= self.p_exe <= 1, f"method.p_exe must be in [0, 1], got {self.p_exe}")
+
+
+@METHODS.register("opm")
+class OPM(Method):
+    """On-the-fly prediction modulation: drop the dominant modality's features per sample."""
+
+    name = "opm"
+    Params = OPMParams
+
+    def __init__(self, params: object = None, **kwargs: object) -> None:
+        super().__init__(params, **kwargs)
+        self._keep: Tensor | None = None
+
+    def setup(self, info: ModelInfo) -> nn.Module | None:
+        super().setup(info)
+        require_classification(info, self.name)
+        return None
+
+    def drop_probabilities(self, latents: Mapping[str, Tensor], ctx: StepContext) -> Tensor:
+        """``(M,)`` drop probabilities of this batch (scores all-reduced under DDP); logs them."""
+        scores = batch_scores(latents, ctx)
+        rho = discrepancy_ratios(scores, self.params.ratio_to)
+        q = opm_drop_probabilities(rho, self.params.q_base, self.params.lam)
+        for i, m in enumerate(latents):
+            ctx.log(f"rho_{m}", rho[i])
+            ctx.log(f"q_{m}", q[i])
+        return q
+
+    def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        self._keep = None
+        if not self.params.active(ctx.epoch):
+            return latents
+        q = self.drop_probabilities(latents, ctx)
+        executed = bool(torch.rand(()) < self.params.p_exe)
+        ctx.log("opm_executed", float(executed))
+        if not executed or not bool((q > 0).any()):
+            ctx.log("opm_kept_fraction", 1.0)
+            return latents
+        new, keep = drop_latents(latents, {m: q[i] for i, m in enumerate(latents)})
+        ctx.log("opm_kept_fraction", keep.float().mean())
+        if not bool(keep.all()):
+            self._keep = keep
+        return new
+
+    def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
+        keep, self._keep = self._keep, None
+        if keep is None:
+            return {"task": ctx.task_loss(output.logits)}
+        if not bool(keep.any()):  # every sample lost every modality: no signal, zero loss
+            return {"task": output.logits.sum() * 0.0}
+        logits, targets = output.logits[keep], ctx.targets[keep]
+        return {"task": task_loss(logits, targets, ctx.task, ctx.regression_loss)}
