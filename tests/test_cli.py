@@ -93,8 +93,20 @@ def test_train_from_yaml_then_evaluate(capsys, tmp_path: Path) -> None:
 
 def test_compare_writes_tidy_records(capsys, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    code = main(["compare", "--dataset", "synthetic", "--methods", "joint,unimodal", "--seeds",
-                 "2", "--out", str(out), *FAST])
+    code = main(
+        [
+            "compare",
+            "--dataset",
+            "synthetic",
+            "--methods",
+            "joint,unimodal",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Bayes accuracy" in printed and "unimodal[m2]" in printed

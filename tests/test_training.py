@@ -201,3 +201,24 @@ def test_ddp_two_processes_match_one(small: dict, tmp_path: Path) -> None:
     assert two.metrics["val"]["accuracy"] * small["dataset.n_val"] == pytest.approx(
         round(two.metrics["val"]["accuracy"] * small["dataset.n_val"]), abs=1e-6
     )
+
+
+def test_regression_task_trains_and_reports_regression_metrics(small: dict, tmp_path: Path) -> None:
+    overrides = {**small, "dataset.task": "regression", "method": "multiloss"}
+    result = fit(resolve_config(overrides), tmp_path / "l1")
+    test = result.metrics["test"]
+    assert {"mae", "pearson", "binary_accuracy"} <= set(test)
+    assert result.bayes_accuracy is None
+    # targets are -2..2 (std ~1.4): a trained model must be far better than predicting 0
+    assert test["mae"] < 0.9 and test["pearson"] > 0.7 and test["binary_accuracy"] > 0.8
+    mse = fit(resolve_config({**overrides, "train.regression_loss": "mse"}), tmp_path / "mse")
+    assert mse.metrics["test"]["pearson"] > 0.7
+
+
+def test_mixed_precision_and_tensorboard(small: dict, tmp_path: Path) -> None:
+    cfg = resolve_config(
+        {**small, "train.precision": "bf16-mixed", "train.tensorboard": True, "train.epochs": 2}
+    )
+    result = fit(cfg, tmp_path)
+    assert result.metrics["test"]["accuracy"] > CHANCE + 0.2
+    assert any((tmp_path / "tb").iterdir())

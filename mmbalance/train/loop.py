@@ -112,9 +112,23 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> RunResult:
     fabric = make_fabric(cfg)
     if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
         if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
-            return fabric.launch(_fit_in_process, cfg, out_dir, resume)
+            return fabric.launch(_fit_in_worker, cfg, out_dir, resume)
         fabric.launch()
     return _fit_in_process(fabric, cfg, out_dir, resume)
+
+
+def _fit_in_worker(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+    """A spawned DDP worker: train, then tear the process group down before the process exits
+    (gloo's threads abort the process if it exits with the group still alive)."""
+    dist = torch.distributed
+    try:
+        result = _fit_in_process(fabric, cfg, out_dir, resume)
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
