@@ -376,3 +376,28 @@ def test_lambda_zero_reproduces_multiloss(tmp_path: Path) -> None:
 def test_mcr_trains_with_every_term(tmp_path: Path) -> None:
     metrics = _run("mcr", tmp_path, **{"method.lam": 0.5, "method.lam_ceb": 0.1})
     assert metrics["accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_mcr_raises_weak_modality_probe_above_joint(tmp_path: Path) -> None:
+    """Synthetic defaults (m1 strong, m2 weak): greedy MIPD alone lifts the m2 probe over joint."""
+    base = {
+        "dataset.n_val": 500,
+        "dataset.n_test": 1000,
+        "dataset.n_bayes": 1000,
+        "train.epochs": 20,
+        "train.progress": False,
+        "train.tensorboard": False,
+    }
+    joint = fit(resolve_config({"method": "joint", **base}), tmp_path / "joint").metrics["test"]
+    mcr_cfg = {
+        "method": "mcr",
+        "method.lam": 5.0,
+        "method.lam_uni": 0.0,
+        "method.lam_con": 0.0,
+        "method.num_permutations": 8,
+        **base,
+    }
+    mcr = fit(resolve_config(mcr_cfg), tmp_path / "mcr").metrics["test"]
+    assert mcr["probe_accuracy_m2"] >= joint["probe_accuracy_m2"] + 0.01
+    assert mcr["accuracy"] >= joint["accuracy"] - 0.02
