@@ -1,6 +1,6 @@
 """Balancing methods. Importing this package registers every method."""
 
-from mmbalance.methods import baselines  # noqa: F401
+from mmbalance.methods import baselines, mmpareto  # noqa: F401
 from mmbalance.methods.base import (
     METHODS,
     Method,
