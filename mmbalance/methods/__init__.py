@@ -1,6 +1,6 @@
 """Balancing methods. Importing this package registers every method."""
 
-from mmbalance.methods import baselines, mcr, ogm, opm  # noqa: F401  (registration)
+from mmbalance.methods import baselines, mcr, mmpareto, ogm, opm  # noqa: F401  (registration)
 from mmbalance.methods.base import (
     METHODS,
     Method,

@@ -89,7 +89,7 @@ class StepContext:
     all_reduce: Callable[[Tensor], Tensor] = _sum_all_reduce
     world_size: int = 1
     regression_loss: Literal["l1", "mse"] = "l1"
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
 
     @classmethod
     def standalone(cls, targets: Tensor, **kwargs: Any) -> StepContext:
@@ -101,8 +101,12 @@ class StepContext:
         return task_loss(logits, self.targets, self.task, self.regression_loss)
 
     def log(self, name: str, value: Tensor | float) -> None:
-        """Record a per-step scalar (coefficients, ratios, ...); the trainer saves it."""
-        self.logs[name] = float(value.detach() if isinstance(value, Tensor) else value)
+        """Record a per-step scalar (coefficients, ratios, ...); the trainer saves it.
+
+        Tensors are kept (detached) and read only after the optimizer step, so logging never
+        forces a host-device synchronisation in the middle of a step.
+        """
+        self.logs[name] = value.detach() if isinstance(value, Tensor) else float(value)
 
 
 def task_loss(logits: Tensor, targets: Tensor, task: Task, regression_loss: str = "l1") -> Tensor:

@@ -107,12 +107,11 @@ def nt_xent(latents: Mapping[str, Tensor], labels: Tensor, temperature: float) -
     sim = emb @ emb.T / temperature
     same = lab[:, None] == lab[None, :]
     eye = torch.eye(len(lab), dtype=torch.bool, device=emb.device)
-    positive = same & ~eye
-    if not bool(positive.any()):
-        return emb.sum() * 0.0
+    positive = (same & ~eye).to(sim.dtype)
     neg_lse = torch.logsumexp(sim.masked_fill(same, float("-inf")), dim=1, keepdim=True)
     pair = torch.logaddexp(sim, neg_lse) - sim
-    return pair[positive].mean()
+    # masked mean without boolean indexing, so no host-device synchronisation (0 if no pair)
+    return (pair * positive).sum() / positive.sum().clamp_min(1.0)
 
 
 # --- permutations ---------------------------------------------------------------------------------

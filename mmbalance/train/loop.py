@@ -38,7 +38,7 @@ from mmbalance.data.base import Batch, DatasetBundle
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.eval.metrics import selection_key, task_metrics
 from mmbalance.eval.probe import probe_accuracy
-from mmbalance.methods.base import Method, StepContext, task_loss, total_loss
+from mmbalance.methods.base import Method, StepContext, task_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
 from mmbalance.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -288,23 +288,27 @@ class Trainer:
                 ctx = self._context(batch, epoch)
                 self.optimizer.zero_grad(set_to_none=True)
                 _, losses = self.module(batch, ctx)
-                loss = total_loss(losses)
-                value = float(loss.detach())
+                self.method.backward(losses, ctx)
+                self.method.rewrite_gradients(ctx)
+                if t.grad_clip is not None:
+                    fabric.clip_gradients(self.module, self.optimizer, max_norm=t.grad_clip)
+                # Read the loss once, after the step is queued (one synchronisation per step).
+                # A non-finite loss stops the run before anything of this step is saved, so the
+                # last checkpoint on disk stays the last good one.
+                terms = {name: float(term.detach()) for name, term in losses.items()}
+                value = sum(terms.values())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
                         f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
                     )
-                self.method.backward(losses, ctx)
-                self.method.rewrite_gradients(ctx)
-                if t.grad_clip is not None:
-                    fabric.clip_gradients(self.module, self.optimizer, max_norm=t.grad_clip)
                 self.optimizer.step()
                 sums["train_loss"] = sums.get("train_loss", 0.0) + value
-                for name, term in losses.items():
-                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + float(term.detach())
+                for name, term_value in terms.items():
+                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + term_value
                 if ctx.logs:
-                    self.step_logs.append({"step": self.step, "epoch": epoch, **ctx.logs})
+                    logged = {k: float(v) for k, v in ctx.logs.items()}
+                    self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
                 self.step += 1
                 count += 1
                 if advance is not None:
