@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +251,7 @@ def test_bad_params_raise_config_error(key: str, value: object) -> None:
 # --- DDP ---------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     model = _model(2, conflict=True)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -279,7 +281,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_ranks_identical_and_equal_to_full_batch(tmp_path: Path) -> None:
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
