@@ -165,3 +165,42 @@ def test_each_modality_alone_beats_chance(tmp_path: Path, monkeypatch, modality,
     )
     acc = fit(cfg, tmp_path / "run").metrics["test"]["accuracy"]
     assert acc > floor, acc
+
+
+needs_fashion = pytest.mark.skipif(
+    not (Path("/usr/share/datasets/fashion-mnist") / "t10k-labels-idx1-ubyte.gz").exists()
+    or shutil.which("espeak-ng") is None,
+    reason="needs apt-get install dataset-fashion-mnist espeak-ng",
+)
+
+
+def test_av_fashion_missing_data_says_how_to_install(tmp_path: Path) -> None:
+    from mmbalance.data.av_fashion import AVFashionParams, AVFashionSource
+
+    p = AVFashionParams(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        AVFashionSource(p, tmp_path / "cache").build()
+    with pytest.raises(ConfigError, match="image_pc_removed"):
+        AVFashionParams(image_pc_removed=1.5)
+
+
+@needs_fashion
+def test_av_fashion_is_deterministic_and_knobs_degrade(tmp_path: Path) -> None:
+    """Tiny builds: identical twice; PC removal and noise change the images as specified."""
+    from mmbalance.data.av_fashion import AVFashionParams, AVFashionSource, build_fashion_arrays
+
+    tiny = {"n_train": 200, "n_val": 50, "n_test": 100, "n_voices": 3}
+    p = AVFashionParams(**tiny)
+    a = _arrays(AVFashionSource(p, tmp_path / "a"))
+    b = _arrays(AVFashionSource(p, tmp_path / "b"))
+    for k in a:
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+    assert a["train/audio"].shape == (200, 1, 32, 51) and a["test/image"].shape == (100, 1, 28, 28)
+    assert torch.bincount(a["train/y"], minlength=10).tolist() == [20] * 10
+    clean = build_fashion_arrays(p)["train/image"]
+    removed = build_fashion_arrays(replace(p, image_pc_removed=0.5))["train/image"]
+    # Removing half the variance leaves (a little over) half of it, in the training split.
+    left = removed.flatten(1).var(0).sum() / clean.flatten(1).var(0).sum()
+    assert 0.3 < left <= 0.5 + 1e-4, left
+    noisy = build_fashion_arrays(replace(p, image_noise=0.3))["train/image"]
+    assert abs((noisy - clean).std().item() - 0.3) < 0.01

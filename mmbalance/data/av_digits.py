@@ -7,8 +7,8 @@ log-mel spectrogram ``(1, n_mels, frames)``. It is an offline analogue of AV-MNI
 
 The image is the dominant modality (an MLP reaches about 0.95 on it) and the audio the weaker
 one (varied voices and white noise at -12 dB SNR by default: about 0.67 with an MLP), which is the
-imbalance balancing methods are about. ``audio_snr_db`` sets the noise (null: clean speech,
-on which the audio MLP reaches about 0.97).
+imbalance balancing methods are about. ``audio_snr_db`` sets the noise (at 0 dB the audio MLP
+already reaches about 0.97; null means clean speech).
 
 The arrays are built once (seconds: espeak-ng runs in a thread pool) into the cache directory,
 keyed by a hash of every parameter and verified by a content hash on load.
