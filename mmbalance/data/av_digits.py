@@ -5,9 +5,10 @@ audio modality is espeak-ng speaking the digit's English name, with voice, speed
 per sample from ``seed``, resampled to 16 kHz, cut or padded to one second and turned into a
 log-mel spectrogram ``(1, n_mels, frames)``. It is an offline analogue of AV-MNIST.
 
-The image is the dominant modality (an MLP reaches about 0.95 on it) and the audio the weaker
-one (varied voices and white noise at -12 dB SNR by default: about 0.67 with an MLP), which is the
-imbalance balancing methods are about. ``audio_snr_db`` sets the noise (at 0 dB the audio MLP
+The image is the dominant modality (an MLP reaches 0.96 on it) and the audio the weaker
+one (varied voices and white noise at -12 dB SNR by default: 0.63-0.67 with an MLP), which is the
+imbalance balancing methods are about. Measured test accuracies over seeds 0-2 with the defaults:
+joint 0.95-0.97, multiloss 0.97, ensemble 0.98. ``audio_snr_db`` sets the noise (at 0 dB the audio MLP
 already reaches about 0.97; null means clean speech).
 
 The arrays are built once (seconds: espeak-ng runs in a thread pool) into the cache directory,

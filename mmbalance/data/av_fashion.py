@@ -15,9 +15,12 @@ Degradation knobs make the imbalance between the modalities tunable:
 - ``n_voices``: voice settings per class (more settings, more varied speech).
 
 The default subset (5000 train, 1000 validation from the official training set; 2000 test from
-the official test set) trains a run in about a minute on 2 CPU cores. The default degradation
-(``audio_snr_db=-12``, images untouched) keeps both modalities informative, neither near perfect,
-with the image the stronger one; measured accuracies are in the project's report.
+the official test set) trains one run of the default MLP encoders in about 5 s on 2 idle CPU cores
+(a minute or more when the cores are shared); raise ``n_train`` for a harder benchmark.
+The default degradation (``audio_snr_db=-18``, images untouched) keeps both modalities
+informative and neither near perfect, with the image clearly the stronger one. Measured test
+accuracies (seeds 0 and 1): audio alone 0.38 / 0.40, image alone 0.83 / 0.83, joint 0.86 / 0.88.
+At ``audio_snr_db=-12`` the audio alone reaches 0.81, level with the image (joint 0.95).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 class AVFashionParams(AudioRecipe):
     """Options of AV-Fashion (all of them are part of the cache key)."""
 
-    audio_snr_db: float | None = -12.0
+    audio_snr_db: float | None = -18.0
     n_voices: int = 50
     image_noise: float = 0.0
     image_pc_removed: float = 0.0
