@@ -1,6 +1,6 @@
 """Datasets: the common interface and the registered datasets."""
 
-from mmbalance.data import synthetic  # noqa: F401  (registers "synthetic")
+from mmbalance.data import av_digits, av_fashion, synthetic  # noqa: F401  (register datasets)
 from mmbalance.data.base import (
     DATASETS,
     Batch,

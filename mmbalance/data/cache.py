@@ -1,0 +1,101 @@
+"""On-disk cache of built dataset arrays, keyed by the recipe and verified by a content hash.
+
+A generated dataset is a pure function of its recipe (source version plus parameters), so the
+file name carries a hash of the recipe: changing any parameter builds a new file and never reads
+a stale one. The file stores a SHA-256 of every array's bytes; a file that fails to load or whose
+content no longer matches (a truncated write from another tool, a bit flip) is rebuilt. Writes go
+to a temporary file that is renamed into place, so a crash never leaves a half-written cache.
+Arrays are loaded memory-mapped, so a large cached dataset costs page cache rather than a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    """A stable hash of a JSON-serialisable recipe (key order does not matter)."""
+    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def content_hash(arrays: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the arrays, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        t = arrays[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: Path, name: str, recipe: Mapping[str, Any]) -> Path:
+    return Path(cache_dir) / f"{name}-{recipe_hash(recipe)[:16]}.pt"
+
+
+def _load(path: Path, recipe: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """The cached arrays, or None (with a logged reason) if missing, unreadable or mismatched."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        arrays = blob["arrays"]
+        stored_recipe = json.loads(blob["recipe"])
+        stored_hash = blob["content_hash"]
+    except Exception as err:  # any unreadable file is simply rebuilt
+        log.warning("cache file %s is unreadable (%s); rebuilding it", path, err)
+        return None
+    if stored_recipe != json.loads(json.dumps(recipe, sort_keys=True, default=str)):
+        log.warning("cache file %s holds another recipe; rebuilding it", path)
+        return None
+    if content_hash(arrays) != stored_hash:
+        log.warning("cache file %s failed its content hash; rebuilding it", path)
+        return None
+    return dict(arrays)
+
+
+def save_atomic(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> None:
+    """Write arrays with their recipe and content hash via a temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "recipe": json.dumps(recipe, sort_keys=True, default=str),
+        "content_hash": content_hash(arrays),
+        "arrays": {k: v.contiguous() for k, v in arrays.items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_arrays(
+    cache_dir: Path,
+    name: str,
+    recipe: Mapping[str, Any],
+    build: Callable[[], dict[str, Tensor]],
+) -> dict[str, Tensor]:
+    """Load ``name``'s arrays for ``recipe`` from the cache, building and saving them if needed."""
+    path = cache_path(cache_dir, name, recipe)
+    arrays = _load(path, recipe)
+    if arrays is None:
+        arrays = build()
+        save_atomic(path, recipe, arrays)
+    return arrays
