@@ -73,6 +73,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} is invalid; expected an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-05" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}={value!r} is invalid; expected a number")
         return float(value)
