@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from mmbalance.io import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +66,14 @@ def _load(path: Path, recipe: Mapping[str, Any]) -> dict[str, Tensor] | None:
     return dict(arrays)
 
 
-def save_atomic(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> None:
-    """Write arrays with their recipe and content hash via a temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_arrays(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> None:
+    """Write arrays with their recipe and content hash atomically (see :func:`mmbalance.io.save_atomic`)."""
     blob = {
         "recipe": json.dumps(recipe, sort_keys=True, default=str),
         "content_hash": content_hash(arrays),
         "arrays": {k: v.contiguous() for k, v in arrays.items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic(blob, path)
 
 
 def cached_arrays(
@@ -97,5 +87,5 @@ def cached_arrays(
     arrays = _load(path, recipe)
     if arrays is None:
         arrays = build()
-        save_atomic(path, recipe, arrays)
+        save_arrays(path, recipe, arrays)
     return arrays
