@@ -17,6 +17,7 @@ evaluated once, at the end, on the selected weights.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import time
@@ -123,6 +124,7 @@ def _fit_in_worker(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) 
     dist = torch.distributed
     try:
         result = _fit_in_process(fabric, cfg, out_dir, resume)
+        gc.collect()  # free the DDP reducer while the process group is still alive
         if dist.is_initialized():
             dist.barrier()
         return result
