@@ -8,7 +8,6 @@ finishes the comparison without redoing work.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,7 +164,12 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def plot_comparison(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Bar chart of test accuracy (mean ± std over seeds) with the Bayes accuracy as a line."""
+    """Two panels: the test metric per method and, when present, each encoder's probe accuracy.
+
+    Dots with error bars (mean ± std over seeds) on a shared method axis, so that differences of
+    a point or two between fused methods stay visible next to weak unimodal baselines; the Bayes
+    accuracy, when known, is a dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,20 +178,39 @@ def plot_comparison(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     summary = summarize(records, "test")
     metric = "accuracy" if any("accuracy" in s for s in summary.values()) else "mae"
     methods = [m for m in summary if metric in summary[m]]
-    means = [summary[m][metric][0] for m in methods]
-    stds = [summary[m][metric][1] for m in methods]
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.6))
-    ax.bar(methods, means, yerr=stds, capsize=4, color="#4c72b0")
+    probes = sorted({k for m in summary.values() for k in m if k.startswith("probe_accuracy_")})
+    panels = 2 if probes else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(5.2 * panels, 0.45 * len(methods) + 1.6), sharey=True, squeeze=False
+    )
+    positions = list(range(len(methods)))[::-1]
+
+    def dots(ax: Any, key: str, offset: float = 0.0, label: str | None = None) -> None:
+        stats = [summary[m].get(key) for m in methods]
+        xs = [s[0] if s else float("nan") for s in stats]
+        errs = [s[1] if s else 0.0 for s in stats]
+        ys = [p + offset for p in positions]
+        ax.errorbar(xs, ys, xerr=errs, fmt="o", capsize=3, label=label)
+
+    ax = axes[0][0]
+    dots(ax, metric)
     bayes = next((s["bayes_accuracy"][0] for s in summary.values() if "bayes_accuracy" in s), None)
     if bayes is not None:
-        ax.axhline(bayes, color="#c44e52", linestyle="--", label=f"Bayes {bayes:.3f}")
-        ax.legend(loc="lower right")
-    low = min(m - s for m, s in zip(means, stds, strict=True))
-    if metric == "accuracy":
-        ax.set_ylim(max(0.0, math.floor(low * 20) / 20 - 0.05), 1.0)
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title("method comparison (mean ± std over seeds)")
-    ax.tick_params(axis="x", rotation=30)
+        ax.axvline(bayes, color="#c44e52", linestyle="--", label=f"Bayes {bayes:.3f}")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_yticks(positions, methods)
+    ax.set_xlabel(f"test {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    if probes:
+        ax = axes[0][1]
+        step = 0.5 / max(len(probes), 1)
+        for i, key in enumerate(probes):
+            offset = (i - (len(probes) - 1) / 2) * step
+            dots(ax, key, offset, key.replace("probe_accuracy_", ""))
+        ax.set_xlabel("linear-probe accuracy of each encoder")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("method comparison (mean ± std over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -20,6 +20,7 @@ import csv
 import gc
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -283,7 +284,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         loader = self.loaders["train"]
-        show = t.progress and fabric.is_global_zero
+        show = t.progress and fabric.is_global_zero and sys.stdout.isatty()
         with _progress(show, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as advance:
             for batch in loader:
                 batch = batch.to(fabric.device)
