@@ -379,25 +379,16 @@ def test_mcr_trains_with_every_term(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mcr_raises_weak_modality_probe_above_joint(tmp_path: Path) -> None:
-    """Synthetic defaults (m1 strong, m2 weak): greedy MIPD alone lifts the m2 probe over joint."""
-    base = {
-        "dataset.n_val": 500,
-        "dataset.n_test": 1000,
-        "dataset.n_bayes": 1000,
-        "train.epochs": 20,
-        "train.progress": False,
-        "train.tensorboard": False,
-    }
-    joint = fit(resolve_config({"method": "joint", **base}), tmp_path / "joint").metrics["test"]
-    mcr_cfg = {
-        "method": "mcr",
-        "method.lam": 5.0,
-        "method.lam_uni": 0.0,
-        "method.lam_con": 0.0,
-        "method.num_permutations": 8,
-        **base,
-    }
-    mcr = fit(resolve_config(mcr_cfg), tmp_path / "mcr").metrics["test"]
-    assert mcr["probe_accuracy_m2"] >= joint["probe_accuracy_m2"] + 0.01
-    assert mcr["accuracy"] >= joint["accuracy"] - 0.02
+def test_mcr_raises_weak_modality_probe_above_joint(competition_metrics) -> None:
+    """Competition preset: MCR (lam 1) trains the weak m2 encoder better than joint training.
+
+    Measured over train seeds 0-2 (``benchmarks/find_regime.py``), m2 probe accuracy: joint
+    0.642 ± 0.004, mcr lam=1 0.686 ± 0.007 (unimodal m2 0.682, untrained 0.612); fused accuracy
+    0.965 vs 0.981. Averaged over two seeds here. The gain comes from the unimodal and
+    contrastive terms (multiloss alone: 0.678 ± 0.007); the MIPD game alone (lam 1, lam_uni 0,
+    lam_con 0) gives 0.626 ± 0.011, below joint, and lam 5 diverges (nan) on 2 of 3 seeds.
+    """
+    joint = competition_metrics({"method": "joint"})
+    mcr = competition_metrics({"method": "mcr", "method.lam": 1.0})
+    assert mcr["probe_accuracy_m2"] >= joint["probe_accuracy_m2"] + 0.02, (mcr, joint)
+    assert mcr["accuracy"] >= joint["accuracy"], (mcr, joint)

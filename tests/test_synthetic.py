@@ -85,3 +85,36 @@ def test_invalid_parameters_are_rejected() -> None:
         SyntheticParams(signal=[1.0])
     with pytest.raises(ConfigError, match="must be given for num_modalities=4"):
         SyntheticParams(num_modalities=4)
+
+
+def test_presets_fill_lists_and_explicit_values_win() -> None:
+    default = SyntheticParams()
+    assert (default.shares, default.signal, default.depth, default.leak) == (
+        [0.1, 0.7, 0.2],
+        [3.0, 1.0],
+        [1, 4],
+        0.2,
+    )
+    comp = SyntheticParams(preset="competition")
+    assert (comp.shares, comp.signal, comp.depth, comp.leak) == (
+        [0.8, 0.15, 0.05],
+        [3.0, 1.0],
+        [1, 6],
+        0.02,
+    )
+    mixed = SyntheticParams(preset="competition", depth=[1, 3], leak=0.1)
+    assert mixed.depth == [1, 3] and mixed.leak == 0.1 and mixed.shares == [0.8, 0.15, 0.05]
+    small = {
+        "dataset.n_train": 64,
+        "dataset.n_val": 32,
+        "dataset.n_test": 32,
+        "dataset.n_bayes": 100,
+    }
+    bundle = build_dataset(
+        resolve_config({"dataset": "synthetic", "dataset.preset": "competition", **small})
+    )
+    assert bundle.bayes_accuracy is not None and bundle.bayes_accuracy > 0.9
+    with pytest.raises(ConfigError, match="preset=competition"):
+        SyntheticParams(num_modalities=3, preset="competition")
+    with pytest.raises(ConfigError):
+        resolve_config({"dataset": "synthetic", "dataset.preset": "hard"})
