@@ -136,6 +136,45 @@ def standardize(splits: dict[str, Tensor], dims: tuple[int, ...]) -> dict[str, T
     return {k: (v - mean) / std for k, v in splits.items()}
 
 
+def audio_image_bundle(
+    name: str,
+    audio: dict[str, Tensor],
+    image: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    class_names: list[str],
+    image_hidden: int,
+    notes: str,
+) -> DatasetBundle:
+    """The bundle of an audio + image dataset: both modalities standardised with training
+    statistics (audio per mel band), MLP encoders by default."""
+    audio = standardize(audio, dims=(0, 1, 3))
+    image = standardize(image, dims=(0, 1, 2, 3))
+    splits = {
+        s: MultimodalTensorDataset({"audio": audio[s], "image": image[s]}, targets[s])
+        for s in audio
+    }
+    specs = {
+        "audio": ModalitySpec(
+            "audio", tuple(audio["train"].shape[1:]), "mlp", {"hidden": [128], "out_dim": 64}
+        ),
+        "image": ModalitySpec(
+            "image",
+            tuple(image["train"].shape[1:]),
+            "mlp",
+            {"hidden": [image_hidden], "out_dim": 64},
+        ),
+    }
+    return DatasetBundle(
+        name=name,
+        task="classification",
+        num_outputs=len(class_names),
+        modalities=specs,
+        splits=splits,
+        class_names=class_names,
+        notes=notes,
+    )
+
+
 @dataclass
 class AVDigitsParams(AudioRecipe):
     """Options of AV-Digits (all of them are part of the cache key)."""
@@ -201,25 +240,13 @@ class AVDigitsSource(DatasetSource):
             targets, [1 - val - test, val, test], seed=p.seed
         )
         index = {"train": train_idx, "val": val_idx, "test": test_idx}
-        audio = standardize({k: arrays["audio"][i] for k, i in index.items()}, dims=(0, 1, 3))
-        image = standardize({k: arrays["image"][i] for k, i in index.items()}, dims=(0, 1, 2, 3))
-        splits = {
-            k: MultimodalTensorDataset({"audio": audio[k], "image": image[k]}, targets[i])
-            for k, i in index.items()
-        }
-        specs = {
-            "audio": ModalitySpec(
-                "audio", (1, p.n_mels, p.frames()), "mlp", {"hidden": [128], "out_dim": 64}
-            ),
-            "image": ModalitySpec("image", (1, 8, 8), "mlp", {"hidden": [128], "out_dim": 64}),
-        }
-        return DatasetBundle(
-            name="av-digits",
-            task="classification",
-            num_outputs=10,
-            modalities=specs,
-            splits=splits,
+        return audio_image_bundle(
+            "av-digits",
+            {k: arrays["audio"][i] for k, i in index.items()},
+            {k: arrays["image"][i] for k, i in index.items()},
+            {k: targets[i] for k, i in index.items()},
             class_names=list(DIGIT_WORDS),
+            image_hidden=128,
             notes=(
                 "sklearn digits (UCI) paired with espeak-ng speech of the label; "
                 f"stratified {1 - val - test:.2f}/{val:.2f}/{test:.2f} split, seed {p.seed}"

@@ -36,13 +36,11 @@ from torch import Tensor
 
 from mmbalance.config import check
 from mmbalance.data.audio import add_noise_snr, log_mel
-from mmbalance.data.av_digits import AudioRecipe, standardize
+from mmbalance.data.av_digits import AudioRecipe, audio_image_bundle
 from mmbalance.data.base import (
     DATASETS,
     DatasetBundle,
     DatasetSource,
-    ModalitySpec,
-    MultimodalTensorDataset,
     stratified_split,
 )
 from mmbalance.data.cache import cached_arrays
@@ -211,28 +209,14 @@ class AVFashionSource(DatasetSource):
         arrays = cached_arrays(
             self.cache_dir, "av-fashion", recipe, lambda: build_fashion_arrays(p)
         )
-        splits_ = ("train", "val", "test")
-        audio = standardize({s: arrays[f"{s}/audio"] for s in splits_}, dims=(0, 1, 3))
-        image = standardize({s: arrays[f"{s}/image"] for s in splits_}, dims=(0, 1, 2, 3))
-        splits = {
-            s: MultimodalTensorDataset(
-                {"audio": audio[s], "image": image[s]}, arrays[f"{s}/targets"]
-            )
-            for s in splits_
-        }
-        specs = {
-            "audio": ModalitySpec(
-                "audio", (1, p.n_mels, p.frames()), "mlp", {"hidden": [128], "out_dim": 64}
-            ),
-            "image": ModalitySpec("image", (1, 28, 28), "mlp", {"hidden": [256], "out_dim": 64}),
-        }
-        return DatasetBundle(
-            name="av-fashion",
-            task="classification",
-            num_outputs=10,
-            modalities=specs,
-            splits=splits,
+        splits = ("train", "val", "test")
+        return audio_image_bundle(
+            "av-fashion",
+            {s: arrays[f"{s}/audio"] for s in splits},
+            {s: arrays[f"{s}/image"] for s in splits},
+            {s: arrays[f"{s}/targets"] for s in splits},
             class_names=list(CLASS_WORDS),
+            image_hidden=256,
             notes=(
                 f"Fashion-MNIST subset {p.n_train}/{p.n_val}/{p.n_test} (train/val from the "
                 f"official training set), espeak-ng class names with {p.n_voices} voices per class"
