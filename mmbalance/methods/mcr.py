@@ -192,7 +192,8 @@ class MCRParams:
     """Options of MCR (names follow the paper; the reference code's names in brackets).
 
     Attributes:
-        lam: lambda_M, the weight of R_MIPD (``l``).
+        lam: lambda_M, the weight of R_MIPD (``l``). Large values (about 5 and more) can make
+            SGD diverge as the game maximises divergences; clip gradients (``train.grad_clip``).
         strategy: the game: greedy (k = -1), independent (k = 0), collaborative (k = +1).
         num_permutations: K perturbed copies of the batch per step (``num_samples``).
         permutation: uniform, derangement (no fixed points) or different_label donors.
