@@ -197,7 +197,11 @@ def prepare(
     progress: bool = True,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Prepare CREMA-D from ``raw`` into ``out`` (see the module docstring); returns the report."""
+    """Prepare CREMA-D from ``raw`` into ``out`` (see the module docstring); returns the report.
+
+    ``workers > 1`` runs spawned processes, so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard (the ``mmbalance`` command has it).
+    """
     from rich.console import Console
     from rich.progress import Progress
 
