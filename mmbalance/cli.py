@@ -114,6 +114,34 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+PREPARERS = ("cremad",)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from mmbalance.errors import DataError
+
+    if args.dataset != "cremad":
+        raise DataError(
+            f"dataset {args.dataset!r} needs no preparation or is not supported by prepare; "
+            f"prepare knows: {', '.join(PREPARERS)}"
+        )
+    from mmbalance.data.cremad import prepare, print_report
+
+    console = _console()
+    report = prepare(
+        args.raw,
+        args.out,
+        workers=args.workers,
+        image_size=args.image_size,
+        fbank_frames=args.fbank_frames,
+        progress=not args.no_progress,
+        console=console,
+    )
+    print_report(report, console)
+    console.print(f"report: {Path(args.out) / 'prepare_report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmbalance",
@@ -142,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
+
+    prep = sub.add_parser("prepare", help="turn a raw dataset release into a prepared directory")
+    prep.add_argument("dataset", help=f"dataset to prepare ({', '.join(PREPARERS)})")
+    prep.add_argument("--raw", required=True, help="root of the raw release")
+    prep.add_argument("--out", required=True, help="prepared directory (dataset.root)")
+    prep.add_argument("--workers", type=int, default=1, help="parallel processes")
+    prep.add_argument("--image-size", type=int, default=112, help="frame side in pixels")
+    prep.add_argument("--fbank-frames", type=int, default=1024, help="fbank length (10 ms frames)")
+    prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    prep.set_defaults(func=_cmd_prepare)
 
     lister = sub.add_parser("list", help="list methods, datasets, encoders and fusion heads")
     lister.set_defaults(func=_cmd_list)

@@ -1,6 +1,12 @@
 """Datasets: the common interface and the registered datasets."""
 
-from mmbalance.data import av_digits, av_fashion, synthetic  # noqa: F401  (register datasets)
+from mmbalance.data import (  # noqa: F401  (register datasets)
+    av_digits,
+    av_fashion,
+    cremad,
+    mosi,
+    synthetic,
+)
 from mmbalance.data.base import (
     DATASETS,
     Batch,

@@ -1,0 +1,178 @@
+"""``mosi`` and ``mosei``: CMU-MOSI / CMU-MOSEI sentiment from the aligned-feature pickle.
+
+The file (``dataset.path``) is the MulT / MultiBench pickle: a dict with ``train``, ``valid`` and
+``test``, each a dict of ``vision`` ``(N, L, Dv)``, ``text`` ``(N, L, 300)``, ``audio``
+``(N, L, Da)`` and ``labels`` (N sentiment scores in [-3, 3], any trailing singleton axes).
+MOSI has Dv 20 / Da 5, MOSEI 35 / 74. The task is regression (L1 loss by default), also scored as
+binary accuracy on the sign. Audio features hold ``-inf`` (log of zero energy): every ``-inf``
+and NaN becomes 0, as the reference loaders do.
+
+The pickle is read with an unpickler that only admits NumPy arrays and plain containers, so a
+file from elsewhere cannot run code. ``dataset.modalities`` picks a subset (e.g. the V-T setting).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mmbalance.config import check
+from mmbalance.data.base import (
+    DATASETS,
+    DatasetBundle,
+    DatasetSource,
+    ModalitySpec,
+    MultimodalTensorDataset,
+)
+from mmbalance.errors import DataError
+
+MODALITIES = ("vision", "audio", "text")
+SPLITS = {"train": "train", "val": "valid", "test": "test"}
+FEATURE_DIMS = {
+    "mosi": {"vision": 20, "audio": 5, "text": 300},
+    "mosei": {"vision": 35, "audio": 74, "text": 300},
+}
+_SAFE = {
+    ("collections", "OrderedDict"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "bytes"),
+    ("builtins", "str"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Only NumPy arrays, dtypes and plain containers: nothing that can run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "numpy" or (module, name) in _SAFE:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_pickle(path: Path) -> Any:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} does not exist; set dataset.path to the aligned-feature pickle "
+            "(train/valid/test x vision/text/audio/labels)"
+        ) from None
+    except OSError as err:
+        raise DataError(f"{path} is unreadable ({err.strerror}); check its permissions") from err
+    try:
+        return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as err:
+        raise DataError(
+            f"{path} is not a readable pickle ({type(err).__name__}: {err}); "
+            "download the aligned-feature file again"
+        ) from err
+
+
+@dataclass
+class MosiParams:
+    """Options of MOSI / MOSEI."""
+
+    path: str | None = None
+    modalities: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.modalities is None:
+            self.modalities = list(MODALITIES)
+        check(
+            len(self.modalities) >= 2
+            and len(set(self.modalities)) == len(self.modalities)
+            and set(self.modalities) <= set(MODALITIES),
+            f"dataset.modalities must be 2 or 3 distinct names of {', '.join(MODALITIES)}, "
+            f"got {self.modalities}",
+        )
+
+
+class _SentimentSource(DatasetSource):
+    Params = MosiParams
+    name: ClassVar[str] = ""
+    # MCR's MOSI/MOSEI setting (MultiBench loader: batch 32; Adam 1e-4, wd 1e-4; L1).
+    train_defaults = {
+        "optimizer": "adam",
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "batch_size": 32,
+        "epochs": 100,
+        "regression_loss": "l1",
+    }
+
+    def build(self) -> DatasetBundle:
+        p: MosiParams = self.params
+        assert p.modalities is not None
+        if not p.path:
+            raise DataError(f"dataset.path is not set; point it at the {self.name} pickle")
+        path = Path(p.path).expanduser()
+        data = load_pickle(path)
+        if not isinstance(data, dict):
+            raise DataError(f"{path} holds a {type(data).__name__}, not a dict of splits")
+        expected = FEATURE_DIMS[self.name]
+        absent = [k for k in SPLITS.values() if not isinstance(data.get(k), dict)]
+        if absent:
+            raise DataError(f"{path} lacks the splits {absent} (needs train, valid, test)")
+        splits = {}
+        for split, key in SPLITS.items():
+            part = data[key]
+            missing = [k for k in (*p.modalities, "labels") if k not in part]
+            if missing:
+                raise DataError(f"{path}: split {key!r} lacks the keys {missing}")
+            inputs = {}
+            for m in p.modalities:
+                x = np.asarray(part[m], dtype=np.float32)
+                if x.ndim != 3 or x.shape[-1] != expected[m]:
+                    raise DataError(
+                        f"{path}: {key}/{m} has shape {x.shape}, expected (N, L, {expected[m]}) "
+                        f"for {self.name}; is this the right dataset's file?"
+                    )
+                x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+                inputs[m] = torch.from_numpy(np.ascontiguousarray(x))
+            labels = np.asarray(part["labels"], dtype=np.float32).reshape(len(part["labels"]), -1)
+            if labels.shape[1] != 1:
+                raise DataError(f"{path}: {key}/labels has {labels.shape[1]} values per sample")
+            targets = torch.from_numpy(labels[:, 0].copy())
+            splits[split] = MultimodalTensorDataset(inputs, targets)
+        specs = {
+            m: ModalitySpec(
+                m,
+                tuple(splits["train"].inputs[m].shape[1:]),
+                "sequence_transformer",
+                {"d_model": 40, "heads": 4, "layers": 2},
+            )
+            for m in p.modalities
+        }
+        return DatasetBundle(
+            name=self.name,
+            task="regression",
+            num_outputs=1,
+            modalities=specs,
+            splits=splits,
+            notes=(
+                f"{self.name} aligned features from {path}; the file's train/valid/test split; "
+                "-inf and NaN features set to 0; sentiment regression in [-3, 3]"
+            ),
+        )
+
+
+@DATASETS.register("mosi")
+class MosiSource(_SentimentSource):
+    name = "mosi"
+    description = "CMU-MOSI sentiment (regression): vision 20 / audio 5 / text 300 features"
+
+
+@DATASETS.register("mosei")
+class MoseiSource(_SentimentSource):
+    name = "mosei"
+    description = "CMU-MOSEI sentiment (regression): vision 35 / audio 74 / text 300 features"
