@@ -321,7 +321,7 @@ def write_report(path: str | Path) -> tuple[Path, Path]:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmbalance report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px;"
+        "table{border-collapse:collapse;font-size:13px;display:block;overflow-x:auto}td,th{border:1px solid #bbb;padding:3px 6px;"
         "text-align:right}td:first-child{text-align:left}th{background:#eee}img{max-width:100%}"
         "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
         "<h1>mmbalance report</h1>",
