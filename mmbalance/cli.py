@@ -79,6 +79,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mmbalance.compare import plot_comparison, results_table, run_compare
+    from mmbalance.eval.report import write_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
@@ -87,6 +88,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     console.print(results_table(records))
     figure = plot_comparison(records, out / "comparison.png")
     console.print(f"results: {out / 'results.json'}   plot: {figure}")
+    md, page = write_report(out)
+    console.print(f"report: {md}  {page}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmbalance.eval.report import write_report
+
+    md, page = write_report(args.dir)
+    _console().print(f"report: {md}  {page}")
     return 0
 
 
@@ -180,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--fbank-frames", type=int, default=1024, help="fbank length (10 ms frames)")
     prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     prep.set_defaults(func=_cmd_prepare)
+
+    report = sub.add_parser("report", help="write report.md and report.html for a directory")
+    report.add_argument("dir", help="a compare output directory or a single run directory")
+    report.set_defaults(func=_cmd_report)
 
     lister = sub.add_parser("list", help="list methods, datasets, encoders and fusion heads")
     lister.set_defaults(func=_cmd_list)

@@ -38,17 +38,25 @@ def latents_of(
     return {m: torch.cat(v) for m, v in parts.items()}, torch.cat(targets)
 
 
+def probe_predictions(
+    z_train: dict[str, Tensor], y_train: Tensor, z_eval: dict[str, Tensor], max_iter: int = 500
+) -> dict[str, Tensor]:
+    """Class predictions on ``z_eval`` of a logistic-regression probe per modality fitted on
+    ``(z_train, y_train)`` (standardised features)."""
+    out = {}
+    for m in z_train:
+        scaler = StandardScaler().fit(z_train[m].numpy())
+        clf = LogisticRegression(max_iter=max_iter)
+        clf.fit(scaler.transform(z_train[m].numpy()), y_train.numpy())
+        out[m] = torch.as_tensor(clf.predict(scaler.transform(z_eval[m].numpy())))
+    return out
+
+
 def probe_accuracy(
     model: MultimodalModel, train: Dataset, evaluate: Dataset, max_iter: int = 500
 ) -> dict[str, float]:
     """Accuracy on ``evaluate`` of a logistic-regression probe per modality fitted on ``train``."""
     z_train, y_train = latents_of(model, train)
     z_eval, y_eval = latents_of(model, evaluate)
-    out = {}
-    for m in z_train:
-        scaler = StandardScaler().fit(z_train[m].numpy())
-        clf = LogisticRegression(max_iter=max_iter)
-        clf.fit(scaler.transform(z_train[m].numpy()), y_train.numpy())
-        pred = clf.predict(scaler.transform(z_eval[m].numpy()))
-        out[m] = float(np.mean(pred == y_eval.numpy()))
-    return out
+    preds = probe_predictions(z_train, y_train, z_eval, max_iter)
+    return {m: float(np.mean(p.numpy() == y_eval.numpy())) for m, p in preds.items()}

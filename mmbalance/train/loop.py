@@ -38,8 +38,8 @@ from mmbalance.build import build_dataset, build_method, build_model, model_info
 from mmbalance.config import NamedParams, RunConfig
 from mmbalance.data.base import Batch, DatasetBundle
 from mmbalance.errors import MMBalanceError, TrainingDiverged
+from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.eval.probe import probe_accuracy
 from mmbalance.methods.base import Method, StepContext, task_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
@@ -383,8 +383,11 @@ class Trainer:
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.data.task == "classification" and self.fabric.is_global_zero:
-            probes = probe_accuracy(self.model, self.data.splits["train"], self.data.splits["test"])
-            metrics["test"] |= {f"probe_accuracy_{m}": v for m, v in probes.items()}
+            analysis, scalars = analyze_model(
+                self.model, self.data.splits["train"], self.data.splits["test"], self.method.predict
+            )
+            metrics["test"] |= scalars
+            (self.out_dir / "analysis.json").write_text(json.dumps(analysis, indent=2))
         result = RunResult(
             self.out_dir,
             metrics,
