@@ -17,6 +17,17 @@ SMALL: dict[str, Any] = {
     "train.tensorboard": False,
 }
 
+#: The same small synthetic run as command-line ``key=value`` arguments (two epochs).
+FAST_ARGS: list[str] = [
+    "dataset.n_train=240",
+    "dataset.n_val=200",
+    "dataset.n_test=400",
+    "dataset.n_bayes=2000",
+    "train.epochs=2",
+    "train.progress=false",
+    "train.tensorboard=false",
+]
+
 
 @pytest.fixture
 def small() -> dict[str, Any]:

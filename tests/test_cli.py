@@ -6,18 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAST_ARGS as FAST
 
 from mmbalance.cli import main
-
-FAST = [
-    "dataset.n_train=240",
-    "dataset.n_val=200",
-    "dataset.n_test=400",
-    "dataset.n_bayes=2000",
-    "train.epochs=2",
-    "train.progress=false",
-    "train.tensorboard=false",
-]
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import FAST_ARGS as FAST
 from torch import nn
 
 from mmbalance.cli import main
@@ -21,16 +22,6 @@ from mmbalance.eval.contribution import (
 )
 from mmbalance.eval.errors import error_analysis
 from mmbalance.models.output import ModelOutput
-
-FAST = [
-    "dataset.n_train=240",
-    "dataset.n_val=200",
-    "dataset.n_test=400",
-    "dataset.n_bayes=2000",
-    "train.epochs=2",
-    "train.progress=false",
-    "train.tensorboard=false",
-]
 
 
 def _tiny(modalities: list[str], uses: list[str], seed: int = 0):

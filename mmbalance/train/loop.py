@@ -226,6 +226,8 @@ class Trainer:
         for split in ("val", "test"):
             sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
             self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
+        # fixed for the run (frozen encoders are frozen before the trainer is built)
+        self.encoder_params = model.encoder_parameters()
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.step_logs: list[dict[str, float]] = []
@@ -326,7 +328,7 @@ class Trainer:
             fusion=self.model.fusion,
             encode=self.model.encode,
             inputs=batch.inputs,
-            encoder_params=self.model.encoder_parameters(),
+            encoder_params=self.encoder_params,
             epoch=epoch,
             step=self.step,
             backward=lambda loss: fabric.backward(loss),
