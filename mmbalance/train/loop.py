@@ -289,36 +289,46 @@ class Trainer:
         show = t.progress and fabric.is_global_zero and sys.stdout.isatty()
         with _progress(show, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as advance:
             for batch in loader:
-                batch = batch.to(fabric.device)
-                ctx = self._context(batch, epoch)
-                self.optimizer.zero_grad(set_to_none=True)
-                _, losses = self.module(batch, ctx)
-                self.method.backward(losses, ctx)
-                self.method.rewrite_gradients(ctx)
-                if t.grad_clip is not None:
-                    fabric.clip_gradients(self.module, self.optimizer, max_norm=t.grad_clip)
-                # Read the loss once, after the step is queued (one synchronisation per step).
-                # A non-finite loss stops the run before anything of this step is saved, so the
-                # last checkpoint on disk stays the last good one.
-                terms = {name: float(term.detach()) for name, term in losses.items()}
+                terms = self.train_step(batch.to(fabric.device), epoch)
                 value = sum(terms.values())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
-                        f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
-                    )
-                self.optimizer.step()
                 sums["train_loss"] = sums.get("train_loss", 0.0) + value
                 for name, term_value in terms.items():
                     sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + term_value
-                if ctx.logs:
-                    logged = {k: float(v) for k, v in ctx.logs.items()}
-                    self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
-                self.step += 1
                 count += 1
                 if advance is not None:
                     advance(f"loss {value:.4f}")
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
+        """One optimisation step on ``batch`` (already on the device): the method's forward
+        transformation and losses, its backward and gradient rewrite, clipping, the optimizer
+        step. Returns the loss terms as floats. The cost benchmark times exactly this call.
+        """
+        ctx = self._context(batch, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        _, losses = self.module(batch, ctx)
+        self.method.backward(losses, ctx)
+        self.method.rewrite_gradients(ctx)
+        if self.cfg.train.grad_clip is not None:
+            self.fabric.clip_gradients(
+                self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
+            )
+        # Read the loss once, after the step is queued (one synchronisation per step). A
+        # non-finite loss stops the run before anything of this step is saved, so the last
+        # checkpoint on disk stays the last good one.
+        terms = {name: float(term.detach()) for name, term in losses.items()}
+        value = sum(terms.values())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
+                f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
+            )
+        self.optimizer.step()
+        if ctx.logs:
+            logged = {k: float(v) for k, v in ctx.logs.items()}
+            self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
+        self.step += 1
+        return terms
 
     def _context(self, batch: Batch, epoch: int) -> StepContext:
         fabric = self.fabric
