@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from mmbalance.data.audio import fbank, fix_length, resample, stft_magnitude
-from mmbalance.data.base import stratified_split
+from mmbalance.data.base import (
+    Batch,
+    DatasetBundle,
+    ModalitySpec,
+    MultimodalTensorDataset,
+    stratified_split,
+)
 from mmbalance.errors import DataError
 
 STFT_SR, STFT_SECONDS, STFT_NFFT, STFT_HOP = 22050, 3.0, 512, 353
@@ -363,6 +369,18 @@ def read_manifest(
     return rows
 
 
+def read_classes(root: Path, rows: Sequence[dict[str, str]], hint: str) -> list[str]:
+    """The class names of a prepared directory (``classes.txt``, label order), checked."""
+    path = root / "classes.txt"
+    if not path.exists():
+        raise DataError(f"{path} is missing (not a prepared directory); {hint}")
+    classes = [c for c in path.read_text().splitlines() if c]
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise DataError(f"{root / 'manifest.csv'} has labels {unknown} not in classes.txt; {hint}")
+    return classes
+
+
 def split_indices(
     rows: Sequence[dict[str, str]], targets: Tensor, val_fraction: float, seed: int, title: str
 ) -> tuple[dict[str, Tensor], str]:
@@ -446,3 +464,191 @@ def normalise_rgb(video: Tensor) -> Tensor:
 def normalise_flow(flow: Tensor) -> Tensor:
     """uint8 optical-flow JPEGs (128 = no motion) to float32 in about [-1, 1]."""
     return (flow.float() - 128.0) / 128.0
+
+
+class ClipDataset(MultimodalTensorDataset):
+    """One split of a prepared clip dataset, gathered and normalised a batch at a time.
+
+    ``arrays`` are the whole dataset's stacked arrays as loaded from the cache (memory-mapped,
+    frames as uint8), ``index`` the split's rows. Nothing is copied when the split is made: a
+    batch gathers its rows and applies the per-modality ``normalise`` (uint8 frames to float),
+    so a large dataset costs page cache, not a float32 copy of every frame. ``inputs`` still
+    gives the split's normalised tensors for code that wants them whole.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, Tensor],
+        targets: Tensor,
+        index: Tensor,
+        normalise: Mapping[str, Callable[[Tensor], Tensor]],
+    ) -> None:
+        if len(index) == 0:
+            raise DataError("dataset split is empty")
+        self.arrays = dict(arrays)
+        self.index = index.long()
+        self.targets = targets[self.index]
+        self.normalise = dict(normalise)
+
+    @property
+    def inputs(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return self._gather(self.index)
+
+    def _gather(self, rows: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for m, x in self.arrays.items():
+            fn = self.normalise.get(m)
+            out[m] = fn(x[rows]) if fn else x[rows]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(self._gather(self.index[idx]), self.targets[idx], idx)
+
+    def subset(self, indices: Tensor) -> ClipDataset:
+        return ClipDataset(self.arrays, _full_targets(self), self.index[indices], self.normalise)
+
+
+def _full_targets(ds: ClipDataset) -> Tensor:
+    n = int(next(iter(ds.arrays.values())).shape[0])
+    full = torch.zeros(n, dtype=ds.targets.dtype)
+    full[ds.index] = ds.targets
+    return full
+
+
+def build_clip_bundle(
+    *,
+    name: str,
+    title: str,
+    root: Path,
+    rows: Sequence[dict[str, str]],
+    classes: Sequence[str],
+    parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+    normalise: Mapping[str, Callable[[Tensor], Tensor]],
+    encoders: Mapping[str, str],
+    to_tensor: Mapping[str, Callable[[np.ndarray], Tensor]],
+    cache_dir: Path,
+    recipe: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    notes: str,
+) -> DatasetBundle:
+    """Stack, cache and split a prepared directory into a :class:`DatasetBundle`."""
+    import hashlib
+
+    from mmbalance.data.cache import cached_arrays
+
+    manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+    recipe = {"dataset": name, "root": str(root), "manifest": manifest_hash, **recipe}
+    lookup = {c: i for i, c in enumerate(classes)}
+
+    def load() -> dict[str, Tensor]:
+        stacked = stack_clips(root, rows, name, parts)
+        arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
+        arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+        return arrays
+
+    arrays = cached_arrays(cache_dir, name, recipe, load)
+    targets = arrays.pop("targets")
+    index, note = split_indices(rows, targets, val_fraction, seed, title)
+    splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
+    specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
+    return DatasetBundle(
+        name=name,
+        task="classification",
+        num_outputs=len(classes),
+        modalities=specs,
+        splits=splits,
+        class_names=list(classes),
+        notes=f"{title} prepared in {root} ({notes}); {note}",
+    )
+
+
+def av_outputs(out: Path, clip: str) -> list[Path]:
+    """The files an audio-visual clip is prepared into (CREMA-D's layout)."""
+    return [out / sub / f"{clip}.npy" for sub in ("audio_stft", "audio_fbank", "frames")]
+
+
+def prepare_av_clip(
+    clip: str,
+    video: Path | None,
+    wav: Path | None,
+    frame_dir: Path | None,
+    out: Path,
+    size: int,
+    fbank_frames: int,
+    seconds: float,
+    raw: Path,
+) -> JobResult:
+    """Audio from ``wav`` (else the video's sound), frames from ``frame_dir`` (else the video).
+
+    Writes both audio recipes (log-STFT of ``seconds``, fbank of ``fbank_frames``) and the
+    1-fps frames. Returns ``(clip, error or None)``; never raises, so one bad file is skipped.
+    """
+    torch.set_num_threads(1)
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(raw)) if p.is_relative_to(raw) else p.name
+
+    if wav is None and video is None:
+        return clip, f"missing audio file audio/{clip}.wav (and no video to take the sound from)"
+    if frame_dir is None and video is None:
+        return clip, f"missing frames frames/{clip}/ (and no video to decode them from)"
+    try:
+        wave, sr = read_wav(wav) if wav is not None else read_audio_track(video)  # type: ignore[arg-type]
+    except Exception as err:
+        return clip, f"unreadable audio in {rel(wav or video)}: {error_text(err)}"  # type: ignore[arg-type]
+    try:
+        if frame_dir is not None:
+            frames = read_images(image_files(frame_dir), size)
+        else:
+            frames = decode_frames(video, size)  # type: ignore[arg-type]
+    except Exception as err:
+        return clip, f"unreadable video {rel(frame_dir or video)}: {error_text(err)}"  # type: ignore[arg-type]
+    stft_path, fbank_path, frames_path = av_outputs(out, clip)
+    save_npy(stft_path, stft_features(wave, sr, seconds))
+    save_npy(fbank_path, fbank_features(wave, sr, fbank_frames))
+    save_npy(frames_path, frames)
+    return clip, None
+
+
+def index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """``stem -> path`` of the files under ``folder`` (recursively, e.g. per-split folders)."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in suffixes and p.is_file():
+            found.setdefault(p.stem, p)
+    return found
+
+
+def index_frame_dirs(folder: Path) -> dict[str, Path]:
+    """``name -> folder`` of the frame folders (folders holding images) under ``folder``."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(p.parent.name, p.parent)
+    return found
+
+
+def av_parts(audio: str, frames: int) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """What the audio-visual sources stack: the chosen audio recipe and ``frames`` frames."""
+
+    def audio_fn(a: np.ndarray) -> np.ndarray:
+        if a.ndim != 2:
+            raise ValueError(f"shape {a.shape}, not 2-D")
+        return a if audio == "stft" else a.T  # fbank stored (T, F): use (F, T)
+
+    return {"audio": (f"audio_{audio}", audio_fn), "video": ("frames", frames_transform(frames, 3))}
+
+
+AV_TO_TENSOR: dict[str, Callable[[np.ndarray], Tensor]] = {
+    "audio": lambda a: torch.from_numpy(a).unsqueeze(1).float(),
+    "video": to_clip_tensor,
+}
