@@ -4,7 +4,8 @@ Prepared datasets live in memory (loaded memory-mapped from the cache), and batc
 whole by ``MultimodalTensorDataset.__getitems__``, so loading should be far faster than training.
 This script measures both on the same batches and prints samples per second:
 
-    PYTHONPATH=. python benchmarks/bench_loading.py --dataset av-fashion --batches 50
+    PYTHONPATH=. python benchmarks/bench_loading.py --dataset av-fashion --batches 50 \
+        --out benchmarks/results/bench_loading_av_fashion.json
 
 ``loading`` iterates the training DataLoader only; ``train step`` adds forward, cross-entropy,
 backward and an Adam step of the dataset's default model (joint training).
@@ -13,7 +14,10 @@ backward and an Adam step of the dataset's default model (joint training).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,12 +32,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     args = ap.parse_args()
 
     cfg = resolve_config({"dataset": args.dataset, "method": "joint"})
     t0 = time.perf_counter()
     data = build_dataset(cfg)
-    print(f"dataset ready (build or cache load): {time.perf_counter() - t0:.2f} s")
+    ready_s = time.perf_counter() - t0
+    print(f"dataset ready (build or cache load): {ready_s:.2f} s")
     train = data.splits["train"]
     sampler = EpochBatchSampler(len(train), args.batch_size, seed=0)
     loader = make_loader(train, sampler, args.workers)
@@ -65,6 +71,24 @@ def main() -> None:
     print(f"loading only:           {load_rate:12,.0f} samples/s")
     print(f"loading + train step:   {step_rate:12,.0f} samples/s")
     print(f"loading share of a step: {100 * step_rate / load_rate:.1f} %")
+    if args.out:
+        result = {
+            "dataset": args.dataset,
+            "batch_size": args.batch_size,
+            "batches": args.batches,
+            "workers": args.workers,
+            "dataset_ready_s": round(ready_s, 3),
+            "loading_samples_per_s": round(load_rate, 1),
+            "train_step_samples_per_s": round(step_rate, 1),
+            "loading_share_of_step_pct": round(100 * step_rate / load_rate, 2),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -125,30 +125,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-PREPARERS = ("cremad",)
+PREPARERS = ("cremad", "ave", "kinetics_sounds", "ucf101")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    import importlib
+
     from mmbalance.errors import DataError
 
-    if args.dataset != "cremad":
+    if args.dataset not in PREPARERS:
         raise DataError(
             f"dataset {args.dataset!r} needs no preparation or is not supported by prepare; "
             f"prepare knows: {', '.join(PREPARERS)}"
         )
-    from mmbalance.data.cremad import prepare, print_report
-
+    module = importlib.import_module(f"mmbalance.data.{args.dataset}")
     console = _console()
-    report = prepare(
-        args.raw,
-        args.out,
-        workers=args.workers,
-        image_size=args.image_size,
-        fbank_frames=args.fbank_frames,
-        progress=not args.no_progress,
-        console=console,
+    options: dict[str, Any] = {"workers": args.workers, "image_size": args.image_size}
+    if args.dataset == "ucf101":
+        options["clip_frames"] = args.clip_frames
+    else:
+        options["fbank_frames"] = args.fbank_frames
+    report = module.prepare(
+        args.raw, args.out, progress=not args.no_progress, console=console, **options
     )
-    print_report(report, console)
+    module.print_report(report, console)
     console.print(f"report: {Path(args.out) / 'prepare_report.json'}")
     return 0
 
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=1, help="parallel processes")
     prep.add_argument("--image-size", type=int, default=112, help="frame side in pixels")
     prep.add_argument("--fbank-frames", type=int, default=1024, help="fbank length (10 ms frames)")
+    prep.add_argument(
+        "--clip-frames", type=int, default=8, help="ucf101: RGB/flow frames kept per clip"
+    )
     prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     prep.set_defaults(func=_cmd_prepare)
 

@@ -3,9 +3,12 @@
 from mmbalance.data import (  # noqa: F401  (register datasets)
     av_digits,
     av_fashion,
+    ave,
     cremad,
+    kinetics_sounds,
     mosi,
     synthetic,
+    ucf101,
 )
 from mmbalance.data.base import (
     DATASETS,

@@ -31,12 +31,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mmbalance.config import check
-from mmbalance.data.audio import fbank, fix_length, resample, stft_magnitude
+from mmbalance.data import clips
 from mmbalance.data.base import (
     DATASETS,
     DatasetBundle,
@@ -55,15 +51,27 @@ from mmbalance.data.base import (
     stratified_split,
 )
 from mmbalance.data.cache import cached_arrays
+from mmbalance.data.clips import (  # noqa: F401  (re-exported: the CREMA-D recipe's pieces)
+    FBANK_MEAN,
+    FBANK_MELS,
+    FBANK_SR,
+    FBANK_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STFT_HOP,
+    STFT_NFFT,
+    STFT_SECONDS,
+    STFT_SR,
+    decode_frames,
+    fbank_features,
+    pick_frames,
+    read_wav,
+    stft_features,
+)
 from mmbalance.errors import DataError
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 VIDEO_SUFFIXES = (".flv", ".mp4")
-STFT_SR, STFT_SECONDS, STFT_NFFT, STFT_HOP = 22050, 3.0, 512, 353
-FBANK_SR, FBANK_MELS = 16000, 128
-FBANK_MEAN, FBANK_STD = -4.503877, 5.141276
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Bumped whenever the prepared layout or the loading changes.
 VERSION = 1
 PREPARE_HINT = "run `mmbalance prepare cremad --raw RAW_DIR --out DIR` and set dataset.root=DIR"
@@ -80,68 +88,6 @@ def clip_label(clip: str) -> str:
     return parts[2]
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """A mono float32 waveform in [-1, 1] and its sample rate."""
-    from scipy.io import wavfile
-
-    sr, data = wavfile.read(path)
-    if np.issubdtype(data.dtype, np.integer):
-        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
-    data = np.asarray(data, dtype=np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=1)
-    if data.size == 0:
-        raise ValueError("no samples")
-    return data, int(sr)
-
-
-def stft_features(wave: np.ndarray, sr: int) -> np.ndarray:
-    """OGM-GE's CREMA-D audio: ``log(|STFT| + 1e-7)`` of 3 s at 22.05 kHz, ``(257, 188)``."""
-    wave = resample(wave, sr, STFT_SR)
-    length = round(STFT_SR * STFT_SECONDS)
-    wave = np.tile(wave, length // len(wave) + 1)[:length]
-    wave = np.clip(wave, -1.0, 1.0)
-    mag = stft_magnitude(torch.from_numpy(wave), STFT_NFFT, STFT_HOP)
-    return torch.log(mag + 1e-7).numpy().astype(np.float32)
-
-
-def fbank_features(wave: np.ndarray, sr: int, frames: int) -> np.ndarray:
-    """128-bin Kaldi-style fbank at 16 kHz, cut or padded to ``frames``, AST-normalised."""
-    wave = resample(wave, sr, FBANK_SR)
-    wave = fix_length(wave, max(len(wave), 400))
-    feats = fbank(torch.from_numpy(wave), FBANK_SR, n_mels=FBANK_MELS).numpy()
-    out = np.zeros((frames, FBANK_MELS), dtype=np.float32)
-    n = min(frames, len(feats))
-    out[:n] = feats[:n]
-    return ((out - FBANK_MEAN) / (2 * FBANK_STD)).astype(np.float32)
-
-
-def decode_frames(path: Path, size: int, fps: float = 1.0) -> np.ndarray:
-    """Frames at ``fps`` (the first frame at or after each tick), resized: ``(T, s, s, 3)`` uint8."""
-    import av
-
-    frames: list[np.ndarray] = []
-    next_time = 0.0
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        for i, frame in enumerate(container.decode(stream)):
-            t = float(frame.time) if frame.time is not None else i / float(stream.average_rate or 1)
-            if t + 1e-6 < next_time:
-                continue
-            image = frame.to_image().convert("RGB").resize((size, size))
-            frames.append(np.asarray(image, dtype=np.uint8))
-            next_time = (int(t * fps + 1e-6) + 1) / fps
-    if not frames:
-        raise ValueError("no video frames decoded")
-    return np.stack(frames)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def _outputs(out: Path, clip: str) -> dict[str, Path]:
     return {
         "stft": out / "audio_stft" / f"{clip}.npy",
@@ -152,26 +98,26 @@ def _outputs(out: Path, clip: str) -> dict[str, Path]:
 
 def _prepare_clip(
     clip: str, wav: Path | None, video: Path | None, out: Path, size: int, fbank_frames: int
-) -> tuple[str, str | None, int]:
-    """Prepare one clip: ``(clip, error or None, number of frames)``. Never raises."""
+) -> tuple[str, str | None]:
+    """Prepare one clip: ``(clip, error or None)``. Never raises."""
     torch.set_num_threads(1)
     if wav is None:
-        return clip, f"missing audio file AudioWAV/{clip}.wav", 0
+        return clip, f"missing audio file AudioWAV/{clip}.wav"
     if video is None:
-        return clip, f"missing video file VideoFlash/{clip}.flv (or .mp4)", 0
+        return clip, f"missing video file VideoFlash/{clip}.flv (or .mp4)"
     try:
         wave, sr = read_wav(wav)
     except Exception as err:
-        return clip, f"unreadable audio {wav.name}: {str(err) or type(err).__name__}", 0
+        return clip, f"unreadable audio {wav.name}: {str(err) or type(err).__name__}"
     try:
         frames = decode_frames(video, size)
     except Exception as err:
-        return clip, f"unreadable video {video.name}: {str(err) or type(err).__name__}", 0
+        return clip, f"unreadable video {video.name}: {str(err) or type(err).__name__}"
     paths = _outputs(out, clip)
-    _save_npy(paths["stft"], stft_features(wave, sr))
-    _save_npy(paths["fbank"], fbank_features(wave, sr, fbank_frames))
-    _save_npy(paths["frames"], frames)
-    return clip, None, len(frames)
+    clips.save_npy(paths["stft"], stft_features(wave, sr))
+    clips.save_npy(paths["fbank"], fbank_features(wave, sr, fbank_frames))
+    clips.save_npy(paths["frames"], frames)
+    return clip, None
 
 
 def _read_split_files(raw: Path) -> dict[str, str]:
@@ -202,16 +148,8 @@ def prepare(
     ``workers > 1`` runs spawned processes, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard (the ``mmbalance`` command has it).
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
     raw, out = Path(raw), Path(out)
-    if workers < 1:
-        raise DataError(f"--workers must be >= 1, got {workers}")
-    if not 16 <= image_size <= 512:
-        raise DataError(f"image size must be in [16, 512], got {image_size}")
-    if not 16 <= fbank_frames <= 4096:
-        raise DataError(f"fbank frames must be in [16, 4096], got {fbank_frames}")
+    clips.check_prepare_args(workers, image_size, fbank_frames)
     if not raw.is_dir():
         raise DataError(f"CREMA-D raw directory {raw} does not exist; pass the release's root")
     wavs = {p.stem: p for p in sorted((raw / "AudioWAV").glob("*.wav"))}
@@ -219,83 +157,41 @@ def prepare(
     for suffix in VIDEO_SUFFIXES:
         for p in sorted((raw / "VideoFlash").glob(f"*{suffix}")):
             videos.setdefault(p.stem, p)
-    clips = sorted(set(wavs) | set(videos))
-    if not clips:
+    names = sorted(set(wavs) | set(videos))
+    if not names:
         raise DataError(
             f"{raw} holds no AudioWAV/*.wav or VideoFlash/*.flv|*.mp4 files; "
             "pass the root of the CREMA-D release"
         )
-    for sub in ("audio_stft", "audio_fbank", "frames"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-
     failed: dict[str, str] = {}
-    for clip in clips:
+    for clip in names:
         try:
             clip_label(clip)
         except DataError as err:
             failed[clip] = str(err)
-    todo = [
-        c
-        for c in clips
-        if c not in failed and not all(p.exists() for p in _outputs(out, c).values())
-    ]
-    done_before = len(clips) - len(failed) - len(todo)
-    jobs = [(c, wavs.get(c), videos.get(c), out, image_size, fbank_frames) for c in todo]
-
-    console = console or Console(stderr=True)
-    with Progress(console=console, disable=not progress, transient=False) as bar:
-        task = bar.add_task("preparing CREMA-D", total=len(jobs))
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                results = pool.map(_prepare_clip, *zip(*jobs, strict=True), chunksize=4)
-                for clip, error, _ in results:
-                    if error:
-                        failed[clip] = error
-                    bar.advance(task)
-        else:
-            for job in jobs:
-                clip, error, _ = _prepare_clip(*job)
-                if error:
-                    failed[clip] = error
-                bar.advance(task)
-
     splits = _read_split_files(raw)
-    rows = []
-    for clip in clips:
-        if clip in failed or not all(p.exists() for p in _outputs(out, clip).values()):
-            continue
-        rows.append({"clip": clip, "label": clip_label(clip), "split": splits.get(clip, "")})
-    tmp = out / ".manifest.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["clip", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
-
-    report = {
-        "dataset": "cremad",
-        "raw": str(raw),
-        "clips_found": len(clips),
-        "prepared_now": len(todo) - sum(c in failed for c in todo),
-        "already_prepared": done_before,
-        "in_manifest": len(rows),
-        "image_size": image_size,
-        "fbank_frames": fbank_frames,
-        "failed": [{"clip": c, "reason": failed[c]} for c in sorted(failed)],
-    }
-    (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return clips.prepare_clips(
+        dataset="cremad",
+        title="CREMA-D",
+        raw=raw,
+        out=out,
+        names=names,
+        failed=failed,
+        outputs=lambda c: list(_outputs(out, c).values()),
+        job=lambda c: (c, wavs.get(c), videos.get(c), out, image_size, fbank_frames),
+        func=_prepare_clip,
+        label=clip_label,
+        split=lambda c: splits.get(c, ""),
+        workers=workers,
+        progress=progress,
+        console=console,
+        settings={"image_size": image_size, "fbank_frames": fbank_frames},
+    )
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:
     """The end-of-run summary: counts, then one line per skipped clip."""
-    console.print(
-        f"[bold]CREMA-D[/bold]: {report['clips_found']} clips found, "
-        f"{report['prepared_now']} prepared now, {report['already_prepared']} already prepared, "
-        f"{report['in_manifest']} in manifest.csv, {len(report['failed'])} skipped"
-    )
-    for item in report["failed"]:
-        console.print(f"  skipped {item['clip']}: {item['reason']}", markup=False)
+    clips.print_report(report, console, "CREMA-D")
 
 
 # --------------------------------------------------------------------------- dataset source
@@ -326,45 +222,7 @@ class CremadParams:
 
 def read_manifest(root: Path) -> list[dict[str, str]]:
     """The prepared directory's manifest rows, or a :class:`DataError` saying how to make it."""
-    if not root.is_dir():
-        raise DataError(f"CREMA-D directory {root} does not exist; {PREPARE_HINT}")
-    path = root / "manifest.csv"
-    if not path.exists():
-        raise DataError(f"{path} is missing (not a prepared directory); {PREPARE_HINT}")
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is unreadable ({err}); {PREPARE_HINT}") from err
-    if not rows:
-        raise DataError(f"{path} lists no clips; {PREPARE_HINT}")
-    if not {"clip", "label", "split"} <= set(rows[0]):
-        raise DataError(f"{path} lacks the columns clip,label,split; {PREPARE_HINT}")
-    for row in rows:
-        if row["label"] not in EMOTIONS:
-            raise DataError(f"{path}: clip {row['clip']} has unknown label {row['label']!r}")
-    return rows
-
-
-def pick_frames(frames: np.ndarray, count: int) -> np.ndarray:
-    """``count`` frames at the centres of equal segments (the last frame repeats if short)."""
-    t = len(frames)
-    idx = np.minimum(((np.arange(count) + 0.5) * t / count).astype(int), t - 1)
-    return frames[idx]
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path)
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} is missing; re-run `mmbalance prepare cremad` on this directory"
-        ) from None
-    except Exception as err:
-        raise DataError(
-            f"{path} is unreadable ({type(err).__name__}); delete it and re-run "
-            "`mmbalance prepare cremad` on this directory"
-        ) from err
+    return clips.read_manifest(root, "CREMA-D", PREPARE_HINT, EMOTIONS)
 
 
 def load_arrays(root: Path, rows: Sequence[dict[str, str]], p: CremadParams) -> dict[str, Tensor]:
@@ -372,9 +230,9 @@ def load_arrays(root: Path, rows: Sequence[dict[str, str]], p: CremadParams) -> 
     audio, video = [], []
     for row in rows:
         clip = row["clip"]
-        a = _load_npy(root / f"audio_{p.audio}" / f"{clip}.npy")
+        a = clips.load_npy(root / f"audio_{p.audio}" / f"{clip}.npy", "cremad")
         audio.append(a if p.audio == "stft" else a.T)  # fbank stored (T, F): use (F, T)
-        v = _load_npy(root / "frames" / f"{clip}.npy")
+        v = clips.load_npy(root / "frames" / f"{clip}.npy", "cremad")
         if v.ndim != 4 or v.shape[-1] != 3 or len(v) == 0:
             raise DataError(f"{root / 'frames' / clip}.npy has shape {v.shape}, not (T, H, W, 3)")
         video.append(pick_frames(v, p.frames))

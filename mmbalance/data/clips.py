@@ -1,0 +1,654 @@
+"""Shared machinery of the prepared clip datasets (CREMA-D, AVE, Kinetics-Sounds, UCF-101).
+
+Every video dataset is used in two steps: ``mmbalance prepare NAME --raw DIR --out DIR`` decodes
+the raw release once into per-clip ``.npy`` files plus ``manifest.csv`` (``clip,label,split``)
+and ``prepare_report.json``; the dataset source then stacks those files into tensors, cached by
+:func:`mmbalance.data.cache.cached_arrays` and loaded memory-mapped on later runs. This module holds
+the pieces the datasets share, so each dataset file only knows its release's layout:
+
+* decoding: WAV files and video audio tracks to mono float waveforms, video frames at 1 fps or at
+  segment centres (PyAV), image files (frame folders, optical-flow JPEGs);
+* the papers' audio front-ends on top of :mod:`mmbalance.data.audio` (OGM-GE's log-STFT and the
+  Kaldi-style fbank of OGM-GE's ``process_audio.py``);
+* crash-safe writes (temporary name, then rename), so an interrupted ``prepare`` resumes;
+* the parallel, progress-barred job runner whose jobs never raise but return an error string, so
+  one corrupt file is skipped and reported instead of stopping a run of thousands;
+* manifest reading and writing, the train/val/test split rule and the normalisation of frames.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmbalance.data.audio import fbank, fix_length, resample, stft_magnitude
+from mmbalance.data.base import (
+    Batch,
+    DatasetBundle,
+    ModalitySpec,
+    MultimodalTensorDataset,
+    stratified_split,
+)
+from mmbalance.errors import DataError
+
+STFT_SR, STFT_SECONDS, STFT_NFFT, STFT_HOP = 22050, 3.0, 512, 353
+FBANK_SR, FBANK_MELS = 16000, 128
+FBANK_MEAN, FBANK_STD = -4.503877, 5.141276
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIDEO_SUFFIXES = (".mp4", ".flv", ".avi", ".mkv", ".webm", ".mov")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+#: A preparation job's result: ``(clip, error or None)``.
+JobResult = tuple[str, str | None]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """A mono float32 waveform in [-1, 1] and its sample rate."""
+    from scipy.io import wavfile
+
+    sr, data = wavfile.read(path)
+    if np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if data.size == 0:
+        raise ValueError("no samples")
+    return data, int(sr)
+
+
+def read_audio_track(path: Path) -> tuple[np.ndarray, int]:
+    """The first audio stream of a video file as a mono float32 waveform and its sample rate.
+
+    The releases of AVE and Kinetics-Sounds are YouTube videos whose sound is only inside the
+    container, so the audio is decoded with PyAV instead of requiring an ffmpeg pass to WAV.
+    """
+    import av
+
+    chunks: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        sr = int(stream.rate or stream.codec_context.sample_rate or 0)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr or None)
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if wave.size == 0 or sr <= 0:
+        raise ValueError("no audio samples")
+    return wave, sr
+
+
+def decode_frames(path: Path, size: int, fps: float = 1.0) -> np.ndarray:
+    """Frames at ``fps`` (the first frame at or after each tick), resized: ``(T, s, s, 3)`` uint8."""
+    import av
+
+    frames: list[np.ndarray] = []
+    next_time = 0.0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for i, frame in enumerate(container.decode(stream)):
+            t = float(frame.time) if frame.time is not None else i / float(stream.average_rate or 1)
+            if t + 1e-6 < next_time:
+                continue
+            image = frame.to_image().convert("RGB").resize((size, size))
+            frames.append(np.asarray(image, dtype=np.uint8))
+            next_time = (int(t * fps + 1e-6) + 1) / fps
+    if not frames:
+        raise ValueError("no video frames decoded")
+    return np.stack(frames)
+
+
+def segment_centres(total: int, count: int) -> np.ndarray:
+    """Indices of the centres of ``count`` equal segments of ``total`` items (TSN sampling)."""
+    return np.minimum(((np.arange(count) + 0.5) * total / count).astype(int), total - 1)
+
+
+def decode_frames_at(path: Path, size: int, count: int) -> np.ndarray:
+    """``count`` frames at the segment centres of the whole video: ``(count, s, s, 3)`` uint8.
+
+    Used where frames must line up with another per-frame stream (UCF-101's optical flow), which
+    1-fps sampling would not: both are sampled at the same relative positions.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(container.streams.video[0]))
+    if not decoded:
+        raise ValueError("no video frames decoded")
+    return np.stack(
+        [
+            np.asarray(decoded[i].to_image().convert("RGB").resize((size, size)), dtype=np.uint8)
+            for i in segment_centres(len(decoded), count)
+        ]
+    )
+
+
+def read_images(paths: Sequence[Path], size: int, mode: str = "RGB") -> np.ndarray:
+    """Image files resized to ``size`` squared: ``(T, s, s, 3)`` (RGB) or ``(T, s, s)`` (L)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as image:
+            out.append(np.asarray(image.convert(mode).resize((size, size)), dtype=np.uint8))
+    if not out:
+        raise ValueError("no frames")
+    return np.stack(out)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a frame folder in name order (frame numbers are zero-padded)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- audio front-ends
+
+
+def stft_features(wave: np.ndarray, sr: int, seconds: float = STFT_SECONDS) -> np.ndarray:
+    """OGM-GE's audio: ``log(|STFT| + 1e-7)`` of ``seconds`` at 22.05 kHz (tiled), n_fft 512 / hop 353.
+
+    3 s (CREMA-D) gives ``(257, 188)``; 10 s (AVE, Kinetics-Sounds) gives ``(257, 625)``.
+    """
+    wave = resample(wave, sr, STFT_SR)
+    length = round(STFT_SR * seconds)
+    wave = np.tile(wave, length // len(wave) + 1)[:length]
+    wave = np.clip(wave, -1.0, 1.0)
+    mag = stft_magnitude(torch.from_numpy(wave), STFT_NFFT, STFT_HOP)
+    return torch.log(mag + 1e-7).numpy().astype(np.float32)
+
+
+def fbank_features(wave: np.ndarray, sr: int, frames: int) -> np.ndarray:
+    """128-bin Kaldi-style fbank at 16 kHz, cut or padded to ``frames``, AST-normalised."""
+    wave = resample(wave, sr, FBANK_SR)
+    wave = fix_length(wave, max(len(wave), 400))
+    feats = fbank(torch.from_numpy(wave), FBANK_SR, n_mels=FBANK_MELS).numpy()
+    out = np.zeros((frames, FBANK_MELS), dtype=np.float32)
+    n = min(frames, len(feats))
+    out[:n] = feats[:n]
+    return ((out - FBANK_MEAN) / (2 * FBANK_STD)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- files and jobs
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write under a temporary name, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def load_npy(path: Path, dataset: str) -> np.ndarray:
+    """A prepared array, memory-mapped, or a one-line :class:`DataError` saying how to fix it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is missing; re-run `mmbalance prepare {dataset}` on this directory"
+        ) from None
+    except Exception as err:
+        raise DataError(
+            f"{path} is unreadable ({type(err).__name__}); delete it and re-run "
+            f"`mmbalance prepare {dataset}` on this directory"
+        ) from err
+
+
+def pick_frames(frames: np.ndarray, count: int) -> np.ndarray:
+    """``count`` frames at the centres of equal segments (the last frame repeats if short)."""
+    return frames[segment_centres(len(frames), count)]
+
+
+def check_prepare_args(workers: int, image_size: int, fbank_frames: int | None = None) -> None:
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
+    if not 16 <= image_size <= 512:
+        raise DataError(f"image size must be in [16, 512], got {image_size}")
+    if fbank_frames is not None and not 16 <= fbank_frames <= 4096:
+        raise DataError(f"fbank frames must be in [16, 4096], got {fbank_frames}")
+
+
+def run_jobs(
+    func: Callable[..., JobResult],
+    jobs: Sequence[tuple[Any, ...]],
+    workers: int,
+    title: str,
+    progress: bool,
+    console: Any,
+) -> dict[str, str]:
+    """Run ``func(*job)`` for every job with a progress bar; returns ``{clip: error}``.
+
+    ``workers > 1`` uses spawned processes (fork would copy the parent's torch threads), so a
+    calling script needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    from rich.progress import Progress
+
+    failed: dict[str, str] = {}
+    with Progress(console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task(title, total=len(jobs))
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for clip, error in pool.map(func, *zip(*jobs, strict=True), chunksize=4):
+                    if error:
+                        failed[clip] = error
+                    bar.advance(task)
+        else:
+            for job in jobs:
+                clip, error = func(*job)
+                if error:
+                    failed[clip] = error
+                bar.advance(task)
+    return failed
+
+
+def prepare_clips(
+    *,
+    dataset: str,
+    title: str,
+    raw: Path,
+    out: Path,
+    names: Sequence[str],
+    failed: dict[str, str],
+    outputs: Callable[[str], Sequence[Path]],
+    job: Callable[[str], tuple[Any, ...]],
+    func: Callable[..., JobResult],
+    label: Callable[[str], str],
+    split: Callable[[str], str],
+    workers: int,
+    progress: bool,
+    console: Any,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The shared body of every ``prepare``: skip done clips, run the rest, manifest, report.
+
+    ``names`` are all clips found in the raw release; ``failed`` already holds those rejected
+    before decoding (unknown label, missing file). A clip whose ``outputs`` all exist is left
+    alone, so a second run does nothing and an interrupted run resumes. Returns the report, also
+    written to ``prepare_report.json``.
+    """
+    import json
+
+    from rich.console import Console
+
+    for path in {p.parent for name in names[:1] for p in outputs(name)}:
+        path.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in names if c not in failed and not all(p.exists() for p in outputs(c))]
+    done_before = len(names) - len(failed) - len(todo)
+    console = console or Console(stderr=True)
+    failed.update(
+        run_jobs(func, [job(c) for c in todo], workers, f"preparing {title}", progress, console)
+    )
+    rows = [
+        {"clip": c, "label": label(c), "split": split(c)}
+        for c in names
+        if c not in failed and all(p.exists() for p in outputs(c))
+    ]
+    write_manifest(out, rows)
+    report = {
+        "dataset": dataset,
+        "raw": str(raw),
+        "clips_found": len(names),
+        "prepared_now": len(todo) - sum(c in failed for c in todo),
+        "already_prepared": done_before,
+        "in_manifest": len(rows),
+        **settings,
+        "failed": [{"clip": c, "reason": failed[c]} for c in sorted(failed)],
+    }
+    (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def error_text(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def write_manifest(out: Path, rows: Iterable[dict[str, str]]) -> None:
+    """``manifest.csv`` with columns ``clip,label,split``, written atomically."""
+    tmp = out / ".manifest.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["clip", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "manifest.csv")
+
+
+def print_report(report: dict[str, Any], console: Any, title: str) -> None:
+    """The end-of-run summary: counts, then one line per skipped clip."""
+    console.print(
+        f"[bold]{title}[/bold]: {report['clips_found']} clips found, "
+        f"{report['prepared_now']} prepared now, {report['already_prepared']} already prepared, "
+        f"{report['in_manifest']} in manifest.csv, {len(report['failed'])} skipped"
+    )
+    for item in report["failed"]:
+        console.print(f"  skipped {item['clip']}: {item['reason']}", markup=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_manifest(
+    root: Path, title: str, hint: str, labels: Sequence[str] | None = None
+) -> list[dict[str, str]]:
+    """The prepared directory's manifest rows, or a :class:`DataError` saying how to make it."""
+    if not root.is_dir():
+        raise DataError(f"{title} directory {root} does not exist; {hint}")
+    path = root / "manifest.csv"
+    if not path.exists():
+        raise DataError(f"{path} is missing (not a prepared directory); {hint}")
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is unreadable ({err}); {hint}") from err
+    if not rows:
+        raise DataError(f"{path} lists no clips; {hint}")
+    if not {"clip", "label", "split"} <= set(rows[0]):
+        raise DataError(f"{path} lacks the columns clip,label,split; {hint}")
+    if labels is not None:
+        known = set(labels)
+        for row in rows:
+            if row["label"] not in known:
+                raise DataError(f"{path}: clip {row['clip']} has unknown label {row['label']!r}")
+    return rows
+
+
+def read_classes(root: Path, rows: Sequence[dict[str, str]], hint: str) -> list[str]:
+    """The class names of a prepared directory (``classes.txt``, label order), checked."""
+    path = root / "classes.txt"
+    if not path.exists():
+        raise DataError(f"{path} is missing (not a prepared directory); {hint}")
+    classes = [c for c in path.read_text().splitlines() if c]
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise DataError(f"{root / 'manifest.csv'} has labels {unknown} not in classes.txt; {hint}")
+    return classes
+
+
+def split_indices(
+    rows: Sequence[dict[str, str]], targets: Tensor, val_fraction: float, seed: int, title: str
+) -> tuple[dict[str, Tensor], str]:
+    """Train/val/test indices from the manifest's ``split`` column, and a note saying how.
+
+    ``train``/``val``/``test`` are taken as given. Without a ``val`` split (the community has
+    none for several datasets), a stratified ``val_fraction`` of the training clips becomes the
+    validation split, with ``seed``, so checkpoints are never selected on the test set.
+    """
+    given = [r["split"] for r in rows]
+    bad = sorted(set(given) - {"train", "val", "test"})
+    if bad:
+        raise DataError(f"{title} manifest has unknown split names {bad}; re-prepare it")
+    index = {s: torch.tensor([i for i, g in enumerate(given) if g == s]).long() for s in given}
+    for s in ("train", "test"):
+        if len(index.get(s, [])) == 0:
+            raise DataError(f"{title} manifest needs clips in both the train and the test split")
+    if len(index.get("val", [])):
+        return index, "the official train/val/test split"
+    train_all = index["train"]
+    keep, val = stratified_split(targets[train_all], [1 - val_fraction, val_fraction], seed)
+    index["train"], index["val"] = train_all[keep], train_all[val]
+    note = (
+        f"the given train/test split; validation = a stratified {val_fraction:.2f} of the "
+        f"training clips (seed {seed}), since the community split has none"
+    )
+    return index, note
+
+
+def stack_clips(
+    root: Path,
+    rows: Sequence[dict[str, str]],
+    dataset: str,
+    parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+) -> dict[str, np.ndarray]:
+    """For each part ``name -> (subdir, transform)``: the clips' transformed arrays, stacked.
+
+    Per-clip files are read memory-mapped, so only the selected frames are paged in.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, (subdir, transform) in parts.items():
+        arrays = []
+        for row in rows:
+            path = root / subdir / f"{row['clip']}.npy"
+            try:
+                arrays.append(np.ascontiguousarray(transform(load_npy(path, dataset))))
+            except (ValueError, IndexError) as err:
+                raise DataError(f"{path} has an unexpected shape ({err}); re-prepare it") from err
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise DataError(
+                f"{root / subdir} mixes array shapes {sorted(map(str, shapes))}; re-prepare it"
+            )
+        out[name] = np.stack(arrays)
+    return out
+
+
+def frames_transform(count: int, channels: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Check a stored ``(T, H, W, C)`` uint8 clip and pick ``count`` frames from it."""
+
+    def pick(v: np.ndarray) -> np.ndarray:
+        if v.ndim != 4 or v.shape[-1] != channels or len(v) == 0:
+            raise ValueError(f"shape {v.shape}, not (T, H, W, {channels})")
+        return pick_frames(v, count)
+
+    return pick
+
+
+def to_clip_tensor(frames: np.ndarray) -> Tensor:
+    """Stacked ``(N, T, H, W, C)`` uint8 frames as the encoders' ``(N, C, T, H, W)``."""
+    return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def normalise_rgb(video: Tensor) -> Tensor:
+    """uint8 ``(N, 3, T, H, W)`` frames to ImageNet-normalised float32."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    return (video.float() / 255.0 - mean) / std
+
+
+def normalise_flow(flow: Tensor) -> Tensor:
+    """uint8 optical-flow JPEGs (128 = no motion) to float32 in about [-1, 1]."""
+    return (flow.float() - 128.0) / 128.0
+
+
+class ClipDataset(MultimodalTensorDataset):
+    """One split of a prepared clip dataset, gathered and normalised a batch at a time.
+
+    ``arrays`` are the whole dataset's stacked arrays as loaded from the cache (memory-mapped,
+    frames as uint8), ``index`` the split's rows. Nothing is copied when the split is made: a
+    batch gathers its rows and applies the per-modality ``normalise`` (uint8 frames to float),
+    so a large dataset costs page cache, not a float32 copy of every frame. ``inputs`` still
+    gives the split's normalised tensors for code that wants them whole.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, Tensor],
+        targets: Tensor,
+        index: Tensor,
+        normalise: Mapping[str, Callable[[Tensor], Tensor]],
+    ) -> None:
+        if len(index) == 0:
+            raise DataError("dataset split is empty")
+        self.arrays = dict(arrays)
+        self.index = index.long()
+        self.targets = targets[self.index]
+        self.normalise = dict(normalise)
+
+    @property
+    def inputs(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return self._gather(self.index)
+
+    def _gather(self, rows: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for m, x in self.arrays.items():
+            fn = self.normalise.get(m)
+            out[m] = fn(x[rows]) if fn else x[rows]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(self._gather(self.index[idx]), self.targets[idx], idx)
+
+    def subset(self, indices: Tensor) -> ClipDataset:
+        return ClipDataset(self.arrays, _full_targets(self), self.index[indices], self.normalise)
+
+
+def _full_targets(ds: ClipDataset) -> Tensor:
+    n = int(next(iter(ds.arrays.values())).shape[0])
+    full = torch.zeros(n, dtype=ds.targets.dtype)
+    full[ds.index] = ds.targets
+    return full
+
+
+def build_clip_bundle(
+    *,
+    name: str,
+    title: str,
+    root: Path,
+    rows: Sequence[dict[str, str]],
+    classes: Sequence[str],
+    parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+    normalise: Mapping[str, Callable[[Tensor], Tensor]],
+    encoders: Mapping[str, str],
+    to_tensor: Mapping[str, Callable[[np.ndarray], Tensor]],
+    cache_dir: Path,
+    recipe: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    notes: str,
+) -> DatasetBundle:
+    """Stack, cache and split a prepared directory into a :class:`DatasetBundle`."""
+    import hashlib
+
+    from mmbalance.data.cache import cached_arrays
+
+    manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+    recipe = {"dataset": name, "root": str(root), "manifest": manifest_hash, **recipe}
+    lookup = {c: i for i, c in enumerate(classes)}
+
+    def load() -> dict[str, Tensor]:
+        stacked = stack_clips(root, rows, name, parts)
+        arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
+        arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+        return arrays
+
+    arrays = cached_arrays(cache_dir, name, recipe, load)
+    targets = arrays.pop("targets")
+    index, note = split_indices(rows, targets, val_fraction, seed, title)
+    splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
+    specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
+    return DatasetBundle(
+        name=name,
+        task="classification",
+        num_outputs=len(classes),
+        modalities=specs,
+        splits=splits,
+        class_names=list(classes),
+        notes=f"{title} prepared in {root} ({notes}); {note}",
+    )
+
+
+def av_outputs(out: Path, clip: str) -> list[Path]:
+    """The files an audio-visual clip is prepared into (CREMA-D's layout)."""
+    return [out / sub / f"{clip}.npy" for sub in ("audio_stft", "audio_fbank", "frames")]
+
+
+def prepare_av_clip(
+    clip: str,
+    video: Path | None,
+    wav: Path | None,
+    frame_dir: Path | None,
+    out: Path,
+    size: int,
+    fbank_frames: int,
+    seconds: float,
+    raw: Path,
+) -> JobResult:
+    """Audio from ``wav`` (else the video's sound), frames from ``frame_dir`` (else the video).
+
+    Writes both audio recipes (log-STFT of ``seconds``, fbank of ``fbank_frames``) and the
+    1-fps frames. Returns ``(clip, error or None)``; never raises, so one bad file is skipped.
+    """
+    torch.set_num_threads(1)
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(raw)) if p.is_relative_to(raw) else p.name
+
+    if wav is None and video is None:
+        return clip, f"missing audio file audio/{clip}.wav (and no video to take the sound from)"
+    if frame_dir is None and video is None:
+        return clip, f"missing frames frames/{clip}/ (and no video to decode them from)"
+    try:
+        wave, sr = read_wav(wav) if wav is not None else read_audio_track(video)  # type: ignore[arg-type]
+    except Exception as err:
+        return clip, f"unreadable audio in {rel(wav or video)}: {error_text(err)}"  # type: ignore[arg-type]
+    try:
+        if frame_dir is not None:
+            frames = read_images(image_files(frame_dir), size)
+        else:
+            frames = decode_frames(video, size)  # type: ignore[arg-type]
+    except Exception as err:
+        return clip, f"unreadable video {rel(frame_dir or video)}: {error_text(err)}"  # type: ignore[arg-type]
+    stft_path, fbank_path, frames_path = av_outputs(out, clip)
+    save_npy(stft_path, stft_features(wave, sr, seconds))
+    save_npy(fbank_path, fbank_features(wave, sr, fbank_frames))
+    save_npy(frames_path, frames)
+    return clip, None
+
+
+def index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """``stem -> path`` of the files under ``folder`` (recursively, e.g. per-split folders)."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in suffixes and p.is_file():
+            found.setdefault(p.stem, p)
+    return found
+
+
+def index_frame_dirs(folder: Path) -> dict[str, Path]:
+    """``name -> folder`` of the frame folders (folders holding images) under ``folder``."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(p.parent.name, p.parent)
+    return found
+
+
+def av_parts(audio: str, frames: int) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """What the audio-visual sources stack: the chosen audio recipe and ``frames`` frames."""
+
+    def audio_fn(a: np.ndarray) -> np.ndarray:
+        if a.ndim != 2:
+            raise ValueError(f"shape {a.shape}, not 2-D")
+        return a if audio == "stft" else a.T  # fbank stored (T, F): use (F, T)
+
+    return {"audio": (f"audio_{audio}", audio_fn), "video": ("frames", frames_transform(frames, 3))}
+
+
+AV_TO_TENSOR: dict[str, Callable[[np.ndarray], Tensor]] = {
+    "audio": lambda a: torch.from_numpy(a).unsqueeze(1).float(),
+    "video": to_clip_tensor,
+}
