@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 from dataclasses import replace
@@ -204,3 +205,17 @@ def test_av_fashion_is_deterministic_and_knobs_degrade(tmp_path: Path) -> None:
     assert 0.3 < left <= 0.5 + 1e-4, left
     noisy = build_fashion_arrays(replace(p, image_noise=0.3))["train/image"]
     assert abs((noisy - clean).std().item() - 0.3) < 0.01
+
+
+def test_fbank_window_is_kaldis_hanning_by_default() -> None:
+    n = 400
+    i = torch.arange(n, dtype=torch.float64)
+    expected = 0.5 - 0.5 * torch.cos(2 * math.pi * i / (n - 1))
+    torch.testing.assert_close(audio.kaldi_window("hanning", n, torch.float64), expected)
+    torch.testing.assert_close(audio.kaldi_window("povey", n, torch.float64), expected**0.85)
+    wave = torch.randn(8000, dtype=torch.float64)
+    default = audio.fbank(wave, 16000)
+    torch.testing.assert_close(default, audio.fbank(wave, 16000, window="hanning"))
+    assert not torch.allclose(default, audio.fbank(wave, 16000, window="hamming"))
+    with pytest.raises(ConfigError, match="unknown fbank window 'blackman'"):
+        audio.fbank(wave, 16000, window="blackman")

@@ -122,6 +122,17 @@ def log_mel(
     return torch.log(mel_filterbank(sr, n_fft, n_mels).to(power.dtype) @ power + eps)
 
 
+def kaldi_window(name: str, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Kaldi's symmetric analysis windows (``0.5 - 0.5 cos(2 pi n / (N - 1))`` for hanning)."""
+    if name == "hanning":
+        return torch.hann_window(length, periodic=False, dtype=dtype)
+    if name == "hamming":
+        return torch.hamming_window(length, periodic=False, dtype=dtype)
+    if name == "povey":
+        return torch.hann_window(length, periodic=False, dtype=dtype).pow(0.85)
+    raise ConfigError(f"unknown fbank window {name!r}; allowed: hanning, hamming, povey")
+
+
 def fbank(
     wave: Tensor,
     sr: int,
@@ -129,12 +140,17 @@ def fbank(
     frame_ms: float = 25.0,
     shift_ms: float = 10.0,
     preemphasis: float = 0.97,
+    window: str = "hanning",
 ) -> Tensor:
     """Kaldi-style filterbank energies ``(..., frames, n_mels)``: the features speech models use.
 
-    Per frame: remove the DC offset, apply pre-emphasis and a Hamming window, take the power
-    spectrum (FFT size the next power of two), then log mel energies from 20 Hz. Frames are not
-    centred (Kaldi's ``snip_edges``), so ``frames = 1 + (samples - frame) // shift``.
+    Per frame: remove the DC offset, apply pre-emphasis and a window, take the power spectrum
+    (FFT size the next power of two), then log mel energies from 20 Hz. Frames are not centred
+    (Kaldi's ``snip_edges``), so ``frames = 1 + (samples - frame) // shift``.
+
+    ``window`` follows Kaldi's names: ``hanning`` (symmetric Hann; the default, because the
+    community's audio-visual fbank recipe asks for it), ``hamming`` or ``povey`` (Kaldi's own
+    default, Hann to the power 0.85).
     """
     frame = round(sr * frame_ms / 1000)
     shift = round(sr * shift_ms / 1000)
@@ -146,7 +162,7 @@ def fbank(
     frames = torch.cat(
         [frames[..., :1] * (1 - preemphasis), frames[..., 1:] - preemphasis * frames[..., :-1]], -1
     )
-    frames = frames * torch.hamming_window(frame, periodic=False, dtype=wave.dtype)
+    frames = frames * kaldi_window(window, frame, wave.dtype)
     power = torch.fft.rfft(frames, n=n_fft).abs().square()
     fb = mel_filterbank(sr, n_fft, n_mels, fmin=20.0).to(power.dtype)
     return torch.log((power @ fb.T).clamp_min(torch.finfo(wave.dtype).eps))
