@@ -80,7 +80,7 @@ ORDER = [
     "mmpareto",
 ]
 WEAK_SHARE = 0.05  # the weak modality's unique share, fixed along the sweep
-SWEEP = (0.05, 0.15, 0.30, 0.50)  # the strong modality's unique share
+SWEEP = (0.05, 0.15, 0.40)  # the strong modality's unique share
 
 
 @dataclass(frozen=True)
@@ -237,26 +237,35 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
 
 
 def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[dict[str, Any]]:
-    """Run ``jobs`` on ``workers`` processes (one torch thread each) with a progress bar."""
+    """Run ``jobs`` on ``workers`` processes (one torch thread each), reporting progress (a bar
+    on a terminal, one line per finished run otherwise, e.g. in a log file)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     results: list[dict[str, Any] | None] = [None] * len(jobs)
-    todo = range(len(jobs))
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as bar:
+    started = time.perf_counter()
+    with Progress(*columns, disable=not sys.stdout.isatty()) as bar:
         task = bar.add_task(title, total=len(jobs))
+
+        def done(i: int, result: dict[str, Any]) -> None:
+            results[i] = result
+            bar.advance(task)
+            if not sys.stdout.isatty():
+                finished = sum(r is not None for r in results)
+                minutes = (time.perf_counter() - started) / 60
+                where = "/".join(jobs[i].run_dir_parts)
+                print(f"{title}: {finished}/{len(jobs)} {minutes:.1f} min {where}", flush=True)
+
         if workers <= 1:
             _init_worker()
-            for i in todo:
-                results[i] = run_job(jobs[i], runs)
-                bar.advance(task)
+            for i, job in enumerate(jobs):
+                done(i, run_job(job, runs))
         else:
             ctx = get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = {pool.submit(run_job, jobs[i], runs): i for i in todo}
+                futures = {pool.submit(run_job, job, runs): i for i, job in enumerate(jobs)}
                 for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.advance(task)
+                    done(futures[future], future.result())
     return [r for r in results if r is not None]
 
 
