@@ -229,7 +229,7 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
     if not done.is_file():
         cfg = resolve_config(job.overrides())
         try:
-            fit(cfg, run_dir, resume=(run_dir / "last.ckpt").is_file())
+            fit(cfg, run_dir, resume=run_dir.exists())
         except TrainingDiverged as err:
             failed.write_text(json.dumps({"diverged": str(err)}))
             return {"diverged": str(err)}
@@ -265,7 +265,13 @@ def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
                 futures = {pool.submit(run_job, job, runs): i for i, job in enumerate(jobs)}
                 for future in as_completed(futures):
-                    done(futures[future], future.result())
+                    error = future.exception()
+                    # one broken run must not stop the other hundreds: it is reported, it loses
+                    # the search, and it is missing from the seeds of its table row
+                    result = {"error": repr(error)} if error else future.result()
+                    if error:
+                        print(f"FAILED {'/'.join(jobs[futures[future]].run_dir_parts)}: {error!r}")
+                    done(futures[future], result)
     return [r for r in results if r is not None]
 
 
@@ -315,8 +321,8 @@ def run_accuracy(
     selections: dict[tuple[str, str], Selection] = {}
     for job, result in zip(search_jobs, searched, strict=True):
         sel = selections.setdefault((job.study, job.label), Selection(job.option))
-        diverged = "diverged" in result
-        sel.scores[job.value] = -1.0 if diverged else float(result["metrics"]["val"]["accuracy"])
+        failed = "diverged" in result or "error" in result
+        sel.scores[job.value] = -1.0 if failed else float(result["metrics"]["val"]["accuracy"])
 
     final_jobs: list[Job] = []
     for study in studies:
@@ -333,6 +339,8 @@ def run_accuracy(
     for job, result in zip(final_jobs, finals, strict=True):
         base = {"study": job.study, "point": job.point.name, "x": job.point.x}
         base |= {"method": job.label, "seed": job.seed}
+        if "error" in result:
+            continue
         diverged = "diverged" in result
         records.append({**base, "split": "test", "metric": "diverged", "value": float(diverged)})
         if diverged:

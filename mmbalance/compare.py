@@ -80,7 +80,9 @@ def _run_or_reuse(cfg: Any, run_dir: Path) -> RunResult | dict[str, Any]:
     done = run_dir / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
-    return fit(cfg, run_dir, resume=(run_dir / "last.ckpt").is_file())
+    # A run directory that exists belongs to this comparison: resume whatever stage it reached
+    # (a kill during unimodal pre-training leaves checkpoints only under ``pretrain/``).
+    return fit(cfg, run_dir, resume=run_dir.exists())
 
 
 def _records(label: str, seed: int, result: RunResult | dict[str, Any]) -> list[dict[str, Any]]:

@@ -95,6 +95,33 @@ def test_kill_and_resume_is_exact(small: dict, tmp_path: Path, monkeypatch) -> N
     ]
 
 
+def test_compare_resumes_a_run_killed_in_its_pretraining_stage(
+    small: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """A kill during unimodal pre-training leaves ``pretrain/last.ckpt`` but nothing at the run's
+    top level; re-running ``compare`` must resume that stage, not refuse the directory."""
+    from mmbalance.compare import run_compare
+
+    overrides = {**small, "train.epochs": 3}
+    reference = run_compare(["unipre_frozen"], 1, tmp_path / "reference", overrides)
+    original = loop_module.Trainer._write_logs
+
+    def crash_in_pretraining(self, row):
+        original(self, row)
+        if self.out_dir.name == "pretrain" and row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_in_pretraining)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(["unipre_frozen"], 1, tmp_path / "killed", overrides)
+    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    run_dir = tmp_path / "killed" / "unipre_frozen" / "seed0"
+    assert (run_dir / "pretrain" / "last.ckpt").is_file()
+    assert not (run_dir / "last.ckpt").exists()
+    resumed = run_compare(["unipre_frozen"], 1, tmp_path / "killed", overrides)
+    assert resumed == reference
+
+
 def test_sigkill_and_resume_is_exact(small: dict, tmp_path: Path) -> None:
     """A real SIGKILL at an arbitrary moment, then --resume, gives the uninterrupted metrics."""
     args = [f"{k}={v}" for k, v in small.items() if k != "dataset"] + ["train.epochs=12"]
