@@ -236,6 +236,15 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
     return json.loads(done.read_text())
 
 
+def load_job(job: Job, runs: Path) -> dict[str, Any]:
+    """The saved outcome of a finished run, or ``{"error": "not run"}`` (nothing is trained)."""
+    run_dir = runs.joinpath(*job.run_dir_parts, f"seed{job.seed}")
+    for name in ("metrics.json", "diverged.json"):
+        if (run_dir / name).is_file():
+            return json.loads((run_dir / name).read_text())
+    return {"error": "not run"}
+
+
 def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[dict[str, Any]]:
     """Run ``jobs`` on ``workers`` processes (one torch thread each), reporting progress (a bar
     on a terminal, one line per finished run otherwise, e.g. in a log file)."""
@@ -296,9 +305,18 @@ def run_accuracy(
     seeds: int,
     studies: Iterable[Study],
     methods: Sequence[str] | None = None,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Search, then run every method (or ``methods``) on ``seeds`` seeds; saves and returns the
-    results."""
+    results. With ``train=False`` nothing is trained: the results are collected from the runs
+    that exist (to publish a partial regeneration; the page then says how many runs are missing).
+    """
+
+    def gather(jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
+        if train:
+            return _execute(jobs, runs, workers, title)
+        return [load_job(job, runs) for job in jobs]
+
     from mmbalance.build import build_dataset, resolve_config
 
     studies = list(studies)
@@ -317,7 +335,7 @@ def run_accuracy(
                     Job(study.name, point, label, method, params, option, value, seed=0)
                 )
     started = time.perf_counter()
-    searched = _execute(search_jobs, runs, workers, "search (validation)")
+    searched = gather(search_jobs, "search (validation)")
     selections: dict[tuple[str, str], Selection] = {}
     for job, result in zip(search_jobs, searched, strict=True):
         sel = selections.setdefault((job.study, job.label), Selection(job.option))
@@ -334,7 +352,7 @@ def run_accuracy(
                     final_jobs.append(
                         Job(study.name, point, label, method, params, option, value, seed)
                     )
-    finals = _execute(final_jobs, runs, workers, f"{seeds} seeds per method")
+    finals = gather(final_jobs, f"{seeds} seeds per method")
     records: list[dict[str, Any]] = []
     for job, result in zip(final_jobs, finals, strict=True):
         base = {"study": job.study, "point": job.point.name, "x": job.point.x}
@@ -355,8 +373,16 @@ def run_accuracy(
             records.append({**base, "split": "test", "metric": "bayes_accuracy", "value": bayes})
     saved = {
         "seeds": seeds,
+        "runs": len({(*j.run_dir_parts, j.seed) for j in [*search_jobs, *final_jobs]}),
+        "missing": len(
+            {
+                (*j.run_dir_parts, j.seed)
+                for j, r in zip([*search_jobs, *final_jobs], [*searched, *finals], strict=True)
+                if "error" in r
+            }
+        ),
         "workers": workers,
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": (time.perf_counter() - started) / 60 if train else None,
         "search": [
             {
                 "study": study,
@@ -557,13 +583,22 @@ def _cost_section(cost: Sequence[Mapping[str, Any]] | None) -> list[str]:
     return out
 
 
+def _timing(saved: Mapping[str, Any]) -> str:
+    """How long the accuracy stage took, and whether runs are missing (a partial regeneration)."""
+    parts = [f"{saved.get('runs', '?')} training runs"]
+    if saved.get("minutes") is not None:
+        parts.append(f"{saved['minutes']:.0f} min on {saved['workers']} worker processes")
+    if saved.get("missing"):
+        parts.append(f"**partial: {saved['missing']} runs missing**")
+    return ", ".join(parts)
+
+
 def _accuracy_sections(saved: Mapping[str, Any], figures: Path, plot_comparison: Any) -> list[str]:
     out = [
         "## Accuracy",
         "",
-        f"Every method on {saved['seeds']} seeds per setting (mean ± std over seeds; the "
-        "whole accuracy stage took "
-        f"{saved['minutes']:.0f} min on {saved['workers']} worker processes). Hyperparameters "
+        f"Every method on {saved['seeds']} seeds per setting (mean ± std over seeds; "
+        f"{_timing(saved)}). Hyperparameters "
         "were chosen on the validation split only: each method had the same budget of three "
         "candidate values of its main hyperparameter, one run each (seed 0) at the study's "
         "search point; the table's *chosen* column gives the winner. "
@@ -624,6 +659,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--studies", default=",".join(s.name for s in STUDIES), help="comma-separated subset"
     )
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="accuracy stage: train nothing, collect the runs that exist under --runs",
+    )
     args = parser.parse_args(argv)
     wanted = args.studies.split(",")
     unknown = set(wanted) - {s.name for s in STUDIES}
@@ -637,7 +677,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.stage in ("all", "accuracy"):
         studies = [s for s in STUDIES if s.name in wanted]
         methods = args.methods.split(",") if args.methods else None
-        run_accuracy(Path(args.runs), args.workers, args.seeds, studies, methods)
+        run_accuracy(
+            Path(args.runs), args.workers, args.seeds, studies, methods, not args.collect_only
+        )
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
     saved = json.loads(acc_path.read_text()) if acc_path.is_file() else None
     print(f"wrote {write_docs(saved, cost)}")
