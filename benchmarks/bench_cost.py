@@ -265,6 +265,10 @@ def build_run(setting: Setting, entry: Entry, device: str, workdir: Path) -> tup
     return trainer, batch.to(fabric.device)
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -272,7 +276,7 @@ def _sync(device: str) -> None:
 
 # --- timing --------------------------------------------------------------------------------------
 def time_setting(
-    setting: Setting, device: str, log: Callable[[str], None] = print
+    setting: Setting, device: str, log: Callable[[str], None] = _log
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Interleaved timing: seconds per step of every round, per label; and the input shapes."""
     started = time.perf_counter()
@@ -346,6 +350,8 @@ def _memory_child(setting: Setting, entry: Entry, device: str, threads: int) -> 
 
 def memory_setting(setting: Setting, device: str, threads: int) -> dict[str, tuple[float, float]]:
     """Peak memory of each entry, each in its own fresh process."""
+    # children fork from a server that has imported the libraries (no effect once it runs)
+    mp.set_forkserver_preload(["torch", "lightning.fabric", "mmbalance.train.loop", __name__])
     ctx = mp.get_context("forkserver")
     out = {}
     for entry in setting.entries:
@@ -434,15 +440,16 @@ def run_cost(
     memory: bool = True,
     resnet_batch: int | None = None,
     resnet_budget: float = 480.0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log,
 ) -> list[dict[str, Any]]:
     """Run the cost benchmark, write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, return
     the records. ``settings`` selects settings by name (default: all)."""
     torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no GPU is available")
-    if memory:  # children fork from a server that has imported the libraries, nothing more
-        mp.set_forkserver_preload(["torch", "lightning.fabric", "mmbalance.train.loop", __name__])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(device)
     records: list[dict[str, Any]] = []
     for setting in make_settings(quick, device, resnet_batch, resnet_budget):
         if settings is not None and setting.name not in settings:
@@ -460,11 +467,9 @@ def run_cost(
             f"{setting.name} B={setting.batch} M={setting.modalities}: joint "
             f"{new[0]['ms_per_step']:.1f} ms; {slow} ({seconds:.0f} s)"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_stem(device)
-    (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(cost_markdown(records))
+        # written after every setting, so that an interrupted run keeps what it measured
+        (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=2) + "\n")
+        (out_dir / f"{stem}.md").write_text(cost_markdown(records))
     return records
 
 
