@@ -1,7 +1,10 @@
-"""Shapley values of each modality for the fused model's accuracy.
+"""Shapley values of each modality for the fused model's accuracy (or another score).
 
-The value of a coalition ``S`` of modalities is the accuracy of the fused prediction when the
-modalities outside ``S`` are *removed* from the latents the heads see:
+The value of a coalition ``S`` of modalities is a score of the fused prediction when the
+modalities outside ``S`` are *removed* from the latents the heads see. The score is the task's
+accuracy by default (:mod:`mmbalance.eval.outcome`: class accuracy for classification, the
+binary accuracy of the sign for regression) or any other of ``outcome.SCORES`` (``neg_mae``).
+Removal:
 
 * ``"permute"`` (default): each removed modality's latents are shuffled within the evaluation
   set with one fixed permutation (a seeded generator), which keeps their marginal distribution
@@ -33,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mmbalance.eval.outcome import SCORES
 from mmbalance.models.output import ModelOutput
 
 Removal = Literal["permute", "zero"]
@@ -50,6 +54,42 @@ def coalitions(modalities: Sequence[str]) -> list[frozenset[str]]:
 
 
 @torch.no_grad()
+def coalition_predictions(
+    heads: Heads,
+    latents: Mapping[str, Tensor],
+    removal: Removal = "permute",
+    predict: Predict | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> dict[frozenset[str], Tensor]:
+    """The fused prediction (on the CPU) for every coalition ``S`` of modalities.
+
+    ``heads`` maps latents to a :class:`ModelOutput` (e.g. ``MultimodalModel.heads``);
+    ``predict`` picks the evaluated prediction from it (default ``output.logits``). Kept apart
+    from the scoring so that several scores share one set of forward passes.
+    """
+    if removal not in ("permute", "zero"):
+        raise ValueError(f"removal must be 'permute' or 'zero', got {removal!r}")
+    predict = predict or (lambda out: out.logits)
+    modalities = list(latents)
+    n = next(iter(latents.values())).shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    perms = {m: torch.randperm(n, generator=generator) for m in modalities}
+    removed = {
+        m: (z[perms[m].to(z.device)] if removal == "permute" else torch.zeros_like(z))
+        for m, z in latents.items()
+    }
+    preds = {}
+    for coalition in coalitions(modalities):
+        parts = []
+        for start in range(0, n, batch_size):
+            part = slice(start, start + batch_size)
+            z = {m: (latents[m] if m in coalition else removed[m])[part] for m in modalities}
+            parts.append(predict(heads(z)).float().cpu())
+        preds[coalition] = torch.cat(parts)
+    return preds
+
+
 def coalition_values(
     heads: Heads,
     latents: Mapping[str, Tensor],
@@ -58,33 +98,13 @@ def coalition_values(
     predict: Predict | None = None,
     seed: int = 0,
     batch_size: int = 4096,
+    task: str = "classification",
+    score: str = "accuracy",
 ) -> dict[frozenset[str], float]:
-    """Accuracy ``v(S)`` of the fused prediction for every coalition ``S`` of modalities.
-
-    ``heads`` maps latents to a :class:`ModelOutput` (e.g. ``MultimodalModel.heads``);
-    ``predict`` picks the evaluated logits from it (default ``output.logits``).
-    """
-    if removal not in ("permute", "zero"):
-        raise ValueError(f"removal must be 'permute' or 'zero', got {removal!r}")
-    predict = predict or (lambda out: out.logits)
-    modalities = list(latents)
-    n = targets.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    perms = {m: torch.randperm(n, generator=generator) for m in modalities}
-    removed = {
-        m: (z[perms[m].to(z.device)] if removal == "permute" else torch.zeros_like(z))
-        for m, z in latents.items()
-    }
-    values = {}
-    for coalition in coalitions(modalities):
-        correct = 0
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            z = {m: (latents[m] if m in coalition else removed[m])[part] for m in modalities}
-            pred = predict(heads(z)).argmax(-1).cpu()
-            correct += int((pred == targets[part].cpu()).sum())
-        values[coalition] = correct / max(n, 1)
-    return values
+    """Score ``v(S)`` of the fused prediction for every coalition ``S`` of modalities."""
+    preds = coalition_predictions(heads, latents, removal, predict, seed, batch_size)
+    scorer = SCORES.get(score)
+    return {c: scorer(p, targets, task) for c, p in preds.items()}
 
 
 def shapley_from_values(
@@ -110,6 +130,22 @@ def imbalance_degree(shapley: Mapping[str, float]) -> float:
     return (max(pos) - min(pos)) / total if total > 0 else 0.0
 
 
+def contributions_from_values(
+    values: Mapping[frozenset[str], float], modalities: Sequence[str], removal: str, score: str
+) -> dict[str, object]:
+    """Shapley values, coalition values and imbalance degree, JSON-ready."""
+    phi = shapley_from_values(values, modalities)
+    return {
+        "removal": removal,
+        "score": score,
+        "shapley": phi,
+        "imbalance_degree": imbalance_degree(phi),
+        "coalitions": {
+            "+".join(m for m in modalities if m in c) or "none": v for c, v in values.items()
+        },
+    }
+
+
 def shapley_contributions(
     heads: Heads,
     latents: Mapping[str, Tensor],
@@ -117,16 +153,11 @@ def shapley_contributions(
     removal: Removal = "permute",
     predict: Predict | None = None,
     seed: int = 0,
+    task: str = "classification",
+    score: str = "accuracy",
 ) -> dict[str, object]:
-    """Shapley values, coalition values and imbalance degree, JSON-ready."""
-    modalities = list(latents)
-    values = coalition_values(heads, latents, targets, removal, predict, seed)
-    phi = shapley_from_values(values, modalities)
-    return {
-        "removal": removal,
-        "shapley": phi,
-        "imbalance_degree": imbalance_degree(phi),
-        "coalitions": {
-            "+".join(m for m in modalities if m in c) or "none": v for c, v in values.items()
-        },
-    }
+    """Shapley values of ``score``, coalition values and imbalance degree, JSON-ready."""
+    values = coalition_values(
+        heads, latents, targets, removal, predict, seed, task=task, score=score
+    )
+    return contributions_from_values(values, list(latents), removal, score)
