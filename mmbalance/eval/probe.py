@@ -89,7 +89,7 @@ def probe_accuracy(
 
 
 def split_half_probe_accuracy(
-    z: Tensor, targets: Tensor, task: str, num_outputs: int, alpha: float = 1.0, seed: int = 0
+    z: Tensor, targets: Tensor, task: str, num_outputs: int, alpha: float = 0.1, seed: int = 0
 ) -> float:
     """Accuracy of a closed-form ridge probe fitted on one fixed half of ``(z, targets)`` and
     scored on the other half (see the module docstring).
