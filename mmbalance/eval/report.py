@@ -384,7 +384,7 @@ def plot_modality_curves(source: Source, path: Path) -> Path | None:
             for method, series in curves.get(f"val_{q}_{mod}", {}).items():
                 mean, std = _mean_over_seeds(series)
                 xs = list(range(1, len(mean) + 1))
-                ax.plot(xs, mean, color=colours[method], label=method)
+                ax.plot(xs, mean, color=colours[method])
                 lo = [m - d for m, d in zip(mean, std, strict=True)]
                 hi = [m + d for m, d in zip(mean, std, strict=True)]
                 ax.fill_between(xs, lo, hi, color=colours[method], alpha=0.15, linewidth=0)
@@ -395,13 +395,12 @@ def plot_modality_curves(source: Source, path: Path) -> Path | None:
                 ax.set_ylabel(QUANTITIES[q], fontsize=8)
             if i == len(quantities) - 1:
                 ax.set_xlabel("epoch")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for row in axes:
-        for ax in row:
-            h, lab = ax.get_legend_handles_labels()
-            handles += [x for x, n in zip(h, lab, strict=True) if n not in labels]
-            labels += [n for n in lab if n not in labels]
-    fig.legend(handles, labels, loc="upper right", fontsize=7)
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0][0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
+    handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
+    fig.legend(handles=handles, loc="upper right", fontsize=7)
     fig.suptitle("per-modality validation curves (mean ± std over seeds)")
     return _save(fig, path)
 
