@@ -16,13 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmbalance.eval.contribution import (
-    Removal,
-    coalition_predictions,
-    contributions_from_values,
-)
+from mmbalance.eval.contribution import Removal, coalition_scores, contributions_from_values
 from mmbalance.eval.errors import error_analysis
-from mmbalance.eval.outcome import OUTCOMES, SCORES
+from mmbalance.eval.outcome import OUTCOMES
 from mmbalance.eval.probe import latents_of, probe_predictions
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
@@ -61,16 +57,12 @@ def analyze_model(
     probes = probe_predictions(z_train, y_train, z_test, task=task)
     probe_acc = {m: outcome.accuracy(p, y_test) for m, p in probes.items()}
     z_dev = {m: z.to(device) for m, z in z_test.items()}
-    preds = coalition_predictions(model.heads, z_dev, removal, predict)
-    modalities = list(z_test)
+    values = coalition_scores(
+        model.heads, z_dev, y_test, TASK_SCORES[task], removal, predict, task=task
+    )
     contribs = {
-        score: contributions_from_values(
-            {c: SCORES.get(score)(p, y_test, task) for c, p in preds.items()},
-            modalities,
-            removal,
-            score,
-        )
-        for score in TASK_SCORES[task]
+        score: contributions_from_values(v, list(z_test), removal, score)
+        for score, v in values.items()
     }
     output = model.heads(z_dev)
     fused = predict(output).cpu()

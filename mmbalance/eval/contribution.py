@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -61,12 +61,12 @@ def coalition_predictions(
     predict: Predict | None = None,
     seed: int = 0,
     batch_size: int = 4096,
-) -> dict[frozenset[str], Tensor]:
-    """The fused prediction (on the CPU) for every coalition ``S`` of modalities.
+) -> Iterator[tuple[frozenset[str], Tensor]]:
+    """``(S, fused prediction on the CPU)`` for every coalition ``S`` of modalities, one at a
+    time (so that only one coalition's predictions are held at once).
 
     ``heads`` maps latents to a :class:`ModelOutput` (e.g. ``MultimodalModel.heads``);
-    ``predict`` picks the evaluated prediction from it (default ``output.logits``). Kept apart
-    from the scoring so that several scores share one set of forward passes.
+    ``predict`` picks the evaluated prediction from it (default ``output.logits``).
     """
     if removal not in ("permute", "zero"):
         raise ValueError(f"removal must be 'permute' or 'zero', got {removal!r}")
@@ -79,15 +79,34 @@ def coalition_predictions(
         m: (z[perms[m].to(z.device)] if removal == "permute" else torch.zeros_like(z))
         for m, z in latents.items()
     }
-    preds = {}
     for coalition in coalitions(modalities):
         parts = []
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             z = {m: (latents[m] if m in coalition else removed[m])[part] for m in modalities}
             parts.append(predict(heads(z)).float().cpu())
-        preds[coalition] = torch.cat(parts)
-    return preds
+        yield coalition, torch.cat(parts)
+
+
+def coalition_scores(
+    heads: Heads,
+    latents: Mapping[str, Tensor],
+    targets: Tensor,
+    scores: Sequence[str] = ("accuracy",),
+    removal: Removal = "permute",
+    predict: Predict | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+    task: str = "classification",
+) -> dict[str, dict[frozenset[str], float]]:
+    """``{score: {S: v(S)}}`` for several scores from one set of forward passes."""
+    scorers = {name: SCORES.get(name) for name in scores}
+    out: dict[str, dict[frozenset[str], float]] = {name: {} for name in scores}
+    preds = coalition_predictions(heads, latents, removal, predict, seed, batch_size)
+    for coalition, pred in preds:
+        for name, scorer in scorers.items():
+            out[name][coalition] = scorer(pred, targets, task)
+    return out
 
 
 def coalition_values(
@@ -101,10 +120,12 @@ def coalition_values(
     task: str = "classification",
     score: str = "accuracy",
 ) -> dict[frozenset[str], float]:
-    """Score ``v(S)`` of the fused prediction for every coalition ``S`` of modalities."""
-    preds = coalition_predictions(heads, latents, removal, predict, seed, batch_size)
-    scorer = SCORES.get(score)
-    return {c: scorer(p, targets, task) for c, p in preds.items()}
+    """Score ``v(S)`` (default: the task's accuracy) of the fused prediction for every
+    coalition ``S`` of modalities."""
+    values = coalition_scores(
+        heads, latents, targets, (score,), removal, predict, seed, batch_size, task
+    )
+    return values[score]
 
 
 def shapley_from_values(
