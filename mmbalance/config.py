@@ -139,6 +139,8 @@ class TrainConfig:
     unimodal_pretrain_epochs: int = 0
     progress: bool = True
     tensorboard: bool = True
+    #: per-modality head/probe accuracy and Shapley curves after each validation (eval.curves)
+    epoch_analysis: bool = True
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

@@ -159,13 +159,23 @@ def test_compare_writes_analysis_and_report(tmp_path, capsys) -> None:
     md = (out / "report.md").read_text()
     for method in ("joint", "multiloss"):
         assert method in page and method in md
-    assert page.count("<img alt=") == page.count('src="data:image/png;base64,') == 4
+    assert page.count("<img alt=") == page.count('src="data:image/png;base64,') == 5
     assert "Bayes accuracy" in page and "synthetic" in page  # config embedded
     assert "significant" in md
+    # joint (no heads) and multiloss (heads): the error analysis says they used different
+    # unimodal predictors, next to a table that names each method's kind
+    errors_md = md.split("## Error analysis")[1].split("\n## ")[0]
+    assert "Warning: the methods used different unimodal predictors" in errors_md
+    assert "| joint | linear probes |" in errors_md
+    assert "| multiloss | unimodal heads |" in errors_md
+    assert "<strong>Warning: the methods used different unimodal predictors" in page
+    assert "report_modality_curves.png" in md
 
-    # a single run directory makes a report too
+    # a single run directory makes a report too, without the warning
     assert main(["report", str(out / "joint" / "seed1")]) == 0
-    assert 'src="data:image/png;base64,' in (out / "joint" / "seed1" / "report.html").read_text()
+    single = (out / "joint" / "seed1" / "report.html").read_text()
+    assert single.count('src="data:image/png;base64,') == 5
+    assert "Warning" not in single and "used linear probes as unimodal predictors" in single
     assert main(["report", str(tmp_path)]) == 2
 
 
@@ -190,3 +200,39 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
         capture_output=True,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
+    # every embedded plot, the per-modality curves included, decodes to a real image in the
+    # browser: a copy of the page writes the images' natural sizes into its title on load
+    page = (out / "report.html").read_text()
+    assert "report_modality_curves" not in page  # embedded, not linked
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { document.title = 'SIZES:' + "
+            "Array.from(document.images, i => i.alt + '=' + i.naturalWidth + 'x' + "
+            "i.naturalHeight).join(';'); });</script></body>",
+        )
+    )
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
+    sizes = dict(
+        item.split("=") for item in dom.split("<title>SIZES:")[1].split("</title>")[0].split(";")
+    )
+    assert "Per-modality curves over epochs" in sizes and len(sizes) == 5
+    for alt, size in sizes.items():
+        width, height = map(int, size.split("x"))
+        assert width > 300 and height > 200, (alt, size)

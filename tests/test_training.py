@@ -93,6 +93,11 @@ def test_kill_and_resume_is_exact(small: dict, tmp_path: Path, monkeypatch) -> N
     assert [r["train_loss"] for r in resumed.history] == [
         r["train_loss"] for r in reference.history
     ]
+    # the per-epoch curves of the epochs before the kill come back from the checkpoint
+    curves = [k for k in reference.history[0] if k.startswith(("val_shapley_", "val_probe_acc_"))]
+    assert curves and [[r[k] for k in curves] for r in resumed.history] == [
+        [r[k] for k in curves] for r in reference.history
+    ]
 
 
 def test_compare_resumes_a_run_killed_in_its_pretraining_stage(
@@ -224,6 +229,9 @@ def test_ddp_two_processes_match_one(small: dict, tmp_path: Path) -> None:
     )
     assert two.metrics["val"]["accuracy"] == pytest.approx(one.metrics["val"]["accuracy"], abs=2e-3)
     assert two.metrics["val"]["loss"] == pytest.approx(one.metrics["val"]["loss"], rel=1e-3)
+    # the per-epoch curves are computed from the gathered validation pass
+    for key in ("val_shapley_m1", "val_shapley_m2", "val_probe_acc_m1"):
+        assert two.history[-1][key] == pytest.approx(one.history[-1][key], abs=0.02)
     # evaluation saw every validation sample exactly once
     assert two.metrics["val"]["accuracy"] * small["dataset.n_val"] == pytest.approx(
         round(two.metrics["val"]["accuracy"] * small["dataset.n_val"]), abs=1e-6

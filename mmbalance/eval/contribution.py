@@ -1,7 +1,10 @@
-"""Shapley values of each modality for the fused model's accuracy.
+"""Shapley values of each modality for the fused model's accuracy (or another score).
 
-The value of a coalition ``S`` of modalities is the accuracy of the fused prediction when the
-modalities outside ``S`` are *removed* from the latents the heads see:
+The value of a coalition ``S`` of modalities is a score of the fused prediction when the
+modalities outside ``S`` are *removed* from the latents the heads see. The score is the task's
+accuracy by default (:mod:`mmbalance.eval.outcome`: class accuracy for classification, the
+binary accuracy of the sign for regression) or any other of ``outcome.SCORES`` (``neg_mae``).
+Removal:
 
 * ``"permute"`` (default): each removed modality's latents are shuffled within the evaluation
   set with one fixed permutation (a seeded generator), which keeps their marginal distribution
@@ -27,12 +30,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mmbalance.eval.outcome import SCORES
 from mmbalance.models.output import ModelOutput
 
 Removal = Literal["permute", "zero"]
@@ -50,6 +54,61 @@ def coalitions(modalities: Sequence[str]) -> list[frozenset[str]]:
 
 
 @torch.no_grad()
+def coalition_predictions(
+    heads: Heads,
+    latents: Mapping[str, Tensor],
+    removal: Removal = "permute",
+    predict: Predict | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> Iterator[tuple[frozenset[str], Tensor]]:
+    """``(S, fused prediction on the CPU)`` for every coalition ``S`` of modalities, one at a
+    time (so that only one coalition's predictions are held at once).
+
+    ``heads`` maps latents to a :class:`ModelOutput` (e.g. ``MultimodalModel.heads``);
+    ``predict`` picks the evaluated prediction from it (default ``output.logits``).
+    """
+    if removal not in ("permute", "zero"):
+        raise ValueError(f"removal must be 'permute' or 'zero', got {removal!r}")
+    predict = predict or (lambda out: out.logits)
+    modalities = list(latents)
+    n = next(iter(latents.values())).shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    perms = {m: torch.randperm(n, generator=generator) for m in modalities}
+    removed = {
+        m: (z[perms[m].to(z.device)] if removal == "permute" else torch.zeros_like(z))
+        for m, z in latents.items()
+    }
+    for coalition in coalitions(modalities):
+        parts = []
+        for start in range(0, n, batch_size):
+            part = slice(start, start + batch_size)
+            z = {m: (latents[m] if m in coalition else removed[m])[part] for m in modalities}
+            parts.append(predict(heads(z)).float().cpu())
+        yield coalition, torch.cat(parts)
+
+
+def coalition_scores(
+    heads: Heads,
+    latents: Mapping[str, Tensor],
+    targets: Tensor,
+    scores: Sequence[str] = ("accuracy",),
+    removal: Removal = "permute",
+    predict: Predict | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+    task: str = "classification",
+) -> dict[str, dict[frozenset[str], float]]:
+    """``{score: {S: v(S)}}`` for several scores from one set of forward passes."""
+    scorers = {name: SCORES.get(name) for name in scores}
+    out: dict[str, dict[frozenset[str], float]] = {name: {} for name in scores}
+    preds = coalition_predictions(heads, latents, removal, predict, seed, batch_size)
+    for coalition, pred in preds:
+        for name, scorer in scorers.items():
+            out[name][coalition] = scorer(pred, targets, task)
+    return out
+
+
 def coalition_values(
     heads: Heads,
     latents: Mapping[str, Tensor],
@@ -58,33 +117,15 @@ def coalition_values(
     predict: Predict | None = None,
     seed: int = 0,
     batch_size: int = 4096,
+    task: str = "classification",
+    score: str = "accuracy",
 ) -> dict[frozenset[str], float]:
-    """Accuracy ``v(S)`` of the fused prediction for every coalition ``S`` of modalities.
-
-    ``heads`` maps latents to a :class:`ModelOutput` (e.g. ``MultimodalModel.heads``);
-    ``predict`` picks the evaluated logits from it (default ``output.logits``).
-    """
-    if removal not in ("permute", "zero"):
-        raise ValueError(f"removal must be 'permute' or 'zero', got {removal!r}")
-    predict = predict or (lambda out: out.logits)
-    modalities = list(latents)
-    n = targets.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    perms = {m: torch.randperm(n, generator=generator) for m in modalities}
-    removed = {
-        m: (z[perms[m].to(z.device)] if removal == "permute" else torch.zeros_like(z))
-        for m, z in latents.items()
-    }
-    values = {}
-    for coalition in coalitions(modalities):
-        correct = 0
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            z = {m: (latents[m] if m in coalition else removed[m])[part] for m in modalities}
-            pred = predict(heads(z)).argmax(-1).cpu()
-            correct += int((pred == targets[part].cpu()).sum())
-        values[coalition] = correct / max(n, 1)
-    return values
+    """Score ``v(S)`` (default: the task's accuracy) of the fused prediction for every
+    coalition ``S`` of modalities."""
+    values = coalition_scores(
+        heads, latents, targets, (score,), removal, predict, seed, batch_size, task
+    )
+    return values[score]
 
 
 def shapley_from_values(
@@ -110,6 +151,22 @@ def imbalance_degree(shapley: Mapping[str, float]) -> float:
     return (max(pos) - min(pos)) / total if total > 0 else 0.0
 
 
+def contributions_from_values(
+    values: Mapping[frozenset[str], float], modalities: Sequence[str], removal: str, score: str
+) -> dict[str, object]:
+    """Shapley values, coalition values and imbalance degree, JSON-ready."""
+    phi = shapley_from_values(values, modalities)
+    return {
+        "removal": removal,
+        "score": score,
+        "shapley": phi,
+        "imbalance_degree": imbalance_degree(phi),
+        "coalitions": {
+            "+".join(m for m in modalities if m in c) or "none": v for c, v in values.items()
+        },
+    }
+
+
 def shapley_contributions(
     heads: Heads,
     latents: Mapping[str, Tensor],
@@ -117,16 +174,11 @@ def shapley_contributions(
     removal: Removal = "permute",
     predict: Predict | None = None,
     seed: int = 0,
+    task: str = "classification",
+    score: str = "accuracy",
 ) -> dict[str, object]:
-    """Shapley values, coalition values and imbalance degree, JSON-ready."""
-    modalities = list(latents)
-    values = coalition_values(heads, latents, targets, removal, predict, seed)
-    phi = shapley_from_values(values, modalities)
-    return {
-        "removal": removal,
-        "shapley": phi,
-        "imbalance_degree": imbalance_degree(phi),
-        "coalitions": {
-            "+".join(m for m in modalities if m in c) or "none": v for c, v in values.items()
-        },
-    }
+    """Shapley values of ``score``, coalition values and imbalance degree, JSON-ready."""
+    values = coalition_values(
+        heads, latents, targets, removal, predict, seed, task=task, score=score
+    )
+    return contributions_from_values(values, list(latents), removal, score)

@@ -3,18 +3,30 @@
 A method can leave a modality's encoder fine while the fusion head ignores it, or starve the
 encoder itself; the unimodal heads cannot tell these apart, a probe trained afresh on the frozen
 features can.
+
+Two probes:
+
+* :func:`probe_predictions` (end of run): fitted on the training split's latents and scored on
+  another split; a logistic regression for classification, a ridge regression for regression.
+* :func:`split_half_probe_accuracy` (every epoch, cheap): a closed-form ridge regression onto the
+  one-hot targets (or onto the regression target) fitted on a fixed random half of the validation
+  latents and scored on the other half. It needs no second encoder pass and costs one ``d x d``
+  solve per modality, so it can run after every epoch; it is a cheaper, noisier and usually lower
+  estimate than the end-of-run probe (half the samples, least squares instead of a logistic
+  loss), meant for the *trend* of each encoder over epochs and for comparing methods on the same
+  data, not as a final number.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.data.base import Batch
+from mmbalance.eval.outcome import OUTCOMES
 from mmbalance.models.multimodal import MultimodalModel
 
 
@@ -39,24 +51,70 @@ def latents_of(
 
 
 def probe_predictions(
-    z_train: dict[str, Tensor], y_train: Tensor, z_eval: dict[str, Tensor], max_iter: int = 500
+    z_train: dict[str, Tensor],
+    y_train: Tensor,
+    z_eval: dict[str, Tensor],
+    max_iter: int = 500,
+    task: str = "classification",
 ) -> dict[str, Tensor]:
-    """Class predictions on ``z_eval`` of a logistic-regression probe per modality fitted on
-    ``(z_train, y_train)`` (standardised features)."""
+    """Predictions on ``z_eval`` of a probe per modality fitted on ``(z_train, y_train)``
+    (standardised features): class indices of a logistic regression for classification, values
+    of a ridge regression (``alpha=1``) for regression."""
     out = {}
     for m in z_train:
         scaler = StandardScaler().fit(z_train[m].numpy())
-        clf = LogisticRegression(max_iter=max_iter)
-        clf.fit(scaler.transform(z_train[m].numpy()), y_train.numpy())
-        out[m] = torch.as_tensor(clf.predict(scaler.transform(z_eval[m].numpy())))
+        if task == "classification":
+            probe: LogisticRegression | Ridge = LogisticRegression(max_iter=max_iter)
+        else:
+            probe = Ridge(alpha=1.0)
+        probe.fit(scaler.transform(z_train[m].numpy()), y_train.numpy())
+        out[m] = torch.as_tensor(probe.predict(scaler.transform(z_eval[m].numpy())))
     return out
 
 
 def probe_accuracy(
-    model: MultimodalModel, train: Dataset, evaluate: Dataset, max_iter: int = 500
+    model: MultimodalModel,
+    train: Dataset,
+    evaluate: Dataset,
+    max_iter: int = 500,
+    task: str = "classification",
 ) -> dict[str, float]:
-    """Accuracy on ``evaluate`` of a logistic-regression probe per modality fitted on ``train``."""
+    """Accuracy on ``evaluate`` (:mod:`~mmbalance.eval.outcome`: the binary accuracy of the
+    sign for regression) of a probe per modality fitted on ``train``."""
     z_train, y_train = latents_of(model, train)
     z_eval, y_eval = latents_of(model, evaluate)
-    preds = probe_predictions(z_train, y_train, z_eval, max_iter)
-    return {m: float(np.mean(p.numpy() == y_eval.numpy())) for m, p in preds.items()}
+    preds = probe_predictions(z_train, y_train, z_eval, max_iter, task)
+    outcome = OUTCOMES.get(task)
+    return {m: outcome.accuracy(p, y_eval) for m, p in preds.items()}
+
+
+def split_half_probe_accuracy(
+    z: Tensor, targets: Tensor, task: str, num_outputs: int, alpha: float = 0.1, seed: int = 0
+) -> float:
+    """Accuracy of a closed-form ridge probe fitted on one fixed half of ``(z, targets)`` and
+    scored on the other half (see the module docstring).
+
+    Features are standardised with the fitting half's statistics; the penalty is
+    ``alpha * n_fit`` on the standardised weights (intercept not penalised); ``alpha=0.1`` was
+    the best of 0.01, 0.1, 1 and 10 on AV-Digits validation latents and is not tuned per
+    dataset. The halves come from a permutation seeded by ``seed``, so they are the same at
+    every epoch.
+    """
+    n = z.shape[0]
+    if n < 4:
+        return float("nan")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, held = perm[: n // 2], perm[n // 2 :]
+    x = z.detach().reshape(n, -1).double().cpu()
+    y = targets.detach().cpu()
+    mean, std = x[fit].mean(0), x[fit].std(0).clamp_min(1e-8)
+    x = (x - mean) / std
+    if task == "classification":
+        t = torch.nn.functional.one_hot(y.long(), num_outputs).double()
+    else:
+        t = y.double().reshape(n, 1)
+    t_mean = t[fit].mean(0)
+    gram = x[fit].T @ x[fit] + alpha * len(fit) * torch.eye(x.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, x[fit].T @ (t[fit] - t_mean))
+    pred = x[held] @ w + t_mean
+    return OUTCOMES.get(task).accuracy(pred, y[held])

@@ -5,7 +5,9 @@
     out_dir/config.yaml     the resolved configuration
     out_dir/last.ckpt       everything needed to resume (written atomically every epoch)
     out_dir/best.ckpt       the weights selected on the validation split
-    out_dir/metrics.csv     one row per epoch (train loss terms, validation metrics, lr)
+    out_dir/metrics.csv     one row per epoch (train loss terms, validation metrics, lr and,
+                            with ``train.epoch_analysis``, per-modality curves: see
+                            :mod:`mmbalance.eval.curves`)
     out_dir/steps.csv       per-step scalars logged by the method (tidy: step, epoch, name, value)
     out_dir/tb/             TensorBoard events
     out_dir/metrics.json    final validation and test metrics of the selected model
@@ -39,6 +41,7 @@ from mmbalance.config import NamedParams, RunConfig
 from mmbalance.data.base import Batch, DatasetBundle
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
+from mmbalance.eval.curves import epoch_curves
 from mmbalance.eval.metrics import selection_key, task_metrics
 from mmbalance.methods.base import Method, StepContext, task_loss
 from mmbalance.models.multimodal import MultimodalModel
@@ -260,7 +263,7 @@ class Trainer:
             self.method.on_epoch_start(epoch)
             train_stats = self._train_epoch(epoch)
             self.method.on_epoch_end(epoch)
-            val = self.evaluate("val")
+            val = self.evaluate("val", curves=t.epoch_analysis)
             row = {"epoch": epoch, "lr": lr, **train_stats}
             row |= {f"val_{k}": v for k, v in val.items()}
             row["seconds"] = time.perf_counter() - started
@@ -349,11 +352,12 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, split: str) -> dict[str, Tensor]:
+    def predict(self, split: str, latents: bool = False) -> dict[str, Tensor]:
         """Predictions of the current weights on ``split``, each sample once, in dataset order.
 
-        Returns ``prediction`` (what the method predicts), ``targets``, ``index`` and, when the
-        model has unimodal heads, ``unimodal_<m>``.
+        Returns ``prediction`` (what the method predicts), ``targets``, ``index``, when the
+        model has unimodal heads ``unimodal_<m>`` and, with ``latents``, the pooled latents
+        ``latent_<m>`` (gathered like the rest, so every rank holds all of them).
         """
         fabric = self.fabric
         self.module.eval()
@@ -369,13 +373,18 @@ class Trainer:
                 "index": batch.index,
             }
             pieces |= {f"unimodal_{m}": u.float() for m, u in output.unimodal_logits.items()}
+            if latents:
+                pieces |= {f"latent_{m}": z.float() for m, z in output.latents.items()}
             for k, v in pieces.items():
                 parts.setdefault(k, []).append(v)
         local = {k: torch.cat(v) for k, v in parts.items()}
         return _gather_once(fabric, local)
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        out = self.predict(split)
+    def evaluate(self, split: str, curves: bool = False) -> dict[str, float]:
+        """Metrics of the current weights on ``split``; with ``curves``, also the per-modality
+        curves of :mod:`mmbalance.eval.curves` from the same pass (every rank computes them on the
+        gathered predictions, so ranks stay identical)."""
+        out = self.predict(split, latents=curves)
         task, n_out = self.data.task, self.data.num_outputs
         metrics = task_metrics(out["prediction"], out["targets"], task, n_out)
         metrics["loss"] = float(
@@ -385,6 +394,16 @@ class Trainer:
             uni = task_metrics(out[f"unimodal_{m}"], out["targets"], task, n_out)
             primary = "accuracy" if task == "classification" else "mae"
             metrics[f"unimodal_{primary}_{m}"] = uni[primary]
+        if curves:
+            metrics |= epoch_curves(
+                self.model.heads,
+                {m: out[f"latent_{m}"] for m in self.model.modalities},
+                out["targets"],
+                self.method.predict,
+                task,
+                n_out,
+                {m: out[f"unimodal_{m}"] for m in self.model.unimodal_heads},
+            )
         return metrics
 
     def _finish(self) -> RunResult:
@@ -394,9 +413,14 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
-        if self.data.task == "classification" and self.fabric.is_global_zero:
+        if self.fabric.is_global_zero:
+            splits = self.data.splits
             analysis, scalars = analyze_model(
-                self.model, self.data.splits["train"], self.data.splits["test"], self.method.predict
+                self.model,
+                splits["train"],
+                splits["test"],
+                self.method.predict,
+                task=self.data.task,
             )
             metrics["test"] |= scalars
             (self.out_dir / "analysis.json").write_text(json.dumps(analysis, indent=2))
