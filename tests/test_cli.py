@@ -118,3 +118,12 @@ def test_list_shows_registries(capsys) -> None:
     out = capsys.readouterr().out
     for name in ["joint", "multiloss", "ensemble", "synthetic", "resnet18", "late_sum", "film"]:
         assert name in out
+
+
+def test_overrides_may_sit_between_options() -> None:
+    from mmbalance.cli import parse
+
+    args = parse(["train", "--dataset", "synthetic", "a.b=1", "--method", "joint", "c=2"])
+    assert args.overrides == ["a.b=1", "c=2"] and args.method == "joint"
+    with pytest.raises(SystemExit):
+        parse(["train", "--dataset", "synthetic", "a=1", "--bogus", "x"])
