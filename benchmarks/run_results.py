@@ -468,6 +468,42 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], chosen: Mapping[str, st
     return "\n".join(lines)
 
 
+def summary_table(saved: Mapping[str, Any]) -> str:
+    """Markdown: test accuracy (mean ± std) of every method in every study's headline setting
+    (the search point), with the Bayes accuracy where it is known."""
+    columns: list[tuple[str, list[dict[str, Any]]]] = []
+    for study in STUDIES:
+        point = study.points[study.search]
+        records = _point_records(saved, study.name, point.name)
+        if not records:
+            continue
+        bayes = [float(r["value"]) for r in records if r["metric"] == "bayes_accuracy"]
+        title = study.title.split(":")[0] + (f" ({point.name})" if len(study.points) > 1 else "")
+        title += f", Bayes {bayes[0]:.4f}" if bayes else ""
+        columns.append((title, records))
+    methods = list(dict.fromkeys(r["method"] for _, recs in columns for r in recs))
+    lines = ["| method | " + " | ".join(t for t, _ in columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    for method in methods:
+        cells = []
+        for _, records in columns:
+            values = _values(records, method, "accuracy")
+            best = max(
+                (
+                    statistics.fmean(_values(records, m, "accuracy"))
+                    for m in methods
+                    if _values(records, m, "accuracy")
+                ),
+                default=None,
+            )
+            cell = _fmt(values)
+            if values and best is not None and statistics.fmean(values) == best:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict(records: Sequence[Mapping[str, Any]]) -> str:
     """One honest sentence per reference: which methods beat it beyond the seed noise."""
     from mmbalance.eval.report import paired_against
@@ -587,7 +623,10 @@ def _timing(saved: Mapping[str, Any]) -> str:
     """How long the accuracy stage took, and whether runs are missing (a partial regeneration)."""
     parts = [f"{saved.get('runs', '?')} training runs"]
     if saved.get("minutes") is not None:
-        parts.append(f"{saved['minutes']:.0f} min on {saved['workers']} worker processes")
+        parts.append(
+            f"the last invocation took {saved['minutes']:.0f} min on {saved['workers']} worker "
+            "processes, reusing the runs earlier invocations had finished"
+        )
     if saved.get("missing"):
         parts.append(f"**partial: {saved['missing']} runs missing**")
     return ", ".join(parts)
@@ -596,6 +635,12 @@ def _timing(saved: Mapping[str, Any]) -> str:
 def _accuracy_sections(saved: Mapping[str, Any], figures: Path, plot_comparison: Any) -> list[str]:
     out = [
         "## Accuracy",
+        "",
+        "Test accuracy in each study's headline setting (mean ± std over seeds; bold: the "
+        "highest mean). The sections below give every setting, the paired differences, the "
+        "probes, contributions and error analysis.",
+        "",
+        summary_table(saved),
         "",
         f"Every method on {saved['seeds']} seeds per setting (mean ± std over seeds; "
         f"{_timing(saved)}). Hyperparameters "
