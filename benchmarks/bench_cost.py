@@ -47,7 +47,7 @@ Settings:
 Output: ``cost_cpu.json`` (tidy records) and ``cost_cpu.md`` in ``--out-dir``; on a GPU
 ``cost_<gpu-name>.json`` / ``.md``. Run::
 
-    PYTHONPATH=. python benchmarks/bench_cost.py [--quick] [--device cuda] [--threads 2]
+    python3 benchmarks/bench_cost.py [--quick] [--device cuda] [--threads 2]
 """
 
 from __future__ import annotations
@@ -620,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # run as the importable module so that the memory processes can unpickle its functions
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import bench_cost
 
     bench_cost.main()

@@ -598,6 +598,13 @@ def write_docs(saved: Mapping[str, Any] | None, cost: Sequence[Mapping[str, Any]
     return path
 
 
+def _demote(markdown: str, levels: int = 2) -> str:
+    """Push a standalone page's headings down so that it nests under this page's sections."""
+    return "\n".join(
+        "#" * levels + line if line.startswith("#") else line for line in markdown.split("\n")
+    )
+
+
 def _cost_section(cost: Sequence[Mapping[str, Any]] | None) -> list[str]:
     out = ["## Cost", ""]
     if not cost:
@@ -610,12 +617,22 @@ def _cost_section(cost: Sequence[Mapping[str, Any]] | None) -> list[str]:
 
     out += [
         "Step time of each method divided by `joint`'s on the same model, batch and data, "
-        "timed side by side (interleaved rounds, medians), with `Trainer.train_step` — exactly "
+        "timed side by side (interleaved rounds, medians), with `Trainer.train_step`: exactly "
         "the step training runs. See `benchmarks/bench_cost.py` for the settings.",
         "",
-        cost_markdown(cost),
+        _demote(cost_markdown(cost)),
         "",
     ]
+    # further measurements saved beside it (another device, another batch): ``cost_<name>.json``
+    for extra in sorted(RESULTS.glob("cost_*.json")):
+        if extra.name == "cost_cpu.json":
+            continue
+        out += [
+            f"### Also measured: `{extra.name}`",
+            "",
+            _demote(cost_markdown(json.loads(extra.read_text())), 3),
+            "",
+        ]
     return out
 
 
