@@ -536,7 +536,8 @@ def plot_sweep(saved: Mapping[str, Any], study: Study, path: Path) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in records))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [p.x for p in study.points]
-    for method in methods:
+    colors = plt.get_cmap("tab20").colors  # 12+ methods: the default 10-colour cycle repeats
+    for index, method in enumerate(methods):
         for ax, metric in zip(axes, ("gap", "probe_accuracy_m2"), strict=True):
             means, stds = [], []
             for point in study.points:
@@ -550,7 +551,16 @@ def plot_sweep(saved: Mapping[str, Any], study: Study, path: Path) -> Path:
                 means.append(statistics.fmean(vals) if vals else float("nan"))
                 stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             style = "--" if method.startswith(("unimodal", "joint", "ensemble")) else "-"
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=2, linestyle=style, label=method)
+            ax.errorbar(
+                xs,
+                means,
+                yerr=stds,
+                marker="os^Dv<>p*hX"[index % 11],
+                color=colors[(2 * index) % 20 + (2 * index) // 20],
+                capsize=2,
+                linestyle=style,
+                label=method,
+            )
     axes[0].set_ylabel("gap to Bayes accuracy (test)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("linear-probe accuracy of the weak encoder (m2)")
