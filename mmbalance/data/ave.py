@@ -172,19 +172,16 @@ class AveSource(DatasetSource):
             raise DataError(f"dataset.root is not set; {PREPARE_HINT}")
         root = Path(p.root).expanduser().resolve()
         rows = clips.read_manifest(root, "AVE", PREPARE_HINT, CLASSES)
-        return clips.build_clip_bundle(
+        return clips.audio_visual_bundle(
             name="ave",
             title="AVE",
             root=root,
             rows=rows,
             classes=CLASSES,
-            parts=clips.av_parts(p.audio, p.frames),
-            normalise={"video": clips.normalise_rgb},
-            encoders={"audio": "resnet18", "video": "resnet18"},
-            to_tensor=clips.AV_TO_TENSOR,
-            cache_dir=self.cache_dir,
-            recipe={"version": VERSION, "audio": p.audio, "frames": p.frames},
+            audio=p.audio,
+            frames=p.frames,
             val_fraction=p.val_fraction,
             seed=p.seed,
-            notes=f"audio {p.audio}, {p.frames} frame(s)",
+            cache_dir=self.cache_dir,
+            version=VERSION,
         )

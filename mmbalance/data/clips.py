@@ -652,3 +652,37 @@ AV_TO_TENSOR: dict[str, Callable[[np.ndarray], Tensor]] = {
     "audio": lambda a: torch.from_numpy(a).unsqueeze(1).float(),
     "video": to_clip_tensor,
 }
+
+
+def audio_visual_bundle(
+    *,
+    name: str,
+    title: str,
+    root: Path,
+    rows: Sequence[dict[str, str]],
+    classes: Sequence[str],
+    audio: str,
+    frames: int,
+    val_fraction: float,
+    seed: int,
+    cache_dir: Path,
+    version: int,
+) -> DatasetBundle:
+    """The bundle of an audio + RGB-frames dataset prepared by :func:`prepare_av_clip` (AVE,
+    Kinetics-Sounds): one ResNet-18 per modality, frames normalised with ImageNet statistics."""
+    return build_clip_bundle(
+        name=name,
+        title=title,
+        root=root,
+        rows=rows,
+        classes=classes,
+        parts=av_parts(audio, frames),
+        normalise={"video": normalise_rgb},
+        encoders={"audio": "resnet18", "video": "resnet18"},
+        to_tensor=AV_TO_TENSOR,
+        cache_dir=cache_dir,
+        recipe={"version": version, "audio": audio, "frames": frames},
+        val_fraction=val_fraction,
+        seed=seed,
+        notes=f"audio {audio}, {frames} frame(s)",
+    )

@@ -196,19 +196,16 @@ class KineticsSoundsSource(DatasetSource):
         root = Path(p.root).expanduser().resolve()
         rows = clips.read_manifest(root, "Kinetics-Sounds", PREPARE_HINT)
         classes = clips.read_classes(root, rows, PREPARE_HINT)
-        return clips.build_clip_bundle(
+        return clips.audio_visual_bundle(
             name="kinetics_sounds",
             title="Kinetics-Sounds",
             root=root,
             rows=rows,
             classes=classes,
-            parts=clips.av_parts(p.audio, p.frames),
-            normalise={"video": clips.normalise_rgb},
-            encoders={"audio": "resnet18", "video": "resnet18"},
-            to_tensor=clips.AV_TO_TENSOR,
-            cache_dir=self.cache_dir,
-            recipe={"version": VERSION, "audio": p.audio, "frames": p.frames},
+            audio=p.audio,
+            frames=p.frames,
             val_fraction=p.val_fraction,
             seed=p.seed,
-            notes=f"audio {p.audio}, {p.frames} frame(s)",
+            cache_dir=self.cache_dir,
+            version=VERSION,
         )
