@@ -149,8 +149,10 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> Any:
         table.add_column(m, justify="right")
     if bayes is not None:
         table.add_column("gap to Bayes", justify="right")
+    # regression probes are scored on the sign of the target (binary accuracy), and say so
+    probe_label = "probe sign acc " if metrics[0] == "mae" else "probe "
     for p in probes:
-        table.add_column(p.replace("probe_accuracy_", "probe "), justify="right")
+        table.add_column(p.replace("probe_accuracy_", probe_label), justify="right")
 
     def fmt(stat: tuple[float, float, int] | None) -> str:
         return "-" if stat is None else f"{stat[0]:.4f}±{stat[1]:.4f}"
@@ -209,7 +211,8 @@ def plot_comparison(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
         for i, key in enumerate(probes):
             offset = (i - (len(probes) - 1) / 2) * step
             dots(ax, key, offset, key.replace("probe_accuracy_", ""))
-        ax.set_xlabel("linear-probe accuracy of each encoder")
+        what = "sign accuracy" if metric == "mae" else "accuracy"
+        ax.set_xlabel(f"linear-probe {what} of each encoder")
         ax.legend(loc="best", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("method comparison (mean ± std over seeds)")

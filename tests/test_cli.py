@@ -127,3 +127,21 @@ def test_overrides_may_sit_between_options() -> None:
     assert args.overrides == ["a.b=1", "c=2"] and args.method == "joint"
     with pytest.raises(SystemExit):
         parse(["train", "--dataset", "synthetic", "a=1", "--bogus", "x"])
+
+
+def test_regression_compare_table_names_its_probe_score(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from mmbalance.compare import results_table
+
+    records = [
+        {"method": "joint", "seed": 0, "split": "test", "metric": k, "value": v}
+        for k, v in (("mae", 0.5), ("pearson", 0.8), ("binary_accuracy", 0.9))
+    ]
+    records.append(
+        {"method": "joint", "seed": 0, "split": "test", "metric": "probe_accuracy_m1", "value": 0.7}
+    )
+    console = Console(record=True, width=200)
+    console.print(results_table(records))
+    text = console.export_text()
+    assert "probe sign acc m1" in text and "0.7000" in text
