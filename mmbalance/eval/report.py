@@ -205,7 +205,7 @@ def _plt() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
 
@@ -400,7 +400,8 @@ def plot_modality_curves(source: Source, path: Path) -> Path | None:
 
     axes[0][0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
-    fig.legend(handles=handles, loc="upper right", fontsize=7)
+    # beside the panels, not over them (saved with a tight bounding box that includes it)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.suptitle("per-modality validation curves (mean ± std over seeds)")
     return _save(fig, path)
 
