@@ -194,15 +194,17 @@ class Job:
 
 @dataclass
 class Selection:
-    """The search outcome of one (study, entry): validation accuracy of every candidate."""
+    """The search outcome of one (study, entry): validation accuracy of every candidate, in
+    the order of the candidates (a failed run scores -1)."""
 
     option: str
     scores: dict[float, float] = field(default_factory=dict)
 
-    def best(self, candidates: Sequence[float]) -> float:
+    def best(self) -> float:
+        candidates = list(self.scores)
         middle = candidates[len(candidates) // 2]
         # highest validation accuracy; ties go to the middle (default-like) value
-        return max(candidates, key=lambda v: (self.scores.get(v, -1.0), v == middle))
+        return max(candidates, key=lambda v: (self.scores[v], v == middle))
 
 
 def _init_worker() -> None:
@@ -219,21 +221,19 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
     when the loss became non-finite (a candidate that diverges loses the search, and a chosen
     setting that diverges on a seed is counted in the tables, not hidden)."""
     from mmbalance.build import resolve_config
+    from mmbalance.compare import run_or_reuse
     from mmbalance.errors import TrainingDiverged
-    from mmbalance.train.loop import fit
 
     run_dir = runs.joinpath(*job.run_dir_parts, f"seed{job.seed}")
-    done, failed = run_dir / "metrics.json", run_dir / "diverged.json"
+    failed = run_dir / "diverged.json"
     if failed.is_file():
         return json.loads(failed.read_text())
-    if not done.is_file():
-        cfg = resolve_config(job.overrides())
-        try:
-            fit(cfg, run_dir, resume=run_dir.exists())
-        except TrainingDiverged as err:
-            failed.write_text(json.dumps({"diverged": str(err)}))
-            return {"diverged": str(err)}
-    return json.loads(done.read_text())
+    try:
+        result = run_or_reuse(resolve_config(job.overrides()), run_dir)
+    except TrainingDiverged as err:
+        failed.write_text(json.dumps({"diverged": str(err)}))
+        return {"diverged": str(err)}
+    return result if isinstance(result, dict) else result.to_json()
 
 
 def load_job(job: Job, runs: Path) -> dict[str, Any]:
@@ -345,8 +345,8 @@ def run_accuracy(
     final_jobs: list[Job] = []
     for study in studies:
         for label, method, params in entries[study.name]:
-            option, candidates = SEARCH.get(method, DEFAULT_SEARCH)
-            value = selections[(study.name, label)].best(candidates)
+            option = selections[(study.name, label)].option
+            value = selections[(study.name, label)].best()
             for point in study.points:
                 for seed in range(seeds):
                     final_jobs.append(
@@ -389,9 +389,7 @@ def run_accuracy(
                 "method": label,
                 "option": sel.option,
                 "scores": {f"{v:g}": s for v, s in sel.scores.items()},
-                "chosen": sel.best(
-                    SEARCH.get(_method_of(entries[study], label), DEFAULT_SEARCH)[1]
-                ),
+                "chosen": sel.best(),
             }
             for (study, label), sel in selections.items()
         ],
@@ -400,10 +398,6 @@ def run_accuracy(
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps(saved, indent=0))
     return saved
-
-
-def _method_of(entries: Sequence[tuple[str, str, Any]], label: str) -> str:
-    return next(method for lab, method, _ in entries if lab == label)
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -482,22 +476,16 @@ def summary_table(saved: Mapping[str, Any]) -> str:
         title += f", Bayes {bayes[0]:.4f}" if bayes else ""
         columns.append((title, records))
     methods = list(dict.fromkeys(r["method"] for _, recs in columns for r in recs))
+    accuracy = [{m: _values(records, m, "accuracy") for m in methods} for _, records in columns]
+    best = [max((statistics.fmean(v) for v in col.values() if v), default=None) for col in accuracy]
     lines = ["| method | " + " | ".join(t for t, _ in columns) + " |"]
     lines.append("|---|" + "---|" * len(columns))
     for method in methods:
         cells = []
-        for _, records in columns:
-            values = _values(records, method, "accuracy")
-            best = max(
-                (
-                    statistics.fmean(_values(records, m, "accuracy"))
-                    for m in methods
-                    if _values(records, m, "accuracy")
-                ),
-                default=None,
-            )
+        for col, top in zip(accuracy, best, strict=True):
+            values = col[method]
             cell = _fmt(values)
-            if values and best is not None and statistics.fmean(values) == best:
+            if values and statistics.fmean(values) == top:
                 cell = f"**{cell}**"
             cells.append(cell)
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")

@@ -69,14 +69,15 @@ def run_compare(
             cfg = configs[entry]
             cfg.train.seed = seed
             run_dir = out_dir / entry.label / f"seed{seed}"
-            result = _run_or_reuse(cfg, run_dir)
+            result = run_or_reuse(cfg, run_dir)
             records += _records(entry.label, seed, result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(records, indent=1))
     return records
 
 
-def _run_or_reuse(cfg: Any, run_dir: Path) -> RunResult | dict[str, Any]:
+def run_or_reuse(cfg: Any, run_dir: Path) -> RunResult | dict[str, Any]:
+    """The saved ``metrics.json`` of a finished run, or train it (resuming what exists)."""
     done = run_dir / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
