@@ -130,6 +130,7 @@ PREPARERS = ("cremad", "ave", "kinetics_sounds", "ucf101")
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import importlib
+    import inspect
 
     from mmbalance.errors import DataError
 
@@ -140,11 +141,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         )
     module = importlib.import_module(f"mmbalance.data.{args.dataset}")
     console = _console()
-    options: dict[str, Any] = {"workers": args.workers, "image_size": args.image_size}
-    if args.dataset == "ucf101":
-        options["clip_frames"] = args.clip_frames
-    else:
-        options["fbank_frames"] = args.fbank_frames
+    # each dataset's prepare takes the options that apply to it (fbank length, clip frames...)
+    accepted = inspect.signature(module.prepare).parameters
+    given = {
+        "workers": args.workers,
+        "image_size": args.image_size,
+        "fbank_frames": args.fbank_frames,
+        "clip_frames": args.clip_frames,
+    }
+    options: dict[str, Any] = {k: v for k, v in given.items() if k in accepted}
     report = module.prepare(
         args.raw, args.out, progress=not args.no_progress, console=console, **options
     )
