@@ -70,10 +70,10 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 
-from mmbalance.build import build_dataset, build_method, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
-from mmbalance.train.loop import Trainer
+from mmbalance.train.loop import Trainer, build_components
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -251,15 +251,11 @@ def build_run(setting: Setting, entry: Entry, device: str, workdir: Path) -> tup
         data = random_bundle(setting.shapes, setting.classes, setting.batch)
     else:
         data = build_dataset(cfg)
-    method = build_method(cfg)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
+    method, model, extra = build_components(cfg, data)
     if method.freezes_encoders:  # as after the pre-training stage in ``fit``
         model.encoders.requires_grad_(False)
     trainer = Trainer(fabric, cfg, data, model, method, extra, workdir)
-    trainer.module.train()  # as ``Trainer._train_epoch`` does
-    if method.freezes_encoders:
-        model.encoders.eval()
+    trainer.train_mode()
     method.on_epoch_start(EPOCH)
     batch = data.splits["train"].__getitems__(list(range(setting.batch)))
     return trainer, batch.to(fabric.device)

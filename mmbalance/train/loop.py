@@ -143,9 +143,7 @@ def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     data = build_dataset(cfg)
-    method = build_method(cfg)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
+    method, model, extra = build_components(cfg, data)
     pretrain_epochs = cfg.train.unimodal_pretrain_epochs
     if method.needs_unimodal_pretraining or pretrain_epochs > 0:
         _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
@@ -153,6 +151,16 @@ def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool)
             model.encoders.requires_grad_(False)
     trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir)
     return trainer.run(resume)
+
+
+def build_components(
+    cfg: RunConfig, data: DatasetBundle
+) -> tuple[Method, MultimodalModel, nn.Module | None]:
+    """The method, the model and the method's own trainable module of a run, as ``fit`` builds
+    them (benchmarks build theirs with this too, so they time what training runs)."""
+    method = build_method(cfg)
+    model = build_model(cfg, data, method)
+    return method, model, method.setup(model_info(model, data))
 
 
 def _unimodal_pretraining(
@@ -282,9 +290,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         fabric, t = self.fabric, self.cfg.train
-        self.module.train()
-        if self.method.freezes_encoders:
-            self.model.encoders.eval()
+        self.train_mode()
         self.train_sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         count = 0
@@ -301,6 +307,12 @@ class Trainer:
                 if advance is not None:
                     advance(f"loss {value:.4f}")
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def train_mode(self) -> None:
+        """Training mode for the step, with frozen encoders kept in eval mode."""
+        self.module.train()
+        if self.method.freezes_encoders:
+            self.model.encoders.eval()
 
     def train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
         """One optimisation step on ``batch`` (already on the device): the method's forward
