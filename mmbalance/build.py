@@ -35,6 +35,18 @@ def resolve_config(overrides: Mapping[str, Any]) -> RunConfig:
         defaults = {
             f"train.{k}": v for k, v in source.train_defaults.items() if k not in user_train
         }
+    method_name = overrides.get("method")
+    method_cls = METHODS.get(method_name) if isinstance(method_name, str) else None
+    if method_cls is not None and method_cls.fusion is not None:
+        # a method defined on one fusion head (a cosine or shared head) gets it by default, and
+        # refuses another one
+        given = overrides.get("fusion", method_cls.fusion)
+        if given != method_cls.fusion:
+            raise ConfigError(
+                f"method {method_name!r} is defined on fusion head {method_cls.fusion!r}; "
+                f"got fusion={given!r}"
+            )
+        defaults["fusion"] = method_cls.fusion
     cfg = build_config({**defaults, **overrides})
     validate(cfg)
     return cfg

@@ -3,8 +3,11 @@
 from mmbalance.methods import baselines, mcr, mmpareto, ogm, opm  # noqa: F401  (registration)
 from mmbalance.methods.base import (
     METHODS,
+    EpochContext,
     Method,
     ModelInfo,
+    Phase,
+    SplitFeatures,
     StepContext,
     build_method,
     task_loss,
@@ -13,8 +16,11 @@ from mmbalance.methods.base import (
 
 __all__ = [
     "METHODS",
+    "EpochContext",
     "Method",
     "ModelInfo",
+    "Phase",
+    "SplitFeatures",
     "StepContext",
     "build_method",
     "task_loss",

@@ -1,8 +1,9 @@
 """The method interface: how a balancing method plugs into one training loop.
 
-A method is one small class. The loop calls, for every training step::
+A method is one small class. The loop calls, for every training batch and for every part of
+the batch's step (:meth:`Method.step_parts`; one part unless the method alternates)::
 
-    latents = encoders(inputs)
+    latents = method.encode(model, inputs, ctx)             # default: every encoder
     latents = method.transform_latents(latents, ctx)        # (b) forward transformation
     output  = heads(latents)                                # a ModelOutput
     losses  = method.losses(output, ctx)                    # (a) named loss terms
@@ -10,12 +11,31 @@ A method is one small class. The loop calls, for every training step::
     method.rewrite_gradients(ctx)                           # (c) e.g. OGM's coefficient
     optimizer.step()
 
-plus ``on_epoch_start`` / ``on_epoch_end`` and ``state_dict`` for state across steps and epochs
-(d), and class attributes that declare what the method needs (e). Evaluation uses
-``method.predict(output)``. The loop never branches on a method's name.
+and around the epochs, with an :class:`EpochContext` (the model, a no-grad pass over a split,
+the epoch's validation metrics)::
+
+    method.on_train_start(ectx)            # once, before the first epoch of a fresh run
+    for epoch in ...:
+        phase = method.phase(epoch)        # trainable parameter groups, optimizer resets
+        method.on_epoch_start(ectx)
+        lr of group g = train.lr * schedule(epoch) * method.lr_scales()[g]
+        ... the epoch's steps ...
+        validation
+        method.on_epoch_end(ectx)          # ectx.val_metrics holds this epoch's validation
+
+plus ``state_dict`` for state across steps, epochs and resumes (d), and class attributes that
+declare what the method needs (e). Evaluation uses ``method.predict(output)``. The loop never
+branches on a method's name.
+
+Parameter groups. The trainer's optimizer has one parameter group per part of the model, named
+``encoder.<m>``, ``unimodal_head.<m>``, ``fusion`` and ``method`` (the module the method's
+:meth:`Method.setup` returns). :meth:`Method.lr_scales` scales a group's learning rate (MSLR), and
+:meth:`Method.phase` names the groups that train in an epoch (ReconBoost's stages); a group that
+does not train gets learning rate 0 and no gradient, whatever the optimizer.
 
 Nothing here depends on our trainer: build a :class:`StepContext` with
-:meth:`StepContext.standalone` and call the hooks from a plain PyTorch loop
+:meth:`StepContext.standalone` (and an :class:`EpochContext` with
+:meth:`EpochContext.standalone`) and call the hooks from a plain PyTorch loop
 (see ``examples/plain_pytorch.py``).
 """
 
@@ -74,6 +94,8 @@ class StepContext:
         all_reduce: sums a tensor over processes (identity without DDP).
         world_size: number of processes.
         regression_loss: ``l1`` or ``mse``.
+        part: which part of the batch's step this is (an element of
+            :meth:`Method.step_parts`; ``None`` for the usual single step).
         logs: scalars the method records for this step (see :meth:`log`).
     """
 
@@ -89,6 +111,7 @@ class StepContext:
     all_reduce: Callable[[Tensor], Tensor] = _sum_all_reduce
     world_size: int = 1
     regression_loss: Literal["l1", "mse"] = "l1"
+    part: str | None = None
     logs: dict[str, Tensor | float] = field(default_factory=dict)
 
     @classmethod
@@ -107,6 +130,106 @@ class StepContext:
         forces a host-device synchronisation in the middle of a step.
         """
         self.logs[name] = value.detach() if isinstance(value, Tensor) else float(value)
+
+
+@dataclass
+class SplitFeatures:
+    """One no-grad pass of the current model over (part of) a split, in dataset order.
+
+    Attributes:
+        latents: pooled latents by modality ``(N, d_m)``.
+        logits: fused predictions ``(N, num_outputs)``.
+        unimodal_logits: the unimodal heads' predictions by modality (models with heads).
+        targets: labels or regression targets ``(N,)``.
+        index: the samples' indices in the split's dataset ``(N,)``.
+    """
+
+    latents: dict[str, Tensor]
+    logits: Tensor
+    unimodal_logits: dict[str, Tensor]
+    targets: Tensor
+    index: Tensor
+
+
+FeaturePass = Callable[[str, float], SplitFeatures]
+
+#: Splits a method may read during training. The test split is never among them: methods that
+#: need held-out data (D&R's diagnosis, G-Blending's weights) use ``val`` or ``held_out``.
+TRAINING_SPLITS = ("train", "val", "held_out")
+
+
+def _no_feature_pass(split: str, fraction: float = 1.0) -> SplitFeatures:
+    raise RuntimeError("this EpochContext has no feature pass (pass features=... to standalone)")
+
+
+@dataclass
+class EpochContext:
+    """What the epoch-level hooks may use, independent of the trainer.
+
+    Attributes:
+        epoch: the epoch (0-based) that starts or ends.
+        model: the multimodal model itself (for snapshots of initial weights, in-place
+            re-initialisation, reading encoders); a :class:`~mmbalance.models.MultimodalModel` in
+            our trainer.
+        features: ``features(split, fraction=1.0)`` runs the model without gradients, in eval
+            mode, over ``split`` (one of :data:`TRAINING_SPLITS`) and returns
+            :class:`SplitFeatures`. ``fraction < 1`` takes a random subset of that size, drawn
+            from ``(train.seed, epoch)`` so that a resumed run sees the same subset. Under DDP
+            every rank gets the whole gathered result.
+        val_metrics: this epoch's validation metrics (``on_epoch_end`` only; empty otherwise),
+            with the keys of ``metrics.csv`` without their ``val_`` prefix (``accuracy``,
+            ``loss``, ``unimodal_accuracy_<m>`` for models with heads, ...).
+        history: the rows of ``metrics.csv`` of the epochs before this one.
+        encoder_params: trainable parameters of each modality's encoder.
+        all_reduce: sums a tensor over processes (identity without DDP).
+        world_size: number of processes.
+        logs: epoch scalars the method records (see :meth:`log`); they join the epoch's row of
+            ``metrics.csv`` as ``method_<name>``.
+    """
+
+    epoch: int
+    model: nn.Module | None = None
+    features: FeaturePass = _no_feature_pass
+    val_metrics: Mapping[str, float] = field(default_factory=dict)
+    history: Sequence[Mapping[str, float]] = ()
+    encoder_params: Mapping[str, Sequence[nn.Parameter]] = field(default_factory=dict)
+    all_reduce: Callable[[Tensor], Tensor] = _sum_all_reduce
+    world_size: int = 1
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def standalone(cls, epoch: int, **kwargs: Any) -> EpochContext:
+        """A context for a user's own loop (single process)."""
+        return cls(epoch=epoch, **kwargs)
+
+    def log(self, name: str, value: Tensor | float) -> None:
+        """Record an epoch scalar (a coefficient, a learning-rate factor, a purity...)."""
+        self.logs[name] = float(value)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What trains during an epoch, for methods that train in stages.
+
+    Attributes:
+        name: the phase's name; a change of name between two epochs is a stage boundary.
+        trainable: names of the parameter groups that train (see the module docstring), or
+            ``None`` for all of them. The others get learning rate 0 and no gradient.
+        reset_optimizer: re-create the optimizer (fresh momentum and adaptive statistics) when
+            this phase begins, as methods with per-stage optimizers do.
+    """
+
+    name: str = "main"
+    trainable: frozenset[str] | None = None
+    reset_optimizer: bool = False
+
+
+def parameter_group_names(modalities: Sequence[str], unimodal_heads: bool) -> list[str]:
+    """The names of the trainer's parameter groups for a model with ``modalities``."""
+    names = [f"encoder.{m}" for m in modalities]
+    if unimodal_heads:
+        names += [f"unimodal_head.{m}" for m in modalities]
+    return [*names, "fusion", "method"]
 
 
 def task_loss(logits: Tensor, targets: Tensor, task: Task, regression_loss: str = "l1") -> Tensor:
@@ -133,7 +256,14 @@ class Method:
     - ``Params``: a dataclass of options (validated, with range checks in ``__post_init__``);
     - ``needs_unimodal_heads``: the model must have one linear head per modality;
     - ``needs_unimodal_pretraining``: encoders start from unimodal pre-training;
-    - ``freezes_encoders``: after pre-training, encoders are frozen (eval mode, no gradient).
+    - ``freezes_encoders``: after pre-training, encoders are frozen (eval mode, no gradient);
+    - ``fusion``: the fusion head the method is defined on (e.g. a cosine or shared head), used
+      when the user names none; ``None`` for any head;
+    - ``scales_gradients``: the method acts by scaling whole gradients or learning rates, which
+      adaptive optimizers (Adam, AdamW) largely undo, so the trainer warns when it runs under one;
+    - ``search_space``: the main option and three candidate values that an equal-budget
+      hyperparameter search tries (``("method.alpha", (0.1, 0.4, 0.8))``); ``None`` searches the
+      learning rate at 0.5x, 1x and 2x the configured one.
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +271,9 @@ class Method:
     needs_unimodal_heads: ClassVar[bool] = False
     needs_unimodal_pretraining: ClassVar[bool] = False
     freezes_encoders: ClassVar[bool] = False
+    fusion: ClassVar[str | None] = None
+    scales_gradients: ClassVar[bool] = False
+    search_space: ClassVar[tuple[str, tuple[float, ...]] | None] = None
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         if params is None:
@@ -165,6 +298,25 @@ class Method:
         return None
 
     # --- step hooks ----------------------------------------------------------------------------
+    def step_parts(self, ctx: StepContext) -> Sequence[str | None]:
+        """The parts of one batch's step, in order; each part is a full forward, backward and
+        optimizer step with ``ctx.part`` set to it (default: one part, ``None``).
+
+        Methods that alternate between modalities within a batch (MLA's one optimizer step per
+        modality) return the modalities.
+        """
+        return (None,)
+
+    def encode(
+        self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
+    ) -> dict[str, Tensor]:
+        """The latents of a training step (default: every encoder on its modality).
+
+        Methods that train one modality per part may encode only that one
+        (``model.encode(inputs, only=[ctx.part])``). Evaluation always encodes every modality.
+        """
+        return model.encode(inputs)
+
     def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         """Change the latents between encoders and heads during training (default: unchanged)."""
         return latents
@@ -184,12 +336,43 @@ class Method:
         """The prediction used for evaluation (default: the fused logits)."""
         return output.logits
 
-    # --- state ---------------------------------------------------------------------------------
-    def on_epoch_start(self, epoch: int) -> None:
-        """Called before each training epoch."""
+    # --- epochs --------------------------------------------------------------------------------
+    def on_train_start(self, ctx: EpochContext) -> None:
+        """Called once, before the first epoch of a fresh run (after any unimodal pre-training),
+        and not again on resume: what it sets up (initial-weight snapshots, teachers) must live in
+        :meth:`state_dict` or in the module :meth:`setup` returned, so that a resume restores it.
+        """
 
-    def on_epoch_end(self, epoch: int) -> None:
-        """Called after each training epoch."""
+    def phase(self, epoch: int) -> Phase:
+        """What trains in ``epoch`` (default: everything, one phase for the whole run).
+
+        A function of the epoch alone, so that a resumed run is in the phase an uninterrupted
+        run would be in.
+        """
+        return Phase()
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Called before each training epoch (after the phase is applied)."""
+
+    def lr_scales(self) -> Mapping[str, float]:
+        """Learning-rate multipliers by parameter group for the coming epoch (default: none).
+
+        Read after :meth:`on_epoch_start`; the group's rate is ``train.lr`` times the schedule's
+        factor times this multiplier (1 for groups not named).
+        """
+        return {}
+
+    def on_epoch_end(self, ctx: EpochContext) -> None:
+        """Called after each epoch's validation; ``ctx.val_metrics`` holds its metrics."""
+
+    @property
+    def held_out_fraction(self) -> float:
+        """Part of the training split the trainer holds out from training for this method (a
+        stratified, seeded subset, readable as split ``held_out`` through
+        :attr:`EpochContext.features`); 0 for methods that train on all of it."""
+        return 0.0
+
+    # --- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a resume (tensors or plain Python values)."""

@@ -46,14 +46,18 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> tuple[str, ...]:
         return self.fusion.modalities
 
-    def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Run every encoder on its modality; the input keys must match the model's modalities."""
+    def encode(
+        self, inputs: Mapping[str, Tensor], only: Collection[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Run every encoder (or those of ``only``) on its modality; the input keys must match
+        the model's modalities."""
         if set(inputs) != set(self.modalities):
             raise DataError(
                 f"the data has modalities {sorted(inputs)} but the model expects "
                 f"{sorted(self.modalities)}"
             )
-        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        chosen = self.modalities if only is None else [m for m in self.modalities if m in only]
+        return {m: self.encoders[m](inputs[m]) for m in chosen}
 
     def heads(self, latents: Mapping[str, Tensor], stop_grad: Collection[str] = ()) -> ModelOutput:
         """Fusion and unimodal heads on given latents (which may be permuted, masked, ...)."""

@@ -18,17 +18,30 @@ from mmbalance.errors import ConfigError
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Training batches: shuffled per epoch from ``(seed, epoch)``, sharded over ranks."""
+    """Training batches: shuffled per epoch from ``(seed, epoch)``, sharded over ranks.
+
+    ``indices`` (default ``0..n-1``) are the dataset indices to draw from, for a trainer that
+    holds part of the training split out.
+    """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        indices: torch.Tensor | None = None,
     ) -> None:
         if batch_size % world_size:
             raise ConfigError(
                 f"train.batch_size={batch_size} must be divisible by the {world_size} processes"
             )
+        if indices is not None and len(indices) != n:
+            raise ValueError(f"{len(indices)} indices for a sampler of {n} samples")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.indices = indices
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -37,6 +50,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     def _global_batches(self) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen)
+        if self.indices is not None:
+            order = self.indices[order]
         batches = list(order.split(self.batch_size))
         last = batches[-1]
         if len(last) < 2 or len(last) % self.world_size:
@@ -53,10 +68,19 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 class ShardBatchSampler(Sampler[list[int]]):
-    """Evaluation batches: every sample exactly once over all ranks, in dataset order."""
+    """Evaluation batches: every sample exactly once over all ranks, in dataset order
+    (of ``indices``, default ``0..n-1``)."""
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = torch.arange(rank, n, world_size)
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        indices: torch.Tensor | None = None,
+    ) -> None:
+        chosen = torch.arange(n) if indices is None else indices
+        self.indices = chosen[rank::world_size]
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[list[int]]:

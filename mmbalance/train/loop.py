@@ -38,12 +38,21 @@ from torch import Tensor, nn
 
 from mmbalance.build import build_dataset, build_method, build_model, model_info
 from mmbalance.config import NamedParams, RunConfig
-from mmbalance.data.base import Batch, DatasetBundle
+from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.methods.base import Method, StepContext, task_loss
+from mmbalance.methods.base import (
+    TRAINING_SPLITS,
+    EpochContext,
+    Method,
+    Phase,
+    SplitFeatures,
+    StepContext,
+    parameter_group_names,
+    task_loss,
+)
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
 from mmbalance.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -85,7 +94,7 @@ class TrainingModule(nn.Module):
 
     def forward(self, batch: Batch, ctx: StepContext) -> tuple[ModelOutput, dict[str, Tensor]]:
         method = self._method[0]
-        latents = self.model.encode(batch.inputs)
+        latents = method.encode(self.model, batch.inputs, ctx)
         latents = method.transform_latents(latents, ctx)
         output = self.model.heads(latents)
         return output, method.losses(output, ctx)
@@ -222,14 +231,18 @@ class Trainer:
         self.model = model
         t = cfg.train
         module = TrainingModule(model, method, extra)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        # named parameter groups (see mmbalance.methods.base); parameters frozen before the
+        # trainer is built (frozen encoders) stay out of the optimizer
+        self.groups = _parameter_groups(model, extra)
+        if not any(self.groups.values()):
             raise MMBalanceError("the model has no trainable parameters")
-        self.optimizer = _make_optimizer(params, cfg)
+        self.optimizer = _make_optimizer(self.groups, cfg)
         self.module, self.optimizer = fabric.setup(module, self.optimizer)
         rank, world = fabric.global_rank, fabric.world_size
+        train_index, held_out_index = _hold_out(data.splits["train"], method, t.seed)
+        self.split_index = {"train": train_index, "held_out": held_out_index}
         self.train_sampler = EpochBatchSampler(
-            len(data.splits["train"]), t.batch_size, t.seed, rank, world
+            len(train_index), t.batch_size, t.seed, rank, world, indices=train_index
         )
         self.loaders = {
             "train": make_loader(data.splits["train"], self.train_sampler, t.num_workers),
@@ -237,6 +250,8 @@ class Trainer:
         for split in ("val", "test"):
             sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
             self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
+        self.phase: Phase | None = None
+        self._epoch = 0  # the epoch of the last epoch context (seeds feature-pass subsets)
         # fixed for the run (frozen encoders are frozen before the trainer is built)
         self.encoder_params = model.encoder_parameters()
         self.step = 0
@@ -262,18 +277,25 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(
                 yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
             )
+        if self.start_epoch == 0:
+            self._notice_gradient_scaling()
+            self.method.on_train_start(self.epoch_context(0))
         stopped = t.patience is not None and self.bad_epochs >= t.patience
         for epoch in range(self.start_epoch, t.epochs):
             if stopped:
                 break
             started = time.perf_counter()
-            lr = self._set_lr(epoch)
-            self.method.on_epoch_start(epoch)
+            self._enter_phase(epoch)
+            start_ctx = self.epoch_context(epoch)
+            self.method.on_epoch_start(start_ctx)
+            lr, lr_scales = self._set_lr(epoch)
             train_stats = self._train_epoch(epoch)
-            self.method.on_epoch_end(epoch)
             val = self.evaluate("val", curves=t.epoch_analysis)
-            row = {"epoch": epoch, "lr": lr, **train_stats}
+            end_ctx = self.epoch_context(epoch, val)
+            self.method.on_epoch_end(end_ctx)
+            row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
             row |= {f"val_{k}": v for k, v in val.items()}
+            row |= {f"method_{k}": v for k, v in {**start_ctx.logs, **end_ctx.logs}.items()}
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             key = selection_key(val, self.data.task)
@@ -320,25 +342,30 @@ class Trainer:
         step. Returns the loss terms as floats. The cost benchmark times exactly this call.
         """
         ctx = self._context(batch, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        _, losses = self.module(batch, ctx)
-        self.method.backward(losses, ctx)
-        self.method.rewrite_gradients(ctx)
-        if self.cfg.train.grad_clip is not None:
-            self.fabric.clip_gradients(
-                self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
-            )
-        # Read the loss once, after the step is queued (one synchronisation per step). A
-        # non-finite loss stops the run before anything of this step is saved, so the last
-        # checkpoint on disk stays the last good one.
-        terms = {name: float(term.detach()) for name, term in losses.items()}
-        value = sum(terms.values())
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
-                f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
-            )
-        self.optimizer.step()
+        terms: dict[str, float] = {}
+        for part in self.method.step_parts(ctx):
+            ctx.part = part
+            self.optimizer.zero_grad(set_to_none=True)
+            _, losses = self.module(batch, ctx)
+            self.method.backward(losses, ctx)
+            self.method.rewrite_gradients(ctx)
+            if self.cfg.train.grad_clip is not None:
+                self.fabric.clip_gradients(
+                    self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
+                )
+            # Read the loss once, after the step is queued (one synchronisation per step). A
+            # non-finite loss stops the run before anything of this step is saved, so the last
+            # checkpoint on disk stays the last good one.
+            part_terms = {name: float(term.detach()) for name, term in losses.items()}
+            value = sum(part_terms.values())
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
+                    f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
+                )
+            self.optimizer.step()
+            for name, term_value in part_terms.items():
+                terms[name] = terms.get(name, 0.0) + term_value
         if ctx.logs:
             logged = {k: float(v) for k, v in ctx.logs.items()}
             self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
@@ -362,25 +389,32 @@ class Trainer:
             regression_loss=self.cfg.train.regression_loss,
         )
 
-    # --- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, split: str, latents: bool = False) -> dict[str, Tensor]:
-        """Predictions of the current weights on ``split``, each sample once, in dataset order.
+    # --- passes over a split ---------------------------------------------------------------------
+    def split_outputs(self, split: str, latents: bool = False) -> dict[str, Tensor]:
+        """Outputs of the current weights on ``split`` (``val`` or ``test``), each sample once,
+        in dataset order.
 
-        Returns ``prediction`` (what the method predicts), ``targets``, ``index``, when the
-        model has unimodal heads ``unimodal_<m>`` and, with ``latents``, the pooled latents
-        ``latent_<m>`` (gathered like the rest, so every rank holds all of them).
+        Returns ``prediction`` (what the method predicts), ``logits`` (the fused head's),
+        ``targets``, ``index``, when the model has unimodal heads ``unimodal_<m>`` and, with
+        ``latents``, the pooled latents ``latent_<m>`` (gathered like the rest, so every rank
+        holds all of them).
         """
+        return self._pass(self.loaders[split], latents)
+
+    @torch.no_grad()
+    def _pass(self, loader: Any, latents: bool) -> dict[str, Tensor]:
         fabric = self.fabric
+        was_training = self.module.training
         self.module.eval()
         parts: dict[str, list[Tensor]] = {}
         autocast = fabric.autocast() if self.cfg.train.precision != "32-true" else nullcontext()
-        for batch in self.loaders[split]:
+        for batch in loader:
             batch = batch.to(fabric.device)
             with autocast:
                 output = self.model(batch.inputs)
             pieces = {
                 "prediction": self.method.predict(output).float(),
+                "logits": output.logits.float(),
                 "targets": batch.targets,
                 "index": batch.index,
             }
@@ -389,14 +423,66 @@ class Trainer:
                 pieces |= {f"latent_{m}": z.float() for m, z in output.latents.items()}
             for k, v in pieces.items():
                 parts.setdefault(k, []).append(v)
+        if was_training:
+            self.train_mode()
         local = {k: torch.cat(v) for k, v in parts.items()}
         return _gather_once(fabric, local)
 
+    def features(self, split: str, fraction: float = 1.0) -> SplitFeatures:
+        """A no-grad, eval-mode pass over ``split`` for the method's epoch hooks (see
+        :class:`~mmbalance.methods.base.EpochContext`); never the test split."""
+        if split not in TRAINING_SPLITS:
+            raise ValueError(f"a method may read the splits {TRAINING_SPLITS}, not {split!r}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        dataset = self.data.splits["val" if split == "val" else "train"]
+        index = self.split_index.get(split)
+        if index is None:
+            index = torch.arange(len(dataset))
+        if fraction < 1.0:
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + self._epoch)
+            keep = max(1, round(fraction * len(index)))
+            index = index[torch.randperm(len(index), generator=gen)[:keep]].sort().values
+        sampler = ShardBatchSampler(
+            len(index),
+            2 * self.cfg.train.batch_size,
+            self.fabric.global_rank,
+            self.fabric.world_size,
+            indices=index,
+        )
+        out = self._pass(make_loader(dataset, sampler, 0), latents=True)
+        modalities = self.model.modalities
+        return SplitFeatures(
+            latents={m: out[f"latent_{m}"] for m in modalities},
+            logits=out["logits"],
+            unimodal_logits={m: out[f"unimodal_{m}"] for m in self.model.unimodal_heads},
+            targets=out["targets"],
+            index=out["index"],
+        )
+
+    def epoch_context(
+        self, epoch: int, val_metrics: Mapping[str, float] | None = None
+    ) -> EpochContext:
+        """The context of the epoch-level method hooks for ``epoch``."""
+        self._epoch = epoch
+        fabric = self.fabric
+        return EpochContext(
+            epoch=epoch,
+            model=self.model,
+            features=self.features,
+            val_metrics=dict(val_metrics or {}),
+            history=list(self.history),
+            encoder_params=self.encoder_params,
+            all_reduce=lambda x: fabric.all_reduce(x, reduce_op="sum"),
+            world_size=fabric.world_size,
+        )
+
+    # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, split: str, curves: bool = False) -> dict[str, float]:
         """Metrics of the current weights on ``split``; with ``curves``, also the per-modality
         curves of :mod:`mmbalance.eval.curves` from the same pass (every rank computes them on the
         gathered predictions, so ranks stay identical)."""
-        out = self.predict(split, latents=curves)
+        out = self.split_outputs(split, latents=curves)
         task, n_out = self.data.task, self.data.num_outputs
         metrics = task_metrics(out["prediction"], out["targets"], task, n_out)
         metrics["loss"] = float(
@@ -463,6 +549,7 @@ class Trainer:
             "step_logs": self.step_logs,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
+            "phase": None if self.phase is None else self.phase.name,
         }
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
@@ -476,17 +563,60 @@ class Trainer:
         self.best = ckpt["best"]
         self.bad_epochs = ckpt["bad_epochs"]
         self.start_epoch = ckpt["epoch"] + 1
+        phase_name = ckpt.get("phase")
+        if phase_name is not None:
+            # the phase the last epoch ran in: the next epoch resets the optimizer exactly when
+            # an uninterrupted run would
+            self.phase = replace(self.method.phase(self.start_epoch - 1), name=phase_name)
 
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:
             save_atomic(obj, self.out_dir / name)
         self.fabric.barrier()
 
-    def _set_lr(self, epoch: int) -> float:
+    def _enter_phase(self, epoch: int) -> None:
+        """Apply the method's phase for ``epoch``: which parameter groups train and, at a stage
+        boundary that asks for it, a fresh optimizer."""
+        phase = self.method.phase(epoch)
+        if self.phase is not None and phase.name != self.phase.name and phase.reset_optimizer:
+            self.optimizer = self.fabric.setup_optimizers(_make_optimizer(self.groups, self.cfg))
+        self.phase = phase
+        for name, params in self.groups.items():
+            trainable = phase.trainable is None or name in phase.trainable
+            for param in params:
+                param.requires_grad_(trainable)
+
+    def _set_lr(self, epoch: int) -> tuple[float, dict[str, float]]:
+        """Set every group's learning rate for ``epoch``; returns the base rate and the method's
+        multipliers (as ``lr_scale_<group>`` columns)."""
         lr = self.cfg.train.lr * lr_factor(self.cfg, epoch)
+        scales = dict(self.method.lr_scales())
+        unknown = set(scales) - set(self.groups)
+        if unknown:
+            raise MMBalanceError(
+                f"method {self.method.name!r} scales unknown parameter groups {sorted(unknown)}; "
+                f"groups: {', '.join(self.groups)}"
+            )
+        trainable = self.phase.trainable if self.phase is not None else None
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            name = group["name"]
+            active = trainable is None or name in trainable
+            group["lr"] = lr * scales.get(name, 1.0) if active else 0.0
+        return lr, {f"lr_scale_{k}": float(v) for k, v in scales.items()}
+
+    def _notice_gradient_scaling(self) -> None:
+        """Say at run start when a gradient-scaling method runs under an adaptive optimizer."""
+        if (
+            self.method.scales_gradients
+            and self.cfg.train.optimizer in ("adam", "adamw")
+            and self.fabric.is_global_zero
+        ):
+            print(
+                f"mmbalance: note: {self.method.name} scales whole gradients or learning rates, "
+                f"which {self.cfg.train.optimizer} largely undoes by its normalisation; its papers "
+                "train with SGD (train.optimizer=sgd)",
+                file=sys.stderr,
+            )
 
     # --- logs ----------------------------------------------------------------------------------
     def _write_logs(self, row: Mapping[str, float]) -> None:
@@ -526,13 +656,61 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
     return 1.0
 
 
-def _make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+def _parameter_groups(
+    model: MultimodalModel, method_module: nn.Module | None
+) -> dict[str, list[nn.Parameter]]:
+    """The trainer's named parameter groups (see :mod:`mmbalance.methods.base`), each holding
+    the parameters that train at construction time."""
+    modules: dict[str, nn.Module | None] = {
+        f"encoder.{m}": model.encoders[m] for m in model.modalities
+    }
+    modules |= {f"unimodal_head.{m}": h for m, h in model.unimodal_heads.items()}
+    modules |= {"fusion": model.fusion, "method": method_module}
+    expected = parameter_group_names(model.modalities, bool(model.unimodal_heads))
+    assert list(modules) == expected, (list(modules), expected)
+    return {
+        name: [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        for name, module in modules.items()
+    }
+
+
+def _make_optimizer(
+    groups: Mapping[str, list[nn.Parameter]], cfg: RunConfig
+) -> torch.optim.Optimizer:
     t = cfg.train
+    param_groups = [{"params": params, "name": name} for name, params in groups.items()]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(
+            param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(param_groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _hold_out(train: Any, method: Method, seed: int) -> tuple[Tensor, Tensor | None]:
+    """The training indices the trainer trains on, and those it holds out for the method
+    (stratified by class for classification, seeded by ``train.seed``), if it asks for any."""
+    n = len(train)
+    fraction = method.held_out_fraction
+    if fraction <= 0:
+        return torch.arange(n), None
+    if not fraction < 1:
+        raise MMBalanceError(f"method {method.name!r} holds out {fraction} of the training split")
+    targets = train.targets
+    if targets.is_floating_point():
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=gen)
+        cut = round((1 - fraction) * n)
+        kept, held = order[:cut].sort().values, order[cut:].sort().values
+    else:
+        kept, held = stratified_split(targets, [1 - fraction, fraction], seed)
+    if len(held) == 0 or len(kept) < 2:
+        raise MMBalanceError(
+            f"the training split ({n} samples) is too small to hold out {fraction:.0%} of it "
+            f"for method {method.name!r}"
+        )
+    return kept, held
 
 
 def _gather_once(fabric: Fabric, local: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,278 @@
+"""The epoch-level method interface: epoch contexts, parameter groups, phases, held-out data,
+multi-part steps and method-declared fusion heads, driven through the real trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS, EpochContext, Phase, StepContext
+from mmbalance.methods.baselines import MultiLoss
+from mmbalance.train.loop import Trainer, make_fabric
+
+BASE: dict[str, Any] = {
+    "dataset": "synthetic",
+    "dataset.n_train": 240,
+    "dataset.n_val": 120,
+    "dataset.n_test": 200,
+    "dataset.n_bayes": 1000,
+    "method": "multiloss",
+    "train.epochs": 3,
+    "train.batch_size": 32,
+    "train.optimizer": "adam",
+    "train.progress": False,
+    "train.tensorboard": False,
+    "train.epoch_analysis": False,
+}
+
+
+def make_trainer(method: Any, out: Path, **overrides: Any) -> Trainer:
+    cfg = resolve_config({**BASE, **overrides})
+    fabric = make_fabric(cfg)
+    fabric.seed_everything(cfg.train.seed, verbose=False)
+    data = build_dataset(cfg)
+    model = build_model(cfg, data, method)
+    extra = method.setup(model_info(model, data))
+    return Trainer(fabric, cfg, data, model, method, extra, out)
+
+
+class Recorder(MultiLoss):
+    """Records what the epoch hooks receive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int, dict[str, float]]] = []
+
+    def on_train_start(self, ctx: EpochContext) -> None:
+        self.calls.append(("train_start", ctx.epoch, {}))
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        self.calls.append(("start", ctx.epoch, dict(ctx.val_metrics)))
+
+    def on_epoch_end(self, ctx: EpochContext) -> None:
+        self.calls.append(("end", ctx.epoch, dict(ctx.val_metrics)))
+        ctx.log("seen", ctx.val_metrics["accuracy"])
+
+
+def test_epoch_end_receives_the_epochs_validation_metrics(tmp_path: Path) -> None:
+    method = Recorder()
+    trainer = make_trainer(method, tmp_path / "run")
+    trainer.run(resume=False)
+    kinds = [c[0] for c in method.calls]
+    assert kinds == ["train_start", "start", "end", "start", "end", "start", "end"]
+    ends = [c for c in method.calls if c[0] == "end"]
+    for (_, epoch, metrics), row in zip(ends, trainer.history, strict=True):
+        assert epoch == row["epoch"]
+        assert metrics["accuracy"] == row["val_accuracy"]
+        for m in ("m1", "m2"):  # per-modality validation metrics of the unimodal heads
+            assert metrics[f"unimodal_accuracy_{m}"] == row[f"val_unimodal_accuracy_{m}"]
+        assert row["method_seen"] == metrics["accuracy"]  # epoch scalars join the row
+    assert all(not c[2] for c in method.calls if c[0] == "start")
+
+
+def test_train_start_runs_once_and_not_on_resume(tmp_path: Path) -> None:
+    first = Recorder()
+    make_trainer(first, tmp_path / "run", **{"train.epochs": 1}).run(resume=False)
+    second = Recorder()
+    make_trainer(second, tmp_path / "run", **{"train.epochs": 2}).run(resume=True)
+    assert [c[0] for c in first.calls].count("train_start") == 1
+    assert [c[0] for c in second.calls] == ["start", "end"]
+
+
+class Scaled(MultiLoss):
+    def lr_scales(self) -> Mapping[str, float]:
+        return {"encoder.m1": 0.5, "unimodal_head.m2": 3.0}
+
+
+def test_lr_scales_set_each_groups_rate(tmp_path: Path) -> None:
+    trainer = make_trainer(Scaled(), tmp_path / "run", **{"train.lr": 0.01, "train.epochs": 1})
+    trainer.run(resume=False)
+    rates = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert rates["encoder.m1"] == pytest.approx(0.005)
+    assert rates["unimodal_head.m2"] == pytest.approx(0.03)
+    assert rates["encoder.m2"] == rates["fusion"] == pytest.approx(0.01)
+    row = trainer.history[0]
+    assert row["lr_scale_encoder.m1"] == 0.5 and row["lr_scale_unimodal_head.m2"] == 3.0
+    # every parameter of the model is in exactly the group its name says
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in trainer.optimizer.param_groups:
+        prefix = (
+            group["name"]
+            .replace("unimodal_head", "unimodal_heads")
+            .replace("encoder.", "encoders.")
+        )
+        assert all(names[id(p)].startswith(prefix) for p in group["params"])
+
+
+class Staged(MultiLoss):
+    """Two epochs on modality m1 alone, then everything with a fresh optimizer."""
+
+    def phase(self, epoch: int) -> Phase:
+        if epoch < 2:
+            return Phase("m1", frozenset({"encoder.m1", "unimodal_head.m1", "fusion"}))
+        return Phase("all", None, reset_optimizer=True)
+
+
+def _params(trainer: Trainer, prefix: str) -> torch.Tensor:
+    return torch.cat(
+        [p.detach().flatten() for n, p in trainer.model.named_parameters() if n.startswith(prefix)]
+    )
+
+
+def test_phases_freeze_groups_and_reset_the_optimizer(tmp_path: Path) -> None:
+    trainer = make_trainer(Staged(), tmp_path / "run", **{"train.epochs": 2})
+    before = {k: _params(trainer, k).clone() for k in ("encoders.m1", "encoders.m2")}
+    trainer.run(resume=False)
+    assert torch.equal(_params(trainer, "encoders.m2"), before["encoders.m2"])
+    assert not torch.equal(_params(trainer, "encoders.m1"), before["encoders.m1"])
+    steps_per_epoch = len(trainer.loaders["train"])
+    state = trainer.optimizer.state
+    m1_param = trainer.groups["encoder.m1"][0]
+    assert int(state[m1_param]["step"]) == 2 * steps_per_epoch
+    assert trainer.groups["encoder.m2"][0] not in state  # never stepped: no Adam statistics
+
+    # the next epoch is a new stage with a fresh optimizer: its step count starts again
+    resumed = make_trainer(Staged(), tmp_path / "run", **{"train.epochs": 3})
+    resumed.run(resume=True)
+    state = resumed.optimizer.state
+    assert int(state[resumed.groups["encoder.m1"][0]]["step"]) == steps_per_epoch
+    assert int(state[resumed.groups["encoder.m2"][0]]["step"]) == steps_per_epoch
+
+
+def test_a_run_killed_mid_stage_resumes_exactly(tmp_path: Path) -> None:
+    full = make_trainer(Staged(), tmp_path / "full", **{"train.epochs": 4})
+    full.run(resume=False)
+    part = make_trainer(Staged(), tmp_path / "part", **{"train.epochs": 1})
+    part.run(resume=False)  # stopped inside the first stage
+    for epochs in (3, 4):  # resumed across the stage boundary, then within the second stage
+        resumed = make_trainer(Staged(), tmp_path / "part", **{"train.epochs": epochs})
+        resumed.run(resume=True)
+    for name, p in full.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+
+
+class HoldsOut(MultiLoss):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+        self.held: torch.Tensor | None = None
+
+    @property
+    def held_out_fraction(self) -> float:
+        return 0.25
+
+    def on_epoch_end(self, ctx: EpochContext) -> None:
+        self.held = ctx.features("held_out").index
+        with pytest.raises(ValueError, match="test"):
+            ctx.features("test")
+
+
+def test_held_out_samples_never_train_and_are_readable(tmp_path: Path) -> None:
+    method = HoldsOut()
+    trainer = make_trainer(method, tmp_path / "run", **{"train.epochs": 1})
+    trained: set[int] = set()
+    for epoch in range(3):
+        trainer.train_sampler.set_epoch(epoch)
+        trained |= {i for batch in trainer.train_sampler for i in batch}
+    trainer.run(resume=False)
+    held = set(method.held.tolist())
+    n = len(trainer.data.splits["train"])
+    targets = trainer.data.splits["train"].targets
+    classes = len(targets.unique())
+    assert abs(len(held) - 0.25 * n) <= classes  # rounded class by class
+    assert not trained & held
+    assert trained | held <= set(range(n))
+    # stratified: every class keeps its share in the held-out part
+    for c in targets.unique():
+        share = (targets[method.held] == c).float().mean()
+        assert abs(float(share) - float((targets == c).float().mean())) < 0.05
+
+
+def test_feature_pass_matches_the_model_and_subsets_are_seeded(tmp_path: Path) -> None:
+    trainer = make_trainer(MultiLoss(), tmp_path / "run", **{"train.epochs": 1})
+    ctx = trainer.epoch_context(0)
+    full = ctx.features("val")
+    data = trainer.data.splits["val"]
+    assert torch.equal(full.index, torch.arange(len(data)))
+    trainer.model.eval()
+    with torch.no_grad():
+        out = trainer.model(data.inputs)
+    torch.testing.assert_close(full.logits, out.logits)
+    torch.testing.assert_close(full.latents["m2"], out.latents["m2"])
+    torch.testing.assert_close(full.unimodal_logits["m1"], out.unimodal_logits["m1"])
+    trainer.train_mode()
+    ctx.features("val", 0.5)
+    assert trainer.module.training  # the pass restores the mode it found
+    a = ctx.features("train", 0.1).index
+    b = trainer.epoch_context(0).features("train", 0.1).index
+    c = trainer.epoch_context(1).features("train", 0.1).index
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a) == round(0.1 * len(trainer.data.splits["train"]))
+
+
+class Alternating(MultiLoss):
+    """One optimizer step per modality, each encoding only its modality."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded: list[tuple[str | None, tuple[str, ...]]] = []
+
+    def step_parts(self, ctx: StepContext) -> Sequence[str | None]:
+        return ("m1", "m2")
+
+    def encode(self, model: Any, inputs: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        latents = model.encode(inputs, only=[ctx.part])
+        self.encoded.append((ctx.part, tuple(latents)))
+        return latents
+
+    def transform_latents(self, latents: dict, ctx: StepContext) -> dict:
+        # the heads need every modality: the absent one contributes zeros
+        return {
+            m: latents.get(m, torch.zeros_like(next(iter(latents.values())))) for m in ("m1", "m2")
+        }
+
+    def losses(self, output: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"task": ctx.task_loss(output.logits)}
+
+
+def test_step_parts_take_one_optimizer_step_each(tmp_path: Path) -> None:
+    method = Alternating()
+    trainer = make_trainer(method, tmp_path / "run", **{"train.epochs": 1})
+    batch = next(iter(trainer.loaders["train"]))
+    trainer.train_mode()
+    trainer.train_step(batch, 0)
+    assert method.encoded == [("m1", ("m1",)), ("m2", ("m2",))]
+    state = trainer.optimizer.state
+    assert int(state[trainer.groups["encoder.m1"][0]]["step"]) == 1
+    assert int(state[trainer.groups["encoder.m2"][0]]["step"]) == 1
+    assert int(state[trainer.groups["fusion"][0]]["step"]) == 2  # in both parts' graph
+
+
+def test_method_declared_fusion_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = METHODS.get("multiloss")
+    monkeypatch.setattr(cls, "fusion", "concat_linear")
+    assert resolve_config({"method": "multiloss"}).fusion.name == "concat_linear"
+    assert resolve_config({"method": "multiloss", "fusion": "concat_linear"}).fusion.name == (
+        "concat_linear"
+    )
+    with pytest.raises(ConfigError, match="defined on fusion head 'concat_linear'"):
+        resolve_config({"method": "multiloss", "fusion": "late_sum"})
+
+
+@pytest.mark.parametrize(("optimizer", "noted"), [("adam", True), ("sgd", False)])
+def test_gradient_scaling_methods_are_noted_under_adaptive_optimizers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], optimizer: str, noted: bool
+) -> None:
+    class Scaling(MultiLoss):
+        scales_gradients = True
+
+    make_trainer(
+        Scaling(), tmp_path / "run", **{"train.epochs": 1, "train.optimizer": optimizer}
+    ).run(resume=False)
+    assert ("largely undoes" in capsys.readouterr().err) is noted
