@@ -26,7 +26,7 @@ from mmbalance.report.comparison import (
     metric_title,
     options_table,
 )
-from mmbalance.report.page import write_report
+from mmbalance.report.page import write_report, write_text_atomic
 from mmbalance.report.plots import plot_comparison, plot_shapley
 from mmbalance.report.records import (
     DIVERGED,
@@ -70,4 +70,5 @@ __all__ = [
     "to_text",
     "unused_modalities",
     "write_report",
+    "write_text_atomic",
 ]

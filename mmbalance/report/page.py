@@ -158,7 +158,9 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
     return [s for s in sections if not s.empty]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old or the new file, never a truncated one
+    (a temporary file in the same directory, flushed, then renamed over ``path``)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -229,6 +231,6 @@ def write_report(path: str | Path, reference: str = REFERENCE) -> tuple[Path, Pa
     if bayes is not None:
         intro.append(f"Bayes accuracy of the dataset: **{bayes:.4f}**.")
     md_path, html_path = source.root / "report.md", source.root / "report.html"
-    _write_atomic(md_path, render_markdown(source, sections, intro))
-    _write_atomic(html_path, render_html(source, sections, intro))
+    write_text_atomic(md_path, render_markdown(source, sections, intro))
+    write_text_atomic(html_path, render_html(source, sections, intro))
     return md_path, html_path

@@ -27,6 +27,7 @@ from mmbalance.report.comparison import (
     REFERENCE,
     REGRESSION,
     bayes_accuracy,
+    fmt_p,
     headline_metrics,
     metric_title,
 )
@@ -34,6 +35,8 @@ from mmbalance.report.records import methods_of, modalities_of, unused_modalitie
 from mmbalance.report.stats import Stat, describe, paired_tests, summarize
 from mmbalance.report.tables import wrap_text
 
+#: Colour of the comparison figure's points (the method names are on its axis).
+MARKER = "#1f4e79"
 #: Width of the figures in inches (at :data:`DPI`, about the width of a report page).
 WIDTH = 11.0
 DPI = 110
@@ -112,11 +115,12 @@ def plot_comparison(
     paired = paired_tests(records, main, reference)
     ref = test.get(reference, {}).get(main)
     bayes = bayes_accuracy(records) if main == "accuracy" else None
-    colours = method_colours(methods_of(records))
     panels = comparison_panels(records, reference)
     if not panels:
         return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     cols = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / cols)
     tallest = max(len(p[1]) for p in panels)
@@ -128,21 +132,21 @@ def plot_comparison(
 
     def dots(ax: Any, names: list[str], stats: list[Stat | None], filled: list[bool]) -> None:
         ys = list(range(len(names)))[::-1]
-        for y, name, stat, fill in zip(ys, names, stats, filled, strict=True):
+        for y, stat, fill in zip(ys, stats, filled, strict=True):
             if stat is None:
                 continue
-            c = colours[name]
             ax.errorbar(
                 stat.mean,
                 y,
                 xerr=_half(stat),
                 fmt="o",
                 capsize=3,
-                color=c,
-                markerfacecolor=c if fill else "white",
+                color=MARKER,
+                markerfacecolor=MARKER if fill else "white",
             )
         ax.set_yticks(ys, [tick_label(n) for n in names])
         ax.set_ylim(-0.7, len(names) - 0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
         ax.grid(axis="x", alpha=0.3)
 
     def reference_line(ax: Any, stat: Stat | None, label: str) -> None:
@@ -163,7 +167,7 @@ def plot_comparison(
             for y, m in zip(list(range(len(names)))[::-1], names, strict=True):
                 if m in paired and not math.isnan(paired[m].p_holm):
                     ax.annotate(
-                        f"p={paired[m].p_holm:.3f}",
+                        "p " + fmt_p(paired[m].p_holm),
                         (1.0, y),
                         xycoords=("axes fraction", "data"),
                         xytext=(4, 0),
@@ -174,9 +178,7 @@ def plot_comparison(
                     )
             ax.set_xlabel(f"{title} minus {reference}'s (paired, same seeds)")
             ax.set_title("multimodal methods vs " + reference, fontsize=10)
-            ax.legend(
-                loc="lower left", fontsize=7, title="filled: significant (Holm)", title_fontsize=7
-            )
+            ax.legend(loc="best", fontsize=7, title="filled: significant (Holm)", title_fontsize=7)
         elif kind == "absolute":
             dots(ax, names, [test[m].get(main) for m in names], [True] * len(names))
             ax.set_xlabel(title)
