@@ -94,7 +94,7 @@ NOTES = {
 
 
 @dataclass(frozen=True)
-class Entry:
+class TimedMethod:
     """One timed configuration: a registered method with options, under a label."""
 
     label: str
@@ -109,7 +109,7 @@ class Setting:
     name: str
     batch: int
     modalities: int
-    entries: list[Entry]
+    entries: list[TimedMethod]
     overrides: dict[str, Any] = field(default_factory=dict)
     #: per-modality input shapes of a random-tensor dataset (None: build the configured dataset)
     shapes: dict[str, tuple[int, ...]] | None = None
@@ -123,17 +123,17 @@ class Setting:
     min_rounds: int = 2
 
 
-def all_entries() -> list[Entry]:
+def all_entries() -> list[TimedMethod]:
     """Every registered method (joint first) plus the latent variant of MMPareto."""
     names = ["joint", *(n for n in METHODS.names() if n != "joint")]
-    entries = [Entry(n, n) for n in names]
+    entries = [TimedMethod(n, n) for n in names]
     if "mmpareto" in names:
-        entries.append(Entry("mmpareto[latent]", "mmpareto", (("variant", "latent"),)))
+        entries.append(TimedMethod("mmpareto[latent]", "mmpareto", (("variant", "latent"),)))
     return entries
 
 
-def sweep_entries() -> list[Entry]:
-    return [Entry("joint", "joint"), *(Entry(n, n) for n in BALANCING if n in METHODS)]
+def sweep_entries() -> list[TimedMethod]:
+    return [TimedMethod("joint", "joint"), *(TimedMethod(n, n) for n in BALANCING if n in METHODS)]
 
 
 def _synthetic(modalities: int | None, quick: bool) -> dict[str, Any]:
@@ -233,7 +233,9 @@ def random_bundle(shapes: dict[str, tuple[int, ...]], classes: int, n: int) -> D
     return _BUNDLES[key]
 
 
-def build_run(setting: Setting, entry: Entry, device: str, workdir: Path) -> tuple[Trainer, Batch]:
+def build_run(
+    setting: Setting, entry: TimedMethod, device: str, workdir: Path
+) -> tuple[Trainer, Batch]:
     """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it) and the fixed batch."""
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     overrides = {
@@ -322,7 +324,9 @@ def _status_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _memory_child(setting: Setting, entry: Entry, device: str, threads: int) -> tuple[float, float]:
+def _memory_child(
+    setting: Setting, entry: TimedMethod, device: str, threads: int
+) -> tuple[float, float]:
     """In a fresh process: (baseline MB, peak MB above the baseline) of ``mem_steps`` steps."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

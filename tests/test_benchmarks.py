@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:  # ``benchmarks`` is a package of the repository, 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_cost import (  # noqa: E402
-    Entry,
+    TimedMethod,
     make_settings,
     memory_setting,
     run_cost,
@@ -33,7 +33,7 @@ def test_run_cost_quick_covers_every_method(tmp_path: Path) -> None:
 
 def test_peak_memory_in_a_fresh_process() -> None:
     setting = next(s for s in make_settings(True, "cpu") if s.name == "small")
-    setting.entries = [Entry("joint", "joint"), Entry("mcr", "mcr")]
+    setting.entries = [TimedMethod("joint", "joint"), TimedMethod("mcr", "mcr")]
     memory = memory_setting(setting, "cpu", threads=1)
     assert set(memory) == {"joint", "mcr"}
     for base, peak in memory.values():
