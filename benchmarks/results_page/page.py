@@ -238,8 +238,9 @@ def write_docs(
     cost: Sequence[Mapping[str, Any]] | None,
     docs: Path = DOCS,
     results: Path = RESULTS,
+    draw: bool = True,
 ) -> Path:
-    """Write ``docs/results.md`` (and figures) from saved results."""
+    """Write ``docs/results.md`` (and, with ``draw``, its figures) from saved results."""
     import torch
 
     import mmbalance
@@ -263,7 +264,7 @@ def write_docs(
     ]
     out += _cost_section(cost, results)
     if saved is not None:
-        out += _accuracy_sections(saved, figures)
+        out += _accuracy_sections(saved, figures, draw)
     path = docs / "results.md"
     write_text_atomic(path, "\n".join(out) + "\n")
     return path
@@ -333,7 +334,7 @@ def search_table(saved: Mapping[str, Any]) -> Table:
     return Table(columns, rows)
 
 
-def _accuracy_sections(saved: Mapping[str, Any], figures: Path) -> list[str]:
+def _accuracy_sections(saved: Mapping[str, Any], figures: Path, draw: bool) -> list[str]:
     counted = any(r["metric"] == "synergy_samples" for r in saved["records"])
     out = [
         "## Accuracy",
@@ -376,7 +377,9 @@ def _accuracy_sections(saved: Mapping[str, Any], figures: Path) -> list[str]:
             continue
         out += [f"### {study.title}", "", study.description, ""]
         if len(study.points) > 1:
-            fig = plot_sweep(saved, study, figures / f"{study.name}_sweep.png")
+            fig = figures / f"{study.name}_sweep.png"
+            if draw:
+                plot_sweep(saved, study, fig)
             out += [f"![{study.title}](figures/{fig.name})", ""]
         for point in study.points:
             records = point_records(saved, study.name, point.name)
@@ -389,8 +392,8 @@ def _accuracy_sections(saved: Mapping[str, Any], figures: Path) -> list[str]:
             out += [to_markdown(learned_table(records)), ""]
             if len(study.points) == 1 or point == study.points[study.search]:
                 slug = f"{study.name}_{point.name}".replace("=", "").replace(".", "")
-                fig = plot_comparison(records, figures / f"{slug}.png")
-                if fig is not None:
+                fig = figures / f"{slug}.png"
+                if not draw or plot_comparison(records, fig) is not None:
                     out += [f"![{study.title} {point.name}](figures/{fig.name})", ""]
     out += ["## Hyperparameter search (validation accuracy, seed 0)", ""]
     out += [to_markdown(search_table(saved)), ""]
