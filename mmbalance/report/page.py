@@ -60,6 +60,8 @@ class Section:
     tables: list[tuple[str, Table]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     code: str = ""
+    #: what the figures show, printed between the tables and the figures
+    plot_notes: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -81,13 +83,19 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
     comparison.tables.append(("comparison", comparison_table(records, reference, seconds)))
     figure = plot_comparison(records, root / "report_comparison.png", reference)
     comparison.plots += [figure] if figure is not None else []
+    figure_note = (
+        f"The figure shows each method's test score minus `{reference}`'s on the same seeds (the "
+        f"line at 0 is `{reference}`), with its 95 % CI; a filled point is significant after "
+        "Holm correction, the label gives its p-value. Below: each encoder's linear-probe "
+        f"accuracy against `{reference}`'s (line and band)."
+    )
     if partial:
-        comparison.notes.append(
-            "In the figure, methods that use only some modalities (a Shapley value of exactly 0 "
-            "on every seed: " + ", ".join(f"`{m}`" for m in partial) + ") sit on their own "
-            f"panel against `{reference}`'s line; the other methods are shown as paired "
-            f"differences to `{reference}` (the line at 0)."
+        figure_note += (
+            " Methods that use only some modalities (a Shapley value of exactly 0 on every "
+            "seed: " + ", ".join(f"`{m}`" for m in partial) + ") sit on their own panel, "
+            f"against `{reference}`'s score, so that they do not stretch the others' axis."
         )
+    comparison.plot_notes.append(figure_note)
     sections = [comparison]
 
     options = options_table(configs, histories)
@@ -186,6 +194,8 @@ def render_markdown(source: Source, sections: list[Section], intro: list[str]) -
         md += [n + "\n" for n in sec.notes]
         for _, table in sec.tables:
             md += [to_markdown(table), ""]
+        if sec.plots:
+            md += [n + "\n" for n in sec.plot_notes]
         md += [f"![{sec.title}]({p.name})\n" for p in sec.plots]
         if sec.code:
             md += ["```yaml", sec.code, "```", ""]
@@ -207,6 +217,8 @@ def render_html(source: Source, sections: list[Section], intro: list[str]) -> st
         parts += [f"<p>{inline_html(n)}</p>" for n in sec.notes]
         for ident, table in sec.tables:
             parts.append(to_html(_untitled(table, sec.title), ident))
+        if sec.plots:
+            parts += [f"<p>{inline_html(n)}</p>" for n in sec.plot_notes]
         for plot in sec.plots:
             data = base64.b64encode(plot.read_bytes()).decode("ascii")
             parts.append(f"<img alt='{e(sec.title)}' src=\"data:image/png;base64,{data}\">")

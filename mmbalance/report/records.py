@@ -169,12 +169,12 @@ def load_source(path: str | Path) -> Source:
     if (root / "results.json").is_file():
         where = str(root / "results.json")
         records = check_records(read_json(root / "results.json"), repr(where))
-        runs: dict[tuple[str, int], Path] = {}
+        runs: dict[tuple[str, int], Path] = {}  # in the order of the records (the comparison's)
         for r in records:
             run_dir = root / str(r["method"]) / f"seed{r['seed']}"
-            if run_dir.is_dir():
+            if (r["method"], int(r["seed"])) not in runs and run_dir.is_dir():
                 runs[(r["method"], int(r["seed"]))] = run_dir
-        return Source(root, records, dict(sorted(runs.items())))
+        return Source(root, records, runs)
     if (root / "metrics.json").is_file():
         summary = read_json(root / "metrics.json")
         if not isinstance(summary, dict):
