@@ -129,7 +129,12 @@ def test_compare_writes_analysis_and_report(tmp_path, capsys) -> None:
     code = main(
         ["compare", "--methods", "joint,multiloss", "--seeds", "2", "--out", str(out), *FAST]
     )
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    # the final table, as a batch log sees it: 80 columns, every number whole
+    table = printed.out.split("results:")[0]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert "…" not in table and "(reference)" in table and "multiloss" in table
     for method in ("joint", "multiloss"):
         run = out / method / "seed0"
         analysis = json.loads((run / "analysis.json").read_text())

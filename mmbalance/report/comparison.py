@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mmbalance.errors import DataError
+from mmbalance.methods import METHODS
 from mmbalance.report.records import DIVERGED, methods_of, modalities_of, unused_modalities
 from mmbalance.report.stats import ALPHA, LEVEL, PairedTest, Stat, describe, paired_tests, summarize
 from mmbalance.report.tables import Column, Table
@@ -349,8 +350,6 @@ def method_defaults(name: str) -> dict[str, Any]:
     """The options of a registered method with their defaults (``{}`` for a name this version
     does not know): a run directory written before every default was recorded still shows
     every option."""
-    from mmbalance.methods import METHODS
-
     if name not in METHODS:
         return {}
     params = METHODS.get(name).Params

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from mmbalance.report.comparison import (
     REFERENCE,
     bayes_accuracy,
@@ -144,8 +146,6 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
         sections.append(Section("Per-modality curves over epochs", [note], plots=[modality]))
     shared, differ = shared_config(configs)
     if shared:
-        import yaml
-
         notes = [
             "The configuration of the first run without its `method` section (see the "
             "options above) and without `train.seed`."

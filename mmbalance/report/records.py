@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mmbalance.errors import DataError
 
 #: The keys of every record.
@@ -46,8 +48,6 @@ def read_json(path: Path) -> Any:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping (a run's ``config.yaml``), or a :class:`DataError`."""
-    import yaml
-
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:

@@ -13,6 +13,9 @@ compared (the family), and a difference is called significant when its adjusted 
 ``alpha`` (0.05). Holm (1979): sort the ``k`` p-values ascending, multiply the ``i``-th
 (1-based) by ``k - i + 1``, take the running maximum and cap it at 1; it controls the
 family-wise error rate without assuming independence.
+
+scipy is imported when an interval or a test is first computed, so that importing the report (as
+``compare`` does for its records) costs no scipy.
 """
 
 from __future__ import annotations
