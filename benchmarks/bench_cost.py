@@ -73,6 +73,7 @@ from lightning.fabric import Fabric
 from mmbalance.build import build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
+from mmbalance.report import Column, Table, to_markdown, to_text
 from mmbalance.train.loop import Trainer, build_components
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +94,7 @@ NOTES = {
 
 
 @dataclass(frozen=True)
-class Entry:
+class TimedMethod:
     """One timed configuration: a registered method with options, under a label."""
 
     label: str
@@ -108,7 +109,7 @@ class Setting:
     name: str
     batch: int
     modalities: int
-    entries: list[Entry]
+    entries: list[TimedMethod]
     overrides: dict[str, Any] = field(default_factory=dict)
     #: per-modality input shapes of a random-tensor dataset (None: build the configured dataset)
     shapes: dict[str, tuple[int, ...]] | None = None
@@ -122,17 +123,17 @@ class Setting:
     min_rounds: int = 2
 
 
-def all_entries() -> list[Entry]:
+def all_entries() -> list[TimedMethod]:
     """Every registered method (joint first) plus the latent variant of MMPareto."""
     names = ["joint", *(n for n in METHODS.names() if n != "joint")]
-    entries = [Entry(n, n) for n in names]
+    entries = [TimedMethod(n, n) for n in names]
     if "mmpareto" in names:
-        entries.append(Entry("mmpareto[latent]", "mmpareto", (("variant", "latent"),)))
+        entries.append(TimedMethod("mmpareto[latent]", "mmpareto", (("variant", "latent"),)))
     return entries
 
 
-def sweep_entries() -> list[Entry]:
-    return [Entry("joint", "joint"), *(Entry(n, n) for n in BALANCING if n in METHODS)]
+def sweep_entries() -> list[TimedMethod]:
+    return [TimedMethod("joint", "joint"), *(TimedMethod(n, n) for n in BALANCING if n in METHODS)]
 
 
 def _synthetic(modalities: int | None, quick: bool) -> dict[str, Any]:
@@ -232,7 +233,9 @@ def random_bundle(shapes: dict[str, tuple[int, ...]], classes: int, n: int) -> D
     return _BUNDLES[key]
 
 
-def build_run(setting: Setting, entry: Entry, device: str, workdir: Path) -> tuple[Trainer, Batch]:
+def build_run(
+    setting: Setting, entry: TimedMethod, device: str, workdir: Path
+) -> tuple[Trainer, Batch]:
     """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it) and the fixed batch."""
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     overrides = {
@@ -321,7 +324,9 @@ def _status_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _memory_child(setting: Setting, entry: Entry, device: str, threads: int) -> tuple[float, float]:
+def _memory_child(
+    setting: Setting, entry: TimedMethod, device: str, threads: int
+) -> tuple[float, float]:
     """In a fresh process: (baseline MB, peak MB above the baseline) of ``mem_steps`` steps."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -479,6 +484,67 @@ def _target_cell(r: dict[str, Any]) -> str:
     return f"≤ {r['target']:.2f}: {'met' if r['target_met'] else '**missed**'}"
 
 
+#: The main settings' tables, by setting name: what the setting is.
+SETTING_TITLES = {
+    "resnet": "two ResNet-18 encoders, late_sum, random data",
+    "small": "the accuracy benchmark's model (synthetic, preset=competition, MLP encoders)",
+}
+#: The sweeps' pivot tables: setting name, record key, column label.
+SWEEPS = (("sweep_batch", "batch", "batch"), ("sweep_modalities", "modalities", "M"))
+
+
+def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target."""
+    columns = [
+        Column("method", "left", essential=True),
+        Column("ms / step"),
+        Column("ratio to joint", essential=True),
+        Column("IQR", "left"),
+        Column("peak mem MB"),
+        Column("target", "left", essential=True),
+        Column("note", "left", wrap=True),
+    ]
+    cells = [
+        [
+            r["method"],
+            f"{r['ms_per_step']:.2f}",
+            f"{r['ratio_to_joint']:.3f}",
+            f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
+            _fmt(r["peak_mem_mb"], ".0f"),
+            _target_cell(r),
+            r["note"],
+        ]
+        for r in rows
+    ]
+    return Table(columns, cells)
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], key: str, label: str) -> Table:
+    """A sweep as a pivot: one row per method, one column per value of ``key``; cells are the
+    ratio to joint (peak memory MB), joint's row gives its ms / step."""
+    values = sorted({r[key] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r[key]): r for r in rows}
+    columns = [Column("method", "left", essential=True)]
+    columns += [Column(f"{label} = {v}") for v in values]
+    columns.append(Column("target", "left"))
+    cells = []
+    for m in methods:
+        row = [m]
+        for v in values:
+            r = cell.get((m, v))
+            if r is None:
+                row.append("")
+            elif m == "joint":
+                row.append(f"{r['ms_per_step']:.2f} ms ({_fmt(r['peak_mem_mb'], '.1f')})")
+            else:
+                mark = "" if r["target_met"] in (None, True) else " ✗"
+                row.append(f"{r['ratio_to_joint']:.2f}{mark} ({_fmt(r['peak_mem_mb'], '.1f')})")
+        target = TARGETS.get(m)
+        cells.append([*row, "" if target is None else f"{target:g}"])
+    return Table(columns, cells)
+
+
 def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
     """Markdown tables of the records: one per main setting, pivots for the sweeps."""
     if not records:
@@ -496,82 +562,53 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
         "`benchmarks/bench_cost.py`.",
         "",
     ]
-    titles = {
-        "resnet": "two ResNet-18 encoders, late_sum, random data",
-        "small": "the accuracy benchmark's model (synthetic, preset=competition, MLP encoders)",
-    }
-    for name in [n for n in titles if any(r["setting"] == n for r in records)]:
+    for name in [n for n in SETTING_TITLES if any(r["setting"] == n for r in records)]:
         rows = [r for r in records if r["setting"] == name]
         r0 = rows[0]
         inputs = " + ".join(
             f"{m} {'x'.join(map(str, s))}" for m, s in r0.get("input_shapes", {}).items()
         )
         lines += [
-            f"## {name}: {titles[name]}; inputs {inputs}; batch {r0['batch']}",
+            f"## {name}: {SETTING_TITLES[name]}; inputs {inputs}; batch {r0['batch']}",
             "",
             f"{r0['rounds']} rounds of {r0['steps_per_round']} step(s) per method; "
             f"{r0['setting_seconds']:.0f} s.",
             "",
-            "| method | ms / step | ratio to joint | IQR | peak mem MB | target | note |",
-            "|---|---:|---:|---|---:|---|---|",
+            to_markdown(setting_table(rows)),
+            "",
         ]
-        for r in rows:
-            lines.append(
-                f"| {r['method']} | {r['ms_per_step']:.2f} | {r['ratio_to_joint']:.3f} | "
-                f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f} | {_fmt(r['peak_mem_mb'], '.0f')} | "
-                f"{_target_cell(r)} | {r['note']} |"
-            )
-        lines.append("")
-    for name, key, label in (
-        ("sweep_batch", "batch", "batch"),
-        ("sweep_modalities", "modalities", "M"),
-    ):
+    for name, key, label in SWEEPS:
         rows = [r for r in records if r["setting"] == name]
         if not rows:
             continue
-        values = sorted({r[key] for r in rows})
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        cell = {(r["method"], r[key]): r for r in rows}
         what = "M = 2 (competition preset)" if key == "batch" else "batch 32"
         lines += [
             f"## Ratio to joint against {label} (small model, {what})",
             "",
             "Cells: ratio (peak memory MB); the joint row gives its ms / step.",
             "",
-            "| method | " + " | ".join(f"{label} = {v}" for v in values) + " | target |",
-            "|---|" + "---:|" * len(values) + "---|",
+            to_markdown(sweep_table(rows, key, label)),
+            "",
         ]
-        for m in methods:
-            cells = []
-            for v in values:
-                r = cell.get((m, v))
-                if r is None:
-                    cells.append("")
-                elif m == "joint":
-                    cells.append(f"{r['ms_per_step']:.2f} ms ({_fmt(r['peak_mem_mb'], '.1f')})")
-                else:
-                    mark = "" if r["target_met"] in (None, True) else " ✗"
-                    cells.append(
-                        f"{r['ratio_to_joint']:.2f}{mark} ({_fmt(r['peak_mem_mb'], '.1f')})"
-                    )
-            target = TARGETS.get(m)
-            lines.append(
-                f"| {m} | " + " | ".join(cells) + f" | {'' if target is None else target} |"
-            )
-        lines.append("")
     lines.append("✗: above the target.")
     return "\n".join(lines) + "\n"
 
 
-def print_table(records: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Step cost relative to joint")
-    for col in ("setting", "method", "B", "M", "ms/step", "ratio", "IQR", "peak MB", "target"):
-        table.add_column(col, justify="right" if col not in ("setting", "method") else "left")
-    for r in records:
-        table.add_row(
+def cost_text(records: Sequence[dict[str, Any]], width: int | None = None) -> str:
+    """The records as one text table that fits the terminal (80 columns in a log)."""
+    columns = [
+        Column("setting", "left", essential=True),
+        Column("method", "left", essential=True),
+        Column("B"),
+        Column("M"),
+        Column("ms/step"),
+        Column("ratio", essential=True),
+        Column("IQR", "left"),
+        Column("peak MB"),
+        Column("target", "left", essential=True),
+    ]
+    rows = [
+        [
             r["setting"],
             r["method"],
             str(r["batch"]),
@@ -580,9 +617,15 @@ def print_table(records: Sequence[dict[str, Any]]) -> None:
             f"{r['ratio_to_joint']:.3f}",
             f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
             _fmt(r["peak_mem_mb"], ".1f"),
-            _target_cell(r).replace("**", ""),
-        )
-    Console().print(table)
+            _target_cell(r),
+        ]
+        for r in records
+    ]
+    return to_text(Table(columns, rows, "Step cost relative to joint"), width)
+
+
+def print_table(records: Sequence[dict[str, Any]]) -> None:
+    print(cost_text(records))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

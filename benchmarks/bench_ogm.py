@@ -24,7 +24,7 @@ from mmbalance.models.encoders import MLPEncoder, ResNet18Encoder
 from mmbalance.models.fusion import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
 
-METHODS = {
+TIMED_METHOD_OPTIONS = {
     "joint": {},
     "ogm": {"alpha": 0.8},
     "ogm_ge": {"alpha": 0.8},
@@ -78,7 +78,7 @@ def main() -> None:
         kind, fusion = setup.split(":")
         model, inputs, y = make_setup(kind, fusion, args.batch)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        methods = {n: build_method(n, p) for n, p in METHODS.items()}
+        methods = {n: build_method(n, p) for n, p in TIMED_METHOD_OPTIONS.items()}
         for m in methods.values():  # warm-up
             time_steps(model, m, inputs, y, opt, 2)
         times: dict[str, list[float]] = {n: [] for n in methods}

@@ -78,26 +78,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mmbalance.compare import plot_comparison, results_table, run_compare
-    from mmbalance.eval.report import write_report
+    from mmbalance.compare import run_compare
+    from mmbalance.report import (
+        comparison_table,
+        epoch_seconds,
+        load_source,
+        plot_comparison,
+        to_text,
+        write_report,
+    )
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
     records = run_compare(methods, args.seeds, out, _overrides(args))
-    console = _console()
-    console.print(results_table(records))
+    # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
+    seconds = epoch_seconds(load_source(out).histories())
+    print(to_text(comparison_table(records, epoch_seconds=seconds)))
     figure = plot_comparison(records, out / "comparison.png")
-    console.print(f"results: {out / 'results.json'}   plot: {figure}")
     md, page = write_report(out)
-    console.print(f"report: {md}  {page}")
+    print(f"results: {out / 'results.json'}")
+    if figure is not None:
+        print(f"plot: {figure}")
+    print(f"report: {md}\n        {page}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mmbalance.eval.report import write_report
+    from mmbalance.report import write_report
 
     md, page = write_report(args.dir)
-    _console().print(f"report: {md}  {page}")
+    print(f"report: {md}\n        {page}")
     return 0
 
 

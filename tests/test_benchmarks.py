@@ -1,4 +1,5 @@
-"""The cost benchmark (``benchmarks/bench_cost.py``) runs and produces sane records."""
+"""The benchmarks: the cost benchmark runs and renders its records; the results page
+(``benchmarks/run_results.py``) searches, runs and regenerates ``docs/results.md``."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is a package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_cost import (  # noqa: E402
-    Entry,
+    TimedMethod,
     make_settings,
     memory_setting,
     run_cost,
@@ -33,8 +36,114 @@ def test_run_cost_quick_covers_every_method(tmp_path: Path) -> None:
 
 def test_peak_memory_in_a_fresh_process() -> None:
     setting = next(s for s in make_settings(True, "cpu") if s.name == "small")
-    setting.entries = [Entry("joint", "joint"), Entry("mcr", "mcr")]
+    setting.entries = [TimedMethod("joint", "joint"), TimedMethod("mcr", "mcr")]
     memory = memory_setting(setting, "cpu", threads=1)
     assert set(memory) == {"joint", "mcr"}
     for base, peak in memory.values():
         assert base > 0 and peak >= 0
+
+
+# --- rendering -----------------------------------------------------------------------------------
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_cost_tables_render_the_committed_records_as_committed() -> None:
+    """The table writer renders ``cost_cpu.json`` exactly as the committed ``cost_cpu.md``."""
+    from benchmarks.bench_cost import cost_markdown, cost_text
+
+    records = json.loads((RESULTS / "cost_cpu.json").read_text())
+    assert cost_markdown(records) == (RESULTS / "cost_cpu.md").read_text()
+    text = cost_text(records, width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text and "**" not in text
+    assert "missed" in text and "sweep_modalities" in text
+
+
+def test_results_page_regenerates_the_committed_accuracy_section(tmp_path: Path) -> None:
+    """``docs/results.md`` is what the page code makes of the committed results (the figures
+    are not redrawn here), and its p-values are scipy's paired t-tests, Holm-adjusted."""
+    from scipy import stats
+
+    from benchmarks.results_page.page import write_docs
+
+    saved = json.loads((RESULTS / "accuracy.json").read_text())
+    cost = json.loads((RESULTS / "cost_cpu.json").read_text())
+    page = write_docs(saved, cost, docs=tmp_path, draw=False).read_text()
+    committed = (ROOT / "docs" / "results.md").read_text()
+    assert page.split("## Accuracy")[1] == committed.split("## Accuracy")[1]
+    assert "## Cost" in page and "| mcr |" in page
+
+    # u1=0.15 of the sweep: mcr against joint, by hand
+    records = [r for r in saved["records"] if r["study"] == "synthetic" and r["point"] == "u1=0.15"]
+
+    def accuracy(method: str) -> list[float]:
+        rows = [r for r in records if r["method"] == method and r["metric"] == "accuracy"]
+        return [r["value"] for r in sorted(rows, key=lambda r: r["seed"]) if r["split"] == "test"]
+
+    methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != "joint"))
+    raw = sorted((stats.ttest_rel(accuracy(m), accuracy("joint")).pvalue, m) for m in methods)
+    holm, running = {}, 0.0
+    for i, (p, m) in enumerate(raw):
+        running = max(running, min(1.0, (len(raw) - i) * p))
+        holm[m] = running
+    section = page.split("#### u1=0.15")[1].split("####")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| `ogm` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == ("<0.001" if holm["ogm"] < 0.001 else f"{holm['ogm']:.3f}")
+    diffs = [a - b for a, b in zip(accuracy("ogm"), accuracy("joint"), strict=True)]
+    half = stats.t.ppf(0.975, len(diffs) - 1) * stats.tstd(diffs) / len(diffs) ** 0.5
+    assert f"{sum(diffs) / len(diffs):+.4f} ± {half:.4f}" in cells[5]
+
+
+def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path) -> None:
+    from benchmarks.results_page.runner import Selection, run_accuracy
+    from benchmarks.results_page.studies import Point, Study
+
+    tiny = {
+        "dataset": "synthetic",
+        "dataset.n_train": 120,
+        "dataset.n_val": 100,
+        "dataset.n_test": 200,
+        "dataset.n_bayes": 500,
+        "train.epochs": 1,
+        "train.tensorboard": False,
+    }
+    study = Study("tiny", "Tiny", "a tiny synthetic setting", (Point("default", tiny),))
+    threads = torch.get_num_threads()  # one worker in this process: it sets one thread
+    try:
+        saved = run_accuracy(
+            tmp_path / "runs", 1, 2, [study], methods=["joint"], results=tmp_path / "results"
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "results" / "accuracy.json").read_text()) == saved
+    (search,) = saved["search"]
+    assert search["method"] == "joint" and search["option"] == "train.lr"
+    # the chosen candidate is the best on validation (ties: the middle one)
+    scores = {float(k): v for k, v in search["scores"].items()}
+    assert search["chosen"] == Selection("train.lr", scores).best()
+    assert scores[search["chosen"]] == max(scores.values())
+    test = [r for r in saved["records"] if r["split"] == "test" and r["metric"] == "accuracy"]
+    assert sorted(r["seed"] for r in test) == [0, 1]
+    metrics = {r["metric"] for r in saved["records"]}
+    assert {"diverged", "synergy_samples", "routing_samples", "bayes_accuracy"} <= metrics
+    samples = [
+        r["value"]
+        for r in saved["records"]
+        if r["metric"] in ("synergy_samples", "routing_samples")
+    ]
+    assert sum(samples) == 2 * 200  # the two groups partition each seed's test samples
+    assert not [r for r in saved["records"] if r["split"] == "val" and r["metric"] != "accuracy"]
+    # --collect-only: nothing trains, the finished runs give the same records
+    collected = run_accuracy(
+        tmp_path / "runs", 1, 2, [study], ["joint"], train=False, results=tmp_path / "again"
+    )
+    assert collected["records"] == saved["records"] and collected["missing"] == 0
+    assert collected["search"] == saved["search"]
+
+
+def test_selection_breaks_ties_towards_the_middle_candidate() -> None:
+    from benchmarks.results_page.runner import Selection
+
+    assert Selection("train.lr", {0.5: 0.9, 1.0: 0.9, 2.0: 0.8}).best() == 1.0
+    assert Selection("train.lr", {0.5: 0.95, 1.0: 0.9, 2.0: -1.0}).best() == 0.5

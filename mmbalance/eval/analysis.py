@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.eval.contribution import Removal, coalition_scores, contributions_from_values
-from mmbalance.eval.errors import error_analysis
+from mmbalance.eval.error_analysis import error_analysis
 from mmbalance.eval.outcome import OUTCOMES
 from mmbalance.eval.probe import latents_of, probe_predictions
 from mmbalance.models.multimodal import MultimodalModel

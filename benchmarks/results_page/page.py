@@ -1,0 +1,400 @@
+"""Write ``docs/results.md`` and its figures from the saved results (nothing is trained here).
+
+Every table goes through the report's one table writer, every spread is a 95 % t interval over
+seeds, and every "better than" is a paired t-test Holm-corrected over the methods compared with
+the same reference (:mod:`mmbalance.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results_page import DOCS, RESULTS
+from benchmarks.results_page.studies import STUDIES, Study
+from mmbalance.report import (
+    Column,
+    PairedTest,
+    Table,
+    describe,
+    fmt_p,
+    fmt_stat,
+    paired_tests,
+    plot_comparison,
+    to_markdown,
+    unused_modalities,
+    write_text_atomic,
+)
+
+#: The references every method is compared with, in the tables and the verdicts.
+REFERENCES = ("joint", "ensemble")
+ABSENT = "—"
+
+
+def point_records(saved: Mapping[str, Any], study: str, point: str) -> list[dict[str, Any]]:
+    return [r for r in saved["records"] if r["study"] == study and r["point"] == point]
+
+
+def test_values(records: Iterable[Mapping[str, Any]], method: str, metric: str) -> list[float]:
+    return [
+        float(r["value"])
+        for r in records
+        if r["method"] == method and r["metric"] == metric and r["split"] == "test"
+    ]
+
+
+def _methods(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r["method"]) for r in records))
+
+
+def _delta(test: PairedTest | None) -> list[str]:
+    """Δ (mean ± 95 % CI, bold when significant after Holm) and its Holm-adjusted p-value."""
+    if test is None:
+        return ["–", "–"]
+    delta = f"{test.mean_diff:+.4f}"
+    if test.n > 1:
+        delta += f" ± {test.half_width:.4f}"
+    return [f"**{delta}**" if test.significant else delta, fmt_p(test.p_holm)]
+
+
+def accuracy_table(records: Sequence[Mapping[str, Any]], chosen: Mapping[str, str]) -> Table:
+    """One row per method: the chosen hyperparameter, test accuracy, gap to Bayes, macro-F1, the
+    paired differences to ``joint`` and ``ensemble`` with Holm-adjusted p-values, divergences."""
+    methods = _methods(records)
+    bayes = [float(r["value"]) for r in records if r["metric"] == "bayes_accuracy"]
+    paired = {ref: paired_tests(records, "accuracy", ref) for ref in REFERENCES}
+    columns = [Column("method", "left"), Column("chosen", "left"), Column("test accuracy")]
+    columns += [Column("gap to Bayes")] if bayes else []
+    columns.append(Column("macro-F1"))
+    for ref in REFERENCES:
+        columns += [Column(f"Δ vs {ref}"), Column("p (Holm)")]
+    columns.append(Column("diverged"))
+    rows = []
+    for method in methods:
+        acc = describe(test_values(records, method, "accuracy"))
+        row = [f"`{method}`", chosen.get(method, "-"), fmt_stat(acc)]
+        if bayes:
+            row.append("-" if acc is None else f"{bayes[0] - acc.mean:.4f}")
+        row.append(fmt_stat(describe(test_values(records, method, "macro_f1"))))
+        for ref in REFERENCES:
+            row += ["(reference)", "–"] if method == ref else _delta(paired[ref].get(method))
+        failures = test_values(records, method, "diverged")
+        row.append(f"{int(sum(failures))}/{len(failures)}")
+        rows.append(row)
+    return Table(columns, rows)
+
+
+def learned_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per method: linear-probe accuracy of each encoder, Shapley value of each modality,
+    routing and synergy rates (with the test samples per seed they rest on, where recorded)."""
+    methods = _methods(records)
+    metrics = list(dict.fromkeys(str(r["metric"]) for r in records))
+    probes = [m for m in metrics if m.startswith("probe_accuracy_")]
+    shapley = [m for m in metrics if m.startswith("shapley_")]
+    unused = unused_modalities(records)
+    counted = "synergy_samples" in metrics
+    columns = [Column("method", "left")]
+    columns += [Column(f"probe {p.removeprefix('probe_accuracy_')}") for p in probes]
+    columns += [Column(f"Shapley {s.removeprefix('shapley_')}") for s in shapley]
+    columns.append(Column("routing"))
+    columns += [Column("samples: some right")] if counted else []
+    columns.append(Column("synergy"))
+    columns += [Column("samples: all wrong")] if counted else []
+    rows = []
+    for method in methods:
+        skip = unused.get(method, set())
+        row = [f"`{method}`"]
+        for key in probes + shapley:
+            modality = key.removeprefix("probe_accuracy_").removeprefix("shapley_")
+            stat = describe(test_values(records, method, key))
+            row.append(ABSENT if modality in skip else fmt_stat(stat, 3))
+        for rate, samples in (
+            ("routing_rate", "routing_samples"),
+            ("synergy_rate", "synergy_samples"),
+        ):
+            row.append(fmt_stat(describe(test_values(records, method, rate)), 3))
+            if counted:
+                row.append(" / ".join(f"{v:.0f}" for v in test_values(records, method, samples)))
+        rows.append(row)
+    return Table(columns, rows)
+
+
+def summary_table(saved: Mapping[str, Any]) -> Table:
+    """Test accuracy (mean ± 95 % CI) of every method in every study's headline setting (the
+    search point), with the Bayes accuracy where it is known; bold: the highest mean."""
+    studies: list[tuple[str, list[dict[str, Any]]]] = []
+    for study in STUDIES:
+        point = study.points[study.search]
+        records = point_records(saved, study.name, point.name)
+        if not records:
+            continue
+        bayes = [float(r["value"]) for r in records if r["metric"] == "bayes_accuracy"]
+        title = study.title.split(":")[0] + (f" ({point.name})" if len(study.points) > 1 else "")
+        title += f", Bayes {bayes[0]:.4f}" if bayes else ""
+        studies.append((title, records))
+    methods = list(dict.fromkeys(m for _, recs in studies for m in _methods(recs)))
+    stats = [
+        {m: describe(test_values(recs, m, "accuracy")) for m in methods} for _, recs in studies
+    ]
+    best = [max((s.mean for s in col.values() if s), default=None) for col in stats]
+    columns = [Column("method", "left"), *(Column(title) for title, _ in studies)]
+    rows = []
+    for method in methods:
+        cells = [f"`{method}`"]
+        for col, top in zip(stats, best, strict=True):
+            stat = col[method]
+            cell = fmt_stat(stat) if stat else "-"
+            cells.append(f"**{cell}**" if stat and stat.mean == top else cell)
+        rows.append(cells)
+    return Table(columns, rows)
+
+
+def verdict(records: Sequence[Mapping[str, Any]]) -> str:
+    """One honest sentence per reference: which methods differ from it beyond the seed noise
+    (paired t-test, Holm-corrected over the methods compared with it)."""
+    parts = []
+    for ref in REFERENCES:
+        table = paired_tests(records, "accuracy", ref)
+        if not table:
+            continue
+        better = sorted(m for m, p in table.items() if p.significant and p.mean_diff > 0)
+        worse = sorted(m for m, p in table.items() if p.significant and p.mean_diff < 0)
+        level = [m for m, p in table.items() if not p.significant]
+        parts.append(
+            f"Against `{ref}`: significantly better: "
+            f"{', '.join(f'`{m}`' for m in better) or 'none'}; significantly worse: "
+            f"{', '.join(f'`{m}`' for m in worse) or 'none'}; "
+            f"{len(level)} not distinguishable from it."
+        )
+    return " ".join(parts)
+
+
+def plot_sweep(saved: Mapping[str, Any], study: Study, path: Path) -> Path:
+    """Gap to Bayes and the weak encoder's probe accuracy along the sweep, per method (mean ±
+    95 % CI over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in saved["records"] if r["study"] == study.name]
+    methods = _methods(records)
+    # dashed: the references and the methods that use only some modalities
+    unused = unused_modalities(records)
+    dashed = {m for m in methods if m in REFERENCES or unused.get(m)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [p.x for p in study.points]
+    colors = plt.get_cmap("tab20").colors  # 12+ methods: the default 10-colour cycle repeats
+    for index, method in enumerate(methods):
+        for ax, metric in zip(axes, ("gap", "probe_accuracy_m2"), strict=True):
+            if metric == "probe_accuracy_m2" and "m2" in unused.get(method, set()):
+                continue  # the m2 encoder of a method that ignores m2 is untrained
+            means, halves = [], []
+            for point in study.points:
+                rec = [r for r in records if r["point"] == point.name]
+                if metric == "gap":
+                    bayes = test_values(rec, method, "bayes_accuracy")
+                    acc = test_values(rec, method, "accuracy")
+                    vals = [b - a for b, a in zip(bayes, acc, strict=False)]
+                else:
+                    vals = test_values(rec, method, metric)
+                stat = describe(vals)
+                means.append(stat.mean if stat else math.nan)
+                halves.append(0.0 if stat is None or stat.n < 2 else stat.half_width)
+            style = "--" if method in dashed else "-"
+            ax.errorbar(
+                xs,
+                means,
+                yerr=halves,
+                marker="os^Dv<>p*hX"[index % 11],
+                color=colors[(2 * index) % 20 + (2 * index) // 20],
+                capsize=2,
+                linestyle=style,
+                label=method,
+            )
+    axes[0].set_ylabel("gap to Bayes accuracy (test)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("linear-probe accuracy of the weak encoder (m2)")
+    for ax in axes:
+        ax.set_xlabel(study.x_label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{study.title} (mean ± 95 % CI over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_docs(
+    saved: Mapping[str, Any] | None,
+    cost: Sequence[Mapping[str, Any]] | None,
+    docs: Path = DOCS,
+    results: Path = RESULTS,
+    draw: bool = True,
+) -> Path:
+    """Write ``docs/results.md`` (and, with ``draw``, its figures) from saved results."""
+    import torch
+
+    import mmbalance
+
+    figures = docs / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    out: list[str] = [
+        "# Results: what each method costs and what it buys",
+        "",
+        "Regenerated by one command (about an hour on 2 CPU cores):",
+        "",
+        "```bash",
+        "python3 benchmarks/run_results.py",
+        "```",
+        "",
+        f"Generated {date.today().isoformat()} with mmbalance {mmbalance.__version__}, torch "
+        f"{torch.__version__}, Python {platform.python_version()}, on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}). Everything below comes from `benchmarks/results/` "
+        "(`cost_cpu.json`, `accuracy.json`); nothing is edited by hand.",
+        "",
+    ]
+    out += _cost_section(cost, results)
+    if saved is not None:
+        out += _accuracy_sections(saved, figures, draw)
+    path = docs / "results.md"
+    write_text_atomic(path, "\n".join(out) + "\n")
+    return path
+
+
+def _demote(markdown: str, levels: int = 2) -> str:
+    """Push a standalone page's headings down so that it nests under this page's sections."""
+    return "\n".join(
+        "#" * levels + line if line.startswith("#") else line for line in markdown.split("\n")
+    )
+
+
+def _cost_section(cost: Sequence[Mapping[str, Any]] | None, results: Path) -> list[str]:
+    out = ["## Cost", ""]
+    if not cost:
+        return [
+            *out,
+            "No cost results yet: run `python3 benchmarks/run_results.py --stage cost`.",
+            "",
+        ]
+    from benchmarks.bench_cost import cost_markdown
+
+    out += [
+        "Step time of each method divided by `joint`'s on the same model, batch and data, "
+        "timed side by side (interleaved rounds, medians), with `Trainer.train_step`: exactly "
+        "the step training runs. See `benchmarks/bench_cost.py` for the settings.",
+        "",
+        _demote(cost_markdown(cost)),
+        "",
+    ]
+    # further measurements saved beside it (another device, another batch): ``cost_<name>.json``
+    for extra in sorted(results.glob("cost_*.json")):
+        if extra.name == "cost_cpu.json":
+            continue
+        out += [
+            f"### Also measured: `{extra.name}`",
+            "",
+            _demote(cost_markdown(json.loads(extra.read_text())), 3),
+            "",
+        ]
+    return out
+
+
+def _timing(saved: Mapping[str, Any]) -> str:
+    """How long the accuracy stage took, and whether runs are missing (a partial regeneration)."""
+    parts = [f"{saved.get('runs', '?')} training runs"]
+    if saved.get("minutes") is not None:
+        parts.append(
+            f"the last invocation took {saved['minutes']:.0f} min on {saved['workers']} worker "
+            "processes, reusing the runs earlier invocations had finished"
+        )
+    if saved.get("missing"):
+        parts.append(f"**partial: {saved['missing']} runs missing**")
+    return ", ".join(parts)
+
+
+def search_table(saved: Mapping[str, Any]) -> Table:
+    """The validation accuracy of every candidate of the search, and the chosen value."""
+    columns = [Column("study", "left"), Column("method", "left"), Column("option", "left")]
+    columns += [Column("candidates: validation accuracy", "left"), Column("chosen")]
+    rows = []
+    for s in saved["search"]:
+        scores = ", ".join(
+            f"{k}: {v:.4f}" if v >= 0 else f"{k}: diverged" for k, v in s["scores"].items()
+        )
+        rows.append([s["study"], f"`{s['method']}`", s["option"], scores, f"{s['chosen']:g}"])
+    return Table(columns, rows)
+
+
+def _accuracy_sections(saved: Mapping[str, Any], figures: Path, draw: bool) -> list[str]:
+    counted = any(r["metric"] == "synergy_samples" for r in saved["records"])
+    out = [
+        "## Accuracy",
+        "",
+        "Test accuracy in each study's headline setting (mean ± 95 % confidence interval over "
+        "seeds, Student's t; bold: the highest mean). The sections below give every setting, the "
+        "paired differences, the probes, contributions and error analysis.",
+        "",
+        to_markdown(summary_table(saved)),
+        "",
+        f"Every method on {saved['seeds']} seeds per setting ({_timing(saved)}). Hyperparameters "
+        "were chosen on the validation split only: each method had the same budget of three "
+        "candidate values of its main hyperparameter, one run each (seed 0) at the study's "
+        "search point; the table's *chosen* column gives the winner. Every ± is a 95 % "
+        "confidence interval of the mean over seeds. Δ columns are paired differences of test "
+        "accuracy on the same seeds; p is the two-sided paired t-test, Holm-adjusted over all "
+        "methods compared with the same reference; **bold** Δ: significant (p < 0.05 after "
+        "Holm). Probes are linear probes on each frozen encoder (test split), left out (—) for "
+        "a modality the method does not use (Shapley value exactly 0 on every seed: its encoder "
+        "is untrained, and so are its routing and synergy rates); Shapley values are each "
+        "modality's contribution to test accuracy (latents permuted); routing and synergy "
+        "follow the MCR paper's error analysis"
+        + (
+            ", with the test samples per seed each rate rests on."
+            if counted
+            else ". `accuracy.json` predates the recording of the number of test samples behind "
+            "each rate (the next regeneration adds them); the synergy rate rests on the samples "
+            "that every unimodal predictor gets wrong, a small group when they are accurate, so "
+            "read it with care."
+        ),
+        "",
+    ]
+    chosen_by: dict[str, dict[str, str]] = {}
+    for s in saved["search"]:
+        opt = s["option"].split(".")[-1]
+        value = f"{s['chosen']:g}" + ("x" if s["option"] == "train.lr" else "")
+        chosen_by.setdefault(s["study"], {})[s["method"]] = f"{opt}={value}"
+    for study in STUDIES:
+        if not any(r["study"] == study.name for r in saved["records"]):
+            continue
+        out += [f"### {study.title}", "", study.description, ""]
+        if len(study.points) > 1:
+            fig = figures / f"{study.name}_sweep.png"
+            if draw:
+                plot_sweep(saved, study, fig)
+            out += [f"![{study.title}](figures/{fig.name})", ""]
+        for point in study.points:
+            records = point_records(saved, study.name, point.name)
+            if not records:
+                continue
+            if len(study.points) > 1:
+                out += [f"#### {point.name}", ""]
+            out += [to_markdown(accuracy_table(records, chosen_by.get(study.name, {}))), ""]
+            out += [verdict(records), ""]
+            out += [to_markdown(learned_table(records)), ""]
+            if len(study.points) == 1 or point == study.points[study.search]:
+                slug = f"{study.name}_{point.name}".replace("=", "").replace(".", "")
+                fig = figures / f"{slug}.png"
+                if not draw or plot_comparison(records, fig) is not None:
+                    out += [f"![{study.title} {point.name}](figures/{fig.name})", ""]
+    out += ["## Hyperparameter search (validation accuracy, seed 0)", ""]
+    out += [to_markdown(search_table(saved)), ""]
+    return out

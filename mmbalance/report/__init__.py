@@ -1,0 +1,74 @@
+"""Reports of runs and comparisons: tidy records, statistics, tables, figures and the page.
+
+Layout (each module imports only the ones above it, and nothing above ``eval`` in the library):
+
+* :mod:`~mmbalance.report.records`: tidy records from a run's summary, reading run files
+  (damaged files raise :class:`~mmbalance.errors.DataError`);
+* :mod:`~mmbalance.report.stats`: summaries over seeds (95 % t intervals) and paired t-tests
+  with Holm correction;
+* :mod:`~mmbalance.report.tables`: the one table writer (Markdown, HTML, text that fits 80
+  columns);
+* :mod:`~mmbalance.report.comparison`: the tables of a comparison built from records;
+* :mod:`~mmbalance.report.plots`: the figures;
+* :mod:`~mmbalance.report.page`: ``report.md`` and a self-contained ``report.html``.
+
+The names below are the public API, used by the CLI, ``compare`` and the benchmarks.
+"""
+
+from mmbalance.report.comparison import (
+    REFERENCE,
+    comparison_table,
+    contribution_table,
+    epoch_seconds,
+    error_table,
+    fmt_p,
+    fmt_stat,
+    metric_title,
+    options_table,
+)
+from mmbalance.report.page import write_report, write_text_atomic
+from mmbalance.report.plots import plot_comparison, plot_shapley
+from mmbalance.report.records import (
+    DIVERGED,
+    Source,
+    load_source,
+    read_json,
+    run_records,
+    unused_modalities,
+)
+from mmbalance.report.stats import PairedTest, Stat, describe, holm, paired_tests, summarize
+from mmbalance.report.tables import Column, Table, terminal_width, to_html, to_markdown, to_text
+
+__all__ = [
+    "DIVERGED",
+    "REFERENCE",
+    "Column",
+    "PairedTest",
+    "Source",
+    "Stat",
+    "Table",
+    "comparison_table",
+    "contribution_table",
+    "describe",
+    "epoch_seconds",
+    "error_table",
+    "fmt_p",
+    "fmt_stat",
+    "holm",
+    "load_source",
+    "metric_title",
+    "options_table",
+    "paired_tests",
+    "plot_comparison",
+    "plot_shapley",
+    "read_json",
+    "run_records",
+    "summarize",
+    "terminal_width",
+    "to_html",
+    "to_markdown",
+    "to_text",
+    "unused_modalities",
+    "write_report",
+    "write_text_atomic",
+]

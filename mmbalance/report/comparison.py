@@ -1,0 +1,442 @@
+"""The tables of a comparison, built from records: the headline comparison, the modality
+contributions, the error analysis, and each method's options and cost.
+
+Every spread is a 95 % t interval over seeds and every difference to the reference is a paired
+t-test with Holm correction (:mod:`mmbalance.report.stats`). Column titles are human-readable
+(:func:`metric_title`), never raw metric keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mmbalance.errors import DataError
+from mmbalance.methods import METHODS
+from mmbalance.report.records import DIVERGED, methods_of, modalities_of, unused_modalities
+from mmbalance.report.stats import ALPHA, LEVEL, PairedTest, Stat, describe, paired_tests, summarize
+from mmbalance.report.tables import Column, Table
+
+#: The method every other one is compared with, when it was run.
+REFERENCE = "joint"
+#: How metric keys read in a table or on an axis.
+METRIC_TITLES = {
+    "accuracy": "test accuracy",
+    "macro_f1": "macro-F1",
+    "mae": "MAE",
+    "pearson": "Pearson r",
+    "binary_accuracy": "sign accuracy",
+    "imbalance_degree": "imbalance degree",
+    "routing_rate": "routing rate",
+    "synergy_rate": "synergy rate",
+    "bayes_accuracy": "Bayes accuracy",
+}
+#: Headline metrics per task; the first is the one compared with the reference.
+CLASSIFICATION = ("accuracy", "macro_f1")
+REGRESSION = ("mae", "pearson", "binary_accuracy")
+#: Shown in place of a number that does not exist (a modality the method does not use).
+ABSENT = "—"
+#: A rate resting on fewer samples per seed than this is marked.
+FEW_SAMPLES = 30
+
+
+def metric_title(key: str, regression: bool = False) -> str:
+    """``probe_accuracy_m1`` -> ``probe m1``, ``shapley_m1`` -> ``Shapley m1``, and the names of
+    :data:`METRIC_TITLES` (a regression probe is scored on the sign of the target)."""
+    if key.startswith("probe_accuracy_"):
+        what = "probe sign acc" if regression else "probe"
+        return f"{what} {key.removeprefix('probe_accuracy_')}"
+    if key.startswith("shapley_"):
+        return f"Shapley {key.removeprefix('shapley_')}"
+    return METRIC_TITLES.get(key, key.replace("_", " "))
+
+
+def fmt_stat(stat: Stat | None, digits: int = 4) -> str:
+    """``mean ± half-width`` of the 95 % interval; the mean alone for one seed."""
+    if stat is None:
+        return "–"
+    if stat.n < 2:
+        return f"{stat.mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.half_width:.{digits}f}"
+
+
+def fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def headline_metrics(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The task's headline metrics: accuracy and macro-F1, or MAE, Pearson r and sign accuracy."""
+    test = {r["metric"] for r in records if r["split"] == "test"}
+    if "accuracy" not in test and "mae" in test:
+        return REGRESSION
+    return CLASSIFICATION
+
+
+def bayes_accuracy(records: Sequence[Mapping[str, Any]]) -> float | None:
+    values = [r["value"] for r in records if r["metric"] == "bayes_accuracy"]
+    return float(values[0]) if values else None
+
+
+def seed_counts(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, tuple[int, int]]:
+    """``{method: (seeds with a test value of metric, diverged seeds)}``."""
+    done: dict[str, set[int]] = {}
+    failed: dict[str, set[int]] = {}
+    for r in records:
+        if r["split"] != "test":
+            continue
+        if r["metric"] == metric:
+            done.setdefault(r["method"], set()).add(int(r["seed"]))
+        elif r["metric"] == DIVERGED and r["value"]:
+            failed.setdefault(r["method"], set()).add(int(r["seed"]))
+    return {m: (len(done.get(m, ())), len(failed.get(m, ()))) for m in methods_of(records)}
+
+
+def paired_cells(test: PairedTest | None, is_reference: bool) -> list[str]:
+    """Δ (mean ± 95 % CI), Holm-adjusted p and the verdict of one method against the reference."""
+    if is_reference:
+        return ["(reference)", "–", "–"]
+    if test is None:
+        return ["–", "–", "–"]
+    delta = f"{test.mean_diff:+.4f}"
+    if test.n > 1:
+        delta += f" ± {test.half_width:.4f}"
+    verdict = "–" if math.isnan(test.p_holm) else ("yes" if test.significant else "no")
+    return [delta, fmt_p(test.p_holm), verdict]
+
+
+def comparison_table(
+    records: Sequence[Mapping[str, Any]],
+    reference: str = REFERENCE,
+    epoch_seconds: Mapping[str, Stat] | None = None,
+) -> Table:
+    """The headline table: per method, seeds, test metrics (mean ± 95 % CI), the paired
+    difference to ``reference`` with its Holm-adjusted p-value and verdict, validation score,
+    gap to the Bayes accuracy and, when given, the mean epoch time."""
+    keys = headline_metrics(records)
+    regression = keys == REGRESSION
+    main = keys[0]
+    test = summarize(records, "test")
+    val = summarize(records, "val")
+    paired = paired_tests(records, main, reference)
+    counts = seed_counts(records, main)
+    bayes = bayes_accuracy(records)
+    any_diverged = any(failed for _, failed in counts.values())
+    title = f"Test metrics, mean ± {LEVEL * 100:.0f} % confidence interval over seeds"
+    if bayes is not None:
+        title += f" (Bayes accuracy {bayes:.4f})"
+
+    columns = [Column("method", "left", essential=True), Column("seeds", essential=True)]
+    if any_diverged:
+        columns.append(Column("diverged", essential=True, help="runs whose loss became NaN"))
+    columns.append(
+        Column(metric_title(main), essential=True, short=METRIC_TITLES[main].removeprefix("test "))
+    )
+    if paired:
+        columns += [
+            Column(
+                f"Δ {metric_title(main).removeprefix('test ')} vs {reference}",
+                essential=True,
+                short=f"Δ vs {reference}",
+                help="paired difference on shared seeds, mean ± 95 % CI",
+            ),
+            Column("p (Holm)", essential=True, help="paired t-test, Holm-adjusted over methods"),
+            Column(
+                "significant",
+                essential=True,
+                short="sig.",
+                help=f"Holm-adjusted p < {ALPHA:g}",
+            ),
+        ]
+    columns += [Column(metric_title(k, regression)) for k in keys[1:]]
+    columns.append(Column(f"validation {METRIC_TITLES[main].removeprefix('test ')}", short="val"))
+    if bayes is not None and not regression:
+        columns.append(Column("gap to Bayes", help="Bayes accuracy minus mean test accuracy"))
+    if epoch_seconds:
+        columns.append(Column("epoch time", help="mean seconds per epoch (train + validation)"))
+
+    rows = []
+    for method in methods_of(records):
+        stats = test.get(method, {})
+        done, failed = counts[method]
+        row = [method, str(done)]
+        if any_diverged:
+            row.append(f"{failed}/{done + failed}")
+        row.append(fmt_stat(stats.get(main)))
+        if paired:
+            row += paired_cells(paired.get(method), method == reference)
+        row += [fmt_stat(stats.get(k)) for k in keys[1:]]
+        row.append(fmt_stat(val.get(method, {}).get(main)))
+        if bayes is not None and not regression:
+            row.append("–" if main not in stats else f"{bayes - stats[main].mean:.4f}")
+        if epoch_seconds:
+            s = epoch_seconds.get(method)
+            row.append("–" if s is None else f"{s.mean:.2f} s")
+        rows.append(row)
+    notes = []
+    if paired:
+        notes.append(
+            f"Δ: {metric_title(main)} minus `{reference}`'s on the same seeds (paired), mean ± "
+            f"{LEVEL * 100:.0f} % CI; p: two-sided paired t-test, Holm-adjusted over the "
+            f"{sum(not math.isnan(p.p) for p in paired.values())} methods compared with "
+            f"`{reference}`; significant when p (Holm) < {ALPHA:g}."
+        )
+    if any(s.n < 2 for stats in test.values() for s in stats.values()):
+        notes.append("A single seed has no interval: its cells give the value alone.")
+    return Table(columns, rows, title, notes)
+
+
+def contribution_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
+    """Per method: linear-probe accuracy of each encoder, Shapley value of each modality and the
+    imbalance degree (mean ± 95 % CI); ``—`` where the method does not use the modality."""
+    regression = headline_metrics(records) == REGRESSION
+    probes = modalities_of(records, "probe_accuracy_")
+    shapley = modalities_of(records, "shapley_")
+    if not probes and not shapley:
+        return None
+    test = summarize(records, "test")
+    unused = unused_modalities(records)
+    keys = [f"probe_accuracy_{m}" for m in probes] + [f"shapley_{m}" for m in shapley]
+    has_degree = any("imbalance_degree" in s for s in test.values())
+    keys += ["imbalance_degree"] if has_degree else []
+    columns = [Column("method", "left", essential=True)]
+    columns += [Column(metric_title(k, regression)) for k in keys]
+    rows = []
+    for method in methods_of(records):
+        stats = test.get(method, {})
+        skip = unused.get(method, set())
+        row = [method]
+        for k in keys:
+            modality = k.removeprefix("probe_accuracy_").removeprefix("shapley_")
+            row.append(
+                ABSENT
+                if k != "imbalance_degree" and modality in skip
+                else fmt_stat(stats.get(k), 3)
+            )
+        rows.append(row)
+    notes = [
+        "Probe: linear probe on each frozen encoder (test split). Shapley: each modality's share of "
+        "the fused test accuracy, absent modalities permuted; imbalance degree = (max − min) / sum "
+        "of the positive Shapley values. Mean ± 95 % CI over seeds."
+    ]
+    if any(unused.values()):
+        notes.append(
+            f"{ABSENT}: the method does not use this modality (its Shapley value is exactly 0 on "
+            "every seed), so its encoder is untrained and is not probed."
+        )
+    return Table(columns, rows, "Modality contributions", notes)
+
+
+#: How ``errors.unimodal_predictors`` of ``analysis.json`` reads in a report.
+PREDICTOR_NAMES = {"unimodal_heads": "unimodal heads", "linear_probes": "linear probes"}
+
+
+def _condition_counts(analysis: Mapping[str, Any]) -> tuple[int, int]:
+    """Samples with at least one unimodal predictor right, and with none right."""
+    errors = analysis["errors"]
+    none = int(errors["groups"].get("none", {}).get("count", 0))
+    return int(errors["n"]) - none, none
+
+
+def _counts_cell(counts: Sequence[int]) -> str:
+    """Per-seed sample counts: all of them for up to five seeds, else the range."""
+    if len(counts) <= 5:
+        return " / ".join(str(c) for c in counts)
+    return f"{min(counts)}–{max(counts)}"
+
+
+def error_table(analyses: Mapping[str, list[dict[str, Any]]]) -> Table:
+    """Per method: its unimodal predictors, fused accuracy, routing and synergy rates (mean ±
+    95 % CI over seeds), each rate next to the number of test samples it rests on (per seed).
+    The notes say plainly when methods used different unimodal predictors."""
+    try:
+        return _error_table(analyses)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"an analysis.json lacks its error analysis ({err!r})") from None
+
+
+def _error_table(analyses: Mapping[str, list[dict[str, Any]]]) -> Table:
+    kinds = {}
+    for method, runs in analyses.items():
+        names = sorted({str(a["errors"].get("unimodal_predictors", "?")) for a in runs})
+        kinds[method] = " / ".join(PREDICTOR_NAMES.get(n, n) for n in names)
+    columns = [
+        Column("method", "left", essential=True),
+        Column("unimodal predictors", "left"),
+        Column("fused accuracy"),
+        Column("routing rate", essential=True),
+        Column(
+            "samples: some right",
+            short="n",
+            help="test samples per seed with a right unimodal predictor",
+        ),
+        Column("synergy rate", essential=True),
+        Column(
+            "samples: all wrong",
+            short="n",
+            help="test samples per seed where every unimodal predictor is wrong",
+        ),
+    ]
+    rows = []
+    few = False
+    for method, runs in analyses.items():
+        counts = [_condition_counts(a) for a in runs]
+        row = [
+            method,
+            kinds[method],
+            fmt_stat(describe(a["errors"].get("fused_accuracy") for a in runs)),
+        ]
+        for i, key in enumerate(("routing_rate", "synergy_rate")):
+            n = [c[i] for c in counts]
+            cell = fmt_stat(describe(a["errors"].get(key) for a in runs))
+            if n and min(n) < FEW_SAMPLES and cell != "–":
+                cell += " †"
+                few = True
+            row += [cell, _counts_cell(n)]
+        rows.append(row)
+    notes = [
+        "Routing rate: fused prediction right when at least one unimodal predictor is right; "
+        "synergy rate: fused right when all are wrong. Mean ± 95 % CI over seeds; the sample "
+        "columns give, per seed, how many test samples each rate rests on."
+    ]
+    if few:
+        notes.append(
+            f"†: rests on fewer than {FEW_SAMPLES} samples in some seed; read it as noisy."
+        )
+    if len(set(kinds.values())) > 1:
+        used = "; ".join(f"{m}: {k}" for m, k in kinds.items())
+        notes.append(
+            "**Warning: the methods used different unimodal predictors** for the error analysis "
+            f"({used}). Unimodal heads are trained with the model, linear probes are fitted "
+            "afterwards on its frozen latents, so the groups and the routing and synergy rates "
+            "of these methods are not directly comparable."
+        )
+    elif kinds:
+        notes.append(
+            f"Every method's error analysis used {next(iter(kinds.values()))} as unimodal "
+            "predictors."
+        )
+    meanings = {str(a["errors"].get("right_means", "")) for r in analyses.values() for a in r}
+    meanings.discard("")
+    if meanings:
+        notes.append(f"A prediction counts as right when the {' / '.join(sorted(meanings))}.")
+    return Table(columns, rows, "Error analysis (test split)", notes)
+
+
+def epoch_seconds(
+    histories: Mapping[tuple[str, int], list[dict[str, float]]],
+) -> dict[str, Stat]:
+    """``{method: Stat}`` of the mean epoch time of each seed (the ``seconds`` of metrics.csv)."""
+    per_run: dict[str, list[float]] = {}
+    for (method, _), rows in histories.items():
+        seconds = [r["seconds"] for r in rows if math.isfinite(r.get("seconds", math.nan))]
+        if seconds:
+            per_run.setdefault(method, []).append(sum(seconds) / len(seconds))
+    return {m: s for m, v in per_run.items() if (s := describe(v)) is not None}
+
+
+def _option_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_option_value(v) for v in value) + "]"
+    return str(value)
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The options of a registered method with their defaults (``{}`` for a name this version
+    does not know): a run directory written before every default was recorded still shows
+    every option."""
+    if name not in METHODS:
+        return {}
+    params = METHODS.get(name).Params
+    if not dataclasses.is_dataclass(params):
+        return {}
+    out = {}
+    for f in dataclasses.fields(params):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def method_options(cfg: Mapping[str, Any]) -> str:
+    """``k=v, ...`` of the ``method`` section of a run's config over the method's defaults;
+    options that differ from the default are bold."""
+    section = dict(cfg.get("method") or {})
+    name = str(section.pop("name", ""))
+    defaults = method_defaults(name)
+    merged = {**defaults, **section}
+    parts = []
+    for key, value in merged.items():
+        text = f"{key}={_option_value(value)}"
+        parts.append(f"**{text}**" if key in defaults and value != defaults[key] else text)
+    return ", ".join(parts) or "(no options)"
+
+
+def options_table(
+    configs: Mapping[tuple[str, int], Mapping[str, Any]],
+    histories: Mapping[tuple[str, int], list[dict[str, float]]],
+) -> Table | None:
+    """Per method: the method's options as run (``config.yaml`` over the registered defaults),
+    the epochs run and the epoch time (mean ± 95 % CI over seeds)."""
+    if not configs:
+        return None
+    options: dict[str, set[str]] = {}
+    for (method, _), cfg in configs.items():
+        options.setdefault(method, set()).add(method_options(cfg))
+    epochs: dict[str, list[int]] = {}
+    for (method, _), rows in histories.items():
+        epochs.setdefault(method, []).append(len(rows))
+    seconds = epoch_seconds(histories)
+    columns = [
+        Column("method", "left", essential=True),
+        Column("method options", "left", wrap=True),
+        Column("epochs run"),
+        Column("epoch time (s)", help="mean seconds per epoch, mean ± 95 % CI over seeds"),
+    ]
+    rows = []
+    for method, texts in options.items():
+        e = epochs.get(method, [])
+        span = "–" if not e else (str(e[0]) if min(e) == max(e) else f"{min(e)}–{max(e)}")
+        rows.append([method, " | ".join(sorted(texts)), span, fmt_stat(seconds.get(method), 2)])
+    notes = [
+        "Options as each run resolved them (`config.yaml`, over the method's defaults; **bold**: "
+        "not the default). The epoch time includes the validation pass and the per-epoch "
+        "analysis, and varies with whatever else the machine ran."
+    ]
+    return Table(columns, rows, "Methods: options and cost", notes)
+
+
+def shared_config(
+    configs: Mapping[tuple[str, int], Mapping[str, Any]],
+) -> tuple[dict[str, Any], list[str]]:
+    """The configuration all runs share apart from ``method`` and ``train.seed`` (that of the
+    first run), and the dotted keys where some runs differ from it."""
+    if not configs:
+        return {}, []
+
+    def flat(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in cfg.items():
+            if isinstance(v, Mapping):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    first = next(iter(configs.values()))
+    base = {k: v for k, v in first.items() if k != "method"}
+    if isinstance(base.get("train"), Mapping):
+        base["train"] = {k: v for k, v in base["train"].items() if k != "seed"}
+    reference = flat(base)
+    differ = set()
+    for cfg in configs.values():
+        other = flat({k: v for k, v in cfg.items() if k != "method"})
+        other.pop("train.seed", None)
+        differ |= {k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k)}
+    return base, sorted(differ)

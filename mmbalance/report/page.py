@@ -1,0 +1,248 @@
+"""``report.md`` and a self-contained ``report.html`` for a compare directory or one run.
+
+The page, top to bottom: the comparison table (test metrics with 95 % intervals, the paired
+t-test of every method against ``joint`` with Holm-adjusted p-values, epoch time) and its
+figure; each method's options and cost; the modality contributions; the error analysis with the
+sample counts behind every rate; the validation curves and the per-modality curves; the
+configuration the runs share. The HTML embeds the figures as base64 PNGs, so it can be mailed
+or archived as one file; the Markdown links the PNG files written next to it. Both are written
+atomically (a temporary file renamed over the old one).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mmbalance.report.comparison import (
+    REFERENCE,
+    bayes_accuracy,
+    comparison_table,
+    contribution_table,
+    epoch_seconds,
+    error_table,
+    options_table,
+    shared_config,
+)
+from mmbalance.report.plots import (
+    plot_comparison,
+    plot_curves,
+    plot_errors,
+    plot_modality_curves,
+    plot_shapley,
+)
+from mmbalance.report.records import Source, load_source, methods_of, unused_modalities
+from mmbalance.report.tables import HTML_STYLE, Table, inline_html, to_html, to_markdown
+
+#: Styles of the page (the tables' own come from :data:`~mmbalance.report.tables.HTML_STYLE`).
+PAGE_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 1.5em;max-width:1220px;"
+    "color:#111;line-height:1.4}"
+    "h1{font-size:1.6em;margin:0.3em 0}h2{font-size:1.25em;margin:1.2em 0 0.4em;"
+    "border-bottom:1px solid #ddd}"
+    "p{margin:0.35em 0}img{max-width:100%;height:auto;display:block;margin:0.5em 0}"
+    "pre{background:#f6f6f6;padding:0.8em;overflow:auto;font-size:12px}"
+    "code{background:#f2f2f2;padding:0 0.2em;border-radius:2px}"
+)
+
+
+@dataclass
+class Section:
+    """A titled part of the report: notes, tables and figures, in that order."""
+
+    title: str
+    notes: list[str] = field(default_factory=list)
+    tables: list[tuple[str, Table]] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    code: str = ""
+    #: what the figures show, printed between the tables and the figures
+    plot_notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tables or self.plots or self.code)
+
+
+def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
+    """Every section of the report of ``source`` (figures are written into its root)."""
+    root, records = source.root, source.records
+    order = methods_of(records)
+    histories = source.histories()
+    configs = source.configs()
+    analyses = source.analyses()
+    unused = unused_modalities(records)
+    partial = [m for m in order if unused.get(m)]
+    seconds = epoch_seconds(histories)
+
+    comparison = Section("Comparison")
+    comparison.tables.append(("comparison", comparison_table(records, reference, seconds)))
+    figure = plot_comparison(records, root / "report_comparison.png", reference)
+    comparison.plots += [figure] if figure is not None else []
+    figure_note = (
+        f"The figure shows each method's test score minus `{reference}`'s on the same seeds (the "
+        f"line at 0 is `{reference}`), with its 95 % CI; a filled point is significant after "
+        "Holm correction, the label gives its p-value. Below: each encoder's linear-probe "
+        f"accuracy against `{reference}`'s (line and band)."
+    )
+    if partial:
+        figure_note += (
+            " Methods that use only some modalities (a Shapley value of exactly 0 on every "
+            "seed: " + ", ".join(f"`{m}`" for m in partial) + ") sit on their own panel, "
+            f"against `{reference}`'s score, so that they do not stretch the others' axis."
+        )
+    comparison.plot_notes.append(figure_note)
+    sections = [comparison]
+
+    options = options_table(configs, histories)
+    if options is not None:
+        sections.append(Section("Methods: options and cost", tables=[("options", options)]))
+
+    contributions = Section("Modality contributions")
+    table = contribution_table(records)
+    if table is not None:
+        contributions.tables.append(("contributions", table))
+    shapley = plot_shapley(records, root / "report_shapley.png")
+    if shapley is not None:
+        contributions.plots.append(shapley)
+    sections.append(contributions)
+
+    # a method that ignores a modality has an untrained head or encoder for it: its groups of
+    # "right unimodal predictors" would rest on that untrained predictor
+    scored = {m: analyses[m] for m in order if m in analyses and not unused.get(m)}
+    if scored:
+        errors = Section(
+            "Error analysis",
+            tables=[("errors", error_table(scored))],
+            plots=[p for p in [plot_errors(scored, root / "report_errors.png", order)] if p],
+        )
+        left_out = [m for m in analyses if m not in scored]
+        if left_out:
+            errors.notes.append(
+                "Left out: " + ", ".join(f"`{m}`" for m in left_out) + " (they do not use every "
+                "modality, so their predictor for an unused modality is untrained)."
+            )
+        sections.append(errors)
+    curves = plot_curves(histories, root / "report_curves.png", order, partial)
+    if curves is not None:
+        sections.append(Section("Validation score per epoch", plots=[curves]))
+    modality = plot_modality_curves(histories, root / "report_modality_curves.png", unused, order)
+    if modality is not None:
+        note = (
+            "After every epoch, on the validation split (`train.epoch_analysis`): accuracy of "
+            "each modality's unimodal head (models with heads), of a ridge probe fitted on a "
+            "fixed half of the validation latents and scored on the other half (every model), "
+            "and each modality's Shapley value for the fused validation accuracy (absent "
+            "modalities permuted). Regression: binary accuracy of the sign."
+        )
+        if partial:
+            note += " Modalities a method does not use (untrained heads and encoders) are left out."
+        sections.append(Section("Per-modality curves over epochs", [note], plots=[modality]))
+    shared, differ = shared_config(configs)
+    if shared:
+        notes = [
+            "The configuration of the first run without its `method` section (see the "
+            "options above) and without `train.seed`."
+        ]
+        if differ:
+            notes.append(
+                "**These keys differ between runs:** " + ", ".join(f"`{k}`" for k in differ) + "."
+            )
+        else:
+            notes.append("Every run shares it.")
+        sections.append(
+            Section(
+                "Shared configuration",
+                notes,
+                code=yaml.safe_dump(shared, sort_keys=False).rstrip(),
+            )
+        )
+    return [s for s in sections if not s.empty]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old or the new file, never a truncated one
+    (a temporary file in the same directory, flushed, then renamed over ``path``)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _untitled(table: Table, heading: str) -> Table:
+    """The table without its title when the section heading already says it."""
+    return dataclasses.replace(table, title="") if table.title == heading else table
+
+
+def render_markdown(source: Source, sections: list[Section], intro: list[str]) -> str:
+    md = ["# mmbalance report", "", f"Source: `{source.root}`", ""]
+    md += [n + "\n" for n in intro]
+    for sec in sections:
+        md += [f"## {sec.title}", ""]
+        md += [n + "\n" for n in sec.notes]
+        for _, table in sec.tables:
+            md += [to_markdown(table), ""]
+        if sec.plots:
+            md += [n + "\n" for n in sec.plot_notes]
+        md += [f"![{sec.title}]({p.name})\n" for p in sec.plots]
+        if sec.code:
+            md += ["```yaml", sec.code, "```", ""]
+    return "\n".join(md).rstrip() + "\n"
+
+
+def render_html(source: Source, sections: list[Section], intro: list[str]) -> str:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>mmbalance report</title><style>{PAGE_STYLE}{HTML_STYLE}</style></head><body>",
+        "<h1>mmbalance report</h1>",
+        f"<p>Source: <code>{e(str(source.root))}</code></p>",
+    ]
+    parts += [f"<p>{inline_html(n)}</p>" for n in intro]
+    for sec in sections:
+        parts.append(f"<h2>{e(sec.title)}</h2>")
+        parts += [f"<p>{inline_html(n)}</p>" for n in sec.notes]
+        for ident, table in sec.tables:
+            parts.append(to_html(_untitled(table, sec.title), ident))
+        if sec.plots:
+            parts += [f"<p>{inline_html(n)}</p>" for n in sec.plot_notes]
+        for plot in sec.plots:
+            data = base64.b64encode(plot.read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{e(sec.title)}' src=\"data:image/png;base64,{data}\">")
+        if sec.code:
+            parts.append(f"<pre>{e(sec.code)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(path: str | Path, reference: str = REFERENCE) -> tuple[Path, Path]:
+    """Write ``report.md``, ``report.html`` and the ``report_*.png`` figures into ``path`` (a
+    compare directory or a run directory); returns the two pages."""
+    source = load_source(path)
+    sections = build_sections(source, reference)
+    seeds = len({r["seed"] for r in source.records})
+    intro = [
+        f"{len(methods_of(source.records))} method(s), {seeds} seed(s). Every ± is a 95 % "
+        "confidence interval of the mean over seeds (Student's t); differences between methods "
+        "are paired t-tests on shared seeds, Holm-corrected over the methods compared."
+    ]
+    bayes = bayes_accuracy(source.records)
+    if bayes is not None:
+        intro.append(f"Bayes accuracy of the dataset: **{bayes:.4f}**.")
+    md_path, html_path = source.root / "report.md", source.root / "report.html"
+    write_text_atomic(md_path, render_markdown(source, sections, intro))
+    write_text_atomic(html_path, render_html(source, sections, intro))
+    return md_path, html_path

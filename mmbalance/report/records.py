@@ -1,0 +1,225 @@
+"""Tidy records and the run files a report reads.
+
+A *record* is one number: ``{"method", "seed", "split", "metric", "value"}`` (the benchmarks add
+their own keys, such as ``study``). :func:`run_records` turns the summary of one run (its
+``metrics.json``) into records; :func:`load_source` reads a compare directory (``results.json``
+plus one run directory per method and seed) or a single run directory.
+
+Everything read from disk goes through :func:`read_json` and friends, which turn a truncated or
+malformed file into a one-line :class:`~mmbalance.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmbalance.errors import DataError
+
+#: The keys of every record.
+RECORD_KEYS = ("method", "seed", "split", "metric", "value")
+#: The metric a diverged run records (value 1.0) in place of its results.
+DIVERGED = "diverged"
+
+
+def read_json(path: Path) -> Any:
+    """The content of a JSON file, or a :class:`DataError` saying that it is damaged."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{str(path)!r} is not a text file (damaged?)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{str(path)!r} is damaged or truncated (invalid JSON at line {err.lineno}, column "
+            f"{err.colno}: {err.msg}); re-run the command that wrote it"
+        ) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping (a run's ``config.yaml``), or a :class:`DataError`."""
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise DataError(f"{str(path)!r} cannot be read as YAML ({type(err).__name__})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise DataError(f"{str(path)!r} does not hold a mapping of configuration sections")
+    return content
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` as floats (NaN where a row lacks a value); ``[]``
+    when the file does not exist."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return [
+                {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(fh)
+            ]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError):
+        raise DataError(f"{str(path)!r} is damaged (a value is not a number)") from None
+
+
+def run_records(label: str, seed: int, summary: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
+    """The records of one run from its summary (the ``metrics.json`` content, or an object
+    with ``to_json()`` returning it). A summary ``{"diverged": reason}`` gives one record
+    ``diverged = 1.0``, so that a failed run is counted rather than silently missing."""
+    if not isinstance(summary, Mapping):
+        summary = summary.to_json()
+    if DIVERGED in summary:
+        return [_record(label, seed, "test", DIVERGED, 1.0)]
+    metrics = summary.get("metrics")
+    if not isinstance(metrics, Mapping) or not all(
+        isinstance(m, Mapping) for m in metrics.values()
+    ):
+        raise DataError(f"the summary of {label} seed {seed} holds no metrics per split")
+    rows = [
+        _record(label, seed, split, metric, _number(value, metric))
+        for split, values in metrics.items()
+        for metric, value in values.items()
+    ]
+    if summary.get("bayes_accuracy") is not None:
+        bayes = _number(summary["bayes_accuracy"], "bayes_accuracy")
+        rows.append(_record(label, seed, "test", "bayes_accuracy", bayes))
+    return rows
+
+
+def _record(label: str, seed: int, split: str, metric: str, value: float | None) -> dict[str, Any]:
+    return {"method": label, "seed": seed, "split": split, "metric": metric, "value": value}
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"{what} is {value!r}, not a number")
+    return float(value)
+
+
+def check_records(records: Any, where: str) -> list[dict[str, Any]]:
+    """``records`` if it is a list of well-formed records, else a :class:`DataError`."""
+    if not isinstance(records, list):
+        raise DataError(f"{where} does not hold a list of records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or any(k not in r for k in RECORD_KEYS):
+            raise DataError(f"{where}: record {i} lacks one of {', '.join(RECORD_KEYS)}")
+        value = r["value"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise DataError(f"{where}: record {i} has a value that is not a number")
+        if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
+            raise DataError(f"{where}: record {i} has a seed that is not an integer")
+    return records
+
+
+@dataclass
+class Source:
+    """What a report is made of: the records and the run directory of each (method, seed)."""
+
+    root: Path
+    records: list[dict[str, Any]]
+    runs: dict[tuple[str, int], Path] = field(default_factory=dict)
+
+    def analyses(self) -> dict[str, list[dict[str, Any]]]:
+        """``{method: [analysis.json of each seed]}`` (methods whose runs have one)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for (method, _), run_dir in self.runs.items():
+            f = run_dir / "analysis.json"
+            if f.is_file():
+                analysis = read_json(f)
+                if not isinstance(analysis, dict):
+                    raise DataError(f"{str(f)!r} does not hold an analysis")
+                out.setdefault(method, []).append(analysis)
+        return out
+
+    def histories(self) -> dict[tuple[str, int], list[dict[str, float]]]:
+        """``{(method, seed): metrics.csv rows}`` of the runs that have any."""
+        out = {}
+        for key, run_dir in self.runs.items():
+            rows = read_history(run_dir / "metrics.csv")
+            if rows:
+                out[key] = rows
+        return out
+
+    def configs(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """``{(method, seed): config.yaml}`` of the runs that have one."""
+        return {
+            key: read_yaml(run_dir / "config.yaml")
+            for key, run_dir in self.runs.items()
+            if (run_dir / "config.yaml").is_file()
+        }
+
+
+def load_source(path: str | Path) -> Source:
+    """Read a compare directory (``results.json``) or a single run directory (``metrics.json``)."""
+    root = Path(path)
+    if (root / "results.json").is_file():
+        where = str(root / "results.json")
+        records = check_records(read_json(root / "results.json"), repr(where))
+        runs: dict[tuple[str, int], Path] = {}  # in the order of the records (the comparison's)
+        for r in records:
+            run_dir = root / str(r["method"]) / f"seed{r['seed']}"
+            if (r["method"], int(r["seed"])) not in runs and run_dir.is_dir():
+                runs[(r["method"], int(r["seed"]))] = run_dir
+        return Source(root, records, runs)
+    if (root / "metrics.json").is_file():
+        summary = read_json(root / "metrics.json")
+        if not isinstance(summary, dict):
+            raise DataError(f"{str(root / 'metrics.json')!r} does not hold a run summary")
+        label, seed = "run", 0
+        if (root / "config.yaml").is_file():
+            cfg = read_yaml(root / "config.yaml")
+            label = str((cfg.get("method") or {}).get("name", label))
+            seed = int((cfg.get("train") or {}).get("seed", seed))
+        try:
+            records = run_records(label, seed, summary)
+        except DataError as err:
+            raise DataError(f"{str(root / 'metrics.json')!r}: {err}") from None
+        return Source(root, records, {(label, seed): root})
+    raise DataError(
+        f"{str(root)!r} is neither a compare directory (results.json) nor a run (metrics.json)"
+    )
+
+
+def methods_of(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The methods of the records, in first-seen order."""
+    return list(dict.fromkeys(str(r["method"]) for r in records))
+
+
+def modalities_of(records: Iterable[Mapping[str, Any]], prefix: str = "shapley_") -> list[str]:
+    """The modalities named by ``<prefix><modality>`` metrics, in first-seen order."""
+    return list(
+        dict.fromkeys(
+            str(r["metric"])[len(prefix) :] for r in records if str(r["metric"]).startswith(prefix)
+        )
+    )
+
+
+def unused_modalities(records: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """``{method: modalities it does not use}``: those whose test Shapley value is exactly 0 on
+    every seed (a modality that can change no prediction gets exactly 0, e.g. the other
+    modality of a ``unimodal`` baseline). Decided from the data, so no method is named here;
+    their probes, heads and curves measure an untrained encoder and are left out of plots."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        metric = str(r["metric"])
+        if r["split"] == "test" and metric.startswith("shapley_") and r["value"] is not None:
+            modality = metric[len("shapley_") :]
+            values.setdefault(r["method"], {}).setdefault(modality, []).append(float(r["value"]))
+    return {
+        method: {m for m, v in by_mod.items() if all(x == 0.0 for x in v)}
+        for method, by_mod in values.items()
+    }

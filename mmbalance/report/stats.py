@@ -1,0 +1,171 @@
+"""Summaries over seeds and paired comparisons between methods.
+
+Spread is reported as a 95 % confidence interval of the mean, never as a bare standard deviation:
+with ``n`` seeds, sample mean ``m`` and sample standard deviation ``s`` (``n - 1`` in the
+denominator), the interval is ``m ± t_{0.975, n-1} · s / √n`` (Student's t, which is what makes
+three seeds honest: ``t_{0.975, 2} = 4.30``, not 2).
+
+Paired comparison of a method with a reference (``joint``): on the seeds both ran,
+``d_s = value_method(s) - value_reference(s)``; the report gives ``mean(d)`` with its t interval
+and the two-sided p-value of the paired t-test (``scipy.stats.ttest_rel``). Comparing many
+methods with one reference is many tests, so the p-values are Holm-adjusted over the methods
+compared (the family), and a difference is called significant when its adjusted p-value is below
+``alpha`` (0.05). Holm (1979): sort the ``k`` p-values ascending, multiply the ``i``-th
+(1-based) by ``k - i + 1``, take the running maximum and cap it at 1; it controls the
+family-wise error rate without assuming independence.
+
+scipy is imported when an interval or a test is first computed, so that importing the report (as
+``compare`` does for its records) costs no scipy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Confidence level of every interval in a report.
+LEVEL = 0.95
+#: Family-wise error rate of the Holm-corrected paired tests.
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean over seeds with its t-based confidence interval (``half_width`` is NaN for n < 2)."""
+
+    mean: float
+    std: float
+    n: int
+    half_width: float
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+
+def t_half_width(std: float, n: int, level: float = LEVEL) -> float:
+    """Half-width ``t_{(1+level)/2, n-1} · std / √n`` of the t interval of a mean (NaN if n < 2)."""
+    if n < 2:
+        return math.nan
+    from scipy import stats
+
+    return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+
+
+def describe(values: Iterable[float | None]) -> Stat | None:
+    """Mean, sample std, count and 95 % t interval of the finite ``values`` (None if none)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None
+    std = statistics.stdev(v) if len(v) > 1 else 0.0
+    return Stat(statistics.fmean(v), std, len(v), t_half_width(std, len(v)))
+
+
+def by_seed(
+    records: Iterable[Mapping[str, Any]], metric: str, split: str = "test"
+) -> dict[str, dict[int, float]]:
+    """``{method: {seed: value}}`` of one metric on one split (methods in first-seen order)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["split"] == split and r["metric"] == metric and r["value"] is not None:
+            out.setdefault(r["method"], {})[int(r["seed"])] = float(r["value"])
+    return out
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]], split: str = "test"
+) -> dict[str, dict[str, Stat]]:
+    """``{method: {metric: Stat}}`` over seeds for one split (methods in first-seen order)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r["split"] == split and r["value"] is not None:
+            values.setdefault(r["method"], {}).setdefault(r["metric"], []).append(r["value"])
+    out: dict[str, dict[str, Stat]] = {}
+    for method, metrics in values.items():
+        stats = {metric: describe(v) for metric, v in metrics.items()}
+        out[method] = {k: s for k, s in stats.items() if s is not None}
+    return out
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values of a family of tests (NaN p-values are left out of the family)."""
+    family = sorted((p, key) for key, p in pvalues.items() if not math.isnan(p))
+    k = len(family)
+    adjusted: dict[str, float] = {}
+    running = 0.0
+    for i, (p, key) in enumerate(family):
+        running = max(running, min(1.0, (k - i) * p))
+        adjusted[key] = running
+    return {key: adjusted.get(key, math.nan) for key in pvalues}
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A method minus the reference on shared seeds: paired t-test, Holm-adjusted over methods."""
+
+    reference: str
+    n: int
+    mean_diff: float
+    half_width: float
+    p: float
+    p_holm: float
+    significant: bool
+
+
+def _paired_p(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test of ``diffs`` (NaN for fewer than two pairs).
+
+    Identical differences have no spread: the p-value is 1 when they are all zero and 0 otherwise
+    (the t statistic is 0/0 or infinite there; scipy returns NaN for the first)."""
+    if len(diffs) < 2:
+        return math.nan
+    if statistics.pstdev(diffs) == 0.0:
+        return 1.0 if diffs[0] == 0.0 else 0.0
+    from scipy import stats
+
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def paired_tests(
+    records: Sequence[Mapping[str, Any]],
+    metric: str = "accuracy",
+    reference: str = "joint",
+    split: str = "test",
+    alpha: float = ALPHA,
+) -> dict[str, PairedTest]:
+    """``{method: PairedTest}`` of ``metric`` against ``reference`` for every other method that
+    shares a seed with it; empty when the reference is absent. The Holm family is every method
+    with at least two shared seeds (a single pair has no test)."""
+    values = by_seed(records, metric, split)
+    if reference not in values:
+        return {}
+    ref = values[reference]
+    diffs = {
+        method: [v[s] - ref[s] for s in sorted(v) if s in ref]
+        for method, v in values.items()
+        if method != reference
+    }
+    diffs = {m: d for m, d in diffs.items() if d}
+    raw = {m: _paired_p(d) for m, d in diffs.items()}
+    adjusted = holm(raw)
+    out = {}
+    for method, d in diffs.items():
+        stat = describe(d)
+        assert stat is not None
+        out[method] = PairedTest(
+            reference,
+            len(d),
+            stat.mean,
+            stat.half_width,
+            raw[method],
+            adjusted[method],
+            bool(adjusted[method] < alpha),  # NaN compares False: no test, not significant
+        )
+    return out
