@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import torch
 
 from mmbalance.build import build_dataset, resolve_config
 from mmbalance.data.clips import AudioVisualPrepareParams
-from mmbalance.data.cremad import CremadSource
+from mmbalance.data.cremad import CremadParams, CremadSource
 from mmbalance.errors import DataError
 from mmbalance.train import fit
 
@@ -134,6 +137,100 @@ def test_cremad_source_splits_and_shapes(prepared, audio: str, shape: tuple) -> 
     assert "validation" in bundle.notes and "seed 0" in bundle.notes
 
 
+def manifest_rows(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cremad_frames_stay_uint8_and_memory_mapped(prepared) -> None:
+    """The splits are views of one uint8 frame array from the memory-mapped cache."""
+    out, _ = prepared
+    cache = Path(os.environ["MMBALANCE_CACHE"])
+    params = CremadParams(root=str(out), frames=2, val_fraction=0.34)
+    CremadSource(params, cache).build()  # builds the cache file
+    bundle = CremadSource(params, cache).build()  # loads it
+    video = bundle.splits["train"].arrays["video"]
+    assert video.dtype == torch.uint8 and video.shape == (24, 3, 2, 32, 32)
+    assert all(ds.arrays["video"] is video for ds in bundle.splits.values())
+    maps = Path("/proc/self/maps").read_text()
+    assert any(str(path) in maps for path in cache.glob("cremad-*.pt"))
+
+
+def test_cremad_batches_are_the_prepared_files(raw_cremad: Path, prepared) -> None:
+    """Every sample of every split is its clip's prepared arrays (audio as stored, frames at the
+    segment centres, ImageNet-normalised), its label the emotion's index in EMOTIONS; the test
+    split is test.csv's, validation one training clip per emotion."""
+    out, _ = prepared
+    cfg = resolve_config(
+        {
+            "dataset": "cremad",
+            "dataset.root": str(out),
+            "dataset.audio": "fbank",
+            "dataset.frames": 1,
+            "dataset.val_fraction": 0.34,
+            **FAST,
+        }
+    )
+    bundle = build_dataset(cfg)
+    assert bundle.class_names == list(EMOS)
+    rows = manifest_rows(out)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    clips_of = {}
+    for split, ds in bundle.splits.items():
+        batch = ds.__getitems__(list(range(len(ds))))
+        clips_of[split] = [rows[i]["clip"] for i in ds.index.tolist()]
+        for k, clip in enumerate(clips_of[split]):
+            frames = np.load(out / "frames" / f"{clip}.npy")  # (2, 32, 32, 3): 2 s at 1 fps
+            centre = torch.from_numpy(frames[1:2]).permute(3, 0, 1, 2).float()  # (2 * 0.5)
+            assert torch.allclose(batch.inputs["video"][k], (centre / 255 - mean) / std)
+            audio = np.load(out / "audio_fbank" / f"{clip}.npy").T
+            assert torch.equal(batch.inputs["audio"][k], torch.from_numpy(audio)[None])
+            assert int(batch.targets[k]) == EMOS.index(clip.split("_")[2])
+    test_csv = {line.split(",")[0] for line in (raw_cremad / "test.csv").read_text().split()}
+    assert set(clips_of["test"]) == test_csv
+    assert not set(clips_of["val"]) & set(clips_of["train"])
+    assert sorted(c.split("_")[2] for c in clips_of["val"]) == sorted(EMOS)
+
+
+def test_cremad_without_split_files_carves_train_val_test(prepared, tmp_path: Path) -> None:
+    out, _ = prepared
+    copy = tmp_path / "unsplit"
+    shutil.copytree(out, copy)
+    lines = (copy / "manifest.csv").read_text().splitlines()
+    unsplit = [lines[0], *(line.rsplit(",", 1)[0] + "," for line in lines[1:])]
+    (copy / "manifest.csv").write_text("\n".join(unsplit) + "\n")
+    cfg = resolve_config(
+        {
+            "dataset": "cremad",
+            "dataset.root": str(copy),
+            "dataset.val_fraction": 0.25,
+            "dataset.test_fraction": 0.25,
+            **FAST,
+        }
+    )
+    bundle = build_dataset(cfg)
+    # 4 clips per emotion: stratified cuts at round(4 * [0.5, 0.75]) = 2, 3
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
+        counts = torch.bincount(bundle.splits[split].targets, minlength=6)
+        assert torch.equal(counts, torch.full((6,), per_class))
+    assert "no train/test split files were prepared: stratified 0.50/0.25/0.25" in bundle.notes
+
+
+def test_cremad_manifest_with_a_partial_split_is_refused(prepared, tmp_path: Path) -> None:
+    out, _ = prepared
+    copy = tmp_path / "partial"
+    shutil.copytree(out, copy)
+    lines = (copy / "manifest.csv").read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + ","
+    (copy / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cfg = resolve_config({"dataset": "cremad", "dataset.root": str(copy), **FAST})
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    assert "manifest gives no split for 1 of its 24 clips" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_cremad_one_epoch_fit(prepared, tmp_path: Path) -> None:
     out, _ = prepared
     cfg = resolve_config(
@@ -173,8 +270,6 @@ def test_cremad_source_errors(tmp_path: Path, make, message: str) -> None:
 
 
 def test_cremad_source_missing_feature_file(prepared, tmp_path: Path) -> None:
-    import shutil
-
     out, _ = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

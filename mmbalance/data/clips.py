@@ -462,7 +462,7 @@ def split_indices(
             f"no train/test split files were prepared: stratified {1 - v - t:.2f}/{v:.2f}/"
             f"{t:.2f} train/val/test split of all clips (seed {seed})"
         )
-        return {"train": train, "val": val, "test": test}, note
+        return _nonempty({"train": train, "val": val, "test": test}, title), note
     if unsplit:
         raise DataError(
             f"{title} manifest gives no split for {len(unsplit)} of its {len(rows)} clips "
@@ -482,7 +482,17 @@ def split_indices(
         f"the given train/test split; validation = a stratified {val_fraction:.2f} of the "
         f"training clips (seed {seed}), since the community split has none"
     )
-    return index, note
+    return _nonempty(index, title), note
+
+
+def _nonempty(index: dict[str, Tensor], title: str) -> dict[str, Tensor]:
+    for split, rows in index.items():
+        if len(rows) == 0:
+            raise DataError(
+                f"{title}: the {split} split gets no clip with these fractions; raise "
+                "dataset.val_fraction (or dataset.test_fraction) or prepare more clips"
+            )
+    return index
 
 
 def stack_clips(
