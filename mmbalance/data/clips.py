@@ -360,14 +360,15 @@ def check_clip_name(name: str, where: str) -> str:
 
     Clip names become file names (``<out>/frames/<clip>.npy``, ``<raw>/rgb/<clip>/``), so a name
     with a path separator, ``..`` or an absolute path would lead outside the directory: a list
-    or manifest from elsewhere could make ``prepare`` write, or a run read, any file.
+    or manifest from elsewhere could make ``prepare`` write, or a run read, any file. Control
+    characters are refused too (they have no place in a file name and would split messages).
     """
     if (
         not name
         or name in (".", "..")
         or "/" in name
         or "\\" in name
-        or "\0" in name
+        or any(ord(c) < 32 for c in name)
         or Path(name).is_absolute()
     ):
         raise DataError(
@@ -604,60 +605,6 @@ def _full_targets(ds: ClipDataset) -> Tensor:
     full = torch.zeros(n, dtype=ds.targets.dtype)
     full[ds.index] = ds.targets
     return full
-
-
-def build_clip_bundle(
-    *,
-    name: str,
-    title: str,
-    root: Path,
-    rows: Sequence[dict[str, str]],
-    classes: Sequence[str],
-    parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
-    normalise: Mapping[str, Callable[[Tensor], Tensor]],
-    encoders: Mapping[str, str],
-    to_tensor: Mapping[str, Callable[[np.ndarray], Tensor]],
-    cache_dir: Path,
-    recipe: dict[str, Any],
-    val_fraction: float,
-    test_fraction: float | None,
-    seed: int,
-    notes: str,
-    hint: str,
-) -> DatasetBundle:
-    """Stack, cache and split a prepared directory into a :class:`DatasetBundle`.
-
-    The cache holds frames as uint8 and is loaded memory-mapped; each split is a
-    :class:`ClipDataset` over it, so no split copies or converts the frames.
-    """
-    import hashlib
-
-    from mmbalance.data.cache import cached_arrays
-
-    manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
-    recipe = {"dataset": name, "root": str(root), "manifest": manifest_hash, **recipe}
-    lookup = {c: i for i, c in enumerate(classes)}
-
-    def load() -> dict[str, Tensor]:
-        stacked = stack_clips(root, rows, name, parts, hint)
-        arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
-        arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
-        return arrays
-
-    arrays = cached_arrays(cache_dir, name, recipe, load)
-    targets = arrays.pop("targets")
-    index, note = split_indices(rows, targets, val_fraction, seed, title, test_fraction)
-    splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
-    specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
-    return DatasetBundle(
-        name=name,
-        task="classification",
-        num_outputs=len(classes),
-        modalities=specs,
-        splits=splits,
-        class_names=list(classes),
-        notes=f"{title} prepared in {root} ({notes}); {note}",
-    )
 
 
 def av_outputs(out: Path, clip: str) -> list[Path]:
@@ -935,25 +882,51 @@ class ClipSource(DatasetSource):
         recipe: dict[str, Any],
         notes: str,
     ) -> DatasetBundle:
-        """:func:`build_clip_bundle` with this dataset's name, cache and split options."""
+        """Stack, cache and split the prepared directory ``root`` into a bundle.
+
+        ``parts`` maps each modality to its subdirectory and the check/selection applied to a
+        clip's array; ``to_tensor`` turns the stacked arrays into the cached tensors (frames
+        stay uint8), ``normalise`` turns a batch of them into model input. The cache is loaded
+        memory-mapped and each split is a :class:`ClipDataset` over it, so no split copies or
+        converts the frames.
+        """
+        import hashlib
+
+        from mmbalance.data.cache import cached_arrays
+
         p: ClipParams = self.params
-        return build_clip_bundle(
-            name=self.name,
-            title=self.title,
-            root=root,
-            rows=rows,
-            classes=classes,
-            parts=parts,
-            normalise=normalise,
-            encoders=encoders,
-            to_tensor=to_tensor,
-            cache_dir=self.cache_dir,
-            recipe={"version": self.version, **recipe},
-            val_fraction=p.val_fraction,
-            test_fraction=self.test_fraction(),
-            seed=p.seed,
-            notes=notes,
-            hint=self.prepare_hint(),
+        name, title, hint = self.name, self.title, self.prepare_hint()
+        manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+        recipe = {
+            "dataset": name,
+            "root": str(root),
+            "manifest": manifest_hash,
+            "version": self.version,
+            **recipe,
+        }
+        lookup = {c: i for i, c in enumerate(classes)}
+
+        def load() -> dict[str, Tensor]:
+            stacked = stack_clips(root, rows, name, parts, hint)
+            arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
+            arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+            return arrays
+
+        arrays = cached_arrays(self.cache_dir, name, recipe, load)
+        targets = arrays.pop("targets")
+        index, note = split_indices(
+            rows, targets, p.val_fraction, p.seed, title, self.test_fraction()
+        )
+        splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
+        specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
+        return DatasetBundle(
+            name=name,
+            task="classification",
+            num_outputs=len(classes),
+            modalities=specs,
+            splits=splits,
+            class_names=list(classes),
+            notes=f"{title} prepared in {root} ({notes}); {note}",
         )
 
 
