@@ -193,13 +193,19 @@ def test_cremad_batches_are_the_prepared_files(raw_cremad: Path, prepared) -> No
     assert sorted(c.split("_")[2] for c in clips_of["val"]) == sorted(EMOS)
 
 
+def copy_without_splits(out: Path, copy: Path, rows: int | None = None) -> Path:
+    """A copy of the prepared directory whose first ``rows`` clips (all if None) have no split."""
+    shutil.copytree(out, copy)
+    header, *lines = (copy / "manifest.csv").read_text().splitlines()
+    count = len(lines) if rows is None else rows
+    lines = [line.rsplit(",", 1)[0] + "," for line in lines[:count]] + lines[count:]
+    (copy / "manifest.csv").write_text("\n".join([header, *lines]) + "\n")
+    return copy
+
+
 def test_cremad_without_split_files_carves_train_val_test(prepared, tmp_path: Path) -> None:
     out, _ = prepared
-    copy = tmp_path / "unsplit"
-    shutil.copytree(out, copy)
-    lines = (copy / "manifest.csv").read_text().splitlines()
-    unsplit = [lines[0], *(line.rsplit(",", 1)[0] + "," for line in lines[1:])]
-    (copy / "manifest.csv").write_text("\n".join(unsplit) + "\n")
+    copy = copy_without_splits(out, tmp_path / "unsplit")
     cfg = resolve_config(
         {
             "dataset": "cremad",
@@ -218,12 +224,7 @@ def test_cremad_without_split_files_carves_train_val_test(prepared, tmp_path: Pa
 
 
 def test_cremad_manifest_with_a_partial_split_is_refused(prepared, tmp_path: Path) -> None:
-    out, _ = prepared
-    copy = tmp_path / "partial"
-    shutil.copytree(out, copy)
-    lines = (copy / "manifest.csv").read_text().splitlines()
-    lines[1] = lines[1].rsplit(",", 1)[0] + ","
-    (copy / "manifest.csv").write_text("\n".join(lines) + "\n")
+    copy = copy_without_splits(prepared[0], tmp_path / "partial", rows=1)
     cfg = resolve_config({"dataset": "cremad", "dataset.root": str(copy), **FAST})
     with pytest.raises(DataError) as err:
         build_dataset(cfg)
