@@ -512,7 +512,9 @@ def test_every_prepare_option_has_a_flag() -> None:
     assert {"ave", "cremad", "kinetics_sounds", "ucf101"} <= set(preparable_datasets())
     assert "mosi" not in preparable_datasets() and "synthetic" not in preparable_datasets()
     for name in preparable_datasets():
-        params = DATASETS.get(name).PrepareParams
+        source = DATASETS.get(name)
+        assert getattr(source, "name", name) == name  # hints and cache files use the class's
+        params = source.PrepareParams
         for field in fields(params):
             assert "--" + field.name.replace("_", "-") in PREPARE_OPTIONS, (name, field.name)
 
