@@ -135,36 +135,48 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-PREPARERS = ("cremad", "ave", "kinetics_sounds", "ucf101")
+#: The options of ``mmbalance prepare`` (flag -> help). Each preparable dataset accepts those
+#: that its ``PrepareParams`` has as fields (a test checks that every field has its flag); an
+#: option given to a dataset without that field is an error.
+PREPARE_OPTIONS = {
+    "--workers": "parallel processes",
+    "--image-size": "frame side in pixels",
+    "--fbank-frames": "fbank length in 10 ms frames (datasets with audio)",
+    "--clip-frames": "RGB and flow frames kept per clip (datasets with optical flow)",
+}
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    import importlib
-    import inspect
+    import dataclasses
 
-    from mmbalance.errors import DataError
+    from mmbalance.config import build_dataclass
+    from mmbalance.data import DATASETS, preparable_datasets
+    from mmbalance.errors import ConfigError
 
-    if args.dataset not in PREPARERS:
-        raise DataError(
-            f"dataset {args.dataset!r} needs no preparation or is not supported by prepare; "
-            f"prepare knows: {', '.join(PREPARERS)}"
+    known = preparable_datasets()
+    if args.dataset not in known:
+        raise ConfigError(
+            f"dataset {args.dataset!r} needs no preparation or is not registered; "
+            f"prepare knows: {', '.join(known)}"
         )
-    module = importlib.import_module(f"mmbalance.data.{args.dataset}")
+    source = DATASETS.get(args.dataset)
+    assert source.PrepareParams is not None
+    flags = {flag.removeprefix("--").replace("-", "_"): flag for flag in PREPARE_OPTIONS}
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    accepted = [f.name for f in dataclasses.fields(source.PrepareParams)]
+    stray = [flags[name] for name in given if name not in accepted]
+    if stray:
+        own = ", ".join(flags.get(name, name) for name in accepted)
+        raise ConfigError(f"{stray[0]} does not apply to {args.dataset}; its options: {own}")
+    # options not given keep the dataset's defaults
+    params = build_dataclass(source.PrepareParams, given, "prepare")
     console = _console()
-    # each dataset's prepare takes the options that apply to it (fbank length, clip frames...)
-    accepted = inspect.signature(module.prepare).parameters
-    given = {
-        "workers": args.workers,
-        "image_size": args.image_size,
-        "fbank_frames": args.fbank_frames,
-        "clip_frames": args.clip_frames,
-    }
-    options: dict[str, Any] = {k: v for k, v in given.items() if k in accepted}
-    report = module.prepare(
-        args.raw, args.out, progress=not args.no_progress, console=console, **options
+    out = Path(args.out)
+    report = source.prepare(
+        Path(args.raw), out, params, progress=not args.no_progress, console=console
     )
-    module.print_report(report, console)
-    console.print(f"report: {Path(args.out) / 'prepare_report.json'}")
+    source.print_prepare_report(report, console)
+    console.print(f"report: {out / 'prepare_report.json'}")
     return 0
 
 
@@ -198,15 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=_cmd_compare)
 
     prep = sub.add_parser("prepare", help="turn a raw dataset release into a prepared directory")
-    prep.add_argument("dataset", help=f"dataset to prepare ({', '.join(PREPARERS)})")
+    prep.add_argument("dataset", help="dataset to prepare (an unknown name lists them)")
     prep.add_argument("--raw", required=True, help="root of the raw release")
     prep.add_argument("--out", required=True, help="prepared directory (dataset.root)")
-    prep.add_argument("--workers", type=int, default=1, help="parallel processes")
-    prep.add_argument("--image-size", type=int, default=112, help="frame side in pixels")
-    prep.add_argument("--fbank-frames", type=int, default=1024, help="fbank length (10 ms frames)")
-    prep.add_argument(
-        "--clip-frames", type=int, default=8, help="ucf101: RGB/flow frames kept per clip"
-    )
+    for flag, text in PREPARE_OPTIONS.items():
+        prep.add_argument(flag, type=int, help=f"{text} (default: the dataset's)")
     prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     prep.set_defaults(func=_cmd_prepare)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ import pytest
 import torch
 
 from mmbalance.build import build_dataset, resolve_config
+from mmbalance.data.clips import AudioVisualPrepareParams
+from mmbalance.data.cremad import CremadParams, CremadSource
 from mmbalance.errors import DataError
 from mmbalance.train import fit
 
@@ -20,6 +25,10 @@ EMOS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 FAST = {"train.epochs": 1, "train.progress": False, "train.tensorboard": False}
 BAD_VIDEO = "1002_IEO_SAD_HI"
 NO_AUDIO = "1003_IEO_HAP_MD"
+
+
+def prep_params(workers: int = 1) -> AudioVisualPrepareParams:
+    return AudioVisualPrepareParams(workers=workers, image_size=32, fbank_frames=64)
 
 
 def write_wav(path: Path, freq: float, seconds: float = 0.6, sr: int = 16000) -> None:
@@ -67,10 +76,8 @@ def raw_cremad(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(raw_cremad: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from mmbalance.data.cremad import prepare
-
     out = tmp_path_factory.mktemp("cremad_prepared")
-    report = prepare(raw_cremad, out, workers=2, image_size=32, fbank_frames=64, progress=False)
+    report = CremadSource.prepare(raw_cremad, out, prep_params(workers=2), progress=False)
     return out, report
 
 
@@ -79,7 +86,7 @@ def test_prepare_writes_features_and_reports_bad_clips(prepared: tuple[Path, dic
     assert report["prepared_now"] == 24 and report["in_manifest"] == 24
     reasons = {f["clip"]: f["reason"] for f in report["failed"]}
     assert set(reasons) == {BAD_VIDEO, NO_AUDIO}
-    assert reasons[BAD_VIDEO].startswith(f"unreadable video {BAD_VIDEO}.flv")
+    assert reasons[BAD_VIDEO].startswith(f"unreadable video VideoFlash/{BAD_VIDEO}.flv")
     assert reasons[NO_AUDIO] == f"missing audio file AudioWAV/{NO_AUDIO}.wav"
     assert json.loads((out / "prepare_report.json").read_text()) == report
     clip = "1001_DFA_ANG_XX"
@@ -91,11 +98,9 @@ def test_prepare_writes_features_and_reports_bad_clips(prepared: tuple[Path, dic
 
 
 def test_prepare_is_idempotent(raw_cremad: Path, prepared: tuple[Path, dict]) -> None:
-    from mmbalance.data.cremad import prepare
-
     out, _ = prepared
     stamp = (out / "frames" / "1001_DFA_ANG_XX.npy").stat().st_mtime_ns
-    again = prepare(raw_cremad, out, workers=1, image_size=32, fbank_frames=64, progress=False)
+    again = CremadSource.prepare(raw_cremad, out, prep_params(), progress=False)
     assert again["prepared_now"] == 0 and again["already_prepared"] == 24
     assert [f["clip"] for f in again["failed"]] == [BAD_VIDEO, NO_AUDIO]
     assert (out / "frames" / "1001_DFA_ANG_XX.npy").stat().st_mtime_ns == stamp
@@ -130,6 +135,101 @@ def test_cremad_source_splits_and_shapes(prepared, audio: str, shape: tuple) -> 
     assert sizes == {"train": 12, "val": 6, "test": 6}  # val: 1 of 3 train clips per class
     assert torch.equal(torch.bincount(bundle.splits["test"].targets), torch.ones(6).long())
     assert "validation" in bundle.notes and "seed 0" in bundle.notes
+
+
+def manifest_rows(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cremad_frames_stay_uint8_and_memory_mapped(prepared) -> None:
+    """The splits are views of one uint8 frame array from the memory-mapped cache."""
+    out, _ = prepared
+    cache = Path(os.environ["MMBALANCE_CACHE"])
+    params = CremadParams(root=str(out), frames=2, val_fraction=0.34)
+    CremadSource(params, cache).build()  # builds the cache file
+    bundle = CremadSource(params, cache).build()  # loads it
+    video = bundle.splits["train"].arrays["video"]
+    assert video.dtype == torch.uint8 and video.shape == (24, 3, 2, 32, 32)
+    assert all(ds.arrays["video"] is video for ds in bundle.splits.values())
+    maps = Path("/proc/self/maps").read_text()
+    assert any(str(path) in maps for path in cache.glob("cremad-*.pt"))
+
+
+def test_cremad_batches_are_the_prepared_files(raw_cremad: Path, prepared) -> None:
+    """Every sample of every split is its clip's prepared arrays (audio as stored, frames at the
+    segment centres, ImageNet-normalised), its label the emotion's index in EMOTIONS; the test
+    split is test.csv's, validation one training clip per emotion."""
+    out, _ = prepared
+    cfg = resolve_config(
+        {
+            "dataset": "cremad",
+            "dataset.root": str(out),
+            "dataset.audio": "fbank",
+            "dataset.frames": 1,
+            "dataset.val_fraction": 0.34,
+            **FAST,
+        }
+    )
+    bundle = build_dataset(cfg)
+    assert bundle.class_names == list(EMOS)
+    rows = manifest_rows(out)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    clips_of = {}
+    for split, ds in bundle.splits.items():
+        batch = ds.__getitems__(list(range(len(ds))))
+        clips_of[split] = [rows[i]["clip"] for i in ds.index.tolist()]
+        for k, clip in enumerate(clips_of[split]):
+            frames = np.load(out / "frames" / f"{clip}.npy")  # (2, 32, 32, 3): 2 s at 1 fps
+            centre = torch.from_numpy(frames[1:2]).permute(3, 0, 1, 2).float()  # (2 * 0.5)
+            assert torch.allclose(batch.inputs["video"][k], (centre / 255 - mean) / std)
+            audio = np.load(out / "audio_fbank" / f"{clip}.npy").T
+            assert torch.equal(batch.inputs["audio"][k], torch.from_numpy(audio)[None])
+            assert int(batch.targets[k]) == EMOS.index(clip.split("_")[2])
+    test_csv = {line.split(",")[0] for line in (raw_cremad / "test.csv").read_text().split()}
+    assert set(clips_of["test"]) == test_csv
+    assert not set(clips_of["val"]) & set(clips_of["train"])
+    assert sorted(c.split("_")[2] for c in clips_of["val"]) == sorted(EMOS)
+
+
+def copy_without_splits(out: Path, copy: Path, rows: int | None = None) -> Path:
+    """A copy of the prepared directory whose first ``rows`` clips (all if None) have no split."""
+    shutil.copytree(out, copy)
+    header, *lines = (copy / "manifest.csv").read_text().splitlines()
+    count = len(lines) if rows is None else rows
+    lines = [line.rsplit(",", 1)[0] + "," for line in lines[:count]] + lines[count:]
+    (copy / "manifest.csv").write_text("\n".join([header, *lines]) + "\n")
+    return copy
+
+
+def test_cremad_without_split_files_carves_train_val_test(prepared, tmp_path: Path) -> None:
+    out, _ = prepared
+    copy = copy_without_splits(out, tmp_path / "unsplit")
+    cfg = resolve_config(
+        {
+            "dataset": "cremad",
+            "dataset.root": str(copy),
+            "dataset.val_fraction": 0.25,
+            "dataset.test_fraction": 0.25,
+            **FAST,
+        }
+    )
+    bundle = build_dataset(cfg)
+    # 4 clips per emotion: stratified cuts at round(4 * [0.5, 0.75]) = 2, 3
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
+        counts = torch.bincount(bundle.splits[split].targets, minlength=6)
+        assert torch.equal(counts, torch.full((6,), per_class))
+    assert "no train/test split files were prepared: stratified 0.50/0.25/0.25" in bundle.notes
+
+
+def test_cremad_manifest_with_a_partial_split_is_refused(prepared, tmp_path: Path) -> None:
+    copy = copy_without_splits(prepared[0], tmp_path / "partial", rows=1)
+    cfg = resolve_config({"dataset": "cremad", "dataset.root": str(copy), **FAST})
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    assert "manifest gives no split for 1 of its 24 clips" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_cremad_one_epoch_fit(prepared, tmp_path: Path) -> None:
@@ -171,8 +271,6 @@ def test_cremad_source_errors(tmp_path: Path, make, message: str) -> None:
 
 
 def test_cremad_source_missing_feature_file(prepared, tmp_path: Path) -> None:
-    import shutil
-
     out, _ = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -245,7 +343,7 @@ def test_mosei_checks_feature_dims(tmp_path: Path) -> None:
         (b"not a pickle at all", "is not a readable pickle"),
         (pickle.dumps({"train": {}, "valid": {}, "test": {}}), "split 'train' lacks the keys"),
         (pickle.dumps({"train": {}}), "lacks the splits ['valid', 'test']"),
-        (pickle.dumps(Path("x")), "is not a readable pickle (UnpicklingError: refusing"),
+        (pickle.dumps(Path("x")), "was not loaded: it asks for more than arrays (refusing"),
     ],
 )
 def test_mosi_errors(tmp_path: Path, content: bytes | None, message: str) -> None:

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 from mmbalance.build import build_dataset, resolve_config
+from mmbalance.data.ave import AveSource
+from mmbalance.data.clips import AudioVisualPrepareParams
+from mmbalance.data.kinetics_sounds import KineticsSoundsSource
+from mmbalance.data.ucf101 import Ucf101PrepareParams, Ucf101Source
 from mmbalance.errors import DataError
 from mmbalance.train import fit
 
@@ -18,6 +22,10 @@ Image = pytest.importorskip("PIL.Image")
 
 FAST = {"train.epochs": 1, "train.progress": False, "train.tensorboard": False}
 SIZE = 32
+
+
+def av_params() -> AudioVisualPrepareParams:
+    return AudioVisualPrepareParams(image_size=SIZE, fbank_frames=64)
 
 
 def tiny_model(m1: str, m2: str) -> dict:
@@ -105,9 +113,7 @@ def ave_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     for split, name in (("train", "trainSet"), ("val", "valSet"), ("test", "testSet")):
         (raw / f"{name}.txt").write_text(header + "\n".join(lines[split]) + "\n")
     out = tmp_path_factory.mktemp("ave_prepared")
-    from mmbalance.data.ave import prepare
-
-    report = prepare(raw, out, workers=1, image_size=SIZE, fbank_frames=64, progress=False)
+    report = AveSource.prepare(raw, out, av_params(), progress=False)
     return raw, out, report
 
 
@@ -125,11 +131,9 @@ def test_ave_prepare_writes_features_and_reports_bad_clips(ave_prepared) -> None
 
 
 def test_ave_prepare_is_idempotent(ave_prepared) -> None:
-    from mmbalance.data.ave import prepare
-
     raw, out, _ = ave_prepared
     stamp = (out / "frames" / "vid00XYZ.npy").stat().st_mtime_ns
-    again = prepare(raw, out, image_size=SIZE, fbank_frames=64, progress=False)
+    again = AveSource.prepare(raw, out, av_params(), progress=False)
     assert again["prepared_now"] == 0 and again["already_prepared"] == 12
     assert (out / "frames" / "vid00XYZ.npy").stat().st_mtime_ns == stamp
 
@@ -176,9 +180,7 @@ def ks_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
     (raw / "my_train.txt").write_text("\n".join(train) + "\n")
     (raw / "my_test.txt").write_text("\n".join(test) + "\n")
     out = tmp_path_factory.mktemp("ks_prepared")
-    from mmbalance.data.kinetics_sounds import prepare
-
-    report = prepare(raw, out, workers=1, image_size=SIZE, fbank_frames=64, progress=False)
+    report = KineticsSoundsSource.prepare(raw, out, av_params(), progress=False)
     return raw, out, report
 
 
@@ -215,13 +217,12 @@ def test_ks_carves_validation_and_trains(ks_prepared, tmp_path: Path) -> None:
 
 
 def test_ks_per_split_class_folders(tmp_path: Path) -> None:
-    from mmbalance.data.kinetics_sounds import prepare
-
     raw = tmp_path / "raw"
     for split, cls in (("train", "playing drums"), ("test", "singing")):
         (raw / "videos" / split / cls).mkdir(parents=True)
         write_video(raw / "videos" / split / cls / f"{split}_clip.mp4", (9, 9, 9), 400, seconds=1)
-    report = prepare(raw, tmp_path / "out", image_size=SIZE, fbank_frames=32, progress=False)
+    params = AudioVisualPrepareParams(image_size=SIZE, fbank_frames=32)
+    report = KineticsSoundsSource.prepare(raw, tmp_path / "out", params, progress=False)
     assert report["in_manifest"] == 2 and report["failed"] == [] and report["classes"] == 2
     manifest = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
     assert manifest[1:] == ["test_clip,singing,test", "train_clip,playing drums,train"]
@@ -267,9 +268,8 @@ def ucf_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     (lists / "trainlist01.txt").write_text("\n".join(train) + "\n")
     (lists / "testlist01.txt").write_text("\n".join(test) + "\n")
     out = tmp_path_factory.mktemp("ucf_prepared")
-    from mmbalance.data.ucf101 import prepare
-
-    report = prepare(raw, out, workers=1, image_size=SIZE, clip_frames=4, progress=False)
+    params = Ucf101PrepareParams(image_size=SIZE, clip_frames=4)
+    report = Ucf101Source.prepare(raw, out, params, progress=False)
     return raw, out, report
 
 

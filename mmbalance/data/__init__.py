@@ -17,6 +17,7 @@ from mmbalance.data.base import (
     DatasetSource,
     ModalitySpec,
     MultimodalTensorDataset,
+    preparable_datasets,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "DatasetSource",
     "ModalitySpec",
     "MultimodalTensorDataset",
+    "preparable_datasets",
 ]

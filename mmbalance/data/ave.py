@@ -2,7 +2,7 @@
 
 Two steps, as for CREMA-D (see :mod:`mmbalance.data.clips`):
 
-1. :func:`prepare` (``mmbalance prepare ave --raw DIR --out DIR``) reads the community layout
+1. ``prepare`` (``mmbalance prepare ave --raw DIR --out DIR``) reads the community layout
    of the release (``AVE_Dataset/``):
 
    * ``AVE/<VideoID>.mp4``: the 4,143 videos, with their sound;
@@ -27,11 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
-from mmbalance.config import check
 from mmbalance.data import clips
-from mmbalance.data.base import DATASETS, DatasetBundle, DatasetSource
+from mmbalance.data.base import DATASETS
 from mmbalance.errors import DataError
 
 #: The 28 categories in the order of the AVE code (YapengTian/AVE-ECCV18), which fixes labels.
@@ -67,8 +65,6 @@ CLASSES = (
 )
 SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
 SECONDS = 10.0
-VERSION = 1
-PREPARE_HINT = "run `mmbalance prepare ave --raw AVE_Dataset --out DIR` and set dataset.root=DIR"
 
 
 def read_split_files(raw: Path) -> dict[str, tuple[str, str]]:
@@ -84,104 +80,54 @@ def read_split_files(raw: Path) -> dict[str, tuple[str, str]]:
                 continue
             if len(parts) < 2 or not parts[1]:
                 raise DataError(f"{path}:{n} is not Category&VideoID&Quality&StartTime&EndTime")
-            found.setdefault(parts[1], (parts[0], split))
+            found.setdefault(clips.check_clip_name(parts[1], f"{path}:{n}"), (parts[0], split))
     return found
 
 
-def prepare(
-    raw: str | Path,
-    out: str | Path,
-    workers: int = 1,
-    image_size: int = 112,
-    fbank_frames: int = 1024,
-    progress: bool = True,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Prepare AVE from ``raw`` into ``out`` (see the module docstring); returns the report."""
-    raw, out = Path(raw), Path(out)
-    clips.check_prepare_args(workers, image_size, fbank_frames)
-    if not raw.is_dir():
-        raise DataError(f"AVE raw directory {raw} does not exist; pass the release's root")
-    listed = read_split_files(raw)
-    if not listed:
-        raise DataError(
-            f"{raw} holds no trainSet.txt, valSet.txt or testSet.txt; "
-            "pass the root of the AVE release (AVE_Dataset/)"
-        )
-    videos = clips.index_files(raw / "AVE", clips.VIDEO_SUFFIXES)
-    names = sorted(listed)
-    failed: dict[str, str] = {}
-    for clip in names:
-        if listed[clip][0] not in CLASSES:
-            failed[clip] = f"unknown AVE category {listed[clip][0]!r}"
-        elif clip not in videos:
-            failed[clip] = f"missing video file AVE/{clip}.mp4"
-    return clips.prepare_clips(
-        dataset="ave",
-        title="AVE",
-        raw=raw,
-        out=out,
-        names=names,
-        failed=failed,
-        outputs=lambda c: clips.av_outputs(out, c),
-        job=lambda c: (c, videos[c], None, None, out, image_size, fbank_frames, SECONDS, raw),
-        func=clips.prepare_av_clip,
-        label=lambda c: listed[c][0],
-        split=lambda c: listed[c][1],
-        workers=workers,
-        progress=progress,
-        console=console,
-        settings={"image_size": image_size, "fbank_frames": fbank_frames},
-    )
-
-
-def print_report(report: dict[str, Any], console: Any) -> None:
-    clips.print_report(report, console, "AVE")
-
-
 @dataclass
-class AveParams:
-    """Options of AVE (a prepared directory; see :func:`prepare`)."""
+class AveParams(clips.AudioVisualParams):
+    """Options of AVE (a prepared directory; see ``prepare``). ``val_fraction`` is only used if
+    a prepared directory lacks the official val split."""
 
-    root: str | None = None
-    audio: Literal["stft", "fbank"] = "stft"
     frames: int = 4
-    seed: int = 0
-    val_fraction: float = 0.1  # only used if a prepared directory lacks the official val split
-
-    def __post_init__(self) -> None:
-        check(1 <= self.frames <= 16, f"dataset.frames must be in [1, 16], got {self.frames}")
-        check(
-            0 < self.val_fraction < 0.5,
-            f"dataset.val_fraction must be in (0, 0.5), got {self.val_fraction}",
-        )
 
 
 @DATASETS.register("ave")
-class AveSource(DatasetSource):
+class AveSource(clips.AudioVisualSource):
     Params = AveParams
+    name = "ave"
+    title = "AVE"
+    raw_hint = "AVE_Dataset"
+    classes = CLASSES
+    seconds = SECONDS
     description = (
         "AVE audio-visual events (28): audio spectrogram + frames, from `mmbalance prepare`"
     )
     # MCR's AVE ResNet run (Adam 1e-4, wd 1e-4, batch 32); the config file has the rest.
     train_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 32}
 
-    def build(self) -> DatasetBundle:
-        p: AveParams = self.params
-        if not p.root:
-            raise DataError(f"dataset.root is not set; {PREPARE_HINT}")
-        root = Path(p.root).expanduser().resolve()
-        rows = clips.read_manifest(root, "AVE", PREPARE_HINT, CLASSES)
-        return clips.audio_visual_bundle(
-            name="ave",
-            title="AVE",
-            root=root,
-            rows=rows,
-            classes=CLASSES,
-            audio=p.audio,
-            frames=p.frames,
-            val_fraction=p.val_fraction,
-            seed=p.seed,
-            cache_dir=self.cache_dir,
-            version=VERSION,
+    @classmethod
+    def find_clips(
+        cls, raw: Path, out: Path, params: clips.AudioVisualPrepareParams
+    ) -> clips.Release:
+        """The clips of the official split files, each with its video ``AVE/<id>.mp4``."""
+        listed = read_split_files(raw)
+        if not listed:
+            raise DataError(
+                f"{raw} holds no trainSet.txt, valSet.txt or testSet.txt; "
+                "pass the root of the AVE release (AVE_Dataset/)"
+            )
+        videos = clips.index_files(raw / "AVE", clips.VIDEO_SUFFIXES)
+        failed: dict[str, str] = {}
+        for clip, (category, _) in listed.items():
+            if category not in CLASSES:
+                failed[clip] = f"unknown AVE category {category!r}"
+            elif clip not in videos:
+                failed[clip] = f"missing video file AVE/{clip}.mp4"
+        return clips.Release(
+            names=sorted(listed),
+            failed=failed,
+            label=lambda c: listed[c][0],
+            split=lambda c: listed[c][1],
+            job=cls.av_job(raw, out, params, lambda c: (videos[c], None, None)),
         )

@@ -123,6 +123,14 @@ class DatasetBundle:
             raise DataError(f"dataset {self.name!r} lacks the splits {sorted(missing)}")
         if len(self.modalities) < 2:
             raise DataError(f"dataset {self.name!r} has fewer than 2 modalities")
+        targets = getattr(self.splits["train"], "targets", None)
+        if self.task == "classification" and isinstance(targets, Tensor) and len(targets):
+            if torch.unique(targets).numel() < 2:
+                raise DataError(
+                    f"dataset {self.name!r}: every training sample has class "
+                    f"{int(targets[0])}; a classifier needs two classes or more to learn from "
+                    "(use more training samples)"
+                )
 
 
 class DatasetSource:
@@ -131,9 +139,17 @@ class DatasetSource:
     Subclasses set ``Params`` (a dataclass of their options, validated by the config system),
     optionally ``train_defaults`` (train settings that suit the dataset; user values win), and
     implement :meth:`build`.
+
+    A dataset that is decoded once from a raw release before it can be built (``mmbalance
+    prepare NAME``) also sets ``PrepareParams`` (a dataclass of the preparation's options) and
+    implements :meth:`prepare` and :meth:`print_prepare_report`. The command line finds the
+    preparable datasets and checks their options through these, so preparation needs no list of
+    its own.
     """
 
     Params: ClassVar[type]
+    #: Options of :meth:`prepare`; None for a dataset that needs no preparation.
+    PrepareParams: ClassVar[type | None] = None
     train_defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
@@ -144,8 +160,27 @@ class DatasetSource:
     def build(self) -> DatasetBundle:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def prepare(
+        cls, raw: Path, out: Path, params: Any, *, progress: bool = True, console: Any = None
+    ) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Decode the raw release in ``raw`` into the prepared directory ``out``; the report."""
+        raise NotImplementedError
+
+    @classmethod
+    def print_prepare_report(
+        cls, report: Mapping[str, Any], console: Any
+    ) -> None:  # pragma: no cover - abstract
+        """Print the summary of a :meth:`prepare` report."""
+        raise NotImplementedError
+
 
 DATASETS: Registry[type[DatasetSource]] = Registry("dataset")
+
+
+def preparable_datasets() -> list[str]:
+    """The registered datasets that ``mmbalance prepare`` can prepare, by name."""
+    return [name for name, source in DATASETS.items() if source.PrepareParams is not None]
 
 
 def stratified_split(targets: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
@@ -160,3 +195,9 @@ def stratified_split(targets: Tensor, fractions: Sequence[float], seed: int) -> 
         for k in range(len(fractions)):
             parts[k].append(idx[cuts[k] : cuts[k + 1]])
     return [torch.sort(torch.cat(p)).values for p in parts]
+
+
+def error_text(err: BaseException) -> str:
+    """An exception's message cut to its first line (for one-line errors and reports)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -13,29 +13,42 @@ the pieces the datasets share, so each dataset file only knows its release's lay
 * crash-safe writes (temporary name, then rename), so an interrupted ``prepare`` resumes;
 * the parallel, progress-barred job runner whose jobs never raise but return an error string, so
   one corrupt file is skipped and reported instead of stopping a run of thousands;
-* manifest reading and writing, the train/val/test split rule and the normalisation of frames.
+* manifest reading and writing, the train/val/test split rule and the normalisation of frames;
+* the checks that keep every path inside its directory: a clip name from a release's list or a
+  prepared manifest must be a plain file name, and a prepared file must resolve inside the
+  prepared directory (a symlinked directory as a whole is fine);
+* :class:`ClipSource`, the registered dataset class of a prepared dataset: its options
+  (:class:`ClipParams`, :class:`ClipPrepareParams`), ``prepare`` (find the release's clips,
+  decode them, write the manifest) and ``build`` (read the manifest, stack, cache and split);
+  :class:`AudioVisualSource` adds the audio + frames bundle that CREMA-D, AVE and
+  Kinetics-Sounds share.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mmbalance.config import check
 from mmbalance.data.audio import fbank, fix_length, resample, stft_magnitude
 from mmbalance.data.base import (
     Batch,
     DatasetBundle,
+    DatasetSource,
     ModalitySpec,
     MultimodalTensorDataset,
+    error_text,
     stratified_split,
 )
 from mmbalance.errors import DataError
@@ -216,15 +229,6 @@ def pick_frames(frames: np.ndarray, count: int) -> np.ndarray:
     return frames[segment_centres(len(frames), count)]
 
 
-def check_prepare_args(workers: int, image_size: int, fbank_frames: int | None = None) -> None:
-    if workers < 1:
-        raise DataError(f"--workers must be >= 1, got {workers}")
-    if not 16 <= image_size <= 512:
-        raise DataError(f"image size must be in [16, 512], got {image_size}")
-    if fbank_frames is not None and not 16 <= fbank_frames <= 4096:
-        raise DataError(f"fbank frames must be in [16, 4096], got {fbank_frames}")
-
-
 def run_jobs(
     func: Callable[..., JobResult],
     jobs: Sequence[tuple[Any, ...]],
@@ -264,13 +268,7 @@ def prepare_clips(
     title: str,
     raw: Path,
     out: Path,
-    names: Sequence[str],
-    failed: dict[str, str],
-    outputs: Callable[[str], Sequence[Path]],
-    job: Callable[[str], tuple[Any, ...]],
-    func: Callable[..., JobResult],
-    label: Callable[[str], str],
-    split: Callable[[str], str],
+    release: Release,
     workers: int,
     progress: bool,
     console: Any,
@@ -278,25 +276,29 @@ def prepare_clips(
 ) -> dict[str, Any]:
     """The shared body of every ``prepare``: skip done clips, run the rest, manifest, report.
 
-    ``names`` are all clips found in the raw release; ``failed`` already holds those rejected
-    before decoding (unknown label, missing file). A clip whose ``outputs`` all exist is left
-    alone, so a second run does nothing and an interrupted run resumes. Returns the report, also
-    written to ``prepare_report.json``.
+    ``release.names`` are all clips found in the raw release; ``release.failed`` already holds
+    those rejected before decoding (unknown label, missing file). A clip whose outputs all exist
+    is left alone, so a second run does nothing and an interrupted run resumes. Returns the
+    report, also written to ``prepare_report.json``. If no clip at all could be prepared, the
+    report is written and a :class:`DataError` names the first reason: a run that produced
+    nothing usable is a failure, not a success with an empty manifest.
     """
-    import json
-
     from rich.console import Console
+
+    names, failed = release.names, dict(release.failed)
+
+    def outputs(clip: str) -> list[Path]:
+        return release.outputs(out, clip)
 
     for path in {p.parent for name in names[:1] for p in outputs(name)}:
         path.mkdir(parents=True, exist_ok=True)
     todo = [c for c in names if c not in failed and not all(p.exists() for p in outputs(c))]
     done_before = len(names) - len(failed) - len(todo)
     console = console or Console(stderr=True)
-    failed.update(
-        run_jobs(func, [job(c) for c in todo], workers, f"preparing {title}", progress, console)
-    )
+    jobs = [release.job(c) for c in todo]
+    failed.update(run_jobs(release.func, jobs, workers, f"preparing {title}", progress, console))
     rows = [
-        {"clip": c, "label": label(c), "split": split(c)}
+        {"clip": c, "label": release.label(c), "split": release.split(c)}
         for c in names
         if c not in failed and all(p.exists() for p in outputs(c))
     ]
@@ -311,17 +313,27 @@ def prepare_clips(
         **settings,
         "failed": [{"clip": c, "reason": failed[c]} for c in sorted(failed)],
     }
-    (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_path = out / "prepare_report.json"
+    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    if not rows:
+        first = min(failed)
+        raise DataError(
+            f"no {title} clip could be prepared: all {len(names)} failed (first, {first}: "
+            f"{failed[first]}); every reason is in {report_path}"
+        )
     return report
 
 
-def error_text(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_manifest(out: Path, rows: Iterable[dict[str, str]]) -> None:
     """``manifest.csv`` with columns ``clip,label,split``, written atomically."""
-    tmp = out / ".manifest.csv.tmp"
+    tmp = out / f".manifest.csv.{os.getpid()}.tmp"
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["clip", "label", "split"])
         writer.writeheader()
@@ -329,7 +341,7 @@ def write_manifest(out: Path, rows: Iterable[dict[str, str]]) -> None:
     os.replace(tmp, out / "manifest.csv")
 
 
-def print_report(report: dict[str, Any], console: Any, title: str) -> None:
+def print_report(report: Mapping[str, Any], console: Any, title: str) -> None:
     """The end-of-run summary: counts, then one line per skipped clip."""
     console.print(
         f"[bold]{title}[/bold]: {report['clips_found']} clips found, "
@@ -338,6 +350,43 @@ def print_report(report: dict[str, Any], console: Any, title: str) -> None:
     )
     for item in report["failed"]:
         console.print(f"  skipped {item['clip']}: {item['reason']}", markup=False)
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def check_clip_name(name: str, where: str) -> str:
+    """``name`` if it is a plain file name, else a one-line :class:`DataError` naming ``where``.
+
+    Clip names become file names (``<out>/frames/<clip>.npy``, ``<raw>/rgb/<clip>/``), so a name
+    with a path separator, ``..`` or an absolute path would lead outside the directory: a list
+    or manifest from elsewhere could make ``prepare`` write, or a run read, any file. Control
+    characters are refused too (they have no place in a file name and would split messages).
+    """
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(ord(c) < 32 for c in name)
+        or Path(name).is_absolute()
+    ):
+        raise DataError(
+            f"{where}: clip name {name!r} is not a plain file name (it would lead outside the "
+            "dataset's directory); fix or remove that entry"
+        )
+    return name
+
+
+def inside(root: Path, path: Path, hint: str) -> Path:
+    """``path`` if it resolves inside the resolved directory ``root`` (symlinks followed)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise DataError(
+            f"{path} resolves to {resolved}, outside the prepared directory {root}; a prepared "
+            f"directory must hold its own files (a symlink to the whole directory is fine); {hint}"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- loading
@@ -361,6 +410,10 @@ def read_manifest(
         raise DataError(f"{path} lists no clips; {hint}")
     if not {"clip", "label", "split"} <= set(rows[0]):
         raise DataError(f"{path} lacks the columns clip,label,split; {hint}")
+    for n, row in enumerate(rows, 2):
+        if None in row.values() or None in row:
+            raise DataError(f"{path}:{n} does not have exactly the columns clip,label,split")
+        check_clip_name(row["clip"], f"{path}:{n}")
     if labels is not None:
         known = set(labels)
         for row in rows:
@@ -382,18 +435,41 @@ def read_classes(root: Path, rows: Sequence[dict[str, str]], hint: str) -> list[
 
 
 def split_indices(
-    rows: Sequence[dict[str, str]], targets: Tensor, val_fraction: float, seed: int, title: str
+    rows: Sequence[dict[str, str]],
+    targets: Tensor,
+    val_fraction: float,
+    seed: int,
+    title: str,
+    test_fraction: float | None = None,
 ) -> tuple[dict[str, Tensor], str]:
     """Train/val/test indices from the manifest's ``split`` column, and a note saying how.
 
     ``train``/``val``/``test`` are taken as given. Without a ``val`` split (the community has
     none for several datasets), a stratified ``val_fraction`` of the training clips becomes the
-    validation split, with ``seed``, so checkpoints are never selected on the test set.
+    validation split, with ``seed``, so checkpoints are never selected on the test set. A
+    manifest that gives no split at all (a release without split files) is split stratified
+    into train/val/test with ``val_fraction`` and ``test_fraction``, where the dataset allows
+    it. A manifest that gives a split for some clips only is refused, rather than guessed at.
     """
     given = [r["split"] for r in rows]
-    bad = sorted(set(given) - {"train", "val", "test"})
+    bad = sorted(set(given) - {"train", "val", "test", ""})
     if bad:
         raise DataError(f"{title} manifest has unknown split names {bad}; re-prepare it")
+    unsplit = [r["clip"] for r in rows if not r["split"]]
+    if len(unsplit) == len(rows) and test_fraction is not None:
+        v, t = val_fraction, test_fraction
+        train, val, test = stratified_split(targets, [1 - v - t, v, t], seed)
+        note = (
+            f"no train/test split files were prepared: stratified {1 - v - t:.2f}/{v:.2f}/"
+            f"{t:.2f} train/val/test split of all clips (seed {seed})"
+        )
+        return _nonempty({"train": train, "val": val, "test": test}, title), note
+    if unsplit:
+        raise DataError(
+            f"{title} manifest gives no split for {len(unsplit)} of its {len(rows)} clips "
+            f"(e.g. {unsplit[0]}); give every clip a split in the release's split files and "
+            "re-prepare"
+        )
     index = {s: torch.tensor([i for i, g in enumerate(given) if g == s]).long() for s in given}
     for s in ("train", "test"):
         if len(index.get(s, [])) == 0:
@@ -407,7 +483,17 @@ def split_indices(
         f"the given train/test split; validation = a stratified {val_fraction:.2f} of the "
         f"training clips (seed {seed}), since the community split has none"
     )
-    return index, note
+    return _nonempty(index, title), note
+
+
+def _nonempty(index: dict[str, Tensor], title: str) -> dict[str, Tensor]:
+    for split, rows in index.items():
+        if len(rows) == 0:
+            raise DataError(
+                f"{title}: the {split} split gets no clip with these fractions; raise "
+                "dataset.val_fraction (or dataset.test_fraction) or prepare more clips"
+            )
+    return index
 
 
 def stack_clips(
@@ -415,16 +501,18 @@ def stack_clips(
     rows: Sequence[dict[str, str]],
     dataset: str,
     parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+    hint: str,
 ) -> dict[str, np.ndarray]:
     """For each part ``name -> (subdir, transform)``: the clips' transformed arrays, stacked.
 
-    Per-clip files are read memory-mapped, so only the selected frames are paged in.
+    Per-clip files are read memory-mapped, so only the selected frames are paged in. Every file
+    must resolve inside ``root`` (see :func:`inside`).
     """
     out: dict[str, np.ndarray] = {}
     for name, (subdir, transform) in parts.items():
         arrays = []
         for row in rows:
-            path = root / subdir / f"{row['clip']}.npy"
+            path = inside(root, root / subdir / f"{row['clip']}.npy", hint)
             try:
                 arrays.append(np.ascontiguousarray(transform(load_npy(path, dataset))))
             except (ValueError, IndexError) as err:
@@ -519,54 +607,6 @@ def _full_targets(ds: ClipDataset) -> Tensor:
     return full
 
 
-def build_clip_bundle(
-    *,
-    name: str,
-    title: str,
-    root: Path,
-    rows: Sequence[dict[str, str]],
-    classes: Sequence[str],
-    parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
-    normalise: Mapping[str, Callable[[Tensor], Tensor]],
-    encoders: Mapping[str, str],
-    to_tensor: Mapping[str, Callable[[np.ndarray], Tensor]],
-    cache_dir: Path,
-    recipe: dict[str, Any],
-    val_fraction: float,
-    seed: int,
-    notes: str,
-) -> DatasetBundle:
-    """Stack, cache and split a prepared directory into a :class:`DatasetBundle`."""
-    import hashlib
-
-    from mmbalance.data.cache import cached_arrays
-
-    manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
-    recipe = {"dataset": name, "root": str(root), "manifest": manifest_hash, **recipe}
-    lookup = {c: i for i, c in enumerate(classes)}
-
-    def load() -> dict[str, Tensor]:
-        stacked = stack_clips(root, rows, name, parts)
-        arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
-        arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
-        return arrays
-
-    arrays = cached_arrays(cache_dir, name, recipe, load)
-    targets = arrays.pop("targets")
-    index, note = split_indices(rows, targets, val_fraction, seed, title)
-    splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
-    specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
-    return DatasetBundle(
-        name=name,
-        task="classification",
-        num_outputs=len(classes),
-        modalities=specs,
-        splits=splits,
-        class_names=list(classes),
-        notes=f"{title} prepared in {root} ({notes}); {note}",
-    )
-
-
 def av_outputs(out: Path, clip: str) -> list[Path]:
     """The files an audio-visual clip is prepared into (CREMA-D's layout)."""
     return [out / sub / f"{clip}.npy" for sub in ("audio_stft", "audio_fbank", "frames")]
@@ -654,35 +694,283 @@ AV_TO_TENSOR: dict[str, Callable[[np.ndarray], Tensor]] = {
 }
 
 
-def audio_visual_bundle(
-    *,
-    name: str,
-    title: str,
-    root: Path,
-    rows: Sequence[dict[str, str]],
-    classes: Sequence[str],
-    audio: str,
-    frames: int,
-    val_fraction: float,
-    seed: int,
-    cache_dir: Path,
-    version: int,
-) -> DatasetBundle:
-    """The bundle of an audio + RGB-frames dataset prepared by :func:`prepare_av_clip` (AVE,
+# --------------------------------------------------------------------------- dataset sources
+
+
+@dataclass
+class ClipPrepareParams:
+    """Options of ``mmbalance prepare`` shared by every clip dataset."""
+
+    workers: int = 1
+    image_size: int = 112
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        check(
+            16 <= self.image_size <= 512,
+            f"--image-size must be in [16, 512], got {self.image_size}",
+        )
+
+
+@dataclass
+class AudioVisualPrepareParams(ClipPrepareParams):
+    """Options of preparing an audio + frames dataset: both audio recipes are written."""
+
+    fbank_frames: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(
+            16 <= self.fbank_frames <= 4096,
+            f"--fbank-frames must be in [16, 4096], got {self.fbank_frames}",
+        )
+
+
+@dataclass
+class ClipParams:
+    """Options of every prepared clip dataset (subclasses set their own ``frames`` default)."""
+
+    root: str | None = None
+    frames: int = 3
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(1 <= self.frames <= 16, f"dataset.frames must be in [1, 16], got {self.frames}")
+        check(
+            0 < self.val_fraction < 0.5,
+            f"dataset.val_fraction must be in (0, 0.5), got {self.val_fraction}",
+        )
+
+
+@dataclass
+class AudioVisualParams(ClipParams):
+    """Options of an audio + frames dataset: which of the two prepared audio recipes to use."""
+
+    audio: Literal["stft", "fbank"] = "stft"
+
+
+@dataclass
+class Release:
+    """What a dataset found in its raw release: the clips, and how to prepare and file each.
+
+    ``func(*job(clip))`` prepares one clip and returns ``(clip, error or None)``; it must be a
+    module-level function, so that worker processes can import it. ``classes`` (label order),
+    when given, is written to ``classes.txt`` for datasets whose classes come from the release.
+    """
+
+    names: list[str]
+    failed: dict[str, str]
+    label: Callable[[str], str]
+    split: Callable[[str], str]
+    job: Callable[[str], tuple[Any, ...]]
+    func: Callable[..., JobResult] = prepare_av_clip
+    outputs: Callable[[Path, str], list[Path]] = av_outputs
+    classes: list[str] | None = None
+
+
+class ClipSource(DatasetSource):
+    """A dataset that ``mmbalance prepare`` decodes once from its raw release (module docstring).
+
+    A subclass sets ``name`` (its registry name), ``title``, ``raw_hint`` (what ``--raw`` names),
+    ``version`` (bumped when the prepared layout or the loading changes), ``classes`` when the
+    label order is fixed (else ``classes.txt`` of the prepared directory gives it), ``Params``
+    and ``PrepareParams``, and implements :meth:`find_clips` (what the release holds) and
+    :meth:`bundle` (the prepared arrays as modalities).
+    """
+
+    Params: ClassVar[type] = ClipParams
+    PrepareParams: ClassVar[type | None] = ClipPrepareParams
+    name: ClassVar[str]
+    title: ClassVar[str]
+    raw_hint: ClassVar[str] = "RAW_DIR"
+    version: ClassVar[int] = 1
+    classes: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def prepare_hint(cls) -> str:
+        return (
+            f"run `mmbalance prepare {cls.name} --raw {cls.raw_hint} --out DIR` and set "
+            "dataset.root=DIR"
+        )
+
+    # ------------------------------------------------------------------ preparation
+
+    @classmethod
+    def prepare(
+        cls,
+        raw: Path,
+        out: Path,
+        params: Any = None,
+        *,
+        progress: bool = True,
+        console: Any = None,
+    ) -> dict[str, Any]:
+        """Prepare the release in ``raw`` into ``out``; returns the report.
+
+        ``params`` is a ``PrepareParams`` (its defaults when None). ``workers > 1`` runs spawned
+        processes, so a calling script needs the usual ``if __name__ == "__main__":`` guard.
+        """
+        assert cls.PrepareParams is not None
+        params = params if params is not None else cls.PrepareParams()
+        raw, out = Path(raw), Path(out)
+        if not raw.is_dir():
+            raise DataError(
+                f"{cls.title} raw directory {raw} does not exist; pass the root of the release"
+            )
+        release = cls.find_clips(raw, out, params)
+        settings = {k: v for k, v in asdict(params).items() if k != "workers"}
+        if release.classes is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "classes.txt", "\n".join(release.classes) + "\n")
+            settings["classes"] = len(release.classes)
+        return prepare_clips(
+            dataset=cls.name,
+            title=cls.title,
+            raw=raw,
+            out=out,
+            release=release,
+            workers=params.workers,
+            progress=progress,
+            console=console,
+            settings=settings,
+        )
+
+    @classmethod
+    def find_clips(
+        cls, raw: Path, out: Path, params: Any
+    ) -> Release:  # pragma: no cover - abstract
+        """The clips of the release in ``raw`` and how to prepare each into ``out``."""
+        raise NotImplementedError
+
+    @classmethod
+    def print_prepare_report(cls, report: Mapping[str, Any], console: Any) -> None:
+        print_report(report, console, cls.title)
+
+    # ------------------------------------------------------------------ loading
+
+    def build(self) -> DatasetBundle:
+        p: ClipParams = self.params
+        hint = self.prepare_hint()
+        if not p.root:
+            raise DataError(f"dataset.root is not set; {hint}")
+        root = Path(p.root).expanduser().resolve()
+        rows = read_manifest(root, self.title, hint, self.classes)
+        classes = list(self.classes) if self.classes else read_classes(root, rows, hint)
+        return self.bundle(root, rows, classes)
+
+    def bundle(
+        self, root: Path, rows: Sequence[dict[str, str]], classes: Sequence[str]
+    ) -> DatasetBundle:  # pragma: no cover - abstract
+        """The prepared directory ``root`` (its manifest ``rows``) as a bundle."""
+        raise NotImplementedError
+
+    def test_fraction(self) -> float | None:
+        """The share of clips for testing when the manifest gives no split (None: refuse)."""
+        return None
+
+    def clip_bundle(
+        self,
+        root: Path,
+        rows: Sequence[dict[str, str]],
+        classes: Sequence[str],
+        *,
+        parts: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+        normalise: Mapping[str, Callable[[Tensor], Tensor]],
+        encoders: Mapping[str, str],
+        to_tensor: Mapping[str, Callable[[np.ndarray], Tensor]],
+        recipe: dict[str, Any],
+        notes: str,
+    ) -> DatasetBundle:
+        """Stack, cache and split the prepared directory ``root`` into a bundle.
+
+        ``parts`` maps each modality to its subdirectory and the check/selection applied to a
+        clip's array; ``to_tensor`` turns the stacked arrays into the cached tensors (frames
+        stay uint8), ``normalise`` turns a batch of them into model input. The cache is loaded
+        memory-mapped and each split is a :class:`ClipDataset` over it, so no split copies or
+        converts the frames.
+        """
+        import hashlib
+
+        from mmbalance.data.cache import cached_arrays
+
+        p: ClipParams = self.params
+        name, title, hint = self.name, self.title, self.prepare_hint()
+        manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+        recipe = {
+            "dataset": name,
+            "root": str(root),
+            "manifest": manifest_hash,
+            "version": self.version,
+            **recipe,
+        }
+        lookup = {c: i for i, c in enumerate(classes)}
+
+        def load() -> dict[str, Tensor]:
+            stacked = stack_clips(root, rows, name, parts, hint)
+            arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
+            arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+            return arrays
+
+        arrays = cached_arrays(self.cache_dir, name, recipe, load)
+        targets = arrays.pop("targets")
+        index, note = split_indices(
+            rows, targets, p.val_fraction, p.seed, title, self.test_fraction()
+        )
+        splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
+        specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
+        return DatasetBundle(
+            name=name,
+            task="classification",
+            num_outputs=len(classes),
+            modalities=specs,
+            splits=splits,
+            class_names=list(classes),
+            notes=f"{title} prepared in {root} ({notes}); {note}",
+        )
+
+
+class AudioVisualSource(ClipSource):
+    """An audio + RGB-frames dataset prepared by :func:`prepare_av_clip` (CREMA-D, AVE,
     Kinetics-Sounds): one ResNet-18 per modality, frames normalised with ImageNet statistics."""
-    return build_clip_bundle(
-        name=name,
-        title=title,
-        root=root,
-        rows=rows,
-        classes=classes,
-        parts=av_parts(audio, frames),
-        normalise={"video": normalise_rgb},
-        encoders={"audio": "resnet18", "video": "resnet18"},
-        to_tensor=AV_TO_TENSOR,
-        cache_dir=cache_dir,
-        recipe={"version": version, "audio": audio, "frames": frames},
-        val_fraction=val_fraction,
-        seed=seed,
-        notes=f"audio {audio}, {frames} frame(s)",
-    )
+
+    Params: ClassVar[type] = AudioVisualParams
+    PrepareParams: ClassVar[type | None] = AudioVisualPrepareParams
+    #: Seconds of sound in the log-STFT recipe (the sound is tiled or cut to it).
+    seconds: ClassVar[float] = 10.0
+
+    @classmethod
+    def av_job(
+        cls,
+        raw: Path,
+        out: Path,
+        params: AudioVisualPrepareParams,
+        media: Callable[[str], tuple[Path | None, Path | None, Path | None]],
+    ) -> Callable[[str], tuple[Any, ...]]:
+        """A :attr:`Release.job` for :func:`prepare_av_clip`; ``media(clip)`` gives the clip's
+        video, WAV file and frame folder (None where the release has none)."""
+        return lambda c: (
+            c,
+            *media(c),
+            out,
+            params.image_size,
+            params.fbank_frames,
+            cls.seconds,
+            raw,
+        )
+
+    def bundle(
+        self, root: Path, rows: Sequence[dict[str, str]], classes: Sequence[str]
+    ) -> DatasetBundle:
+        p: AudioVisualParams = self.params
+        return self.clip_bundle(
+            root,
+            rows,
+            classes,
+            parts=av_parts(p.audio, p.frames),
+            normalise={"video": normalise_rgb},
+            encoders={"audio": "resnet18", "video": "resnet18"},
+            to_tensor=AV_TO_TENSOR,
+            recipe={"audio": p.audio, "frames": p.frames},
+            notes=f"audio {p.audio}, {p.frames} frame(s)",
+        )

@@ -2,7 +2,7 @@
 
 Two steps, as for CREMA-D (see :mod:`mmbalance.data.clips`):
 
-1. :func:`prepare` (``mmbalance prepare kinetics_sounds --raw DIR --out DIR``) reads the layout
+1. ``prepare`` (``mmbalance prepare kinetics_sounds --raw DIR --out DIR``) reads the layout
    of the OGM-GE / BalanceBenchmark releases. The split comes from lists or from folders:
 
    * lists: ``train.txt`` and ``test.txt`` (also accepted under OGM-GE's names ``my_train.txt`` /
@@ -33,11 +33,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from mmbalance.config import check
 from mmbalance.data import clips
-from mmbalance.data.base import DATASETS, DatasetBundle, DatasetSource
+from mmbalance.data.base import DATASETS
 from mmbalance.errors import DataError
 
 NUM_CLASSES = 31
@@ -47,10 +46,6 @@ LIST_NAMES = {
     "test": ("test.txt", "my_test.txt", "ks_test_overlap.txt"),
 }
 SECONDS = 10.0
-VERSION = 1
-PREPARE_HINT = (
-    "run `mmbalance prepare kinetics_sounds --raw RAW_DIR --out DIR` and set dataset.root=DIR"
-)
 
 
 def _read_lists(raw: Path) -> dict[str, tuple[int, str]]:
@@ -66,7 +61,8 @@ def _read_lists(raw: Path) -> dict[str, tuple[int, str]]:
                 continue
             if len(tokens) < 2 or not re.fullmatch(r"\d+", tokens[-1]):
                 raise DataError(f"{path}:{n} is not '<clip id> ... <integer label>'")
-            found.setdefault(tokens[0], (int(tokens[-1]), split))
+            clip = clips.check_clip_name(tokens[0], f"{path}:{n}")
+            found.setdefault(clip, (int(tokens[-1]), split))
     return found
 
 
@@ -80,132 +76,73 @@ def _class_names(raw: Path) -> list[str]:
     return [str(k) for k in range(NUM_CLASSES)]
 
 
-def prepare(
-    raw: str | Path,
-    out: str | Path,
-    workers: int = 1,
-    image_size: int = 112,
-    fbank_frames: int = 1024,
-    progress: bool = True,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Prepare Kinetics-Sounds from ``raw`` into ``out`` (see the module docstring)."""
-    raw, out = Path(raw), Path(out)
-    clips.check_prepare_args(workers, image_size, fbank_frames)
-    if not raw.is_dir():
-        raise DataError(f"Kinetics-Sounds raw directory {raw} does not exist; pass its root")
-    videos = clips.index_files(raw / "videos", clips.VIDEO_SUFFIXES)
-    wavs = clips.index_files(raw / "audio", (".wav",))
-    frame_dirs = clips.index_frame_dirs(raw / "frames")
-    lists = _read_lists(raw)
-    failed: dict[str, str] = {}
-    if lists:
-        classes = _class_names(raw)
-        labels: dict[str, str] = {}
-        splits: dict[str, str] = {}
-        for clip, (k, split) in lists.items():
-            splits[clip] = split
-            if k >= len(classes):
-                failed[clip] = f"label {k} outside 0..{len(classes) - 1}"
-            else:
-                labels[clip] = classes[k]
-    else:  # per-split folders videos/<split>/<class>/<id>.mp4
-        folders = {
-            c: p for c, p in videos.items() if p.parent.parent.name in ("train", "val", "test")
-        }
-        classes = sorted({p.parent.name for p in folders.values()})
-        labels = {c: p.parent.name for c, p in folders.items()}
-        splits = {c: p.parent.parent.name for c, p in folders.items()}
-    names = sorted(splits)
-    if not names:
-        raise DataError(
-            f"{raw} holds no split lists (train.txt/test.txt, my_train.txt/my_test.txt) and no "
-            "videos/<train|test>/<class>/ folders; pass the root of the Kinetics-Sounds data"
-        )
-    for clip in names:
-        if clip in failed:
-            continue
-        if clip not in videos and clip not in wavs:
-            failed[clip] = f"missing audio file audio/{clip}.wav (and no video videos/**/{clip}.*)"
-        elif clip not in videos and clip not in frame_dirs:
-            failed[clip] = f"missing frames frames/{clip}/ (and no video videos/**/{clip}.*)"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(classes) + "\n")
-    return clips.prepare_clips(
-        dataset="kinetics_sounds",
-        title="Kinetics-Sounds",
-        raw=raw,
-        out=out,
-        names=names,
-        failed=failed,
-        outputs=lambda c: clips.av_outputs(out, c),
-        job=lambda c: (
-            c,
-            videos.get(c),
-            wavs.get(c),
-            frame_dirs.get(c),
-            out,
-            image_size,
-            fbank_frames,
-            SECONDS,
-            raw,
-        ),
-        func=clips.prepare_av_clip,
-        label=lambda c: labels[c],
-        split=lambda c: splits[c],
-        workers=workers,
-        progress=progress,
-        console=console,
-        settings={"image_size": image_size, "fbank_frames": fbank_frames, "classes": len(classes)},
-    )
-
-
-def print_report(report: dict[str, Any], console: Any) -> None:
-    clips.print_report(report, console, "Kinetics-Sounds")
-
-
 @dataclass
-class KineticsSoundsParams:
-    """Options of Kinetics-Sounds (a prepared directory; see :func:`prepare`)."""
+class KineticsSoundsParams(clips.AudioVisualParams):
+    """Options of Kinetics-Sounds (a prepared directory; see ``prepare``)."""
 
-    root: str | None = None
     audio: Literal["stft", "fbank"] = "fbank"
-    frames: int = 3
-    seed: int = 0
-    val_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        check(1 <= self.frames <= 16, f"dataset.frames must be in [1, 16], got {self.frames}")
-        check(
-            0 < self.val_fraction < 0.5,
-            f"dataset.val_fraction must be in (0, 0.5), got {self.val_fraction}",
-        )
 
 
 @DATASETS.register("kinetics_sounds")
-class KineticsSoundsSource(DatasetSource):
+class KineticsSoundsSource(clips.AudioVisualSource):
     Params = KineticsSoundsParams
+    name = "kinetics_sounds"
+    title = "Kinetics-Sounds"
+    seconds = SECONDS
     description = "Kinetics-Sounds (31): audio fbank + frames, from `mmbalance prepare`"
     # The TPAMI 2024 (OPM/OGM) KS setting; the config files have the rest.
     train_defaults = {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01, "batch_size": 32}
 
-    def build(self) -> DatasetBundle:
-        p: KineticsSoundsParams = self.params
-        if not p.root:
-            raise DataError(f"dataset.root is not set; {PREPARE_HINT}")
-        root = Path(p.root).expanduser().resolve()
-        rows = clips.read_manifest(root, "Kinetics-Sounds", PREPARE_HINT)
-        classes = clips.read_classes(root, rows, PREPARE_HINT)
-        return clips.audio_visual_bundle(
-            name="kinetics_sounds",
-            title="Kinetics-Sounds",
-            root=root,
-            rows=rows,
+    @classmethod
+    def find_clips(
+        cls, raw: Path, out: Path, params: clips.AudioVisualPrepareParams
+    ) -> clips.Release:
+        """The clips of the split lists (or of per-split class folders), each with a video or
+        with a WAV file plus a frame folder."""
+        videos = clips.index_files(raw / "videos", clips.VIDEO_SUFFIXES)
+        wavs = clips.index_files(raw / "audio", (".wav",))
+        frame_dirs = clips.index_frame_dirs(raw / "frames")
+        lists = _read_lists(raw)
+        failed: dict[str, str] = {}
+        if lists:
+            classes = _class_names(raw)
+            labels: dict[str, str] = {}
+            splits: dict[str, str] = {}
+            for clip, (k, split) in lists.items():
+                splits[clip] = split
+                if k >= len(classes):
+                    failed[clip] = f"label {k} outside 0..{len(classes) - 1}"
+                else:
+                    labels[clip] = classes[k]
+        else:  # per-split folders videos/<split>/<class>/<id>.mp4
+            folders = {
+                c: p for c, p in videos.items() if p.parent.parent.name in ("train", "val", "test")
+            }
+            classes = sorted({p.parent.name for p in folders.values()})
+            labels = {c: p.parent.name for c, p in folders.items()}
+            splits = {c: p.parent.parent.name for c, p in folders.items()}
+        names = sorted(splits)
+        if not names:
+            raise DataError(
+                f"{raw} holds no split lists (train.txt/test.txt, my_train.txt/my_test.txt) and "
+                "no videos/<train|test>/<class>/ folders; pass the root of the Kinetics-Sounds data"
+            )
+        for clip in names:
+            if clip in failed:
+                continue
+            if clip not in videos and clip not in wavs:
+                failed[clip] = (
+                    f"missing audio file audio/{clip}.wav (and no video videos/**/{clip}.*)"
+                )
+            elif clip not in videos and clip not in frame_dirs:
+                failed[clip] = f"missing frames frames/{clip}/ (and no video videos/**/{clip}.*)"
+        return clips.Release(
+            names=names,
+            failed=failed,
+            label=lambda c: labels[c],
+            split=lambda c: splits[c],
+            job=cls.av_job(
+                raw, out, params, lambda c: (videos.get(c), wavs.get(c), frame_dirs.get(c))
+            ),
             classes=classes,
-            audio=p.audio,
-            frames=p.frames,
-            val_fraction=p.val_fraction,
-            seed=p.seed,
-            cache_dir=self.cache_dir,
-            version=VERSION,
         )

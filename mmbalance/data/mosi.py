@@ -7,14 +7,12 @@ MOSI has Dv 20 / Da 5, MOSEI 35 / 74. The task is regression (L1 loss by default
 binary accuracy on the sign. Audio features hold ``-inf`` (log of zero energy): every ``-inf``
 and NaN becomes 0, as the reference loaders do.
 
-The pickle is read with an unpickler that only admits NumPy arrays and plain containers, so a
-file from elsewhere cannot run code. ``dataset.modalities`` picks a subset (e.g. the V-T setting).
+The pickle is read by :func:`mmbalance.data.array_pickle.load_arrays`, which admits only NumPy
+arrays and plain containers, so a file from elsewhere cannot run code. ``dataset.modalities`` picks a subset (e.g. the V-T setting).
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,12 +21,14 @@ import numpy as np
 import torch
 
 from mmbalance.config import check
+from mmbalance.data.array_pickle import UnsafePickleError, load_arrays
 from mmbalance.data.base import (
     DATASETS,
     DatasetBundle,
     DatasetSource,
     ModalitySpec,
     MultimodalTensorDataset,
+    error_text,
 )
 from mmbalance.errors import DataError
 
@@ -38,28 +38,11 @@ FEATURE_DIMS = {
     "mosi": {"vision": 20, "audio": 5, "text": 300},
     "mosei": {"vision": 35, "audio": 74, "text": 300},
 }
-_SAFE = {
-    ("collections", "OrderedDict"),
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "set"),
-    ("builtins", "bytes"),
-    ("builtins", "str"),
-    ("_codecs", "encode"),
-}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Only NumPy arrays, dtypes and plain containers: nothing that can run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "numpy" or (module, name) in _SAFE:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 def load_pickle(path: Path) -> Any:
+    """The pickle at ``path``, read by :func:`mmbalance.data.array_pickle.load_arrays` (arrays
+    and plain containers only), or a one-line :class:`DataError`."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -70,12 +53,35 @@ def load_pickle(path: Path) -> Any:
     except OSError as err:
         raise DataError(f"{path} is unreadable ({err.strerror}); check its permissions") from err
     try:
-        return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return load_arrays(data)
+    except UnsafePickleError as err:
+        raise DataError(
+            f"{path} was not loaded: it asks for more than arrays ({error_text(err)}); the "
+            "aligned-feature pickle holds only NumPy arrays in dicts, so use the published file"
+        ) from None
     except Exception as err:
         raise DataError(
-            f"{path} is not a readable pickle ({type(err).__name__}: {err}); "
+            f"{path} is not a readable pickle ({type(err).__name__}: {error_text(err)}); "
             "download the aligned-feature file again"
-        ) from err
+        ) from None
+
+
+_KIND_NAMES = {"U": "text", "S": "bytes", "O": "Python object", "c": "complex", "V": "record"}
+
+
+def numeric_array(value: Any, where: str) -> np.ndarray:
+    """``value`` as a float32 array, or a one-line :class:`DataError` if it is not numeric."""
+    if isinstance(value, list | tuple):
+        try:
+            value = np.asarray(value)
+        except ValueError:
+            raise DataError(f"{where} is a ragged list, not an array") from None
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{where} is a {type(value).__name__}, not an array")
+    if value.dtype.kind not in "biuf":
+        kind = _KIND_NAMES.get(value.dtype.kind, str(value.dtype))
+        raise DataError(f"{where} holds {kind} values, not numbers")
+    return value.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -129,9 +135,17 @@ class _SentimentSource(DatasetSource):
             missing = [k for k in (*p.modalities, "labels") if k not in part]
             if missing:
                 raise DataError(f"{path}: split {key!r} lacks the keys {missing}")
+            labels = numeric_array(part["labels"], f"{path}: {key}/labels")
+            if labels.ndim == 0 or len(labels) == 0:
+                raise DataError(f"{path}: split {key!r} holds no samples")
+            labels = labels.reshape(len(labels), -1)
+            if labels.shape[1] != 1:
+                raise DataError(f"{path}: {key}/labels has {labels.shape[1]} values per sample")
+            if not np.isfinite(labels).all():
+                raise DataError(f"{path}: {key}/labels holds NaN or infinite sentiment scores")
             inputs = {}
             for m in p.modalities:
-                x = np.asarray(part[m], dtype=np.float32)
+                x = numeric_array(part[m], f"{path}: {key}/{m}")
                 if x.ndim != 3 or x.shape[-1] != expected[m]:
                     raise DataError(
                         f"{path}: {key}/{m} has shape {x.shape}, expected (N, L, {expected[m]}) "
@@ -139,9 +153,6 @@ class _SentimentSource(DatasetSource):
                     )
                 x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
                 inputs[m] = torch.from_numpy(np.ascontiguousarray(x))
-            labels = np.asarray(part["labels"], dtype=np.float32).reshape(len(part["labels"]), -1)
-            if labels.shape[1] != 1:
-                raise DataError(f"{path}: {key}/labels has {labels.shape[1]} values per sample")
             targets = torch.from_numpy(labels[:, 0].copy())
             splits[split] = MultimodalTensorDataset(inputs, targets)
         specs = {

@@ -117,8 +117,10 @@ class SyntheticParams:
         check(all(d >= 1 for d in self.depth), "dataset.depth values must be >= 1")
         check(self.input_dim >= self.latent_dim, "dataset.input_dim must be >= latent_dim")
         check(0 < self.leak < 1, "dataset.leak must be in (0, 1) for the lift to be invertible")
-        for key in ("n_train", "n_val", "n_test", "n_bayes", "latent_dim"):
+        for key in ("n_val", "n_test", "n_bayes", "latent_dim"):
             check(getattr(self, key) >= 1, f"dataset.{key} must be >= 1")
+        # the inputs are standardised with the training split's mean and standard deviation
+        check(self.n_train >= 2, f"dataset.n_train must be >= 2, got {self.n_train}")
 
 
 class SyntheticProcess:

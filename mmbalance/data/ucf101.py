@@ -2,7 +2,7 @@
 
 Two steps, as for CREMA-D (see :mod:`mmbalance.data.clips`):
 
-1. :func:`prepare` (``mmbalance prepare ucf101 --raw DIR --out DIR``) reads:
+1. ``prepare`` (``mmbalance prepare ucf101 --raw DIR --out DIR``) reads:
 
    * ``ucfTrainTestlist/classInd.txt`` (``1 ApplyEyeMakeup``), ``trainlist01.txt``
      (``ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1``) and ``testlist01.txt`` (no label; the
@@ -24,22 +24,20 @@ Two steps, as for CREMA-D (see :mod:`mmbalance.data.clips`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from mmbalance.config import check
 from mmbalance.data import clips
-from mmbalance.data.base import DATASETS, DatasetBundle, DatasetSource
+from mmbalance.data.base import DATASETS, DatasetBundle, error_text
 from mmbalance.errors import DataError
 
 NUM_CLASSES = 101
 LIST_DIR = "ucfTrainTestlist"
-VERSION = 1
-PREPARE_HINT = "run `mmbalance prepare ucf101 --raw UCF101_DIR --out DIR` and set dataset.root=DIR"
 
 
 def _find_list(raw: Path, name: str) -> Path | None:
@@ -75,7 +73,10 @@ def read_split_1(raw: Path) -> tuple[list[str], dict[str, tuple[str, str]]]:
             if "/" not in entry:
                 raise DataError(f"{path}:{n} is not '<Class>/<name>.avi [label]'")
             cls, file = entry.split("/", 1)
-            listed.setdefault(Path(file).stem, (cls, split))
+            where = f"{path}:{n}"
+            clips.check_clip_name(cls, where)
+            clip = clips.check_clip_name(Path(clips.check_clip_name(file, where)).stem, where)
+            listed.setdefault(clip, (cls, split))
     return classes, listed
 
 
@@ -110,7 +111,7 @@ def _prepare_ucf_clip(
     except Exception as err:
         where = rgb_dir or video
         name = where.relative_to(raw) if where.is_relative_to(raw) else where.name  # type: ignore[union-attr]
-        return clip, f"unreadable video {name}: {clips.error_text(err)}"
+        return clip, f"unreadable video {name}: {error_text(err)}"
     try:
         channels = []
         for folder in flow:
@@ -121,124 +122,99 @@ def _prepare_ucf_clip(
     except Exception as err:
         return (
             clip,
-            f"unreadable flow frames in {flow[0].relative_to(raw)}: {clips.error_text(err)}",
+            f"unreadable flow frames in {flow[0].relative_to(raw)}: {error_text(err)}",
         )
-    clips.save_npy(out / "rgb" / f"{clip}.npy", rgb)
-    clips.save_npy(out / "flow" / f"{clip}.npy", flow_array)
+    rgb_path, flow_path = _outputs(out, clip)
+    clips.save_npy(rgb_path, rgb)
+    clips.save_npy(flow_path, flow_array)
     return clip, None
 
 
-def prepare(
-    raw: str | Path,
-    out: str | Path,
-    workers: int = 1,
-    image_size: int = 112,
-    clip_frames: int = 8,
-    progress: bool = True,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Prepare UCF-101 split 1 from ``raw`` into ``out`` (see the module docstring)."""
-    raw, out = Path(raw), Path(out)
-    clips.check_prepare_args(workers, image_size)
-    if not 1 <= clip_frames <= 64:
-        raise DataError(f"clip frames must be in [1, 64], got {clip_frames}")
-    if not raw.is_dir():
-        raise DataError(f"UCF-101 raw directory {raw} does not exist; pass its root")
-    classes, listed = read_split_1(raw)
-    if not listed:
-        raise DataError(f"the UCF-101 split files in {raw} list no clips")
-    videos = clips.index_files(raw / "UCF-101", clips.VIDEO_SUFFIXES)
-    names = sorted(listed)
-    failed: dict[str, str] = {}
-    flows: dict[str, tuple[Path, Path]] = {}
-    rgb_dirs: dict[str, Path] = {}
-    for clip in names:
-        cls = listed[clip][0]
-        rgb_dir = raw / "rgb" / clip
-        if rgb_dir.is_dir() and clips.image_files(rgb_dir):
-            rgb_dirs[clip] = rgb_dir
-        flow = _flow_dirs(raw, clip)
-        if cls not in classes:
-            failed[clip] = f"class {cls!r} is not in classInd.txt"
-        elif clip not in rgb_dirs and clip not in videos:
-            failed[clip] = f"missing RGB video UCF-101/{cls}/{clip}.avi (or frames rgb/{clip}/)"
-        elif flow is None:
-            failed[clip] = f"missing optical flow flow/u/{clip}/ and flow/v/{clip}/"
-        else:
-            flows[clip] = flow
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(classes) + "\n")
-    return clips.prepare_clips(
-        dataset="ucf101",
-        title="UCF-101",
-        raw=raw,
-        out=out,
-        names=names,
-        failed=failed,
-        outputs=lambda c: [out / "rgb" / f"{c}.npy", out / "flow" / f"{c}.npy"],
-        job=lambda c: (
-            c,
-            videos.get(c),
-            rgb_dirs.get(c),
-            flows[c],
-            out,
-            image_size,
-            clip_frames,
-            raw,
-        ),
-        func=_prepare_ucf_clip,
-        label=lambda c: listed[c][0],
-        split=lambda c: listed[c][1],
-        workers=workers,
-        progress=progress,
-        console=console,
-        settings={"image_size": image_size, "clip_frames": clip_frames, "classes": len(classes)},
-    )
-
-
-def print_report(report: dict[str, Any], console: Any) -> None:
-    clips.print_report(report, console, "UCF-101")
+def _outputs(out: Path, clip: str) -> list[Path]:
+    return [out / "rgb" / f"{clip}.npy", out / "flow" / f"{clip}.npy"]
 
 
 @dataclass
-class Ucf101Params:
-    """Options of UCF-101 (a prepared directory; see :func:`prepare`)."""
+class Ucf101PrepareParams(clips.ClipPrepareParams):
+    """Options of preparing UCF-101: how many RGB and flow frames to keep per clip."""
 
-    root: str | None = None
-    frames: int = 3
-    seed: int = 0
-    val_fraction: float = 0.1
+    clip_frames: int = 8
 
     def __post_init__(self) -> None:
-        check(1 <= self.frames <= 16, f"dataset.frames must be in [1, 16], got {self.frames}")
+        super().__post_init__()
         check(
-            0 < self.val_fraction < 0.5,
-            f"dataset.val_fraction must be in (0, 0.5), got {self.val_fraction}",
+            1 <= self.clip_frames <= 64,
+            f"--clip-frames must be in [1, 64], got {self.clip_frames}",
         )
 
 
 @DATASETS.register("ucf101")
-class Ucf101Source(DatasetSource):
-    Params = Ucf101Params
+class Ucf101Source(clips.ClipSource):
+    Params = clips.ClipParams
+    PrepareParams = Ucf101PrepareParams
+    name = "ucf101"
+    title = "UCF-101"
+    raw_hint = "UCF101_DIR"
     description = (
         "UCF-101 actions (101), split 1: RGB + optical-flow frames, from `mmbalance prepare`"
     )
     # MCR's UCF ResNet run (Adam 1e-4, wd 1e-4, batch 32); the config file has the rest.
     train_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 32}
 
-    def build(self) -> DatasetBundle:
-        p: Ucf101Params = self.params
-        if not p.root:
-            raise DataError(f"dataset.root is not set; {PREPARE_HINT}")
-        root = Path(p.root).expanduser().resolve()
-        rows = clips.read_manifest(root, "UCF-101", PREPARE_HINT)
-        classes = clips.read_classes(root, rows, PREPARE_HINT)
-        return clips.build_clip_bundle(
-            name="ucf101",
-            title="UCF-101",
-            root=root,
-            rows=rows,
+    @classmethod
+    def find_clips(cls, raw: Path, out: Path, params: Ucf101PrepareParams) -> clips.Release:
+        """The clips of split 1, each with RGB (video or frame folder) and u/v (or x/y) flow."""
+        classes, listed = read_split_1(raw)
+        if not listed:
+            raise DataError(f"the UCF-101 split files in {raw} list no clips")
+        videos = clips.index_files(raw / "UCF-101", clips.VIDEO_SUFFIXES)
+        failed: dict[str, str] = {}
+        flows: dict[str, tuple[Path, Path]] = {}
+        rgb_dirs: dict[str, Path] = {}
+        for clip, (cls_name, _) in listed.items():
+            rgb_dir = raw / "rgb" / clip
+            if rgb_dir.is_dir() and clips.image_files(rgb_dir):
+                rgb_dirs[clip] = rgb_dir
+            flow = _flow_dirs(raw, clip)
+            if cls_name not in classes:
+                failed[clip] = f"class {cls_name!r} is not in classInd.txt"
+            elif clip not in rgb_dirs and clip not in videos:
+                failed[clip] = (
+                    f"missing RGB video UCF-101/{cls_name}/{clip}.avi (or frames rgb/{clip}/)"
+                )
+            elif flow is None:
+                failed[clip] = f"missing optical flow flow/u/{clip}/ and flow/v/{clip}/"
+            else:
+                flows[clip] = flow
+        return clips.Release(
+            names=sorted(listed),
+            failed=failed,
+            label=lambda c: listed[c][0],
+            split=lambda c: listed[c][1],
+            job=lambda c: (
+                c,
+                videos.get(c),
+                rgb_dirs.get(c),
+                flows[c],
+                out,
+                params.image_size,
+                params.clip_frames,
+                raw,
+            ),
+            func=_prepare_ucf_clip,
+            outputs=_outputs,
             classes=classes,
+        )
+
+    def bundle(
+        self, root: Path, rows: Sequence[dict[str, str]], classes: Sequence[str]
+    ) -> DatasetBundle:
+        """RGB ImageNet-normalised, flow centred; ``dataset.frames`` of each."""
+        p: clips.ClipParams = self.params
+        return self.clip_bundle(
+            root,
+            rows,
+            classes,
             parts={
                 "rgb": ("rgb", clips.frames_transform(p.frames, 3)),
                 "flow": ("flow", clips.frames_transform(p.frames, 2)),
@@ -246,9 +222,6 @@ class Ucf101Source(DatasetSource):
             normalise={"rgb": clips.normalise_rgb, "flow": clips.normalise_flow},
             encoders={"rgb": "resnet18", "flow": "resnet18"},
             to_tensor={"rgb": clips.to_clip_tensor, "flow": clips.to_clip_tensor},
-            cache_dir=self.cache_dir,
-            recipe={"version": VERSION, "frames": p.frames},
-            val_fraction=p.val_fraction,
-            seed=p.seed,
+            recipe={"frames": p.frames},
             notes=f"split 1, {p.frames} RGB and flow frame(s)",
         )
