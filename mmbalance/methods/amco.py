@@ -31,8 +31,9 @@ within a few batches).
   rank masks the same modality and classes.
 - **The broadcast fault.** The code expands its ``(1, C)`` mask to ``(2, C)`` before multiplying
   ``(B, C)`` logits: that only broadcasts when DataParallel scatters it over exactly two GPUs
-  (one row each), and fails on one GPU for any batch size but 2. Here the ``(C,)`` mask
-  broadcasts over the batch on any number of devices.
+  (one row each). On one device it raises for any batch size but 1 and 2, and at batch size 1
+  it silently turns the sample into two rows. Here the ``(C,)`` mask broadcasts over the batch
+  on any number of devices.
 - **Which logits decide dependence.** The code decides after each step, from that batch's
   already masked logits, and applies the decision to the next batch (none is dependent on the
   first batch of an epoch). Here the decision is taken on the current batch's unmasked logits,
