@@ -1,6 +1,17 @@
 """Balancing methods. Importing this package registers every method."""
 
-from mmbalance.methods import baselines, mcr, mmpareto, ogm, opm  # noqa: F401  (registration)
+from mmbalance.methods import (  # noqa: F401  (registration)
+    amco,
+    baselines,
+    cml,
+    lfm,
+    mbsd,
+    mcr,
+    mmpareto,
+    ogm,
+    opm,
+    umt,
+)
 from mmbalance.methods.base import (
     METHODS,
     EpochContext,

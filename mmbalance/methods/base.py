@@ -27,6 +27,13 @@ plus ``state_dict`` for state across steps, epochs and resumes (d), and class at
 declare what the method needs (e). Evaluation uses ``method.predict(output)``. The loop never
 branches on a method's name.
 
+Epoch hooks read data through the context: :attr:`EpochContext.features` (a no-grad pass that
+returns latents and predictions) and :attr:`EpochContext.batches` (the raw batches of a split, for
+methods that differentiate through the model on held-out data, like LFM's weight update). At
+``on_train_start``, :attr:`EpochContext.initial_encoder_state` holds the encoders as built, before
+any unimodal pre-training (UMT keeps the pre-trained encoders as teachers and restarts its
+students from these weights).
+
 Parameter groups. The trainer's optimizer has one parameter group per part of the model, named
 ``encoder.<m>``, ``unimodal_head.<m>``, ``fusion`` and ``method`` (the module the method's
 :meth:`Method.setup` returns). :meth:`Method.lr_scales` scales a group's learning rate (MSLR), and
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +60,11 @@ from mmbalance.config import build_dataclass
 from mmbalance.errors import ConfigError
 from mmbalance.models.output import FusionOutput, ModelOutput
 from mmbalance.registry import Registry
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from mmbalance.data.base import Batch
 
 Task = Literal["classification", "regression"]
 FusionFn = Callable[[Mapping[str, Tensor], Collection[str]], FusionOutput]
@@ -152,6 +164,7 @@ class SplitFeatures:
 
 
 FeaturePass = Callable[[str, float], SplitFeatures]
+SplitBatches = Callable[[str], "Iterable[Batch]"]
 
 #: Splits a method may read during training. The test split is never among them: methods that
 #: need held-out data (D&R's diagnosis, G-Blending's weights) use ``val`` or ``held_out``.
@@ -160,6 +173,10 @@ TRAINING_SPLITS = ("train", "val", "held_out")
 
 def _no_feature_pass(split: str, fraction: float = 1.0) -> SplitFeatures:
     raise RuntimeError("this EpochContext has no feature pass (pass features=... to standalone)")
+
+
+def _no_batches(split: str) -> Iterable[Batch]:
+    raise RuntimeError("this EpochContext has no split batches (pass batches=... to standalone)")
 
 
 @dataclass
@@ -176,6 +193,14 @@ class EpochContext:
             :class:`SplitFeatures`. ``fraction < 1`` takes a random subset of that size, drawn
             from ``(train.seed, epoch)`` so that a resumed run sees the same subset. Under DDP
             every rank gets the whole gathered result.
+        batches: ``batches(split)`` yields the batches of ``split`` (one of
+            :data:`TRAINING_SPLITS`) with their raw inputs, on the model's device, every sample
+            once in dataset order; every rank gets the whole split. For methods that need
+            gradients through the model on data it does not train on (LFM's weight update on the
+            ``held_out`` split); the model's mode is the caller's to set.
+        initial_encoder_state: at ``on_train_start`` only, the encoders' parameters and buffers
+            as the model was built, before any unimodal pre-training (keys of
+            ``model.encoders.state_dict()``); empty at every other hook.
         val_metrics: this epoch's validation metrics (``on_epoch_end`` only; empty otherwise),
             with the keys of ``metrics.csv`` without their ``val_`` prefix (``accuracy``,
             ``loss``, ``unimodal_accuracy_<m>`` for models with heads, ...).
@@ -190,6 +215,8 @@ class EpochContext:
     epoch: int
     model: nn.Module | None = None
     features: FeaturePass = _no_feature_pass
+    batches: SplitBatches = _no_batches
+    initial_encoder_state: Mapping[str, Tensor] = field(default_factory=dict)
     val_metrics: Mapping[str, float] = field(default_factory=dict)
     history: Sequence[Mapping[str, float]] = ()
     encoder_params: Mapping[str, Sequence[nn.Parameter]] = field(default_factory=dict)

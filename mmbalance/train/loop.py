@@ -4,7 +4,8 @@
 
     out_dir/config.yaml     the resolved configuration
     out_dir/last.ckpt       everything needed to resume (written atomically every epoch)
-    out_dir/best.ckpt       the weights selected on the validation split
+    out_dir/best.ckpt       the weights selected on the validation split (the model's and those
+                            of the method's own module)
     out_dir/metrics.csv     one row per epoch (train loss terms, validation metrics, lr and,
                             with ``train.epoch_analysis``, per-modality curves: see
                             :mod:`mmbalance.eval.curves`)
@@ -154,12 +155,19 @@ def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool)
     data = build_dataset(cfg)
     method, model, extra = build_components(cfg, data)
     pretrain_epochs = cfg.train.unimodal_pretrain_epochs
+    initial: dict[str, Tensor] | None = None
     if method.needs_unimodal_pretraining or pretrain_epochs > 0:
+        initial = _encoder_state(model)  # the encoders as built, for on_train_start
         _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
         if method.freezes_encoders:
             model.encoders.requires_grad_(False)
-    trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir)
+    trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir, initial)
     return trainer.run(resume)
+
+
+def _encoder_state(model: MultimodalModel) -> dict[str, Tensor]:
+    """A copy of the encoders' parameters and buffers (keys of ``model.encoders.state_dict()``)."""
+    return {k: v.detach().clone() for k, v in model.encoders.state_dict().items()}
 
 
 def build_components(
@@ -214,7 +222,11 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
 
 
 class Trainer:
-    """Runs the epochs of one run; see the module docstring for what it writes."""
+    """Runs the epochs of one run; see the module docstring for what it writes.
+
+    ``initial_encoder_state`` is the encoders' state as built, before any unimodal pre-training
+    (``on_train_start`` receives it; without it, the encoders as they are at the start).
+    """
 
     def __init__(
         self,
@@ -225,12 +237,15 @@ class Trainer:
         method: Method,
         extra: nn.Module | None,
         out_dir: Path,
+        initial_encoder_state: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.fabric, self.cfg, self.data = fabric, cfg, data
         self.method, self.out_dir = method, out_dir
         self.model = model
+        self.initial_encoder_state = initial_encoder_state
         t = cfg.train
         module = TrainingModule(model, method, extra)
+        self.method_module = module.method_module
         # named parameter groups (see mmbalance.methods.base); parameters frozen before the
         # trainer is built (frozen encoders) stay out of the optimizer
         self.groups = _parameter_groups(model, extra)
@@ -279,7 +294,12 @@ class Trainer:
             )
         if self.start_epoch == 0:
             self._notice_gradient_scaling()
-            self.method.on_train_start(self.epoch_context(0))
+            start_ctx = self.epoch_context(0)
+            start_ctx.initial_encoder_state = self.initial_encoder_state or _encoder_state(
+                self.model
+            )
+            self.method.on_train_start(start_ctx)
+        self.initial_encoder_state = None  # read once: do not hold a copy of the encoders
         stopped = t.patience is not None and self.bad_epochs >= t.patience
         for epoch in range(self.start_epoch, t.epochs):
             if stopped:
@@ -302,7 +322,12 @@ class Trainer:
             if self.best is None or key > tuple(self.best["key"]):
                 self.best = {"key": list(key), "epoch": epoch}
                 self.bad_epochs = 0
-                self._save("best.ckpt", {"model": self.model.state_dict(), "epoch": epoch})
+                best = {
+                    "model": self.model.state_dict(),
+                    "method_module": self.method_module.state_dict(),
+                    "epoch": epoch,
+                }
+                self._save("best.ckpt", best)
             else:
                 self.bad_epochs += 1
             stopped = t.patience is not None and self.bad_epochs >= t.patience
@@ -431,14 +456,9 @@ class Trainer:
     def features(self, split: str, fraction: float = 1.0) -> SplitFeatures:
         """A no-grad, eval-mode pass over ``split`` for the method's epoch hooks (see
         :class:`~mmbalance.methods.base.EpochContext`); never the test split."""
-        if split not in TRAINING_SPLITS:
-            raise ValueError(f"a method may read the splits {TRAINING_SPLITS}, not {split!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        dataset = self.data.splits["val" if split == "val" else "train"]
-        index = self.split_index.get(split)
-        if index is None:
-            index = torch.arange(len(dataset))
+        dataset, index = self._training_split(split)
         if fraction < 1.0:
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + self._epoch)
             keep = max(1, round(fraction * len(index)))
@@ -460,6 +480,25 @@ class Trainer:
             index=out["index"],
         )
 
+    def _training_split(self, split: str) -> tuple[Any, Tensor]:
+        """The dataset and the indices of a split a method may read (never test)."""
+        if split not in TRAINING_SPLITS:
+            raise ValueError(f"a method may read the splits {TRAINING_SPLITS}, not {split!r}")
+        dataset = self.data.splits["val" if split == "val" else "train"]
+        index = self.split_index.get(split)
+        if index is None:
+            index = torch.arange(len(dataset))
+        return dataset, index
+
+    def split_batches(self, split: str) -> Iterator[Batch]:
+        """The batches of ``split`` with raw inputs for the method's epoch hooks (see
+        :class:`~mmbalance.methods.base.EpochContext`): on the device, each sample once in dataset
+        order, the whole split on every rank; never the test split."""
+        dataset, index = self._training_split(split)
+        sampler = ShardBatchSampler(len(index), 2 * self.cfg.train.batch_size, indices=index)
+        for batch in make_loader(dataset, sampler, 0):
+            yield batch.to(self.fabric.device)
+
     def epoch_context(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> EpochContext:
@@ -470,6 +509,7 @@ class Trainer:
             epoch=epoch,
             model=self.model,
             features=self.features,
+            batches=self.split_batches,
             val_metrics=dict(val_metrics or {}),
             history=list(self.history),
             encoder_params=self.encoder_params,
@@ -509,6 +549,8 @@ class Trainer:
         if self.best is not None:
             state = load_checkpoint(self.out_dir / "best.ckpt")
             self.model.load_state_dict(state["model"])
+            if "method_module" in state:  # methods whose own module shapes the prediction
+                self.method_module.load_state_dict(state["method_module"])
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
@@ -767,6 +809,8 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     try:
         if "model" in ckpt:
             model.load_state_dict(ckpt["model"])
+            if "method_module" in ckpt:
+                trainer.method_module.load_state_dict(ckpt["method_module"])
         else:
             trainer.module.load_state_dict(ckpt["module"])
     except (KeyError, RuntimeError) as err:
