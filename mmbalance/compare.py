@@ -33,7 +33,7 @@ from typing import Any
 from mmbalance.build import build_dataset, normalized_config, resolve_config
 from mmbalance.config import RunConfig, parse_value
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
-from mmbalance.io import read_json, write_json_atomic
+from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
 from mmbalance.train.loop import RunResult, check_engine, fit
 from mmbalance.train.rundir import check_same_run, check_writable_dir
@@ -170,6 +170,7 @@ def run_compare(
     # validate every configuration and every existing run directory before the first run
     configs = entry_configs(entries, overrides)
     check_writable_dir(out_dir)
+    remove_stale_temporaries(out_dir, ["results.json"])
     runs = []
     for entry, cfg in zip(entries, configs, strict=True):
         check_engine(cfg)

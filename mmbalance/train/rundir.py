@@ -64,6 +64,20 @@ def saved_overrides(run_dir: Path) -> dict[str, Any] | None:
     return load_yaml(path) if path.is_file() else None
 
 
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The :func:`~mmbalance.build.normalized_config` of a run directory's ``config.yaml``, or
+    None if it has none; a file that no longer builds a configuration is a one-line error."""
+    saved = saved_overrides(run_dir)
+    if saved is None:
+        return None
+    try:
+        return normalized_config(resolve_config(saved))
+    except ConfigError as err:
+        raise ConfigError(
+            f"{str(Path(run_dir) / 'config.yaml')!r} is not a usable configuration ({err})"
+        ) from None
+
+
 def holds_trained_state(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / "metrics.json").is_file() or any(run_dir.rglob("*.ckpt"))
@@ -82,14 +96,14 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
                 "another --out"
             )
         return
-    saved = saved_overrides(run_dir)
-    if saved is None:
+    old = saved_config(run_dir)
+    if old is None:
         if trained:
             raise ConfigError(
                 f"{str(run_dir)!r} holds checkpoints but no config.yaml, so it cannot be resumed"
             )
         return
-    old, new = normalized_config(resolve_config(saved)), normalized_config(cfg)
+    new = normalized_config(cfg)
     differing = config_differences(old, new)
     refused = [k for k in differing if k not in RESUME_ALLOWED]
     if refused:
@@ -114,12 +128,12 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
 def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to reuse or continue ``run_dir`` for ``cfg`` unless its saved configuration is the
     same run (equal up to :data:`~mmbalance.config.PRESENTATION_KEYS`)."""
-    saved = saved_overrides(run_dir)
+    saved = saved_config(run_dir)
     if saved is None:
         if holds_trained_state(run_dir):
             raise ConfigError(f"{str(run_dir)!r} holds checkpoints but no config.yaml")
         return
-    differing = config_differences(normalized_config(resolve_config(saved)), normalized_config(cfg))
+    differing = config_differences(saved, normalized_config(cfg))
     differing = [k for k in differing if k not in PRESENTATION_KEYS]
     if differing:
         raise ConfigError(
