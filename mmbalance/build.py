@@ -5,13 +5,15 @@ All validation of component names and parameters happens here, before any traini
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmbalance.config import RunConfig, build_config, build_dataclass
+from mmbalance.config import RunConfig, build_config, build_dataclass, flatten_yaml
 from mmbalance.data import DATASETS, DatasetBundle
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, Method, ModelInfo
@@ -59,6 +61,32 @@ def validate(cfg: RunConfig) -> None:
     method_cls = METHODS.get(cfg.method.name)
     build_dataclass(method_cls.Params, cfg.method.params, f"method.{cfg.method.name}")
     FUSION_HEADS.get(cfg.fusion.name)
+
+
+def normalized_config(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as flat ``key: value`` pairs with every dataset, method and fusion option written
+    out (defaults included) in JSON form, so that two configurations that train the same run
+    compare equal even if one spells out a default the other leaves implicit."""
+    flat = flatten_yaml(cfg.to_dict())
+    for section, registry in (("dataset", DATASETS), ("method", METHODS)):
+        named = getattr(cfg, section)
+        cls = registry.get(named.name).Params
+        options = asdict(build_dataclass(cls, named.params, f"{section}.{named.name}"))
+        flat |= {f"{section}.{k}": v for k, v in options.items()}
+    head = inspect.signature(FUSION_HEADS.get(cfg.fusion.name))
+    defaults = {
+        k: p.default
+        for k, p in list(head.parameters.items())[2:]
+        if p.default is not inspect.Parameter.empty and k not in cfg.fusion.params
+    }
+    flat |= {f"fusion.{k}": v for k, v in defaults.items()}
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two :func:`normalized_config` results, sorted."""
+    missing = object()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
 
 
 def build_dataset(cfg: RunConfig) -> DatasetBundle:

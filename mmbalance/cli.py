@@ -40,12 +40,23 @@ def _console() -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mmbalance.build import resolve_config
     from mmbalance.train import fit
+    from mmbalance.train.rundir import resume_overrides
 
-    cfg = resolve_config(_overrides(args))
-    out = Path(args.out or f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
-    result = fit(cfg, out, resume=args.resume)
+    overrides = _overrides(args)
+    if args.out:
+        out = Path(args.out)
+    else:
+        cfg = resolve_config(overrides)
+        out = Path(f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
+    if args.resume:  # continue the saved configuration; the command may change only a few keys
+        overrides = resume_overrides(out, overrides)
+    result = fit(resolve_config(overrides), out, resume=args.resume)
     console = _console()
-    console.print(f"[bold]run[/bold] {out}  best epoch {result.best_epoch + 1}")
+    # the number metrics.json and metrics.csv use: epochs count from 0
+    console.print(
+        f"[bold]run[/bold] {out}  best epoch {result.best_epoch} of {result.epochs_run} "
+        "(counted from 0, as in metrics.json)"
+    )
     _print_metrics(console, result.metrics, result.bayes_accuracy)
     return 0
 
@@ -78,7 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mmbalance.compare import run_compare
+    from mmbalance.compare import failed_runs, run_compare, split_methods
     from mmbalance.report import (
         comparison_table,
         epoch_seconds,
@@ -88,18 +99,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         write_report,
     )
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_methods(args.methods)
     out = Path(args.out)
     records = run_compare(methods, args.seeds, out, _overrides(args))
-    # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
-    seconds = epoch_seconds(load_source(out).histories())
-    print(to_text(comparison_table(records, epoch_seconds=seconds)))
-    figure = plot_comparison(records, out / "comparison.png")
-    md, page = write_report(out)
-    print(f"results: {out / 'results.json'}")
-    if figure is not None:
-        print(f"plot: {figure}")
-    print(f"report: {md}\n        {page}")
+    failed = failed_runs(records)
+    if len(failed) < len({(r["method"], r["seed"]) for r in records}):  # some run finished
+        # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
+        seconds = epoch_seconds(load_source(out).histories())
+        print(to_text(comparison_table(records, epoch_seconds=seconds)))
+        figure = plot_comparison(records, out / "comparison.png")
+        md, page = write_report(out)
+        print(f"results: {out / 'results.json'}")
+        if figure is not None:
+            print(f"plot: {figure}")
+        print(f"report: {md}\n        {page}")
+    if failed:
+        runs = ", ".join(f"{r['method']} seed {r['seed']} {r['value']}" for r in failed)
+        raise MMBalanceError(
+            f"{len(failed)} run(s) did not finish ({runs}); the others are in "
+            f"{out / 'results.json'}, whose status records say why (first: {failed[0]['message']})"
+        )
     return 0
 
 
@@ -192,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset")
     train.add_argument("--method")
     train.add_argument("--out", help="run directory (default runs/DATASET-METHOD-seedS)")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved configuration (a command may change "
+        "only train.epochs, upwards, and train.progress, train.tensorboard, train.num_workers)",
+    )
     train.add_argument("overrides", nargs="*", help=over_help)
     train.set_defaults(func=_cmd_train)
 
@@ -203,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="compare methods over seeds")
     compare.add_argument("--dataset")
-    compare.add_argument("--methods", required=True, help="comma-separated method names")
+    compare.add_argument(
+        "--methods",
+        required=True,
+        help="comma-separated methods or variants, e.g. joint,ogm_ge,ogm_ge[alpha=1.2]",
+    )
     compare.add_argument("--seeds", type=int, default=3)
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)

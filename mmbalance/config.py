@@ -17,6 +17,7 @@ Keys of the command line and of flattened YAML files:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -143,9 +144,16 @@ class TrainConfig:
     epoch_analysis: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "momentum", "gamma", "grad_clip"):
+            value = getattr(self, name)
+            check(
+                value is None or math.isfinite(value), f"train.{name} must be finite, got {value}"
+            )
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 2, f"train.batch_size must be >= 2, got {self.batch_size}")
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        # every generator we seed (torch, NumPy, Python, Lightning) accepts [0, 2**32)
+        check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         check(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
         check(self.step_size >= 1, f"train.step_size must be >= 1, got {self.step_size}")
@@ -194,6 +202,12 @@ class RunConfig:
 
 
 TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+#: Train settings that cannot change a run's numbers: how it is shown, logged and fed (the
+#: batches are a function of the seed and epoch, and datasets draw no randomness per item, so
+#: the number of loader processes does not matter). Runs that differ only in these are the same
+#: run: ``compare`` reuses such a run and ``--resume`` accepts new values for them.
+PRESENTATION_KEYS = ("train.progress", "train.tensorboard", "train.num_workers")
 KEY_HELP = (
     "dataset, dataset.PARAM, method, method.PARAM, fusion, fusion.PARAM, encoder.MODALITY, "
     "encoder.MODALITY.PARAM, unimodal_heads, train.FIELD (or FIELD) with FIELD in: "
@@ -230,11 +244,16 @@ def flatten_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten a YAML config (sections as mappings) into override keys."""
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be names, got {key!r}")
         if key in ("dataset", "method", "fusion") and isinstance(value, Mapping):
             value = dict(value)
             if "name" in value:
                 out[key] = value.pop("name")
-            value.update(value.pop("params", None) or {})
+            params = value.pop("params", None)
+            if params is not None and not isinstance(params, Mapping):
+                raise ConfigError(f"{key}.params must be a mapping of options, got {params!r}")
+            value.update(params or {})
             out.update({f"{key}.{k}": v for k, v in value.items()})
         elif key == "encoders" and isinstance(value, Mapping):
             for modality, spec in value.items():
@@ -256,7 +275,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file") from None
+    except OSError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is unreadable ({type(err).__name__})"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]

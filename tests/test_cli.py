@@ -43,6 +43,14 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["evaluate", "/nonexistent/run"], "is not a run directory"),
         (["compare", "--methods", "joint,nope", "--out", "/tmp/x"], "unknown method 'nope'"),
         (["compare", "--methods", "joint", "--seeds", "0", "--out", "/tmp/x"], "--seeds must be"),
+        # issue 12, items 6 and 9: values that gave tracebacks or trained silently
+        (["train", "train.lr=inf"], "train.lr must be finite, got inf"),
+        (["train", "train.lr=nan"], "train.lr must be finite, got nan"),
+        (["train", "train.weight_decay=inf"], "train.weight_decay must be finite"),
+        (["train", "train.seed=-1"], "train.seed must be in [0, 2**32), got -1"),
+        (["train", "train.seed=5000000000"], "train.seed must be in [0, 2**32), got 5000000000"),
+        (["compare", "--methods", ",", "--out", "/tmp/x"], "--methods ',' names no method"),
+        (["compare", "--methods", "ogm_ge[alpha]", "--out", "/tmp/x"], "expected KEY=VALUE"),
     ],
 )
 def test_error_paths(capsys, argv: list[str], message: str) -> None:
@@ -50,9 +58,14 @@ def test_error_paths(capsys, argv: list[str], message: str) -> None:
 
 
 def test_nan_loss_exits_with_the_step(capsys, tmp_path: Path) -> None:
+    """The message names the step, and a checkpoint only if one exists (issue 12, item 6)."""
     argv = ["train", *FAST, "train.epochs=30", "train.lr=1e6", "train.optimizer=sgd"]
     err = _error(capsys, [*argv, "--out", str(tmp_path)])
-    assert "loss became" in err and "step" in err and "last good checkpoint" in err
+    assert "loss became" in err and "step" in err
+    if (tmp_path / "last.ckpt").exists():
+        assert f"the last good checkpoint is {tmp_path / 'last.ckpt'}" in err
+    else:
+        assert "no checkpoint was saved" in err and "last.ckpt" not in err
 
 
 def test_invalid_yaml_config(capsys, tmp_path: Path) -> None:

@@ -13,17 +13,32 @@
     out_dir/tb/             TensorBoard events
     out_dir/metrics.json    final validation and test metrics of the selected model
 
+Every file is written atomically (:mod:`mmbalance.io`), checkpoints load without running code
+(:mod:`mmbalance.train.checkpoint`), and a directory never mixes two configurations
+(:mod:`mmbalance.train.rundir`).
+
 Model selection and early stopping look at the validation split only; the test split is
-evaluated once, at the end, on the selected weights.
+evaluated once, at the end, on the selected weights. A run whose loss, weights or validation
+loss become non-finite stops with :class:`~mmbalance.errors.TrainingDiverged`; non-finite
+weights are never selected or saved.
+
+Epochs and steps are counted from 0 in every file (the ``epoch`` column of ``metrics.csv``,
+``best_epoch`` in ``metrics.json``, the checkpoints, ``steps.csv``) and in every message that
+names one; only the progress bar counts epochs 1..N ("epoch 1/30" is the first).
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
-import json
+import io
+import itertools
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -32,18 +47,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from mmbalance.build import build_dataset, build_method, build_model, model_info
 from mmbalance.config import NamedParams, RunConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
-from mmbalance.errors import MMBalanceError, TrainingDiverged
+from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.eval.metrics import selection_key, task_metrics
+from mmbalance.io import write_json_atomic, write_text_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -56,8 +72,16 @@ from mmbalance.methods.base import (
 )
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
-from mmbalance.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from mmbalance.train.checkpoint import (
+    BEST_KEYS,
+    LAST_KEYS,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mmbalance.train.data import EpochBatchSampler, ShardBatchSampler, make_loader
+from mmbalance.train.rundir import check_run_dir, write_run_config
 
 
 @dataclass
@@ -101,40 +125,104 @@ class TrainingModule(nn.Module):
         return output, method.losses(output, ctx)
 
 
+def _runs_on_cpu(cfg: RunConfig) -> bool:
+    t = cfg.train
+    return t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+
+
+def check_engine(cfg: RunConfig) -> None:
+    """Refuse engine settings this machine cannot run, before any process is started (an error
+    inside spawned workers would reach the user as tracebacks, a missing node as a hang)."""
+    t = cfg.train
+    if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.accelerator={t.accelerator} but CUDA is not available on this machine; "
+            "use train.accelerator=cpu (or auto)"
+        )
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.accelerator=mps but MPS is not available on this machine")
+    on_cpu = _runs_on_cpu(cfg)
+    if on_cpu and t.precision == "16-mixed":
+        # Lightning would silently switch to bf16-mixed: refuse instead of training another run
+        raise ConfigError(
+            "train.precision=16-mixed needs a CUDA GPU (mixed precision on CPU is bfloat16); "
+            "use train.precision=bf16-mixed or 32-true"
+        )
+    if on_cpu and t.num_nodes > 1:
+        raise ConfigError(
+            f"train.num_nodes={t.num_nodes}: CPU training runs its processes on this one "
+            "machine (train.devices); several nodes need GPUs started by a cluster launcher"
+        )
+    if not on_cpu and t.accelerator != "mps" and t.devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.devices={t.devices} but this machine has {torch.cuda.device_count()} GPUs"
+        )
+    world = t.devices * t.num_nodes
+    if t.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by the {world} processes "
+            "(train.devices x train.num_nodes)"
+        )
+
+
 def make_fabric(cfg: RunConfig) -> Fabric:
     t = cfg.train
     world = t.devices * t.num_nodes
     strategy: Any = "auto"
     if world > 1:
-        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+        cpu = _runs_on_cpu(cfg)
         strategy = DDPStrategy(
             find_unused_parameters=True,
             start_method="spawn" if cpu else "popen",
             process_group_backend="gloo" if cpu else None,
         )
-    return Fabric(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=strategy,
-        precision=t.precision,
-    )
+    try:
+        return Fabric(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy,
+            precision=t.precision,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"the train engine settings cannot run here: {first}") from None
 
 
 def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> RunResult:
-    """Train one run described by ``cfg`` into ``out_dir`` (``resume`` continues a killed run)."""
+    """Train one run described by ``cfg`` into ``out_dir`` (``resume`` continues a killed run).
+
+    Before anything starts, the engine settings are checked against this machine and
+    ``out_dir`` against ``cfg`` (:func:`~mmbalance.train.rundir.check_run_dir`: a fresh run
+    never reuses trained state, a resumed one keeps its saved configuration).
+    """
     out_dir = Path(out_dir)
+    check_engine(cfg)
+    check_run_dir(cfg, out_dir, resume)
     fabric = make_fabric(cfg)
     if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
         if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
-            return fabric.launch(_fit_in_worker, cfg, out_dir, resume)
+            result = fabric.launch(_fit_in_worker, cfg, out_dir, resume, os.getpid())
+            if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
+                raise result
+            return result
         fabric.launch()
     return _fit_in_process(fabric, cfg, out_dir, resume)
 
 
-def _fit_in_worker(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+def _fit_in_worker(
+    fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool, parent: int
+) -> RunResult | MMBalanceError:
     """A spawned DDP worker: train, then tear the process group down before the process exits
-    (gloo's threads abort the process if it exits with the group still alive)."""
+    (gloo's threads abort the process if it exits with the group still alive).
+
+    The worker dies with its parent (a killed ``mmbalance`` must not leave orphans training
+    on). A user-facing error is returned rather than raised, so that the parent re-raises it
+    as one line instead of printing every worker's traceback; every rank raises the same
+    error at the same point (the loss is all-reduced before it is checked), so none is left
+    waiting in a collective.
+    """
+    _die_with_parent(parent)
     dist = torch.distributed
     try:
         result = _fit_in_process(fabric, cfg, out_dir, resume)
@@ -142,12 +230,44 @@ def _fit_in_worker(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) 
         if dist.is_initialized():
             dist.barrier()
         return result
+    except MMBalanceError as err:
+        return err
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make this process exit when process ``parent`` does.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``; the
+    "parent" is the thread that started the worker, the main thread that called :func:`fit`);
+    elsewhere a daemon thread polls the parent id. A parent that died before this ran is caught
+    by comparing ``getppid`` with the id it passed.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="mmbalance-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+    if fabric.is_global_zero:
+        write_run_config(cfg, out_dir)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -194,7 +314,7 @@ def _unimodal_pretraining(
     )
     if not (resume and (out_dir / "metrics.json").is_file()):
         _fit_in_process(fabric, pre_cfg, out_dir, resume)
-    state = load_checkpoint(out_dir / "best.ckpt")["model"]
+    state = load_checkpoint(out_dir / "best.ckpt", BEST_KEYS)["model"]
     keep = {k: v for k, v in state.items() if k.startswith(("encoders.", "unimodal_heads."))}
     if model.unimodal_heads:
         model.load_state_dict(keep, strict=False)
@@ -275,22 +395,18 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.bad_epochs = 0
         self.start_epoch = 0
+        self.saved_epoch: int | None = None  # the epoch last.ckpt holds (None: none saved)
         self._writer: Any = None
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> RunResult:
-        fabric, t = self.fabric, self.cfg.train
+        t = self.cfg.train
         last = self.out_dir / "last.ckpt"
         if resume and last.is_file():
-            self._restore(load_checkpoint(last))
+            self._restore(load_checkpoint(last, LAST_KEYS), last)
         elif last.is_file() and not resume:
             raise MMBalanceError(
                 f"{str(self.out_dir)!r} already holds a run; resume it or choose another --out"
-            )
-        if fabric.is_global_zero:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(
-                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
             )
         if self.start_epoch == 0:
             self._notice_gradient_scaling()
@@ -310,7 +426,13 @@ class Trainer:
             self.method.on_epoch_start(start_ctx)
             lr, lr_scales = self._set_lr(epoch)
             train_stats = self._train_epoch(epoch)
+            # the loss is checked at every step, but the weights after an epoch's last step only
+            # here: never evaluate, select or save non-finite weights
+            if not self._weights_finite():
+                raise self._diverged(f"the weights became non-finite in epoch {epoch}")
             val = self.evaluate("val", curves=t.epoch_analysis)
+            if not math.isfinite(val["loss"]):
+                raise self._diverged(f"the validation loss became {val['loss']} at epoch {epoch}")
             end_ctx = self.epoch_context(epoch, val)
             self.method.on_epoch_end(end_ctx)
             row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
@@ -332,6 +454,7 @@ class Trainer:
                 self.bad_epochs += 1
             stopped = t.patience is not None and self.bad_epochs >= t.patience
             self._save("last.ckpt", self._snapshot(epoch))
+            self.saved_epoch = epoch
             self._write_logs(row)
         return self._finish()
 
@@ -378,16 +501,17 @@ class Trainer:
                 self.fabric.clip_gradients(
                     self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
                 )
-            # Read the loss once, after the step is queued (one synchronisation per step). A
-            # non-finite loss stops the run before anything of this step is saved, so the last
-            # checkpoint on disk stays the last good one.
-            part_terms = {name: float(term.detach()) for name, term in losses.items()}
+            # Read the loss terms once, after the step is queued (one synchronisation per step),
+            # as their mean over ranks under DDP (the global batch's loss, and the same value, so
+            # the same decision, on every rank). A non-finite loss stops the run before anything
+            # of this step is saved, so the last checkpoint on disk stays the last good one.
+            stacked = torch.stack([term.detach().reshape(()).float() for term in losses.values()])
+            if self.fabric.world_size > 1:
+                stacked = self.fabric.all_reduce(stacked, reduce_op="mean")
+            part_terms = dict(zip(losses, stacked.tolist(), strict=True))
             value = sum(part_terms.values())
             if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} at epoch {epoch + 1}, step {self.step + 1}; "
-                    f"the last good checkpoint is {self.out_dir / 'last.ckpt'}"
-                )
+                raise self._diverged(f"loss became {value} at epoch {epoch}, step {self.step}")
             self.optimizer.step()
             for name, term_value in part_terms.items():
                 terms[name] = terms.get(name, 0.0) + term_value
@@ -396,6 +520,22 @@ class Trainer:
             self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
         self.step += 1
         return terms
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer is finite (one synchronisation)."""
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        flags = [t.detach().isfinite().all() for t in tensors if t.is_floating_point()]
+        return not flags or bool(torch.stack(flags).all())
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error for a divergence, naming only a checkpoint that exists (the epoch counts
+        from 0, as in ``metrics.csv``)."""
+        last = self.out_dir / "last.ckpt"
+        if self.saved_epoch is not None and last.is_file():
+            kept = f"the last good checkpoint is {last} (end of epoch {self.saved_epoch})"
+        else:
+            kept = "no checkpoint was saved before it"
+        return TrainingDiverged(f"{what} (epochs and steps count from 0); {kept}")
 
     def _context(self, batch: Batch, epoch: int) -> StepContext:
         fabric = self.fabric
@@ -547,10 +687,11 @@ class Trainer:
     def _finish(self) -> RunResult:
         best_epoch = -1
         if self.best is not None:
-            state = load_checkpoint(self.out_dir / "best.ckpt")
-            self.model.load_state_dict(state["model"])
+            best = self.out_dir / "best.ckpt"
+            state = load_checkpoint(best, BEST_KEYS)
+            _load_state(self.model, state["model"], best)
             if "method_module" in state:  # methods whose own module shapes the prediction
-                self.method_module.load_state_dict(state["method_module"])
+                _load_state(self.method_module, state["method_module"], best)
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
@@ -563,7 +704,7 @@ class Trainer:
                 task=self.data.task,
             )
             metrics["test"] |= scalars
-            (self.out_dir / "analysis.json").write_text(json.dumps(analysis, indent=2))
+            write_json_atomic(self.out_dir / "analysis.json", analysis)
         result = RunResult(
             self.out_dir,
             metrics,
@@ -573,19 +714,29 @@ class Trainer:
             self.history,
         )
         if self.fabric.is_global_zero:
-            (self.out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+            write_json_atomic(self.out_dir / "metrics.json", result.to_json())
             if self._writer is not None:
                 self._writer.close()
         return result
 
     # --- state ---------------------------------------------------------------------------------
     def _snapshot(self, epoch: int) -> dict[str, Any]:
+        """Everything a resume needs; called on every rank (it gathers each rank's RNG state,
+        stored as a list indexed by global rank)."""
+        local = rng_state()
+        world = self.fabric.world_size
+        if world > 1:
+            gathered = self.fabric.all_gather(local)
+            # clones: a row of the gathered tensor is a view into all ranks' storage
+            rngs = [{k: v[r].cpu().clone() for k, v in gathered.items()} for r in range(world)]
+        else:
+            rngs = [local]
         return {
             "epoch": epoch,
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs,
             "step": self.step,
             "history": self.history,
             "step_logs": self.step_logs,
@@ -594,26 +745,39 @@ class Trainer:
             "phase": None if self.phase is None else self.phase.name,
         }
 
-    def _restore(self, ckpt: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(ckpt["module"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.method.load_state_dict(ckpt["method"])
-        set_rng_state(ckpt["rng"])
-        self.step = ckpt["step"]
-        self.history = list(ckpt["history"])
-        self.step_logs = list(ckpt["step_logs"])
-        self.best = ckpt["best"]
-        self.bad_epochs = ckpt["bad_epochs"]
-        self.start_epoch = ckpt["epoch"] + 1
-        phase_name = ckpt.get("phase")
+    def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        rngs, world = ckpt["rng"], self.fabric.world_size
+        if not isinstance(rngs, list) or len(rngs) != world:
+            raise DataError(
+                f"checkpoint {str(path)!r} holds the RNG states of "
+                f"{len(rngs) if isinstance(rngs, list) else 'no list of'} processes, this run "
+                f"has {world}"
+            )
+        _load_state(self.module, ckpt["module"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.method.load_state_dict(ckpt["method"])
+            self.step = int(ckpt["step"])
+            self.history = list(ckpt["history"])
+            self.step_logs = list(ckpt["step_logs"])
+            self.best = ckpt["best"]
+            self.bad_epochs = int(ckpt["bad_epochs"])
+            self.start_epoch = int(ckpt["epoch"]) + 1
+            phase_name = ckpt.get("phase")
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
+            ) from None
+        set_rng_state(rngs[self.fabric.global_rank])
+        self.saved_epoch = self.start_epoch - 1
         if phase_name is not None:
             # the phase the last epoch ran in: the next epoch resets the optimizer exactly when
             # an uninterrupted run would
-            self.phase = replace(self.method.phase(self.start_epoch - 1), name=phase_name)
+            self.phase = replace(self.method.phase(self.start_epoch - 1), name=str(phase_name))
 
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:
-            save_atomic(obj, self.out_dir / name)
+            save_checkpoint(obj, self.out_dir / name)
         self.fabric.barrier()
 
     def _enter_phase(self, epoch: int) -> None:
@@ -776,12 +940,23 @@ def _write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def _load_state(module: nn.Module, state: Any, path: Path) -> None:
+    """``module.load_state_dict(state)``, with a one-line error if the checkpoint's weights do
+    not fit the model this configuration builds."""
+    try:
+        module.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"checkpoint {str(path)!r} does not match the run's model ({first})"
+        ) from None
 
 
 def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
@@ -806,16 +981,12 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     extra = method.setup(model_info(model, data))
     trainer = Trainer(fabric, cfg, data, model, method, extra, run_dir)
     ckpt = load_checkpoint(ckpt_path)
-    try:
-        if "model" in ckpt:
-            model.load_state_dict(ckpt["model"])
-            if "method_module" in ckpt:
-                trainer.method_module.load_state_dict(ckpt["method_module"])
-        else:
-            trainer.module.load_state_dict(ckpt["module"])
-    except (KeyError, RuntimeError) as err:
-        first = str(err).splitlines()[0]
-        raise MMBalanceError(
-            f"checkpoint {str(ckpt_path)!r} does not match the run's model ({first})"
-        ) from None
+    if "model" in ckpt:
+        _load_state(model, ckpt["model"], ckpt_path)
+        if "method_module" in ckpt:
+            _load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
+    elif "module" in ckpt:
+        _load_state(trainer.module, ckpt["module"], ckpt_path)
+    else:
+        raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")
     return {split: trainer.evaluate(split) for split in ("val", "test")}
