@@ -89,10 +89,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mmbalance.compare import failed_runs, run_compare, split_methods
+    from mmbalance.compare import run_compare, split_methods
     from mmbalance.report import (
         comparison_table,
         epoch_seconds,
+        failed_runs,
         load_source,
         plot_comparison,
         to_text,

@@ -34,12 +34,9 @@ from mmbalance.config import RunConfig, parse_value
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
-from mmbalance.report import run_records
+from mmbalance.report import run_records, status_record
 from mmbalance.train.loop import RunResult, check_engine, fit
 from mmbalance.train.rundir import check_same_run, check_writable_dir
-
-#: ``split`` and ``metric`` of the record that reports a run which did not finish
-STATUS_SPLIT, STATUS_METRIC = "run", "status"
 
 
 @dataclass(frozen=True)
@@ -217,24 +214,3 @@ def run_or_reuse(cfg: RunConfig, run_dir: Path) -> RunResult | dict[str, Any]:
     except TrainingDiverged as err:
         write_json_atomic(diverged, {"diverged": str(err)})
         raise
-
-
-def status_record(label: str, seed: int, status: str, message: str) -> dict[str, Any]:
-    """The record of a run that did not finish: ``split`` is ``"run"``, ``metric`` is
-    ``"status"``, ``value`` is ``"diverged"`` (the loss or weights became non-finite) or
-    ``"failed"`` (another user-facing error), and ``message`` says why. Statistics skip it (it
-    belongs to no data split); a report shows it as a missing seed with its reason."""
-    return {
-        "method": label,
-        "seed": seed,
-        "split": STATUS_SPLIT,
-        "metric": STATUS_METRIC,
-        "value": status,
-        "message": message,
-    }
-
-
-def failed_runs(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The status records of the runs that did not finish."""
-    return [r for r in records if r["split"] == STATUS_SPLIT and r["metric"] == STATUS_METRIC]
-

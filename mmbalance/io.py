@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 
 from mmbalance.errors import DataError
 
@@ -59,6 +58,8 @@ def _write_atomic(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> No
 
 def save_atomic(obj: Any, path: Path) -> None:
     """Write ``obj`` with ``torch.save`` so that ``path`` is either the old or the new file."""
+    import torch  # here, so that the command line's start-up does not import torch
+
     _write_atomic(Path(path), "wb", lambda f: torch.save(obj, f))
 
 

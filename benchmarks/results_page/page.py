@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks.results_page import DOCS, RESULTS
 from benchmarks.results_page.studies import STUDIES, Study
+from mmbalance.io import write_text_atomic
 from mmbalance.report import (
     Column,
     PairedTest,
@@ -29,7 +30,6 @@ from mmbalance.report import (
     plot_comparison,
     to_markdown,
     unused_modalities,
-    write_text_atomic,
 )
 
 #: The references every method is compared with, in the tables and the verdicts.

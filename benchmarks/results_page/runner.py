@@ -22,7 +22,8 @@ from typing import Any
 
 from benchmarks.results_page import RESULTS
 from benchmarks.results_page.studies import DEFAULT_SEARCH, ORDER, SEARCH, Point, Study
-from mmbalance.report import DIVERGED, read_json, run_records, write_text_atomic
+from mmbalance.io import read_json, write_text_atomic
+from mmbalance.report import DIVERGED, run_records
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from mmbalance.data.base import (
     stratified_split,
 )
 from mmbalance.errors import DataError
+from mmbalance.io import write_text_atomic
 
 STFT_SR, STFT_SECONDS, STFT_NFFT, STFT_HOP = 22050, 3.0, 512, 353
 FBANK_SR, FBANK_MELS = 16000, 128
@@ -322,13 +323,6 @@ def prepare_clips(
             f"{failed[first]}); every reason is in {report_path}"
         )
     return report
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_manifest(out: Path, rows: Iterable[dict[str, str]]) -> None:

@@ -26,14 +26,17 @@ from mmbalance.report.comparison import (
     metric_title,
     options_table,
 )
-from mmbalance.report.page import write_report, write_text_atomic
+from mmbalance.report.page import write_report
 from mmbalance.report.plots import plot_comparison, plot_shapley
 from mmbalance.report.records import (
     DIVERGED,
+    STATUS_METRIC,
+    STATUS_SPLIT,
     Source,
+    failed_runs,
     load_source,
-    read_json,
     run_records,
+    status_record,
     unused_modalities,
 )
 from mmbalance.report.stats import PairedTest, Stat, describe, holm, paired_tests, summarize
@@ -42,6 +45,8 @@ from mmbalance.report.tables import Column, Table, terminal_width, to_html, to_m
 __all__ = [
     "DIVERGED",
     "REFERENCE",
+    "STATUS_METRIC",
+    "STATUS_SPLIT",
     "Column",
     "PairedTest",
     "Source",
@@ -52,6 +57,7 @@ __all__ = [
     "describe",
     "epoch_seconds",
     "error_table",
+    "failed_runs",
     "fmt_p",
     "fmt_stat",
     "holm",
@@ -61,8 +67,8 @@ __all__ = [
     "paired_tests",
     "plot_comparison",
     "plot_shapley",
-    "read_json",
     "run_records",
+    "status_record",
     "summarize",
     "terminal_width",
     "to_html",
@@ -70,5 +76,4 @@ __all__ = [
     "to_text",
     "unused_modalities",
     "write_report",
-    "write_text_atomic",
 ]

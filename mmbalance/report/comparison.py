@@ -15,7 +15,13 @@ from typing import Any
 
 from mmbalance.errors import DataError
 from mmbalance.methods import METHODS
-from mmbalance.report.records import DIVERGED, methods_of, modalities_of, unused_modalities
+from mmbalance.report.records import (
+    DIVERGED,
+    failed_runs,
+    methods_of,
+    modalities_of,
+    unused_modalities,
+)
 from mmbalance.report.stats import ALPHA, LEVEL, PairedTest, Stat, describe, paired_tests, summarize
 from mmbalance.report.tables import Column, Table
 
@@ -82,9 +88,11 @@ def bayes_accuracy(records: Sequence[Mapping[str, Any]]) -> float | None:
 
 
 def seed_counts(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, tuple[int, int]]:
-    """``{method: (seeds with a test value of metric, diverged seeds)}``."""
+    """``{method: (seeds with a test value of metric, seeds that did not finish)}``."""
     done: dict[str, set[int]] = {}
     failed: dict[str, set[int]] = {}
+    for r in failed_runs(records):
+        failed.setdefault(r["method"], set()).add(int(r["seed"]))
     for r in records:
         if r["split"] != "test":
             continue

@@ -14,13 +14,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from mmbalance.io import write_text_atomic
 from mmbalance.report.comparison import (
     REFERENCE,
     bayes_accuracy,
@@ -164,21 +163,6 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
             )
         )
     return [s for s in sections if not s.empty]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old or the new file, never a truncated one
-    (a temporary file in the same directory, flushed, then renamed over ``path``)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _untitled(table: Table, heading: str) -> Table:

@@ -12,7 +12,6 @@ malformed file into a one-line :class:`~mmbalance.errors.DataError` naming the f
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,28 +21,15 @@ from typing import Any
 import yaml
 
 from mmbalance.errors import DataError
+from mmbalance.io import read_json
 
 #: The keys of every record.
 RECORD_KEYS = ("method", "seed", "split", "metric", "value")
-#: The metric a diverged run records (value 1.0) in place of its results.
+#: The metric a diverged run records (value 1.0) in place of its results (benchmark records).
 DIVERGED = "diverged"
-
-
-def read_json(path: Path) -> Any:
-    """The content of a JSON file, or a :class:`DataError` saying that it is damaged."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{str(path)!r} is not a text file (damaged?)") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{str(path)!r} is damaged or truncated (invalid JSON at line {err.lineno}, column "
-            f"{err.colno}: {err.msg}); re-run the command that wrote it"
-        ) from None
+#: ``split`` and ``metric`` of the record a comparison writes for a run that did not finish; its
+#: ``value`` is ``"diverged"`` or ``"failed"`` and its ``message`` says why.
+STATUS_SPLIT, STATUS_METRIC = "run", "status"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -98,6 +84,26 @@ def run_records(label: str, seed: int, summary: Mapping[str, Any] | Any) -> list
     return rows
 
 
+def status_record(label: str, seed: int, status: str, message: str) -> dict[str, Any]:
+    """The record of a run that did not finish: ``split`` is ``"run"``, ``metric`` is
+    ``"status"``, ``value`` is ``"diverged"`` (the loss or weights became non-finite) or
+    ``"failed"`` (another user-facing error), and ``message`` says why. Statistics skip it (it
+    belongs to no data split); the comparison table counts it as a seed that did not finish."""
+    return {
+        "method": label,
+        "seed": seed,
+        "split": STATUS_SPLIT,
+        "metric": STATUS_METRIC,
+        "value": status,
+        "message": message,
+    }
+
+
+def failed_runs(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The status records of the runs that did not finish."""
+    return [r for r in records if r["split"] == STATUS_SPLIT and r["metric"] == STATUS_METRIC]
+
+
 def _record(label: str, seed: int, split: str, metric: str, value: float | None) -> dict[str, Any]:
     return {"method": label, "seed": seed, "split": split, "metric": metric, "value": value}
 
@@ -118,7 +124,10 @@ def check_records(records: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(r, dict) or any(k not in r for k in RECORD_KEYS):
             raise DataError(f"{where}: record {i} lacks one of {', '.join(RECORD_KEYS)}")
         value = r["value"]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if r["split"] == STATUS_SPLIT:
+            if not isinstance(value, str):
+                raise DataError(f"{where}: status record {i} has a value that is not a status")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise DataError(f"{where}: record {i} has a value that is not a number")
         if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
             raise DataError(f"{where}: record {i} has a seed that is not an integer")
