@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-
 from mmbalance.errors import DataError
 
 __all__ = [
