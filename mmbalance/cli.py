@@ -124,7 +124,7 @@ class Component:
     """A registered component as ``mmbalance list`` shows it.
 
     Attributes:
-        kind: method, dataset, encoder, fusion head or train (the training settings).
+        kind: method, dataset, encoder, fusion head or training settings.
         name: its registry name.
         summary: one paragraph of what it is.
         usage: how a run selects it and sets its options.
@@ -155,7 +155,7 @@ def registered_components() -> list[Component]:
             "method",
             name,
             docstring_summary(cls),
-            f"--method {name} (or method={name}), then method.OPTION=VALUE",
+            f"--method {name} method.OPTION=VALUE",
             dataclass_options(cls.Params),
         )
         for name, cls in METHODS.items()
@@ -163,7 +163,7 @@ def registered_components() -> list[Component]:
     for name, source in DATASETS.items():
         extra = ()
         if source.PrepareParams is not None:
-            usage = f"mmbalance prepare {name} --raw DIR --out DIR [--OPTION VALUE]"
+            usage = f"mmbalance prepare {name} --OPTION VALUE"
             flags = [
                 replace(o, name="--" + o.name.replace("_", "-"))
                 for o in dataclass_options(source.PrepareParams)
@@ -178,7 +178,7 @@ def registered_components() -> list[Component]:
                 "dataset",
                 name,
                 source.description or docstring_summary(source),
-                f"--dataset {name} (or dataset={name}), then dataset.OPTION=VALUE",
+                f"--dataset {name} dataset.OPTION=VALUE",
                 dataclass_options(source.Params),
                 extra,
                 notes,
@@ -191,7 +191,7 @@ def registered_components() -> list[Component]:
             "encoder",
             name,
             docstring_summary(factory),
-            f"encoder.MODALITY={name}, then encoder.MODALITY.OPTION=VALUE",
+            f"encoder.MODALITY={name} encoder.MODALITY.OPTION=VALUE",
             signature_options(factory, positional=1),
         )
         for name, factory in ENCODERS.items()
@@ -201,17 +201,17 @@ def registered_components() -> list[Component]:
             "fusion head",
             name,
             docstring_summary(cls),
-            f"fusion={name}, then fusion.OPTION=VALUE",
+            f"fusion={name} fusion.OPTION=VALUE",
             signature_options(cls, positional=2),
         )
         for name, cls in FUSION_HEADS.items()
     ]
     out.append(
         Component(
-            "train",
+            "training settings",
             "train",
             docstring_summary(TrainConfig),
-            "train.OPTION=VALUE (or OPTION=VALUE); a dataset may recommend other defaults",
+            "train.OPTION=VALUE or OPTION=VALUE",
             dataclass_options(TrainConfig),
         )
     )
@@ -231,7 +231,10 @@ def format_options(component: Component, width: int = 80) -> str:
         lines += _wrapped(note, width, "  ")
     tables = [("options", component.usage, component.options), *component.extra]
     for title, usage, options in tables:
-        lines += ["", f"{title}: {usage}"] if options else ["", f"{title}: none"]
+        lines.append("")
+        lines += textwrap.wrap(
+            f"{title}: {usage if options else 'none'}", width, subsequent_indent="    "
+        )
         for option in options:
             default = "required" if option.required else f"= {value_text(option.default)}"
             head = f"{option.name}: {option.type} {default}"
@@ -251,7 +254,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("description")
     for component in registered_components():
-        if component.kind != "train":
+        if component.kind != "training settings":
             table.add_row(component.kind, component.name, escape(component.summary))
     console = _console()
     console.print(table)

@@ -123,7 +123,7 @@ class TrainConfig:
     Attributes:
         epochs: training epochs (fewer with early stopping).
         batch_size: training batch size (evaluation uses twice this).
-        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        optimizer: the optimizer (train.momentum applies to sgd only).
         lr: base learning rate.
         weight_decay: the optimizer's weight decay.
         momentum: SGD momentum (unused by Adam and AdamW).
@@ -137,12 +137,12 @@ class TrainConfig:
         seed: seeds the model, the batches and every method's randomness.
         deterministic: ask torch for deterministic algorithms (slower; warns where there are
             none).
-        precision: Lightning Fabric precision: ``32-true``, ``bf16-mixed`` or ``16-mixed``.
-        accelerator: ``auto``, ``cpu``, ``cuda``, ``gpu`` or ``mps``.
+        precision: numeric precision of training (Lightning Fabric's; mixed precision on GPUs).
+        accelerator: the device type to train on (auto: a GPU where there is one).
         devices: devices per node (more than 1: distributed data parallel).
         num_nodes: machines taking part in distributed training.
         num_workers: data-loader worker processes (0: load in the training process).
-        regression_loss: loss of regression tasks: ``l1`` or ``mse``.
+        regression_loss: the loss of regression tasks (classification uses cross-entropy).
         unimodal_pretrain_epochs: epochs of unimodal pre-training of every encoder with its
             unimodal head before the run (0: none, unless the method needs it, which then uses
             train.epochs).
@@ -356,6 +356,7 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
 # extract from them.
 
 _SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
+_ANY_SECTION = re.compile(r"^[A-Z][A-Za-z ]*:$")
 _ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*)\s*(?:\([^)]*\))?\s*:(?:\s+(.*))?$")
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 
@@ -406,15 +407,17 @@ def docstring_entries(doc: str | None) -> dict[str, str]:
     entries: list[tuple[list[str], list[str]]] = []
     base: int | None = None  # indentation of the current section's header
     entry_indent: int | None = None
-    for line in lines:
+    for row, line in enumerate(lines):
         if not line.strip():
             continue
         indent = len(line) - len(line.lstrip())
-        if base is not None and indent <= base:
+        ends = _ANY_SECTION.match(line.strip()) and indent <= (entry_indent or 0)
+        if base is not None and (indent <= base or ends):
             base = None
         if base is None:
             if _SECTION.match(line.strip()):
-                base, entry_indent = indent, None
+                # a header on the docstring's first line lost its indentation to cleandoc
+                base, entry_indent = (indent if row else -1), None
             continue
         if entry_indent is None:
             entry_indent = indent
@@ -471,13 +474,15 @@ def dataclass_options(cls: type) -> list[OptionDoc]:
     comment above the field in the class that declares it, else ""."""
     hints = _hints(cls)
     entries = [docstring_entries(k.__dict__.get("__doc__")) for k in cls.__mro__]
-    comments = [_comment_help(k) for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    comments: list[dict[str, str]] | None = None  # read from the source only when needed
     out = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         help_text = next((e[f.name] for e in entries if f.name in e), "")
         if not help_text:
+            if comments is None:
+                comments = [_comment_help(k) for k in cls.__mro__ if dataclasses.is_dataclass(k)]
             help_text = next((c[f.name] for c in comments if f.name in c), "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.default is not dataclasses.MISSING:
