@@ -72,7 +72,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, DataError
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -157,9 +157,7 @@ class OwnModel(nn.Module):
         """Every encoder (or those of ``only``) on its modality's input."""
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
-            raise ConfigError(
-                f"the inputs lack the modalities {missing}; they have {sorted(inputs)}"
-            )
+            raise DataError(f"the inputs lack the modalities {missing}; they have {sorted(inputs)}")
         chosen = self.modalities if only is None else [m for m in self.modalities if m in only]
         return {m: self.encoders[m](inputs[m]) for m in chosen}
 
@@ -203,9 +201,9 @@ class MethodAdapter:
     Args:
         method: a :class:`~mmbalance.methods.Method`, or a registered method's name (its
             options then come from ``options``).
-        model: your ``nn.Module``; all its trainable parameters train, and epoch hooks see it
-            through :attr:`model`. A :class:`~mmbalance.models.MultimodalModel` needs nothing
-            else: its encoders, fusion head and unimodal heads are used.
+        model: your ``nn.Module``; all its trainable parameters train (methods and epoch hooks
+            see your parts through :attr:`model`). A :class:`~mmbalance.models.MultimodalModel`
+            needs nothing else: its encoders, fusion head and unimodal heads are used.
         encoders: one module per modality, mapping that modality's input to a ``(B, d)``
             latent. The modalities' order is this mapping's.
         fusion: a fusion head of ours, or a callable mapping the latents (a dict by modality)
@@ -281,6 +279,11 @@ class MethodAdapter:
                 "first",
                 stacklevel=2,
             )
+        if isinstance(fusion, FusionHead) and set(fusion.modalities) != set(modalities):
+            raise ConfigError(
+                f"the fusion head's modalities {list(fusion.modalities)} are not the "
+                f"encoders' {list(modalities)}"
+            )
         head = fusion if isinstance(fusion, FusionHead) else FunctionFusion(fusion)
         self.method = method
         self.user_model = model
@@ -304,6 +307,8 @@ class MethodAdapter:
         self.groups = self._groups()
         self.step = 0
         self.phase: Phase | None = None
+        #: one row per ended epoch, as the trainer's metrics.csv names them (``val_<metric>``)
+        self.history: list[dict[str, float]] = []
         self._started = False
 
     # --- set-up --------------------------------------------------------------------------------
@@ -449,6 +454,7 @@ class MethodAdapter:
             model=self.model,
             features=self.features,
             val_metrics=dict(val_metrics or {}),
+            history=list(self.history),
             encoder_params=self.encoder_params,
         )
 
@@ -477,6 +483,8 @@ class MethodAdapter:
         trainer's ``metrics.csv`` without ``val_``: ``accuracy``, ``loss``, ...)."""
         ctx = self.epoch_context(epoch, val_metrics)
         self.method.on_epoch_end(ctx)
+        row = {"epoch": float(epoch), **{f"val_{k}": v for k, v in (val_metrics or {}).items()}}
+        self.history.append(row | {f"method_{k}": v for k, v in ctx.logs.items()})
         return ctx
 
     def _enter_phase(self, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
