@@ -176,6 +176,9 @@ def test_what_a_method_needs_is_asked_for_in_one_line() -> None:
         MethodAdapter("joint", model, encoders=opaque, fusion=fuse, num_outputs=3)
     with pytest.raises(ConfigError, match="needs encoders="):
         MethodAdapter("joint", nn.Linear(2, 2), fusion=fuse, num_outputs=3)
+    renamed = {"a": encoders["a"], "c": encoders["b"]}
+    with pytest.raises(ConfigError, match="fusion head's modalities"):
+        MethodAdapter("joint", model, encoders=renamed, fusion=model.fusion)
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         MethodAdapter("nope", model)
     with pytest.warns(UserWarning, match="does not pre-train"):
@@ -208,6 +211,7 @@ class _Staged(Method):
 
     def on_epoch_end(self, ctx: EpochContext) -> None:
         self.seen.append(("end", ctx.epoch, dict(ctx.val_metrics)))
+        ctx.log("rows_before", len(ctx.history))
 
 
 def test_phases_learning_rate_scales_and_epoch_hooks_in_a_user_loop() -> None:
@@ -225,6 +229,7 @@ def test_phases_learning_rate_scales_and_epoch_hooks_in_a_user_loop() -> None:
     adapter.train_step(x, y, optimizer)
     assert optimizer.state  # Adam moments exist
     adapter.end_epoch(0, {"accuracy": 0.5})
+    assert adapter.history == [{"epoch": 0.0, "val_accuracy": 0.5, "method_rows_before": 0}]
 
     adapter.begin_epoch(1, optimizer)  # stage boundary: encoders stop, a fresh optimizer state
     assert not optimizer.state
