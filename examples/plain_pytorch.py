@@ -2,7 +2,10 @@
 
 Your network only has to produce a :class:`mmbalance.models.ModelOutput` (fused logits,
 per-modality latents and, if the method needs them, unimodal logits). The method then supplies
-its loss terms and, if it has them, its backward and gradient rewriting.
+its loss terms and, if it has them, its backward and gradient rewriting. Methods that also need
+the fusion head, the encoders' parameters or a module of their own (mcr, ogm_ge, opm, mmpareto)
+are set up on your model by :class:`mmbalance.methods.MethodAdapter`: see
+``examples/own_loop.py``.
 
 Run: ``python examples/plain_pytorch.py``
 """

@@ -9,11 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mmbalance.config import load_yaml, parse_overrides
+from mmbalance.config import (
+    OptionDoc,
+    docstring_summary,
+    load_yaml,
+    parse_overrides,
+    value_text,
+)
 from mmbalance.errors import MMBalanceError
 
 
@@ -131,27 +139,172 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from rich.table import Table
+@dataclass(frozen=True)
+class Component:
+    """A registered component as ``mmbalance list`` shows it.
 
+    Attributes:
+        kind: method, dataset, encoder, fusion head or training settings.
+        name: its registry name.
+        summary: one paragraph of what it is.
+        usage: how a run selects it and sets its options.
+        options: its options, from its Params dataclass or its constructor's keywords.
+        extra: further option tables as ``(title, usage, options)`` (a dataset's preparation).
+        notes: lines printed under the summary (a dataset's recommended train settings).
+    """
+
+    kind: str
+    name: str
+    summary: str
+    usage: str
+    options: list[OptionDoc]
+    extra: tuple[tuple[str, str, list[OptionDoc]], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def registered_components() -> list[Component]:
+    """Every method, dataset, encoder and fusion head, then the training settings, each with its
+    options (the data of ``mmbalance list``; tests hold every option to having help text)."""
+    from mmbalance.config import TrainConfig, dataclass_options, signature_options
     from mmbalance.data import DATASETS
     from mmbalance.methods import METHODS
     from mmbalance.models import ENCODERS, FUSION_HEADS
+
+    out = [
+        Component(
+            "method",
+            name,
+            docstring_summary(cls),
+            f"--method {name} method.OPTION=VALUE",
+            dataclass_options(cls.Params),
+        )
+        for name, cls in METHODS.items()
+    ]
+    for name, source in DATASETS.items():
+        extra = ()
+        if source.PrepareParams is not None:
+            usage = f"mmbalance prepare {name} --OPTION VALUE"
+            flags = [
+                replace(o, name="--" + o.name.replace("_", "-"))
+                for o in dataclass_options(source.PrepareParams)
+            ]
+            extra = (("preparation", usage, flags),)
+        notes = ()
+        if source.train_defaults:
+            pairs = (f"train.{k}={value_text(v)}" for k, v in source.train_defaults.items())
+            notes = ("train defaults (your values win): " + " ".join(pairs),)
+        out.append(
+            Component(
+                "dataset",
+                name,
+                source.description or docstring_summary(source),
+                f"--dataset {name} dataset.OPTION=VALUE",
+                dataclass_options(source.Params),
+                extra,
+                notes,
+            )
+        )
+    # encoders take the input shape, fusion heads the latent sizes and the number of outputs
+    # from their builder; the rest of their constructors' parameters are the user's options
+    out += [
+        Component(
+            "encoder",
+            name,
+            docstring_summary(factory),
+            f"encoder.MODALITY={name} encoder.MODALITY.OPTION=VALUE",
+            signature_options(factory, positional=1),
+        )
+        for name, factory in ENCODERS.items()
+    ]
+    out += [
+        Component(
+            "fusion head",
+            name,
+            docstring_summary(cls),
+            f"fusion={name} fusion.OPTION=VALUE",
+            signature_options(cls, positional=2),
+        )
+        for name, cls in FUSION_HEADS.items()
+    ]
+    out.append(
+        Component(
+            "training settings",
+            "train",
+            docstring_summary(TrainConfig),
+            "train.OPTION=VALUE or OPTION=VALUE",
+            dataclass_options(TrainConfig),
+        )
+    )
+    return out
+
+
+def _wrapped(text: str, width: int, indent: str) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent) or [indent]
+
+
+def format_options(component: Component, width: int = 80) -> str:
+    """``mmbalance list NAME``: plain text (no markup, so no docstring text is lost) that fits
+    ``width`` columns, one block per option: ``name: type = default``, then its help."""
+    lines = [f"{component.name} ({component.kind})"]
+    lines += _wrapped(component.summary, width, "  ")
+    for note in component.notes:
+        lines += _wrapped(note, width, "  ")
+    tables = [("options", component.usage, component.options), *component.extra]
+    for title, usage, options in tables:
+        lines.append("")
+        lines += textwrap.wrap(
+            f"{title}: {usage if options else 'none'}", width, subsequent_indent="    "
+        )
+        for option in options:
+            default = "required" if option.required else f"= {value_text(option.default)}"
+            head = f"{option.name}: {option.type} {default}"
+            lines += textwrap.wrap(head, width, initial_indent="  ", subsequent_indent="      ")
+            lines += _wrapped(option.help or "(undocumented)", width, "      ")
+    return "\n".join(lines)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.name:
+        return _list_one(args.name)
+    from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title="registered components")
     table.add_column("kind")
     table.add_column("name")
     table.add_column("description")
-    for kind, registry in (
-        ("method", METHODS),
-        ("dataset", DATASETS),
-        ("encoder", ENCODERS),
-        ("fusion head", FUSION_HEADS),
-    ):
-        for name, obj in registry.items():
-            doc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
-            table.add_row(kind, name, doc)
-    _console().print(table)
+    for component in registered_components():
+        if component.kind != "training settings":
+            table.add_row(component.kind, component.name, escape(component.summary))
+    console = _console()
+    console.print(table)
+    console.print(
+        escape(
+            "`mmbalance list NAME` shows the options of one of them (type, default, help); "
+            "`mmbalance list train` the training settings."
+        )
+    )
+    return 0
+
+
+def _list_one(name: str) -> int:
+    import difflib
+    import shutil
+
+    from mmbalance.errors import ConfigError
+
+    components = registered_components()
+    found = [c for c in components if c.name == name]
+    if not found:
+        names = [c.name for c in components]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"{name!r} is no method, dataset, encoder, fusion head or train; {hint}"
+            "`mmbalance list` names them all"
+        )
+    width = min(shutil.get_terminal_size((80, 24)).columns, 100)
+    print("\n\n".join(format_options(c, width) for c in found))
     return 0
 
 
@@ -200,6 +353,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The ``key=value`` forms, for the help of ``train`` and ``compare`` (80 columns wide).
+_KEY_FORMS = """\
+keys (key=value anywhere after the command, later ones win; values are YAML:
+0.1, true, [1, 2], null):
+  dataset=NAME, dataset.OPTION=VALUE     the dataset and its options
+  method=NAME, method.OPTION=VALUE       the balancing method and its options
+  fusion=NAME, fusion.OPTION=VALUE       the fusion head and its options
+  encoder.MODALITY=NAME, encoder.MODALITY.OPTION=VALUE
+                                         one modality's encoder and its options
+  unimodal_heads=true|false              unimodal heads on or off
+  train.OPTION=VALUE or OPTION=VALUE     the training settings
+
+the options of every component:
+  mmbalance list          names every method, dataset, encoder and fusion head
+  mmbalance list NAME     the options of NAME: type, default and help
+  mmbalance list train    the training settings
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmbalance",
@@ -208,9 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     over_help = "optional CONFIG.yaml first, then key=value overrides (e.g. train.lr=0.01)"
 
-    train = sub.add_parser("train", help="train one run")
-    train.add_argument("--dataset")
-    train.add_argument("--method")
+    train = sub.add_parser(
+        "train",
+        help="train one run",
+        description="Train one run and evaluate the validation-selected model.",
+        epilog=_KEY_FORMS + "\nexample:\n  mmbalance train --dataset av-digits --method ogm_ge "
+        "method.alpha=0.5 epochs=5\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--dataset", help="dataset name (as dataset=NAME)")
+    train.add_argument("--method", help="method name (as method=NAME)")
     train.add_argument("--out", help="run directory (default runs/DATASET-METHOD-seedS)")
     train.add_argument(
         "--resume",
@@ -226,14 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    compare = sub.add_parser("compare", help="compare methods over seeds")
-    compare.add_argument("--dataset")
+    compare = sub.add_parser(
+        "compare",
+        help="compare methods over seeds",
+        description="Train every method of --methods with every seed, then write the\n"
+        "comparison table, plot and report.",
+        epilog=_KEY_FORMS
+        + "\nexample:\n  mmbalance compare --dataset av-digits --methods joint,mcr,ogm_ge "
+        "--out cmp\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("--dataset", help="dataset name (as dataset=NAME)")
     compare.add_argument(
         "--methods",
         required=True,
         help="comma-separated methods or variants, e.g. joint,ogm_ge,ogm_ge[alpha=1.2]",
     )
-    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
@@ -251,7 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a compare output directory or a single run directory")
     report.set_defaults(func=_cmd_report)
 
-    lister = sub.add_parser("list", help="list methods, datasets, encoders and fusion heads")
+    lister = sub.add_parser(
+        "list",
+        help="list methods, datasets, encoders and fusion heads, or the options of one",
+        description="Without NAME: every registered method, dataset, encoder and fusion head. "
+        "With NAME: its options, each with its type, default and help; NAME=train: the "
+        "training settings (train.OPTION=VALUE).",
+    )
+    lister.add_argument("name", nargs="?", help="a method, dataset, encoder, fusion head or train")
     lister.set_defaults(func=_cmd_list)
     return parser
 

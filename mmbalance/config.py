@@ -16,11 +16,15 @@ Keys of the command line and of flattened YAML files:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import re
+import textwrap
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,7 +119,39 @@ def check(condition: bool, message: str) -> None:
 # --- sections ----------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, selection and engine settings."""
+    """Optimisation, schedule, selection and engine settings.
+
+    Attributes:
+        epochs: training epochs (fewer with early stopping).
+        batch_size: training batch size (evaluation uses twice this).
+        optimizer: the optimizer (train.momentum applies to sgd only).
+        lr: base learning rate.
+        weight_decay: the optimizer's weight decay.
+        momentum: SGD momentum (unused by Adam and AdamW).
+        scheduler: learning-rate schedule after warm-up: ``none``, ``step`` (times gamma every
+            step_size epochs) or ``cosine`` (to 0 at the last epoch).
+        step_size: epochs between two decays of the ``step`` schedule.
+        gamma: factor of each decay of the ``step`` schedule.
+        warmup_epochs: epochs of linear learning-rate warm-up before the schedule.
+        patience: stop after this many epochs without a better validation score; null: never.
+        grad_clip: clip the gradients' total norm to this value; null: no clipping.
+        seed: seeds the model, the batches and every method's randomness.
+        deterministic: ask torch for deterministic algorithms (slower; warns where there are
+            none).
+        precision: numeric precision of training (Lightning Fabric's; mixed precision on GPUs).
+        accelerator: the device type to train on (auto: a GPU where there is one).
+        devices: devices per node (more than 1: distributed data parallel).
+        num_nodes: machines taking part in distributed training.
+        num_workers: data-loader worker processes (0: load in the training process).
+        regression_loss: the loss of regression tasks (classification uses cross-entropy).
+        unimodal_pretrain_epochs: epochs of unimodal pre-training of every encoder with its
+            unimodal head before the run (0: none, unless the method needs it, which then uses
+            train.epochs).
+        progress: show the training progress.
+        tensorboard: write TensorBoard events to the run directory.
+        epoch_analysis: per-modality head/probe accuracy and Shapley curves after each
+            validation (:mod:`mmbalance.eval.curves`).
+    """
 
     epochs: int = 30
     batch_size: int = 64
@@ -140,7 +176,6 @@ class TrainConfig:
     unimodal_pretrain_epochs: int = 0
     progress: bool = True
     tensorboard: bool = True
-    #: per-modality head/probe accuracy and Shapley curves after each validation (eval.curves)
     epoch_analysis: bool = True
 
     def __post_init__(self) -> None:
@@ -329,3 +364,231 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"unknown key {key!r}; valid keys: {KEY_HELP}")
     cfg.train = build_dataclass(TrainConfig, train_values, "train")
     return cfg
+
+
+# --- option documentation ------------------------------------------------------------------------
+# The convention (tests/test_options.py holds every registered component to it): each option is
+# documented by one entry of a Google-style section of a docstring, ``name: what it does``, with
+# continuation lines indented further:
+#
+# - a ``Params`` dataclass (methods, datasets, preparation, :class:`TrainConfig`) documents its
+#   fields in an ``Attributes:`` section of its own docstring or of a base class's; a field that
+#   no such section names may instead have a ``#:`` comment on the line(s) just above it;
+# - an encoder or fusion head, whose options are keyword arguments of its constructor, documents
+#   them in an ``Args:`` section of its class docstring (or of its ``__init__``).
+#
+# ``mmbalance list NAME`` prints what :func:`dataclass_options` and :func:`signature_options`
+# extract from them.
+
+_SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
+_ANY_SECTION = re.compile(r"^[A-Z][A-Za-z ]*:$")
+_ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*)\s*(?:\([^)]*\))?\s*:(?:\s+(.*))?$")
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option of a component, as ``mmbalance list NAME`` shows it.
+
+    Attributes:
+        name: the option's key (``method.NAME=VALUE``).
+        type: the accepted values in words (``float``, ``int | null``, ``greedy | independent``).
+        default: the default value (meaningless when ``required``).
+        required: the option has no default.
+        help: the option's documentation as plain text; empty when it has none.
+    """
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    help: str
+
+
+def plain_text(text: str) -> str:
+    """Docstring text without reStructuredText markup: ``:class:`~a.B``` -> ``B``, double
+    backticks dropped, whitespace collapsed to single spaces."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return " ".join(text.replace("``", "").split())
+
+
+def docstring_summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s own docstring as plain text ("" if it has none)."""
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    if not doc:
+        return ""
+    paragraph = inspect.cleandoc(doc).split("\n\n", 1)[0]
+    return plain_text(paragraph)
+
+
+def docstring_entries(doc: str | None) -> dict[str, str]:
+    """The entries of every ``Attributes:`` / ``Args:`` section of a Google-style docstring.
+
+    ``name: text`` starts an entry (``a, b: text`` documents both; ``name (type): text`` is
+    accepted); lines indented deeper than the entry continue it; the section ends at the first
+    non-blank line indented no deeper than its header. Returns ``{name: plain text}``.
+    """
+    lines = inspect.cleandoc(doc).splitlines() if doc else []
+    entries: list[tuple[list[str], list[str]]] = []
+    base: int | None = None  # indentation of the current section's header
+    entry_indent: int | None = None
+    for row, line in enumerate(lines):
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        ends = _ANY_SECTION.match(line.strip()) and indent <= (entry_indent or 0)
+        if base is not None and (indent <= base or ends):
+            base = None
+        if base is None:
+            if _SECTION.match(line.strip()):
+                # a header on the docstring's first line lost its indentation to cleandoc
+                base, entry_indent = (indent if row else -1), None
+            continue
+        if entry_indent is None:
+            entry_indent = indent
+        match = _ENTRY.match(line.strip()) if indent <= entry_indent else None
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            entries.append((names, [match.group(2) or ""]))
+        elif entries:
+            entries[-1][1].append(line.strip())
+    found: dict[str, str] = {}
+    for names, parts in entries:
+        for name in names:
+            found.setdefault(name, plain_text(" ".join(parts)))
+    return found
+
+
+def _comment_help(cls: type) -> dict[str, str]:
+    """``#:`` comments on the lines just above each field of ``cls``'s own class body, or at the
+    end of its line: the fallback for fields that no docstring section documents."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    found: dict[str, str] = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row = node.lineno - 1
+        parts = []
+        while row > 0 and lines[row - 1].strip().startswith("#:"):
+            row -= 1
+            parts.insert(0, lines[row].strip()[2:])
+        _, marker, trailing = lines[node.end_lineno - 1].partition("#:")  # type: ignore[operator]
+        if marker:
+            parts.append(trailing)
+        text = plain_text(" ".join(parts))
+        if text:
+            found[node.target.id] = text
+    return found
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # an annotation that does not resolve at run time: show it as written
+        return dict(getattr(obj, "__annotations__", {}))
+
+
+def dataclass_options(cls: type) -> list[OptionDoc]:
+    """Every init field of dataclass ``cls`` (bases' fields included) with its type, default and
+    help: the nearest class in the MRO whose docstring section documents the field, else a ``#:``
+    comment above the field in the class that declares it, else ""."""
+    hints = _hints(cls)
+    entries = [docstring_entries(k.__dict__.get("__doc__")) for k in cls.__mro__]
+    comments: list[dict[str, str]] | None = None  # read from the source only when needed
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        help_text = next((e[f.name] for e in entries if f.name in e), "")
+        if not help_text:
+            if comments is None:
+                comments = [_comment_help(k) for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+            help_text = next((c[f.name] for c in comments if f.name in c), "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        out.append(
+            OptionDoc(f.name, type_text(hints.get(f.name, Any)), default, required, help_text)
+        )
+    return out
+
+
+def signature_options(factory: Callable[..., Any], positional: int) -> list[OptionDoc]:
+    """The keyword options of ``factory`` (a class or a function), i.e. its parameters after the
+    first ``positional`` ones (which its builder supplies: an encoder's input shape, a fusion
+    head's latent sizes and number of outputs), with help from the ``Args:`` section of the
+    class docstring, then of ``__init__``'s (or the function's)."""
+    init = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    params = list(inspect.signature(factory).parameters.values())[positional:]
+    hints = _hints(init)
+    entries: dict[str, str] = {}
+    for doc in (factory.__doc__, init.__doc__):
+        for name, text in docstring_entries(doc).items():
+            entries.setdefault(name, text)
+    out = []
+    for p in params:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        required = p.default is inspect.Parameter.empty
+        out.append(
+            OptionDoc(
+                p.name,
+                type_text(hints.get(p.name, Any)),
+                None if required else p.default,
+                required,
+                entries.get(p.name, ""),
+            )
+        )
+    return out
+
+
+def type_text(annotation: Any) -> str:
+    """The accepted values of ``annotation`` in a user's words: ``float``, ``int | null``,
+    ``greedy | independent | collaborative``, ``list of int``."""
+    if isinstance(annotation, str):
+        return annotation
+    if annotation is None or annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(dict.fromkeys(type_text(a) for a in args))
+    if origin in (list, tuple, set, frozenset) or origin in _SEQUENCES:
+        inner = [a for a in args if a is not Ellipsis]
+        return "list of " + " | ".join(dict.fromkeys(type_text(a) for a in inner or [Any]))
+    if origin in (dict, Mapping) or annotation in (dict, Mapping):
+        return "mapping"
+    if annotation in (list, tuple):
+        return "list"
+    if annotation is Path:
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_SEQUENCES = (Sequence, Iterable)
+
+
+def value_text(value: Any) -> str:
+    """A value as a user writes it in ``key=value`` (``null``, ``true``, ``[1, 2]``, ``0.001``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if value else '""'
+    return str(value)

@@ -44,7 +44,23 @@ VERSION = 1
 
 @dataclass
 class AudioRecipe:
-    """Speech and spectrogram options shared by the spoken-word datasets."""
+    """Speech and spectrogram options shared by the spoken-word datasets.
+
+    Attributes:
+        voices: espeak-ng voices drawn from per utterance (null: a built-in set of English
+            voices).
+        speed_min: slowest speaking rate drawn, in words per minute.
+        speed_max: fastest speaking rate drawn, in words per minute.
+        pitch_min: lowest espeak-ng pitch drawn (0-99).
+        pitch_max: highest espeak-ng pitch drawn (0-99).
+        sample_rate: audio sample rate in Hz.
+        duration: seconds of audio per sample (speech is cut or zero-padded to it).
+        n_fft: FFT size of the log-mel spectrogram, in samples.
+        hop: hop between spectrogram frames, in samples.
+        n_mels: mel bands of the spectrogram.
+        audio_snr_db: white noise added to the speech at this signal-to-noise ratio in dB
+            (lower: a weaker audio modality); null: clean speech.
+    """
 
     voices: list[str] | None = None
     speed_min: int = 110
@@ -177,7 +193,15 @@ def audio_image_bundle(
 
 @dataclass
 class AVDigitsParams(AudioRecipe):
-    """Options of AV-Digits (all of them are part of the cache key)."""
+    """Options of AV-Digits (all of them are part of the cache key).
+
+    Attributes:
+        seed: draws the voices, the noise and the stratified split.
+        val_fraction: share of the samples in the validation split.
+        test_fraction: share of the samples in the test split.
+        max_samples: keep a class-balanced subset of this many samples (quick tests); null:
+            all 1797.
+    """
 
     audio_snr_db: float | None = -12.0
     seed: int = 0

@@ -96,7 +96,21 @@ def load_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @dataclass
 class AVFashionParams(AudioRecipe):
-    """Options of AV-Fashion (all of them are part of the cache key)."""
+    """Options of AV-Fashion (all of them are part of the cache key).
+
+    Attributes:
+        n_voices: spoken versions (voice, speed, pitch) of each class name; every sample draws
+            one, so more voices means more varied speech.
+        image_noise: standard deviation of the Gaussian noise added to the pixels (in [0, 1]).
+        image_pc_removed: share of the image variance removed by projecting out the leading
+            principal components (fitted on the training subset): a weaker image modality.
+        n_train: training samples, from the official training set.
+        n_val: validation samples, from the official training set (disjoint from n_train).
+        n_test: test samples, from the official test set.
+        seed: draws the subsets, the voices and the noise.
+        data_dir: directory of the Fashion-MNIST ``*-idx?-ubyte.gz`` files (Debian package
+            dataset-fashion-mnist).
+    """
 
     audio_snr_db: float | None = -18.0
     n_voices: int = 50

@@ -693,7 +693,12 @@ AV_TO_TENSOR: dict[str, Callable[[np.ndarray], Tensor]] = {
 
 @dataclass
 class ClipPrepareParams:
-    """Options of ``mmbalance prepare`` shared by every clip dataset."""
+    """Options of ``mmbalance prepare`` shared by every clip dataset.
+
+    Attributes:
+        workers: parallel processes decoding the clips.
+        image_size: side of the stored square frames, in pixels.
+    """
 
     workers: int = 1
     image_size: int = 112
@@ -708,7 +713,11 @@ class ClipPrepareParams:
 
 @dataclass
 class AudioVisualPrepareParams(ClipPrepareParams):
-    """Options of preparing an audio + frames dataset: both audio recipes are written."""
+    """Options of preparing an audio + frames dataset: both audio recipes are written.
+
+    Attributes:
+        fbank_frames: length of the stored fbank in 10 ms frames (cut or zero-padded).
+    """
 
     fbank_frames: int = 1024
 
@@ -722,7 +731,17 @@ class AudioVisualPrepareParams(ClipPrepareParams):
 
 @dataclass
 class ClipParams:
-    """Options of every prepared clip dataset (subclasses set their own ``frames`` default)."""
+    """Options of every prepared clip dataset (subclasses set their own ``frames`` default).
+
+    Attributes:
+        root: the prepared directory (the ``--out`` of ``mmbalance prepare``).
+        frames: frames per clip given to the visual encoder, taken at the centres of equal
+            segments of the clip.
+        seed: seeds the validation split carved from the training clips (and any other split
+            the dataset has to draw).
+        val_fraction: share of the training clips held out for validation when the release
+            has no validation split.
+    """
 
     root: str | None = None
     frames: int = 3
@@ -739,7 +758,11 @@ class ClipParams:
 
 @dataclass
 class AudioVisualParams(ClipParams):
-    """Options of an audio + frames dataset: which of the two prepared audio recipes to use."""
+    """Options of an audio + frames dataset: which of the two prepared audio recipes to use.
+
+    Attributes:
+        audio: ``stft`` (OGM-GE's log-STFT spectrogram) or ``fbank`` (the Kaldi-style fbank).
+    """
 
     audio: Literal["stft", "fbank"] = "stft"
 

@@ -69,7 +69,12 @@ def read_split_files(raw: Path) -> dict[str, str]:
 
 @dataclass
 class CremadParams(clips.AudioVisualParams):
-    """Options of CREMA-D (a prepared directory; see ``prepare``)."""
+    """Options of CREMA-D (a prepared directory; see ``prepare``).
+
+    Attributes:
+        test_fraction: share of the clips drawn for testing when the prepared directory has no
+            train/test split files.
+    """
 
     frames: int = 1
     test_fraction: float = 0.1

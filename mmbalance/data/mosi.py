@@ -86,7 +86,13 @@ def numeric_array(value: Any, where: str) -> np.ndarray:
 
 @dataclass
 class MosiParams:
-    """Options of MOSI / MOSEI."""
+    """Options of MOSI / MOSEI.
+
+    Attributes:
+        path: the aligned-feature pickle (MulT / MultiBench layout).
+        modalities: the modalities used, two or three of vision, audio, text (null: all
+            three).
+    """
 
     path: str | None = None
     modalities: list[str] | None = None

@@ -73,7 +73,28 @@ _PRESETS: dict[str, dict[int, dict[str, object]]] = {
 
 @dataclass
 class SyntheticParams:
-    """Options of the synthetic benchmark (lists are per modality; ``shares`` starts with shared)."""
+    """Options of the synthetic benchmark (lists are per modality; ``shares`` starts with shared).
+
+    Attributes:
+        num_modalities: number of modalities M (m1, m2, ...).
+        num_classes: number of classes C, equally likely.
+        shares: M + 1 sample-type probabilities: shared (every modality carries the label),
+            then unique to m1, m2, ...; they sum to 1 (null: from the preset).
+        signal: per-modality signal strength s_m of the class means (null: from the preset).
+        depth: per-modality depth of the invertible lift; deeper is harder to learn, with the
+            same information (null: from the preset).
+        latent_dim: dimension of each modality's latent h_m.
+        input_dim: dimension of each observed input x_m (at least latent_dim).
+        n_train: training samples.
+        n_val: validation samples.
+        n_test: test samples.
+        n_bayes: fresh samples that estimate the Bayes accuracy.
+        seed: draws the class means, the lifts and the samples.
+        leak: slope of the leaky ReLUs in the lifts, in (0, 1) (null: from the preset).
+        task: ``classification``, or ``regression`` on the centred class index.
+        preset: the regime that fills in shares, signal, depth and leak (see the module
+            docstring); values given explicitly win.
+    """
 
     num_modalities: int = 2
     num_classes: int = 5

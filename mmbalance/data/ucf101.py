@@ -136,7 +136,12 @@ def _outputs(out: Path, clip: str) -> list[Path]:
 
 @dataclass
 class Ucf101PrepareParams(clips.ClipPrepareParams):
-    """Options of preparing UCF-101: how many RGB and flow frames to keep per clip."""
+    """Options of preparing UCF-101: how many RGB and flow frames to keep per clip.
+
+    Attributes:
+        clip_frames: RGB and optical-flow frames stored per clip, at the same relative
+            positions.
+    """
 
     clip_frames: int = 8
 

@@ -24,15 +24,19 @@ from mmbalance.methods.base import (
     task_loss,
     total_loss,
 )
+from mmbalance.methods.own_loop import MethodAdapter, OwnModel, StepResult
 
 __all__ = [
     "METHODS",
     "EpochContext",
     "Method",
+    "MethodAdapter",
     "ModelInfo",
+    "OwnModel",
     "Phase",
     "SplitFeatures",
     "StepContext",
+    "StepResult",
     "build_method",
     "task_loss",
     "total_loss",

@@ -34,6 +34,12 @@ class Joint(Method):
 
 @dataclass
 class MultiLossParams:
+    """Options of multiloss.
+
+    Attributes:
+        lam_uni: weight of each unimodal head's loss next to the fused loss.
+    """
+
     lam_uni: float = 1.0
 
     def __post_init__(self) -> None:
@@ -56,6 +62,13 @@ class MultiLoss(Method):
 
 @dataclass
 class UnimodalParams:
+    """Options of unimodal.
+
+    Attributes:
+        modality: the one modality trained and evaluated (null: the dataset's first); a
+            comparison runs one variant per modality.
+    """
+
     modality: str | None = None
 
 
@@ -90,6 +103,13 @@ class Unimodal(Method):
 
 @dataclass
 class EnsembleParams:
+    """Options of ensemble.
+
+    Attributes:
+        combine: average the unimodal heads' ``logits``, or their softmax ``probs`` (scored as
+            log-probabilities).
+    """
+
     combine: Literal["logits", "probs"] = "logits"
 
 

@@ -139,6 +139,13 @@ class ModulationParams:
     Modulation is on in epochs ``start <= epoch <= end`` (0-based, inclusive; ``end=None``: to the
     last epoch) that are also ``>= warmup_epochs`` (the journal code's warm-up: 6 epochs, i.e.
     nothing before epoch 6).
+
+    Attributes:
+        start: first epoch (0-based) in which the modulation acts.
+        end: last epoch (0-based, inclusive) in which it acts; null: to the last epoch.
+        warmup_epochs: epochs without modulation at the start of training.
+        ratio_to: what a modality's score is divided by: the ``mean`` or the ``max`` of the
+            other modalities' scores (the same with two modalities).
     """
 
     start: int = 0
@@ -171,9 +178,17 @@ def require_classification(info: ModelInfo, name: str) -> None:
 # --- OGM and OGM-GE ------------------------------------------------------------------------------
 @dataclass
 class OGMParams(ModulationParams):
-    """OGM options. ``alpha``: modulation strength; ``ge``: add GE noise; ``scale_params``:
-    ``"all"`` encoder parameters or ``"conv"`` (4-D) only; ``seed``: seeds the GE noise, drawn
-    from a generator reseeded every step so that all DDP ranks draw the same noise."""
+    """OGM options (and the schedule options of :class:`ModulationParams`).
+
+    Attributes:
+        alpha: modulation strength: the dominant modality's encoder gradient is scaled by
+            ``1 - tanh(alpha * rho)``.
+        ge: add the generalization-enhancement Gaussian noise to the encoder gradients.
+        scale_params: which encoder tensors are modulated: ``all`` trainable ones, or ``conv``
+            (4-D kernels only, as the official code does).
+        seed: seeds the GE noise, drawn from a generator reseeded every step, so every DDP rank
+            draws the same noise.
+    """
 
     alpha: float = 0.8
     ge: bool = False
@@ -187,7 +202,7 @@ class OGMParams(ModulationParams):
 
 @dataclass
 class OGMGEParams(OGMParams):
-    """OGM-GE: the CVPR defaults (GE noise on)."""
+    """OGM-GE: the CVPR defaults (GE noise on); the options of :class:`OGMParams`."""
 
     ge: bool = True
 

@@ -78,8 +78,14 @@ def drop_latents(
 
 @dataclass
 class OPMParams(ModulationParams):
-    """OPM options (journal code defaults): ``q_base`` base drop probability, ``lam`` its growth
-    with the discrepancy, ``p_exe`` probability that a batch is modulated at all."""
+    """OPM options (journal code defaults), with the schedule options of ``ModulationParams``.
+
+    Attributes:
+        warmup_epochs: epochs without modulation at the start of training (journal code: 6).
+        q_base: base probability of dropping a dominant modality's features.
+        lam: how fast the drop probability grows with the discrepancy ratio.
+        p_exe: probability that a batch is modulated at all (one draw per batch).
+    """
 
     warmup_epochs: int = 6
     q_base: float = 0.5

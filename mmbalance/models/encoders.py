@@ -30,7 +30,12 @@ def _expect(x: Tensor, shape: Sequence[int | None], what: str) -> None:
 
 
 class MLPEncoder(nn.Module):
-    """Flattened input -> ``hidden`` ReLU layers -> ``out_dim`` features."""
+    """Flattened input -> ``hidden`` ReLU layers -> ``out_dim`` features.
+
+    Args:
+        hidden: widths of the hidden layers, each followed by a ReLU ([]: one linear map).
+        out_dim: size of the latent.
+    """
 
     def __init__(
         self, input_shape: Sequence[int], hidden: Sequence[int] = (128, 128), out_dim: int = 64
@@ -79,6 +84,11 @@ class ResNet18Encoder(nn.Module):
     over time and space (TSN-style, as in the OGM-GE / MCR code). ``width=64`` is the standard
     512-d network; ``small_input=True`` replaces the 7x7/stride-2 stem and max-pool by a 3x3
     stride-1 stem, which suits 8x8..64x64 inputs.
+
+    Args:
+        width: channels of the first stage (the latent has 8 * width; 64: the standard 512-d
+            ResNet-18).
+        small_input: a 3x3 stride-1 stem without max-pooling, for inputs of 8x8 to 64x64.
     """
 
     def __init__(
@@ -130,7 +140,15 @@ class ResNet18Encoder(nn.Module):
 
 
 class SequenceTransformerEncoder(nn.Module):
-    """A small Transformer over a feature sequence ``(B, L, F)`` (MOSI-style), mean-pooled."""
+    """A small Transformer over a feature sequence ``(B, L, F)`` (MOSI-style), mean-pooled.
+
+    Args:
+        d_model: width of the tokens (each feature vector is projected to it).
+        heads: attention heads (must divide d_model).
+        layers: transformer layers.
+        dropout: dropout inside the transformer layers.
+        out_dim: size of the latent, through a final linear map; null: d_model, no map.
+    """
 
     def __init__(
         self,

@@ -155,7 +155,13 @@ class ConcatLinearFusion(FusionHead):
 
 @FUSION_HEADS.register("concat_mlp")
 class ConcatMLPFusion(FusionHead):
-    """Concatenated latents through an MLP (``hidden`` units, ReLU, dropout)."""
+    """Concatenated latents through an MLP (``hidden`` units, ReLU, dropout).
+
+    Args:
+        hidden: width of the hidden layers.
+        layers: linear layers, the output layer included (1: a linear head).
+        dropout: dropout after each hidden layer.
+    """
 
     def __init__(
         self,
@@ -194,6 +200,10 @@ class FiLMFusion(FusionHead):
     ``logits = W_out (gamma * z_target + beta) + b``, with ``[gamma, beta] = W_c [z_others]``.
     ``target`` defaults to the last modality (with two modalities the first conditions the
     second, as in OGM-GE's FiLM with audio conditioning visual).
+
+    Args:
+        target: the modality whose latent is modulated (null: the last modality); the others
+            condition it.
     """
 
     def __init__(
@@ -213,7 +223,13 @@ class FiLMFusion(FusionHead):
 
 @FUSION_HEADS.register("gated")
 class GatedFusion(FusionHead):
-    """Gated fusion: ``logits = W_out(sigmoid(W_g [z_others]) * W_t z_target)``."""
+    """Gated fusion: ``logits = W_out(sigmoid(W_g [z_others]) * W_t z_target)``.
+
+    Args:
+        target: the modality whose projected latent is gated (null: the last modality); the
+            others compute the gate.
+        hidden: width of the gate and of the projected target latent.
+    """
 
     def __init__(
         self,
@@ -239,6 +255,12 @@ class TransformerFusion(FusionHead):
 
     Each latent is projected to ``d_model`` and tagged with a learned modality embedding; the CLS
     output is classified.
+
+    Args:
+        d_model: width of the tokens.
+        heads: attention heads (must divide d_model).
+        layers: transformer layers.
+        dropout: dropout inside the transformer layers.
     """
 
     def __init__(
