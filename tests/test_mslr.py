@@ -65,6 +65,18 @@ def test_hand_made_epochs_give_the_stated_learning_rate_factors() -> None:
     assert scales["encoder.m1"] < 0.7 and scales["encoder.m2"] > 1.3
 
 
+def test_three_modalities_each_get_their_own_ratio() -> None:
+    info = ModelInfo(("a", "b", "c"), {"a": 2, "b": 2, "c": 2}, 3)
+    method = build_method("mslr", {"window": 1, "init_scales": {"c": 0.5}})
+    method.setup(info)
+    history = [{"a": 0.4, "b": 0.5, "c": 0.2}, {"a": 0.5, "b": 0.4, "c": 0.3}]
+    for epoch, accs in enumerate(history):
+        metrics = {f"unimodal_accuracy_{m}": v for m, v in accs.items()}
+        method.on_epoch_end(EpochContext.standalone(epoch, val_metrics=metrics))
+    expected = {"encoder.a": 0.5 / 0.4, "encoder.b": 0.4 / 0.5, "encoder.c": 0.5 * 0.3 / 0.2}
+    assert method.lr_scales() == pytest.approx(expected)
+
+
 def test_fixed_strategy_keeps_the_initial_factors() -> None:
     method = build_method("mslr", {"strategy": "fixed", "window": 1, "init_scales": {"m2": 2.0}})
     method.setup(INFO)

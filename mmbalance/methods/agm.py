@@ -64,8 +64,9 @@ The training output is ``sum_m h_m(o_m)`` with ``h_m`` an identity whose backwar
 ``CE(sum_m h_m(o_m), y)`` (= ``CE(T)`` in value). So ``T`` receives ``(kappa_a + kappa_v)/2 * g``
 and the masked passes ``P_v``, ``P_a`` receive ``+-(kappa_a - kappa_v)/2 * g``: the eval-mode
 passes carry gradient into the surviving encoder and the fusion head whenever the coefficients
-differ. This changes the gradient's direction, not only its scale, so it survives Adam. Here
-``h_m`` is :func:`~mmbalance.methods.mlb.scale_grad`.
+differ. This changes the gradient's direction, not only its scale, so it survives Adam (hence
+``scales_gradients`` is False: no notice under Adam). Here ``h_m`` is
+:func:`~mmbalance.methods.mlb.scale_grad`.
 
 After backward, if any entry of the fusion head's weight gradients lies outside
 ``[-clip_threshold, clip_threshold]`` (official: 1, checked on ``fc_out.weight``; here on every
@@ -228,7 +229,9 @@ class AGM(Method):
 
     name = "agm"
     Params = AGMParams
-    scales_gradients = True
+    # not a whole-gradient scale: the masked passes change the gradient's direction, which
+    # Adam's normalisation does not undo (so no notice under Adam)
+    scales_gradients = False
     search_space = ("method.alpha", (0.5, 1.5, 3.0))
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
