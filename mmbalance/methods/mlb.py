@@ -25,17 +25,18 @@ that produces ``m``'s contribution). Both the fused and the unimodal loss's grad
 because the official code scales after backward.
 
 How: instead of rewriting ``.grad`` of named parameters after backward (which needs each head's
-parameter layout), the coefficient is applied in the graph, with an identity whose backward
-multiplies by ``k_m`` (:func:`scale_grad`): on ``u_m`` (scales the unimodal head and, through it,
-the encoder's unimodal gradient) and on the additive contribution ``c_m`` (scales ``m``'s block of
-the fusion head and the encoder's fused gradient). The fused logits keep their value exactly
-(``logits + (scale_grad(c_m) - c_m)``). This gives every scaled parameter exactly ``k_m`` times its
-multi-loss gradient, for any additive head, without extra passes. Non-additive heads
-(``concat_mlp``, ``film``, ``gated``, ``transformer``) have no block per modality; there the fusion
-head is re-run once on ``scale_grad(z_m, k_m)`` so that the encoder's fused gradient is scaled
-while the head's own parameters are not (one extra head forward, no encoder re-run). The official
-code @68ad48d cannot run non-additive heads at all (its ``Base_Model`` then reaches an undefined
-``fc_0_lin``).
+parameter layout), the coefficient scales the gradient where it enters modality ``m``'s part of
+the graph: a tensor hook multiplies the gradient reaching the unimodal logits ``u_m`` by ``k_m``
+(the unimodal head's gradient and, through it, the encoder's unimodal gradient), and one on the
+additive head's contribution ``c_m`` (which feeds only the fused logits) does the same for ``m``'s
+block of the fusion head and the encoder's fused gradient. Every scaled parameter gets exactly
+``k_m`` times its multi-loss gradient, for any additive head, with no extra pass and no extra
+forward operation. Non-additive heads (``concat_mlp``, ``film``, ``gated``, ``transformer``) have
+no block per modality; there the fusion head is re-run once on ``scale_grad(z_m, k_m)``
+(:func:`scale_grad`: identity forward, gradient times ``k_m``) so that the encoder's fused
+gradient is scaled while the head's own parameters are not (one extra head forward, no encoder
+re-run). The official code @68ad48d cannot run non-additive heads at all (its ``Base_Model`` then
+reaches an undefined ``fc_0_lin``).
 
 More than two modalities: ``r_m`` against the mean of the others, as the official ``MLB_3d``; its
 ``beta_max`` form is honoured here for any ``M`` (``MLB_3d`` compares the mode with the integer 2
@@ -56,7 +57,7 @@ Logged per step: ``score_<m>``, ``ratio_<m>``, ``coeff_<m>``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,11 @@ def scale_grad(x: Tensor, k: Tensor | float) -> Tensor:
     treated as a constant). Forward values are exact (no ``k x + (1 - k) x`` rounding)."""
     k_t = torch.as_tensor(k, device=x.device).detach()
     return _ScaleGrad.apply(x, k_t)
+
+
+def _multiply_by(k: Tensor) -> Callable[[Tensor], Tensor]:
+    """A tensor hook that multiplies the gradient reaching the tensor by ``k``."""
+    return lambda grad: grad * k.to(grad.dtype)
 
 
 def true_class_confidence(logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
@@ -171,9 +177,12 @@ class MLB(Method):
         coeff = self.coefficients(output, ctx)
         k = {m: coeff[i] for i, m in enumerate(output.latents)}
         if output.contributions is not None:
-            # same value; the gradient into c_m (its fusion block and encoder) becomes k_m times
-            shift = [scale_grad(c, k[m]) - c for m, c in output.contributions.items()]
-            fused = output.logits + torch.stack(shift).sum(0)
+            # c_m feeds only the fused logits: scaling the gradient that reaches it scales m's
+            # block of the fusion head and the encoder's fused gradient, with no extra operation
+            for m, c in output.contributions.items():
+                if c.requires_grad:
+                    c.register_hook(_multiply_by(k[m]))
+            fused = output.logits
         else:
             if ctx.fusion is None:
                 raise ConfigError("method 'mlb' needs the fusion head (StepContext.fusion)")
@@ -181,5 +190,7 @@ class MLB(Method):
             fused = ctx.fusion(scaled, ()).logits
         terms = {"task": ctx.task_loss(fused)}
         for m, u in output.unimodal_logits.items():
-            terms[f"uni_{m}"] = self.params.lam_uni * ctx.task_loss(scale_grad(u, k[m]))
+            if u.requires_grad:
+                u.register_hook(_multiply_by(k[m]))
+            terms[f"uni_{m}"] = self.params.lam_uni * ctx.task_loss(u)
         return terms
