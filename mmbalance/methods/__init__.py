@@ -1,15 +1,20 @@
 """Balancing methods. Importing this package registers every method."""
 
 from mmbalance.methods import (  # noqa: F401  (registration)
+    agm,
     amco,
     baselines,
     cml,
     lfm,
     mbsd,
     mcr,
+    mlb,
+    mmcosine,
     mmpareto,
+    mslr,
     ogm,
     opm,
+    pmr,
     umt,
 )
 from mmbalance.methods.base import (

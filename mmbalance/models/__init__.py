@@ -1,5 +1,6 @@
 """Encoders, fusion heads and the multimodal model."""
 
+from mmbalance.models import cosine_head  # noqa: F401  (registers the "cosine" fusion head)
 from mmbalance.models.encoders import ENCODERS, build_encoder
 from mmbalance.models.fusion import FUSION_HEADS, FusionHead, build_fusion
 from mmbalance.models.multimodal import MultimodalModel
