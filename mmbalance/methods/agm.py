@@ -186,11 +186,23 @@ def eval_mode(module: Any) -> Iterator[None]:
 # --- the method ----------------------------------------------------------------------------------
 @dataclass
 class AGMParams:
-    """AGM options (see the module docstring): ``alpha`` modulation strength; ``mask``/``space``
-    the coalition masking; ``cap`` upper clip of ``eta - r`` (null: none); ``clip_threshold``
-    fusion-gradient entry that triggers norm clipping to ``clip_norm`` (null: never); ``start``/
-    ``end`` the modulation window (epochs, inclusive; ``end`` null: to the last); ``sign``
-    official or flipped ratio; ``seed`` of the permutations."""
+    """AGM options (see the module docstring).
+
+    Attributes:
+        alpha: modulation strength of the coefficient exp(alpha * min(eta - r, cap)).
+        mask: how a coalition hides the other modalities: zero-padding (official) or a
+            within-batch permutation.
+        space: where the mask acts: on the inputs, re-encoded (official), or on the latents,
+            re-running only the fusion head (cheaper; not what the official code does).
+        cap: upper clip of eta - r inside the exponential (null: none).
+        clip_threshold: a fusion-head gradient entry beyond +-this triggers norm clipping
+            (null: never).
+        clip_norm: the gradient norm that clipping enforces.
+        start: first epoch of the modulation window.
+        end: last epoch of the modulation window, inclusive (null: to the last epoch).
+        sign: the ratio as in the official code, or flipped as in BalanceBenchmark's port.
+        seed: seeds the permutations of the permute mask.
+    """
 
     alpha: float = 1.5
     mask: Literal["zero", "permute"] = "zero"

@@ -101,9 +101,15 @@ def amco_losses(
 
 @dataclass
 class AMCoParams:
-    """``sigma``: share of the joint softmax above which a modality is dependent; ``eps``: the
-    progress at which the mask becomes complete; ``progress_rate``: ``l_t`` grows by
-    ``epoch * progress_rate`` per step; ``seed``: seeds the masked classes."""
+    """AMCo options.
+
+    Attributes:
+        sigma: share of the joint softmax over unimodal logits above which a modality counts
+            as dependent.
+        eps: the training progress at which the mask covers every masked class.
+        progress_rate: the progress l_t grows by epoch * progress_rate per step.
+        seed: seeds which classes are masked.
+    """
 
     sigma: float = 0.5
     eps: float = 0.3

@@ -114,8 +114,14 @@ def chain_losses(
 
 @dataclass
 class CMLParams:
-    """``lam``: weight of the confidence constraint; ``hinge``: on the batch sum (BalanceBenchmark)
-    or per sample (the authors' release); ``seed``: seeds the per-epoch removal order."""
+    """CML options.
+
+    Attributes:
+        lam: weight of the confidence constraint.
+        hinge: the hinge on the batch sum (BalanceBenchmark) or per sample (the authors'
+            release).
+        seed: seeds the per-epoch order in which modalities are removed.
+    """
 
     lam: float = 0.1
     hinge: Hinge = "batch"

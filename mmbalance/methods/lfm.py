@@ -136,10 +136,18 @@ def alpha_step(alpha: float, grad: float, lr: float, low: float, high: float) ->
 
 @dataclass
 class LFMParams:
-    """``alpha_init``: initial weight of the alignment term (official 0.95; BalanceBenchmark
-    0.05); ``lr_alpha``: step size of its update, halved every ``halve_every`` epochs;
-    ``alpha_min``/``alpha_max``: its range; ``held_out``: part of the training split kept out of
-    training for the update."""
+    """LFM options.
+
+    Attributes:
+        alpha_init: initial weight of the alignment (Jensen-Shannon) term (official 0.95;
+            BalanceBenchmark 0.05).
+        lr_alpha: step size of the weight's update.
+        halve_every: the step size halves every this many epochs.
+        alpha_min: lower bound of the weight.
+        alpha_max: upper bound of the weight.
+        held_out: part of the training split kept out of training for the weight's update
+            (never the validation split, which selects the model).
+    """
 
     alpha_init: float = 0.95
     lr_alpha: float = 1e-4

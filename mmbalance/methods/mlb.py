@@ -123,9 +123,13 @@ def mlb_coefficients(ratios: Tensor, alpha: float, beta_max: float | None = None
 
 @dataclass
 class MLBParams:
-    """MLB options. ``alpha``: steepness of the coefficient; ``beta_max``: ceiling of the weak
-    modality's coefficient (``null``: the default ``1 + tanh`` form); ``lam_uni``: weight of each
-    unimodal-head loss."""
+    """MLB options.
+
+    Attributes:
+        alpha: steepness of the coefficient k_m = 1 + tanh(alpha (r_m - 1)).
+        beta_max: ceiling of the weak modality's coefficient (null: the default 1 + tanh form).
+        lam_uni: weight of each unimodal-head loss.
+    """
 
     alpha: float = 1.0
     beta_max: float | None = None

@@ -72,10 +72,17 @@ def sliding_ratio(accuracy: float, previous: list[float], window: int) -> float:
 
 @dataclass
 class MSLRParams:
-    """MSLR options. ``strategy``: ``fixed`` or ``sliding``; ``init_scales``: ``c_m`` at the start
-    by modality (missing modalities: 1); ``window``: ``K`` epochs of the sliding mean;
-    ``lam_uni``: weight of the unimodal-head losses; ``detach_heads``: train the heads on detached
-    latents (probes) so that the encoders see the fused loss only."""
+    """MSLR options.
+
+    Attributes:
+        strategy: fixed per-modality learning-rate factors, or factors that follow each
+            modality's validation accuracy over a sliding window.
+        init_scales: initial learning-rate factor c_m by modality (modalities not named: 1).
+        window: K, the number of epochs of the sliding mean.
+        lam_uni: weight of the unimodal-head losses.
+        detach_heads: train the unimodal heads on detached latents (probes), so that the
+            encoders see the fused loss only.
+    """
 
     strategy: Literal["fixed", "sliding"] = "sliding"
     init_scales: dict[str, float] = field(default_factory=dict)

@@ -116,11 +116,18 @@ def prototype_entropy(distances: Tensor) -> Tensor:
 
 @dataclass
 class PMRParams:
-    """PMR options: ``alpha`` weight of the weak modality's prototype CE; ``momentum`` of the
-    prototypes' EMA; ``fraction`` of the training split the prototypes are computed from;
-    ``start``/``end`` the modulation window (epochs, inclusive; ``end`` null: to the last);
-    ``lam_entropy``/``entropy_epochs`` the paper's entropy regularisation (off by default, as in
-    the official code)."""
+    """PMR options.
+
+    Attributes:
+        alpha: weight of the weak modality's prototype cross-entropy.
+        momentum: momentum of the prototypes' moving average (0: the newest class means only).
+        fraction: part of the training split the prototypes are computed from each epoch.
+        start: first epoch of the modulation window.
+        end: last epoch of the modulation window, inclusive (null: to the last epoch).
+        lam_entropy: weight of the paper's prototypical entropy regularisation (0: off, as in
+            the official code).
+        entropy_epochs: the entropy term acts during this many first epochs.
+    """
 
     alpha: float = 1.0
     momentum: float = 0.2

@@ -64,9 +64,13 @@ def feature_distillation(
 
 @dataclass
 class UMTParams:
-    """``lam``: weight of the feature distillation (BalanceBenchmark's ``scaling``);
-    ``student_init``: students restart from the encoders as built (``scratch``) or keep the
-    pre-trained weights (``pretrained``)."""
+    """UMT options.
+
+    Attributes:
+        lam: weight of the feature distillation (BalanceBenchmark's scaling).
+        student_init: the students restart from the encoders as built (scratch) or keep the
+            pre-trained weights (pretrained).
+    """
 
     lam: float = 10.0
     student_init: StudentInit = "scratch"

@@ -36,7 +36,11 @@ def cosine_logits(latent: Tensor, weight: Tensor, scale: float) -> Tensor:
 
 @FUSION_HEADS.register("cosine")
 class CosineFusion(FusionHead):
-    """Sum over modalities of scaled cosine similarities between latents and class weights."""
+    """Sum over modalities of scaled cosine similarities between latents and class weights.
+
+    Args:
+        scale: s, the scale of every cosine similarity (each modality's logits lie in [-s, s]).
+    """
 
     additive = True
 
