@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mmbalance.build import build_dataset, build_method, build_model, resolve_config
-from mmbalance.train.data import EpochBatchSampler, make_loader
+from mmbalance.train.batching import EpochBatchSampler, make_loader
 
 
 def main() -> None:

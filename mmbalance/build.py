@@ -1,6 +1,12 @@
-"""From a :class:`~mmbalance.config.RunConfig` to a dataset, a model and a method.
+"""From a :class:`~mmbalance.config.RunConfig` to everything a run is made of.
 
-All validation of component names and parameters happens here, before any training starts.
+- :func:`resolve_config` / :func:`validate`: the configuration, with every component name and
+  option checked before anything trains; :func:`normalized_config`: with every default written out;
+- :func:`build_dataset`, :func:`build_model`, :func:`build_components` (the method, the model and
+  the module the method owns, built the way every run builds them);
+- :func:`check_engine` / :func:`make_fabric`: the engine (devices, precision, DDP).
+
+``fit``, ``evaluate_run``, ``compare`` and the benchmarks all build through these functions.
 """
 
 from __future__ import annotations
@@ -11,13 +17,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmbalance.config import RunConfig, build_config, build_dataclass, flatten_yaml
 from mmbalance.data import DATASETS, DatasetBundle
 from mmbalance.errors import ConfigError
-from mmbalance.methods import METHODS, Method, ModelInfo
+from mmbalance.methods import METHODS, Method, ModelInfo, build_method
+from mmbalance.optim import OPTIMIZERS, SCHEDULES
 from mmbalance.models import FUSION_HEADS, MultimodalModel, build_encoder, build_fusion
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from torch import nn
 
 _DATASET_CACHE: dict[str, DatasetBundle] = {}
 
@@ -61,6 +72,8 @@ def validate(cfg: RunConfig) -> None:
     method_cls = METHODS.get(cfg.method.name)
     build_dataclass(method_cls.Params, cfg.method.params, f"method.{cfg.method.name}")
     FUSION_HEADS.get(cfg.fusion.name)
+    OPTIMIZERS.get(cfg.train.optimizer)
+    SCHEDULES.get(cfg.train.scheduler)
 
 
 def normalized_config(cfg: RunConfig) -> dict[str, Any]:
@@ -99,11 +112,6 @@ def build_dataset(cfg: RunConfig) -> DatasetBundle:
     return _DATASET_CACHE[key]
 
 
-def build_method(cfg: RunConfig) -> Method:
-    cls = METHODS.get(cfg.method.name)
-    return cls(build_dataclass(cls.Params, cfg.method.params, f"method.{cfg.method.name}"))
-
-
 def build_model(cfg: RunConfig, data: DatasetBundle, method: Method) -> MultimodalModel:
     """Encoders from the config (or the dataset's defaults), the fusion head, unimodal heads."""
     unknown = set(cfg.encoders) - set(data.modalities)
@@ -139,3 +147,87 @@ def model_info(model: MultimodalModel, data: DatasetBundle) -> ModelInfo:
         task=data.task,
         additive_fusion=model.fusion.additive,
     )
+
+
+def build_components(
+    cfg: RunConfig, data: DatasetBundle
+) -> tuple[Method, MultimodalModel, nn.Module | None]:
+    """The method, the model and the method's own trainable module of a run, as ``fit`` builds
+    them (benchmarks build theirs with this too, so they time what training runs)."""
+    method = build_method(cfg.method.name, cfg.method.params)
+    model = build_model(cfg, data, method)
+    return method, model, method.setup(model_info(model, data))
+
+
+def _runs_on_cpu(cfg: RunConfig) -> bool:
+    import torch
+
+    t = cfg.train
+    return t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+
+
+def check_engine(cfg: RunConfig) -> None:
+    """Refuse engine settings this machine cannot run, before any process is started (an error
+    inside spawned workers would reach the user as tracebacks, a missing node as a hang)."""
+    import torch
+
+    t = cfg.train
+    if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.accelerator={t.accelerator} but CUDA is not available on this machine; "
+            "use train.accelerator=cpu (or auto)"
+        )
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.accelerator=mps but MPS is not available on this machine")
+    on_cpu = _runs_on_cpu(cfg)
+    if on_cpu and t.precision == "16-mixed":
+        # Lightning would silently switch to bf16-mixed: refuse instead of training another run
+        raise ConfigError(
+            "train.precision=16-mixed needs a CUDA GPU (mixed precision on CPU is bfloat16); "
+            "use train.precision=bf16-mixed or 32-true"
+        )
+    if on_cpu and t.num_nodes > 1:
+        raise ConfigError(
+            f"train.num_nodes={t.num_nodes}: CPU training runs its processes on this one "
+            "machine (train.devices); several nodes need GPUs started by a cluster launcher"
+        )
+    if not on_cpu and t.accelerator != "mps" and t.devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.devices={t.devices} but this machine has {torch.cuda.device_count()} GPUs"
+        )
+    world = t.devices * t.num_nodes
+    if t.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by the {world} processes "
+            "(train.devices x train.num_nodes)"
+        )
+
+
+def make_fabric(cfg: RunConfig) -> Fabric:
+    """The Lightning Fabric of ``cfg``'s engine settings (DDP over gloo processes on CPU, one
+    process per GPU otherwise); settings Lightning refuses are a one-line ConfigError."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    t = cfg.train
+    world = t.devices * t.num_nodes
+    strategy: Any = "auto"
+    if world > 1:
+        cpu = _runs_on_cpu(cfg)
+        strategy = DDPStrategy(
+            find_unused_parameters=True,
+            start_method="spawn" if cpu else "popen",
+            process_group_backend="gloo" if cpu else None,
+        )
+    try:
+        return Fabric(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy,
+            precision=t.precision,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"the train engine settings cannot run here: {first}") from None

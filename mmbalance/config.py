@@ -124,12 +124,14 @@ class TrainConfig:
     Attributes:
         epochs: training epochs (fewer with early stopping).
         batch_size: training batch size (evaluation uses twice this).
-        optimizer: the optimizer (train.momentum applies to sgd only).
+        optimizer: the optimizer, a name of ``mmbalance.optim.OPTIMIZERS`` (``adam``, ``adamw``,
+            ``sgd``; train.momentum applies to sgd only).
         lr: base learning rate.
         weight_decay: the optimizer's weight decay.
         momentum: SGD momentum (unused by Adam and AdamW).
-        scheduler: learning-rate schedule after warm-up: ``none``, ``step`` (times gamma every
-            step_size epochs) or ``cosine`` (to 0 at the last epoch).
+        scheduler: learning-rate schedule after warm-up, a name of
+            ``mmbalance.optim.SCHEDULES``: ``none``, ``step`` (times gamma every step_size
+            epochs) or ``cosine`` (to 0 at the last epoch).
         step_size: epochs between two decays of the ``step`` schedule.
         gamma: factor of each decay of the ``step`` schedule.
         warmup_epochs: epochs of linear learning-rate warm-up before the schedule.
@@ -155,11 +157,11 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 64
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
-    scheduler: Literal["none", "step", "cosine"] = "none"
+    scheduler: str = "none"
     step_size: int = 70
     gamma: float = 0.1
     warmup_epochs: int = 0

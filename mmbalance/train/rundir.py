@@ -7,8 +7,8 @@ epoch. Nothing may mix two configurations in one directory:
   checkpoint, here or in its ``pretrain/`` stage, or a ``metrics.json``);
 - ``--resume`` continues the saved configuration. A new command may change only what cannot
   alter what was already trained (:data:`RESUME_ALLOWED`): the settings of
-  :data:`~mmbalance.config.PRESENTATION_KEYS` and a larger ``train.epochs`` (unless the cosine
-  schedule, which depends on the total, is used). Any other difference is a one-line error naming
+  :data:`~mmbalance.config.PRESENTATION_KEYS` and a larger ``train.epochs`` (unless a schedule that
+  depends on the total, such as cosine, is used). Any other difference is a one-line error naming
   the keys, raised before anything (``config.yaml`` included) is written;
 - ``compare`` reuses a run only if its configuration is the same up to the presentation keys
   (:func:`check_same_run`).
@@ -27,6 +27,7 @@ from mmbalance.build import config_differences, normalized_config, resolve_confi
 from mmbalance.config import PRESENTATION_KEYS, RunConfig, load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.io import remove_stale_temporaries, write_text_atomic
+from mmbalance.optim import SCHEDULES
 
 #: Keys a ``--resume`` may change: presentation settings, and ``train.epochs`` upwards.
 RESUME_ALLOWED = (*PRESENTATION_KEYS, "train.epochs")
@@ -118,10 +119,10 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
                 f"train.epochs={new['train.epochs']} is below the {old['train.epochs']} epochs "
                 "of the run being resumed; --resume can only add epochs"
             )
-        if old["train.scheduler"] == "cosine":
+        if SCHEDULES.get(old["train.scheduler"]).needs_total:
             raise ConfigError(
-                "the run being resumed uses train.scheduler=cosine, whose schedule depends on "
-                "train.epochs; it cannot be extended on resume"
+                f"the run being resumed uses train.scheduler={old['train.scheduler']}, whose "
+                "schedule depends on train.epochs; it cannot be extended on resume"
             )
 
 

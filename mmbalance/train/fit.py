@@ -1,0 +1,191 @@
+"""Running a run: :func:`fit` (with DDP workers and unimodal pre-training) and
+:func:`evaluate_run`.
+
+``fit(cfg, out_dir)`` builds everything through :mod:`mmbalance.build`, trains with a
+:class:`~mmbalance.train.loop.Trainer` and returns its :class:`~mmbalance.train.loop.RunResult`;
+see :mod:`mmbalance.train.loop` for the files a run directory holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
+from torch import Tensor
+
+from mmbalance.build import (
+    build_components,
+    build_dataset,
+    check_engine,
+    make_fabric,
+    resolve_config,
+)
+from mmbalance.config import NamedParams, RunConfig, load_yaml
+from mmbalance.errors import DataError, MMBalanceError
+from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.train.callbacks import Callback, default_callbacks
+from mmbalance.train.checkpoint import BEST_KEYS, load_checkpoint
+from mmbalance.train.loop import RunResult, Trainer, encoder_state, load_state
+from mmbalance.train.rundir import check_run_dir, write_run_config
+
+
+def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> RunResult:
+    """Train one run described by ``cfg`` into ``out_dir`` (``resume`` continues a killed run).
+
+    Before anything starts, the engine settings are checked against this machine and
+    ``out_dir`` against ``cfg`` (:func:`~mmbalance.train.rundir.check_run_dir`: a fresh run
+    never reuses trained state, a resumed one keeps its saved configuration).
+    """
+    out_dir = Path(out_dir)
+    check_engine(cfg)
+    check_run_dir(cfg, out_dir, resume)
+    fabric = make_fabric(cfg)
+    if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
+        if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
+            result = fabric.launch(_fit_in_worker, cfg, out_dir, resume, os.getpid())
+            if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
+                raise result
+            return result
+        fabric.launch()
+    return _fit_in_process(fabric, cfg, out_dir, resume)
+
+
+def _fit_in_worker(
+    fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool, parent: int
+) -> RunResult | MMBalanceError:
+    """A spawned DDP worker: train, then tear the process group down before the process exits
+    (gloo's threads abort the process if it exits with the group still alive).
+
+    The worker dies with its parent (a killed ``mmbalance`` must not leave orphans training
+    on). A user-facing error is returned rather than raised, so that the parent re-raises it
+    as one line instead of printing every worker's traceback; every rank raises the same
+    error at the same point (the loss is all-reduced before it is checked), so none is left
+    waiting in a collective.
+    """
+    _die_with_parent(parent)
+    dist = torch.distributed
+    try:
+        result = _fit_in_process(fabric, cfg, out_dir, resume)
+        gc.collect()  # free the DDP reducer while the process group is still alive
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+    except MMBalanceError as err:
+        return err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this process exit when process ``parent`` does.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``; the
+    "parent" is the thread that started the worker, the main thread that called :func:`fit`);
+    elsewhere a daemon thread polls the parent id. A parent that died before this ran is caught
+    by comparing ``getppid`` with the id it passed.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="mmbalance-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+    if fabric.is_global_zero:
+        write_run_config(cfg, out_dir)
+    fabric.seed_everything(cfg.train.seed, verbose=False)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    data = build_dataset(cfg)
+    method, model, extra = build_components(cfg, data)
+    pretrain_epochs = cfg.train.unimodal_pretrain_epochs
+    initial: dict[str, Tensor] | None = None
+    if method.needs_unimodal_pretraining or pretrain_epochs > 0:
+        initial = _encoder_state(model)  # the encoders as built, for on_train_start
+        _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
+        if method.freezes_encoders:
+            model.encoders.requires_grad_(False)
+    trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir, initial)
+    return trainer.run(resume)
+
+
+def _unimodal_pretraining(
+    fabric: Fabric, cfg: RunConfig, out_dir: Path, model: MultimodalModel, resume: bool
+) -> None:
+    """Train each encoder with its unimodal head alone (the ``ensemble`` method), then copy the
+    validation-selected encoders and heads into ``model``."""
+    epochs = cfg.train.unimodal_pretrain_epochs or cfg.train.epochs
+    pre_cfg = replace(
+        cfg,
+        method=NamedParams("ensemble"),
+        unimodal_heads=True,
+        train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
+    )
+    if not (resume and (out_dir / "metrics.json").is_file()):
+        _fit_in_process(fabric, pre_cfg, out_dir, resume)
+    state = load_checkpoint(out_dir / "best.ckpt", BEST_KEYS)["model"]
+    keep = {k: v for k, v in state.items() if k.startswith(("encoders.", "unimodal_heads."))}
+    if model.unimodal_heads:
+        model.load_state_dict(keep, strict=False)
+    else:
+        model.load_state_dict({k: v for k, v in keep.items() if k.startswith("encoders.")}, False)
+
+
+def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """Re-evaluate a finished or interrupted run on its validation and test splits.
+
+    ``path`` is a run directory (its ``best.ckpt`` is used) or a checkpoint file inside one
+    (``best.ckpt`` or ``last.ckpt``); the run's ``config.yaml`` rebuilds data, model and method.
+    """
+    from mmbalance.build import resolve_config
+    from mmbalance.config import load_yaml
+
+    path = Path(path)
+    run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
+    if not (run_dir / "config.yaml").is_file():
+        raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = resolve_config(load_yaml(run_dir / "config.yaml"))
+    cfg.train = replace(cfg.train, devices=1, num_nodes=1, progress=False, tensorboard=False)
+    fabric = make_fabric(cfg)
+    data = build_dataset(cfg)
+    method = build_method(cfg)
+    model = build_model(cfg, data, method)
+    extra = method.setup(model_info(model, data))
+    trainer = Trainer(fabric, cfg, data, model, method, extra, run_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    if "model" in ckpt:
+        _load_state(model, ckpt["model"], ckpt_path)
+        if "method_module" in ckpt:
+            _load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
+    elif "module" in ckpt:
+        _load_state(trainer.module, ckpt["module"], ckpt_path)
+    else:
+        raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")
+    return {split: trainer.evaluate(split) for split in ("val", "test")}
