@@ -1,6 +1,15 @@
 """Balancing methods. Importing this package registers every method."""
 
-from mmbalance.methods import baselines, mcr, mmpareto, ogm, opm  # noqa: F401  (registration)
+from mmbalance.methods import (  # noqa: F401  (registration)
+    baselines,
+    dr,
+    gblending,
+    mcr,
+    mmpareto,
+    ogm,
+    opm,
+    reconboost,
+)
 from mmbalance.methods.base import (
     METHODS,
     EpochContext,

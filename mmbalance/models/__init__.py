@@ -1,5 +1,6 @@
 """Encoders, fusion heads and the multimodal model."""
 
+from mmbalance.models import shared_head  # noqa: F401  (registration)
 from mmbalance.models.encoders import ENCODERS, build_encoder
 from mmbalance.models.fusion import FUSION_HEADS, FusionHead, build_fusion
 from mmbalance.models.multimodal import MultimodalModel
