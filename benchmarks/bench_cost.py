@@ -256,7 +256,7 @@ def build_run(setting: Setting, entry: Entry, device: str, workdir: Path) -> tup
         model.encoders.requires_grad_(False)
     trainer = Trainer(fabric, cfg, data, model, method, extra, workdir)
     trainer.train_mode()
-    method.on_epoch_start(EPOCH)
+    method.on_epoch_start(trainer.epoch_context(EPOCH))
     batch = data.splits["train"].__getitems__(list(range(setting.batch)))
     return trainer, batch.to(fabric.device)
 
