@@ -31,6 +31,7 @@ class SharedBoostHead(FusionHead):
     """``logits = beta * sum_m h(z_m)``: one shared MLP head, a learnable boost rate (ReconBoost)."""
 
     additive = True
+    equal_latent_dims = True
 
     def __init__(
         self,
@@ -40,16 +41,11 @@ class SharedBoostHead(FusionHead):
         boost_rate: float = 1.0,
     ) -> None:
         super().__init__(latent_dims, num_outputs)
-        sizes = sorted(set(latent_dims.values()))
-        if len(sizes) != 1:
-            raise ConfigError(
-                f"the shared_boost head needs equal latent sizes (one head for every modality), "
-                f"got {dict(latent_dims)}"
-            )
         if hidden < 1:
             raise ConfigError(f"shared_boost hidden must be >= 1, got {hidden}")
+        size = next(iter(latent_dims.values()))
         self.shared = nn.Sequential(
-            nn.Linear(sizes[0], hidden), nn.ReLU(), nn.Linear(hidden, num_outputs)
+            nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs)
         )
         self.boost_rate = nn.Parameter(torch.tensor(float(boost_rate)))
 
