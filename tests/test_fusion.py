@@ -20,6 +20,10 @@ def _latents(n: int = 7, dims: dict[str, int] = DIMS) -> dict[str, torch.Tensor]
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_forward_backward_and_masking(name: str, num_modalities: int) -> None:
     dims = dict(list(DIMS.items())[:num_modalities])
+    if FUSION_HEADS.get(name).equal_latent_dims:
+        dims = dict.fromkeys(dims, 5)
+        with pytest.raises(ConfigError, match="equal latent sizes"):
+            build_fusion(name, DIMS, 4, {})
     torch.manual_seed(0)
     head = build_fusion(name, dims, 4, {})
     z = _latents(dims=dims)

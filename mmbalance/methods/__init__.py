@@ -5,6 +5,8 @@ from mmbalance.methods import (  # noqa: F401  (registration)
     amco,
     baselines,
     cml,
+    dr,
+    gblending,
     lfm,
     mbsd,
     mcr,
@@ -15,6 +17,7 @@ from mmbalance.methods import (  # noqa: F401  (registration)
     ogm,
     opm,
     pmr,
+    reconboost,
     umt,
 )
 from mmbalance.methods.base import (

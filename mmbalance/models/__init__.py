@@ -1,6 +1,9 @@
 """Encoders, fusion heads and the multimodal model."""
 
-from mmbalance.models import cosine_head  # noqa: F401  (registers the "cosine" fusion head)
+from mmbalance.models import (  # noqa: F401  (registers the fusion heads)
+    cosine_head,
+    shared_head,
+)
 from mmbalance.models.encoders import ENCODERS, build_encoder
 from mmbalance.models.fusion import FUSION_HEADS, FusionHead, build_fusion
 from mmbalance.models.multimodal import MultimodalModel

@@ -31,6 +31,8 @@ class FusionHead(nn.Module):
 
     additive: ClassVar[bool] = False
     max_modalities: ClassVar[int | None] = None
+    #: the head needs every latent to have the same size (one head shared by all modalities)
+    equal_latent_dims: ClassVar[bool] = False
 
     def __init__(self, latent_dims: Mapping[str, int], num_outputs: int) -> None:
         super().__init__()
@@ -39,6 +41,10 @@ class FusionHead(nn.Module):
         if self.max_modalities is not None and len(latent_dims) > self.max_modalities:
             raise ConfigError(
                 f"fusion head {type(self).__name__} supports at most {self.max_modalities} modalities"
+            )
+        if self.equal_latent_dims and len(set(latent_dims.values())) > 1:
+            raise ConfigError(
+                f"fusion head {type(self).__name__} needs equal latent sizes, got {dict(latent_dims)}"
             )
         self.modalities: tuple[str, ...] = tuple(latent_dims)
         self.latent_dims = dict(latent_dims)
