@@ -70,11 +70,11 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.build import build_components, build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
 from mmbalance.report import Column, Table, to_markdown, to_text
-from mmbalance.train.loop import Trainer, build_components
+from mmbalance.train import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -254,10 +254,10 @@ def build_run(
         data = random_bundle(setting.shapes, setting.classes, setting.batch)
     else:
         data = build_dataset(cfg)
-    method, model, extra = build_components(cfg, data)
+    method, model, method_module = build_components(cfg, data)
     if method.freezes_encoders:  # as after the pre-training stage in ``fit``
         model.encoders.requires_grad_(False)
-    trainer = Trainer(fabric, cfg, data, model, method, extra, workdir)
+    trainer = Trainer(fabric, cfg, data, model, method, method_module, workdir)
     trainer.train_mode()
     method.on_epoch_start(trainer.epoch_context(EPOCH))
     batch = data.splits["train"].__getitems__(list(range(setting.batch)))

@@ -23,7 +23,7 @@ import torch
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import TrainingDiverged
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 # dataset settings searched (``default`` and ``competition`` are the presets)
 SETTINGS: dict[str, dict[str, object]] = {

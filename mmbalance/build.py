@@ -15,16 +15,22 @@ import inspect
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmbalance.config import RunConfig, build_config, build_dataclass, flatten_yaml
+from mmbalance.config import (
+    NamedParams,
+    RunConfig,
+    build_config,
+    build_dataclass,
+    flatten_yaml,
+)
 from mmbalance.data import DATASETS, DatasetBundle
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, Method, ModelInfo, build_method
-from mmbalance.optim import OPTIMIZERS, SCHEDULES
 from mmbalance.models import FUSION_HEADS, MultimodalModel, build_encoder, build_fusion
+from mmbalance.optim import OPTIMIZERS, SCHEDULES
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -94,6 +100,19 @@ def normalized_config(cfg: RunConfig) -> dict[str, Any]:
     }
     flat |= {f"fusion.{k}": v for k, v in defaults.items()}
     return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def with_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every dataset, method and fusion-head option written out, defaults included,
+    so that its ``config.yaml`` trains the same run under a later version with other defaults.
+    (Encoder options come from the dataset's modality specs and the user's ``encoder.*`` keys.)"""
+    flat = normalized_config(cfg)
+    out = replace(cfg)
+    for section in ("dataset", "method", "fusion"):
+        named = getattr(cfg, section)
+        params = {k.partition(".")[2]: v for k, v in flat.items() if k.startswith(f"{section}.")}
+        setattr(out, section, NamedParams(named.name, params))
+    return out
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:

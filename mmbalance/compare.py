@@ -24,18 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mmbalance.build import build_dataset, normalized_config, resolve_config
+from mmbalance.build import build_dataset, check_engine, normalized_config, resolve_config
 from mmbalance.config import RunConfig, parse_value
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
 from mmbalance.report import run_records, status_record
-from mmbalance.train.loop import RunResult, check_engine, fit
+from mmbalance.train import RunResult, fit
+from mmbalance.train.callbacks import Callback, default_callbacks, format_seconds
 from mmbalance.train.rundir import check_same_run, check_writable_dir
 
 
@@ -177,18 +179,48 @@ def run_compare(
             check_same_run(run_cfg, run_dir)
             runs.append((entry.label, seed, run_cfg, run_dir))
     records: list[dict[str, Any]] = []
-    for label, seed, cfg, run_dir in runs:
+    clock = RunClock(len(runs))
+    for i, (label, seed, cfg, run_dir) in enumerate(runs):
+        prefix = f"[{i + 1}/{len(runs)}] {label} seed {seed}"
+        started = time.perf_counter()
+        trained = not (run_dir / "metrics.json").is_file()
         try:
-            records += run_records(label, seed, run_or_reuse(cfg, run_dir))
+            if trained and cfg.train.progress:
+                print(f"{prefix}: training{clock.eta_text()}", flush=True)
+            result = run_or_reuse(cfg, run_dir, default_callbacks(cfg, prefix))
+            records += run_records(label, seed, result)
         except TrainingDiverged as err:
             records.append(status_record(label, seed, "diverged", str(err)))
         except MMBalanceError as err:
             records.append(status_record(label, seed, "failed", str(err)))
+        clock.finished(time.perf_counter() - started if trained else None)
     write_json_atomic(out_dir / "results.json", records, indent=1)
     return records
 
 
-def run_or_reuse(cfg: RunConfig, run_dir: Path) -> RunResult | dict[str, Any]:
+class RunClock:
+    """Estimates the time a comparison has left from the runs it trained so far (reused runs
+    take no time and are not counted)."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.durations: list[float] = []
+
+    def finished(self, seconds: float | None) -> None:
+        self.left -= 1
+        if seconds is not None:
+            self.durations.append(seconds)
+
+    def eta_text(self) -> str:
+        if not self.durations:
+            return ""
+        mean = sum(self.durations) / len(self.durations)
+        return f" (about {format_seconds(mean * self.left)} left for {self.left} runs)"
+
+
+def run_or_reuse(
+    cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] | None = None
+) -> RunResult | dict[str, Any]:
     """The saved ``metrics.json`` of a finished run, or train it (resuming what exists).
 
     ``run_dir`` must hold the same configuration (or nothing); a run that diverged before is
@@ -210,7 +242,7 @@ def run_or_reuse(cfg: RunConfig, run_dir: Path) -> RunResult | dict[str, Any]:
     # A run directory that exists belongs to this comparison: resume whatever stage it reached
     # (a kill during unimodal pre-training leaves checkpoints only under ``pretrain/``).
     try:
-        return fit(cfg, run_dir, resume=run_dir.exists())
+        return fit(cfg, run_dir, resume=run_dir.exists(), callbacks=callbacks)
     except TrainingDiverged as err:
         write_json_atomic(diverged, {"diverged": str(err)})
         raise

@@ -56,7 +56,7 @@ COMPETITION: dict[str, Any] = {
 def competition_metrics(tmp_path):
     """``run(overrides, seeds)``: test metrics averaged over ``train.seed`` in ``seeds``."""
     from mmbalance.build import resolve_config
-    from mmbalance.train.loop import fit
+    from mmbalance.train import fit
 
     def run(overrides: dict[str, Any], seeds: tuple[int, ...] = (0, 1)) -> dict[str, float]:
         label = "_".join(f"{v}" for v in overrides.values())

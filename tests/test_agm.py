@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mmbalance.train.loop as loop_module
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
@@ -27,7 +26,8 @@ from mmbalance.methods.agm import (
 )
 from mmbalance.models import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
+from mmbalance.train.callbacks import MetricsFiles
 
 LEARN: dict[str, object] = {
     "dataset": "synthetic",
@@ -419,19 +419,19 @@ def test_clipping_triggers_on_a_large_fusion_weight_gradient_only() -> None:
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = {**LEARN, "method": "agm", "method.space": "latent", "train.epochs": 3}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_second_epoch(self, row):
-        original(self, row)
+    def crash_after_second_epoch(self, trainer, row):
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_second_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     assert resumed.metrics == reference.metrics
     assert [r["train_loss"] for r in resumed.history] == [

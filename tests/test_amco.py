@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmbalance.train.loop as loop_module
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method
@@ -26,7 +25,8 @@ from mmbalance.methods.amco import (
 from mmbalance.methods.mbsd import modality_logits
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.output import ModelOutput
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
+from mmbalance.train.callbacks import MetricsFiles
 
 
 def test_dependence_shares_of_the_joint_softmax() -> None:
@@ -165,19 +165,19 @@ BASE: dict[str, Any] = {
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = resolve_config(BASE)
     reference = fit(cfg, tmp_path / "reference")
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_second_epoch(self: Any, row: Any) -> None:
-        original(self, row)
+    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_second_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(cfg, tmp_path / "killed", resume=True)
     assert resumed.metrics == reference.metrics
     assert [r["train_loss"] for r in resumed.history] == [

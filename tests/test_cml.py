@@ -21,7 +21,7 @@ from mmbalance.methods.cml import (
 )
 from mmbalance.models.fusion import ConcatLinearFusion, FiLMFusion, LateSumFusion
 from mmbalance.models.output import ModelOutput
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 
 def _output(head, latents) -> ModelOutput:

@@ -16,8 +16,8 @@ from mmbalance.cli import main
 from mmbalance.config import load_yaml
 from mmbalance.eval.contribution import shapley_contributions
 from mmbalance.eval.probe import latents_of, split_half_probe_accuracy
+from mmbalance.train import fit
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import fit
 
 TINY = {**SMALL, "dataset.n_test": 400, "dataset.n_bayes": 1000, "train.epochs": 3}
 

@@ -14,8 +14,7 @@ import torch
 from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
-import mmbalance.train.loop as loop_module
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, build_method
 from mmbalance.methods.dr import (
@@ -26,8 +25,9 @@ from mmbalance.methods.dr import (
     reinit_strength,
     soft_reinit,
 )
+from mmbalance.train import Trainer, fit
+from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import Trainer, fit, make_fabric
 
 SMALL: dict[str, Any] = {
     "dataset": "synthetic",
@@ -208,17 +208,17 @@ def test_a_run_killed_between_relearnings_resumes_exactly(tmp_path: Path, monkey
     overrides = {**SMALL, "method.reinit_epoch": 1, "method.reinit_num": 3, "train.epochs": 4}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
     assert any("method_reinit_weight_m1" in r for r in reference.history)
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
 
-    def crash(self, row):  # after the first re-learning, before the second
-        original(self, row)
+    def crash(self, trainer, row):  # after the first re-learning, before the second
+        original(self, trainer, row)
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmbalance.train.loop as loop_module
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, StepContext, build_method
 from mmbalance.methods.gblending import GradientBlending, blending_weights, head_losses
 from mmbalance.models.output import ModelOutput
+from mmbalance.train import fit
+from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import fit
 
 SMALL: dict[str, Any] = {
     "dataset": "synthetic",
@@ -181,17 +181,17 @@ def test_a_run_killed_mid_super_epoch_resumes_exactly(tmp_path: Path, monkeypatc
     reference = fit(resolve_config(overrides), tmp_path / "reference")
     weights = [r["method_weight_fused"] for r in reference.history]
     assert weights[0] == weights[1] == pytest.approx(1 / 3) and weights[2] != weights[1]
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
 
-    def crash(self, row):  # epoch 2: the middle of the second super-epoch
-        original(self, row)
+    def crash(self, trainer, row):  # epoch 2: the middle of the second super-epoch
+        original(self, trainer, row)
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")

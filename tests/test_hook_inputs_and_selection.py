@@ -11,13 +11,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import (
+    build_components,
+    build_dataset,
+    build_model,
+    make_fabric,
+    model_info,
+    resolve_config,
+)
 from mmbalance.methods import EpochContext
 from mmbalance.methods.base import ModelInfo
 from mmbalance.methods.baselines import MultiLoss, UniPreFinetuned
 from mmbalance.models.output import ModelOutput
+from mmbalance.train import Trainer, fit
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import Trainer, build_components, fit, make_fabric
 
 BASE: dict[str, Any] = {
     "dataset": "synthetic",

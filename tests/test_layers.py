@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("build",),
     ("eval",),
     ("methods",),
-    ("models", "data"),
+    ("models", "data", "optim"),
     ("config", "registry", "errors", "io"),
 ]
 #: Units of one layer that must not import each other.

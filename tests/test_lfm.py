@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmbalance.train.loop as loop_module
 from mmbalance.build import resolve_config
 from mmbalance.data.base import Batch
 from mmbalance.errors import ConfigError
@@ -23,7 +22,8 @@ from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
+from mmbalance.train.callbacks import MetricsFiles
 
 
 def js_by_hand(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -173,19 +173,19 @@ def test_kill_and_resume_keeps_the_weight(tmp_path: Path, monkeypatch: pytest.Mo
     alphas = [r["method_alpha"] for r in reference.history]
     assert len(set(alphas)) > 1  # the weight moves
 
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_second_epoch(self: Any, row: Any) -> None:
-        original(self, row)
+    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_second_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(cfg, tmp_path / "killed", resume=True)
     assert [r["method_alpha"] for r in resumed.history] == alphas
     assert resumed.metrics == reference.metrics

@@ -17,7 +17,7 @@ from mmbalance.methods import StepContext, build_method
 from mmbalance.methods.mbsd import modality_logits, pair_terms, self_distillation
 from mmbalance.models.fusion import ConcatMLPFusion, LateSumFusion
 from mmbalance.models.output import ModelOutput
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 # B = 5 samples, C = 3 classes; sample 3 is predicted wrongly by every modality (weight 0)
 Z = {

@@ -26,7 +26,7 @@ from mmbalance.methods.mcr import (
     subsets,
 )
 from mmbalance.models import MultimodalModel, build_fusion
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, EpochContext, Phase, StepContext
 from mmbalance.methods.baselines import MultiLoss
-from mmbalance.train.loop import Trainer, make_fabric
+from mmbalance.train import Trainer
 
 BASE: dict[str, Any] = {
     "dataset": "synthetic",

@@ -22,7 +22,7 @@ from mmbalance.methods.mlb import (
 )
 from mmbalance.models import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 LEARN: dict[str, object] = {
     "dataset": "synthetic",

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import build_method
 from mmbalance.models import build_fusion
 from mmbalance.models.cosine_head import CosineFusion
-from mmbalance.train.loop import Trainer, fit, make_fabric
+from mmbalance.train import Trainer, fit
 
 LEARN: dict[str, object] = {
     "dataset": "synthetic",

@@ -29,7 +29,7 @@ from mmbalance.methods.mmpareto import (
 )
 from mmbalance.models.fusion import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
-from mmbalance.train.loop import fit
+from mmbalance.train import fit
 
 GAMMA = 1.5
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmbalance.train.loop as loop_module
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method
 from mmbalance.methods.mslr import sliding_ratio
-from mmbalance.train.loop import Trainer, fit, make_fabric
+from mmbalance.train import Trainer, fit
+from mmbalance.train.callbacks import MetricsFiles
 
 LEARN: dict[str, object] = {
     "dataset": "synthetic",
@@ -162,19 +162,19 @@ def test_encoders_get_the_fused_gradient_only_and_heads_learn_as_probes() -> Non
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = {**LEARN, "method": "mslr", "method.window": 1, "train.epochs": 4}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_third_epoch(self, row):
-        original(self, row)
+    def crash_after_third_epoch(self, trainer, row):
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_third_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     assert resumed.metrics == reference.metrics
     assert [r["lr_scale_encoder.m1"] for r in resumed.history] == [

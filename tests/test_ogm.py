@@ -26,8 +26,8 @@ from mmbalance.methods.ogm import (
 from mmbalance.methods.opm import OPM, drop_latents, opm_drop_probabilities
 from mmbalance.models.fusion import FiLMFusion, LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.train import fit
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import fit
 
 LOG3 = math.log(3.0)
 

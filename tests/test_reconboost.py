@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mmbalance.train.loop as loop_module
-from mmbalance.build import build_dataset, build_model, model_info, resolve_config
+from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.reconboost import ReconBoost, consolidation_loss, reconcile_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.shared_head import SharedBoostHead
+from mmbalance.train import Trainer, fit
+from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import Trainer, fit, make_fabric
 
 SMALL: dict[str, Any] = {
     "dataset": "synthetic",
@@ -283,17 +283,17 @@ def test_a_run_killed_mid_stage_resumes_exactly(tmp_path: Path, monkeypatch) -> 
         "train.optimizer": "sgd",
     }
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
 
-    def crash_mid_stage(self, row):
-        original(self, row)
+    def crash_mid_stage(self, trainer, row):
+        original(self, trainer, row)
         if row["epoch"] == 0:  # inside the first learner stage
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_mid_stage)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_mid_stage)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")

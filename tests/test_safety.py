@@ -390,8 +390,9 @@ import torch
 
 from mmbalance.build import resolve_config
 from mmbalance.methods import METHODS
+from mmbalance.build import make_fabric
 from mmbalance.methods.base import Method
-from mmbalance.train import loop
+from mmbalance.train import runner
 
 
 @METHODS.register("rank_noise")
@@ -409,9 +410,9 @@ class RankNoise(Method):
 def worker(fabric, overrides, root):
     long = resolve_config({**overrides, "train.epochs": 4})
     short = resolve_config({**overrides, "train.epochs": 2})
-    ref = loop._fit_in_process(fabric, long, root / "ref", False)
-    loop._fit_in_process(fabric, short, root / "run", False)
-    resumed = loop._fit_in_process(fabric, long, root / "run", True)
+    ref = runner._fit_in_process(fabric, long, root / "ref", False)
+    runner._fit_in_process(fabric, short, root / "run", False)
+    resumed = runner._fit_in_process(fabric, long, root / "run", True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return {
@@ -425,7 +426,7 @@ def worker(fabric, overrides, root):
 if __name__ == "__main__":
     overrides = json.loads(sys.argv[1])
     root = Path(sys.argv[2])
-    fabric = loop.make_fabric(resolve_config(overrides))
+    fabric = make_fabric(resolve_config(overrides))
     print("RESULT " + json.dumps(fabric.launch(worker, overrides, root)))
 '''
 

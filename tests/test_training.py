@@ -16,7 +16,7 @@ import torch
 from mmbalance.build import resolve_config
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.train import evaluate_run, fit
-from mmbalance.train import loop as loop_module
+from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint, save_atomic
 
 CHANCE = 1 / 5
@@ -73,19 +73,19 @@ def test_kill_and_resume_is_exact(small: dict, tmp_path: Path, monkeypatch) -> N
     overrides = {**small, "method": "multiloss", "train.epochs": 5}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
 
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_third_epoch(self, row):
-        original(self, row)
+    def crash_after_third_epoch(self, trainer, row):
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as if killed right after the epoch's checkpoint
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_third_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     assert load_checkpoint(tmp_path / "killed" / "last.ckpt")["epoch"] == 2
     resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
     assert resumed.metrics == reference.metrics
@@ -109,17 +109,17 @@ def test_compare_resumes_a_run_killed_in_its_pretraining_stage(
 
     overrides = {**small, "train.epochs": 3}
     reference = run_compare(["unipre_frozen"], 1, tmp_path / "reference", overrides)
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
 
-    def crash_in_pretraining(self, row):
-        original(self, row)
-        if self.out_dir.name == "pretrain" and row["epoch"] == 1:
+    def crash_in_pretraining(self, trainer, row):
+        original(self, trainer, row)
+        if trainer.out_dir.name == "pretrain" and row["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_in_pretraining)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_in_pretraining)
     with pytest.raises(KeyboardInterrupt):
         run_compare(["unipre_frozen"], 1, tmp_path / "killed", overrides)
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     run_dir = tmp_path / "killed" / "unipre_frozen" / "seed0"
     assert (run_dir / "pretrain" / "last.ckpt").is_file()
     assert not (run_dir / "last.ckpt").exists()

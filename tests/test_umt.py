@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmbalance.train.loop as loop_module
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, StepContext, build_method
@@ -20,8 +19,9 @@ from mmbalance.methods.umt import UMT, feature_distillation
 from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.train import fit
+from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
-from mmbalance.train.loop import fit
 
 
 def _model(m: int, seed: int = 0) -> MultimodalModel:
@@ -127,19 +127,19 @@ def test_teachers_are_the_pretrained_encoders_and_survive_a_kill(
         for k, v in state.items():
             assert torch.equal(v, pretrained[f"encoders.{m}.{k}"]), (m, k)  # frozen all along
 
-    original = loop_module.Trainer._write_logs
+    original = MetricsFiles.on_epoch_end
     calls = {"n": 0}
 
-    def crash_after_second_epoch(self: Any, row: Any) -> None:
-        original(self, row)
+    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
+        original(self, trainer, row)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # killed right after the epoch's checkpoint
 
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", crash_after_second_epoch)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(loop_module.Trainer, "_write_logs", original)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     resumed = fit(cfg, tmp_path / "killed", resume=True)
     assert resumed.metrics == reference.metrics
     assert [r["train_distill"] for r in resumed.history] == [

@@ -1,5 +1,7 @@
-"""The training loop, checkpoints and batching."""
+"""Training: the loop, its callbacks, batching, checkpoints and run directories."""
 
-from mmbalance.train.loop import RunResult, Trainer, evaluate_run, fit
+from mmbalance.train.callbacks import Callback, default_callbacks
+from mmbalance.train.loop import RunResult, Trainer
+from mmbalance.train.runner import evaluate_run, fit
 
-__all__ = ["RunResult", "Trainer", "evaluate_run", "fit"]
+__all__ = ["Callback", "RunResult", "Trainer", "default_callbacks", "evaluate_run", "fit"]

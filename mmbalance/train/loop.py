@@ -1,6 +1,8 @@
 """The training loop: one explicit loop for every method, on Lightning Fabric.
 
-``fit(cfg, out_dir)`` trains one run and writes its directory::
+:class:`Trainer` runs the epochs of one run (built by :func:`mmbalance.train.runner.fit`); what it
+writes besides checkpoints comes from its callbacks (:mod:`mmbalance.train.callbacks`). A run
+directory holds::
 
     out_dir/config.yaml     the resolved configuration
     out_dir/last.ckpt       everything needed to resume (written atomically every epoch)
@@ -12,6 +14,8 @@
     out_dir/steps.csv       per-step scalars logged by the method (tidy: step, epoch, name, value)
     out_dir/tb/             TensorBoard events
     out_dir/metrics.json    final validation and test metrics of the selected model
+    out_dir/analysis.json   Shapley contributions and error analysis of the selected model
+    out_dir/provenance.json versions, command line and times of every invocation
 
 Every file is written atomically (:mod:`mmbalance.io`), checkpoints load without running code
 (:mod:`mmbalance.train.checkpoint`), and a directory never mixes two configurations
@@ -24,42 +28,35 @@ weights are never selected or saved.
 
 Epochs and steps are counted from 0 in every file (the ``epoch`` column of ``metrics.csv``,
 ``best_epoch`` in ``metrics.json``, the checkpoints, ``steps.csv``) and in every message that
-names one; only the progress bar counts epochs 1..N ("epoch 1/30" is the first).
+names one; only the progress display counts epochs 1..N ("epoch 1/30" is the first).
+
+The best checkpoint is selected right after each validation, before the method's
+``on_epoch_end`` (which may change weights, as re-initialising methods do), so the selected
+weights are always those that were scored.
 """
 
 from __future__ import annotations
 
-import csv
-import ctypes
-import gc
-import io
 import itertools
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from mmbalance.build import build_dataset, build_method, build_model, model_info
-from mmbalance.config import NamedParams, RunConfig
+from mmbalance.config import RunConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
-from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
+from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
-from mmbalance.eval.curves import epoch_curves
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.io import write_json_atomic, write_text_atomic
+from mmbalance.io import write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -72,6 +69,9 @@ from mmbalance.methods.base import (
 )
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
+from mmbalance.optim import OPTIMIZERS, build_optimizer, lr_factor
+from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
+from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import (
     BEST_KEYS,
     LAST_KEYS,
@@ -80,8 +80,6 @@ from mmbalance.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
-from mmbalance.train.rundir import check_run_dir, write_run_config
 
 
 @dataclass
@@ -111,10 +109,12 @@ class TrainingModule(nn.Module):
     losses), so every parameter used by a loss is inside the DDP forward.
     """
 
-    def __init__(self, model: MultimodalModel, method: Method, extra: nn.Module | None) -> None:
+    def __init__(
+        self, model: MultimodalModel, method: Method, method_module: nn.Module | None
+    ) -> None:
         super().__init__()
         self.model = model
-        self.method_module = extra if extra is not None else nn.Module()
+        self.method_module = method_module if method_module is not None else nn.Module()
         self._method = [method]  # a list keeps the method out of the module tree
 
     def forward(self, batch: Batch, ctx: StepContext) -> tuple[ModelOutput, dict[str, Tensor]]:
@@ -125,30 +125,13 @@ class TrainingModule(nn.Module):
         return output, method.losses(output, ctx)
 
 
-@contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=total, info="")
-        yield lambda info: bar.update(task, advance=1, info=info)
-
-
 class Trainer:
     """Runs the epochs of one run; see the module docstring for what it writes.
 
-    ``initial_encoder_state`` is the encoders' state as built, before any unimodal pre-training
-    (``on_train_start`` receives it; without it, the encoders as they are at the start).
+    ``method_module`` is what ``method.setup`` returned (optimised and checkpointed with the
+    model). ``initial_encoder_state`` is the encoders' state as built, before any unimodal
+    pre-training (``on_train_start`` receives it; without it, the encoders as they are at the
+    start). ``callbacks`` observe the run (default: :func:`default_callbacks` of ``cfg``).
     """
 
     def __init__(
@@ -158,23 +141,25 @@ class Trainer:
         data: DatasetBundle,
         model: MultimodalModel,
         method: Method,
-        extra: nn.Module | None,
+        method_module: nn.Module | None,
         out_dir: Path,
         initial_encoder_state: Mapping[str, Tensor] | None = None,
+        callbacks: Sequence[Callback] | None = None,
     ) -> None:
         self.fabric, self.cfg, self.data = fabric, cfg, data
         self.method, self.out_dir = method, out_dir
         self.model = model
         self.initial_encoder_state = initial_encoder_state
         t = cfg.train
-        module = TrainingModule(model, method, extra)
+        self.callbacks = list(default_callbacks(cfg) if callbacks is None else callbacks)
+        module = TrainingModule(model, method, method_module)
         self.method_module = module.method_module
         # named parameter groups (see mmbalance.methods.base); parameters frozen before the
         # trainer is built (frozen encoders) stay out of the optimizer
-        self.groups = _parameter_groups(model, extra)
+        self.groups = _parameter_groups(model, method_module)
         if not any(self.groups.values()):
             raise MMBalanceError("the model has no trainable parameters")
-        self.optimizer = _make_optimizer(self.groups, cfg)
+        self.optimizer = build_optimizer(_param_groups(self.groups), cfg.train)
         self.module, self.optimizer = fabric.setup(module, self.optimizer)
         rank, world = fabric.global_rank, fabric.world_size
         train_index, held_out_index = _hold_out(data.splits["train"], method, t.seed)
@@ -199,7 +184,6 @@ class Trainer:
         self.bad_epochs = 0
         self.start_epoch = 0
         self.saved_epoch: int | None = None  # the epoch last.ckpt holds (None: none saved)
-        self._writer: Any = None
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> RunResult:
@@ -214,11 +198,13 @@ class Trainer:
         if self.start_epoch == 0:
             self._notice_gradient_scaling()
             start_ctx = self.epoch_context(0)
-            start_ctx.initial_encoder_state = self.initial_encoder_state or _encoder_state(
+            start_ctx.initial_encoder_state = self.initial_encoder_state or encoder_state(
                 self.model
             )
             self.method.on_train_start(start_ctx)
         self.initial_encoder_state = None  # read once: do not hold a copy of the encoders
+        for callback in self.callbacks:
+            callback.on_run_start(self)
         stopped = t.patience is not None and self.bad_epochs >= t.patience
         for epoch in range(self.start_epoch, t.epochs):
             if stopped:
@@ -233,16 +219,10 @@ class Trainer:
             # here: never evaluate, select or save non-finite weights
             if not self._weights_finite():
                 raise self._diverged(f"the weights became non-finite in epoch {epoch}")
-            val = self.evaluate("val", curves=t.epoch_analysis)
+            val = self.validate()
             if not math.isfinite(val["loss"]):
                 raise self._diverged(f"the validation loss became {val['loss']} at epoch {epoch}")
-            end_ctx = self.epoch_context(epoch, val)
-            self.method.on_epoch_end(end_ctx)
-            row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
-            row |= {f"val_{k}": v for k, v in val.items()}
-            row |= {f"method_{k}": v for k, v in {**start_ctx.logs, **end_ctx.logs}.items()}
-            row["seconds"] = time.perf_counter() - started
-            self.history.append(row)
+            # select on the weights just scored, before on_epoch_end may change them
             key = selection_key(val, self.data.task)
             if self.best is None or key > tuple(self.best["key"]):
                 self.best = {"key": list(key), "epoch": epoch}
@@ -255,30 +235,37 @@ class Trainer:
                 self._save("best.ckpt", best)
             else:
                 self.bad_epochs += 1
+            end_ctx = self.epoch_context(epoch, val)
+            self.method.on_epoch_end(end_ctx)
+            row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
+            row |= {f"val_{k}": v for k, v in val.items()}
+            row |= {f"method_{k}": v for k, v in {**start_ctx.logs, **end_ctx.logs}.items()}
+            row["seconds"] = time.perf_counter() - started
+            self.history.append(row)
             stopped = t.patience is not None and self.bad_epochs >= t.patience
             self._save("last.ckpt", self._snapshot(epoch))
             self.saved_epoch = epoch
-            self._write_logs(row)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, row)
         return self._finish()
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        fabric, t = self.fabric, self.cfg.train
+        fabric = self.fabric
         self.train_mode()
         self.train_sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         count = 0
         loader = self.loaders["train"]
-        show = t.progress and fabric.is_global_zero and sys.stdout.isatty()
-        with _progress(show, f"epoch {epoch + 1}/{t.epochs}", len(loader)) as advance:
-            for batch in loader:
-                terms = self.train_step(batch.to(fabric.device), epoch)
-                value = sum(terms.values())
-                sums["train_loss"] = sums.get("train_loss", 0.0) + value
-                for name, term_value in terms.items():
-                    sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + term_value
-                count += 1
-                if advance is not None:
-                    advance(f"loss {value:.4f}")
+        batches = len(loader)
+        for batch in loader:
+            terms = self.train_step(batch.to(fabric.device), epoch)
+            value = sum(terms.values())
+            sums["train_loss"] = sums.get("train_loss", 0.0) + value
+            for name, term_value in terms.items():
+                sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + term_value
+            for callback in self.callbacks:
+                callback.on_train_batch_end(self, epoch, count, batches, value)
+            count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def train_mode(self) -> None:
@@ -461,11 +448,21 @@ class Trainer:
         )
 
     # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, split: str, curves: bool = False) -> dict[str, float]:
-        """Metrics of the current weights on ``split``; with ``curves``, also the per-modality
-        curves of :mod:`mmbalance.eval.curves` from the same pass (every rank computes them on the
-        gathered predictions, so ranks stay identical)."""
-        out = self.split_outputs(split, latents=curves)
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current weights on ``split`` (``val`` or ``test``)."""
+        return self._metrics(self.split_outputs(split))
+
+    def validate(self) -> dict[str, float]:
+        """This epoch's validation metrics, with what the callbacks add from the same pass
+        (every rank computes them on the gathered outputs, so ranks stay identical)."""
+        latents = any(c.needs_latents for c in self.callbacks)
+        outputs = self.split_outputs("val", latents=latents)
+        metrics = self._metrics(outputs)
+        for callback in self.callbacks:
+            metrics |= callback.on_validation(self, outputs)
+        return metrics
+
+    def _metrics(self, out: Mapping[str, Tensor]) -> dict[str, float]:
         task, n_out = self.data.task, self.data.num_outputs
         metrics = task_metrics(out["prediction"], out["targets"], task, n_out)
         metrics["loss"] = float(
@@ -475,16 +472,6 @@ class Trainer:
             uni = task_metrics(out[f"unimodal_{m}"], out["targets"], task, n_out)
             primary = "accuracy" if task == "classification" else "mae"
             metrics[f"unimodal_{primary}_{m}"] = uni[primary]
-        if curves:
-            metrics |= epoch_curves(
-                self.model.heads,
-                {m: out[f"latent_{m}"] for m in self.model.modalities},
-                out["targets"],
-                self.method.predict,
-                task,
-                n_out,
-                {m: out[f"unimodal_{m}"] for m in self.model.unimodal_heads},
-            )
         return metrics
 
     def _finish(self) -> RunResult:
@@ -492,9 +479,9 @@ class Trainer:
         if self.best is not None:
             best = self.out_dir / "best.ckpt"
             state = load_checkpoint(best, BEST_KEYS)
-            _load_state(self.model, state["model"], best)
+            load_state(self.model, state["model"], best)
             if "method_module" in state:  # methods whose own module shapes the prediction
-                _load_state(self.method_module, state["method_module"], best)
+                load_state(self.method_module, state["method_module"], best)
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
@@ -518,8 +505,8 @@ class Trainer:
         )
         if self.fabric.is_global_zero:
             write_json_atomic(self.out_dir / "metrics.json", result.to_json())
-            if self._writer is not None:
-                self._writer.close()
+        for callback in self.callbacks:
+            callback.on_run_end(self, result)
         return result
 
     # --- state ---------------------------------------------------------------------------------
@@ -556,7 +543,7 @@ class Trainer:
                 f"{len(rngs) if isinstance(rngs, list) else 'no list of'} processes, this run "
                 f"has {world}"
             )
-        _load_state(self.module, ckpt["module"], path)
+        load_state(self.module, ckpt["module"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.method.load_state_dict(ckpt["method"])
@@ -588,7 +575,8 @@ class Trainer:
         boundary that asks for it, a fresh optimizer."""
         phase = self.method.phase(epoch)
         if self.phase is not None and phase.name != self.phase.name and phase.reset_optimizer:
-            self.optimizer = self.fabric.setup_optimizers(_make_optimizer(self.groups, self.cfg))
+            fresh = build_optimizer(_param_groups(self.groups), self.cfg.train)
+            self.optimizer = self.fabric.setup_optimizers(fresh)
         self.phase = phase
         for name, params in self.groups.items():
             trainable = phase.trainable is None or name in phase.trainable
@@ -598,7 +586,7 @@ class Trainer:
     def _set_lr(self, epoch: int) -> tuple[float, dict[str, float]]:
         """Set every group's learning rate for ``epoch``; returns the base rate and the method's
         multipliers (as ``lr_scale_<group>`` columns)."""
-        lr = self.cfg.train.lr * lr_factor(self.cfg, epoch)
+        lr = self.cfg.train.lr * lr_factor(self.cfg.train, epoch)
         scales = dict(self.method.lr_scales())
         unknown = set(scales) - set(self.groups)
         if unknown:
@@ -617,7 +605,7 @@ class Trainer:
         """Say at run start when a gradient-scaling method runs under an adaptive optimizer."""
         if (
             self.method.scales_gradients
-            and self.cfg.train.optimizer in ("adam", "adamw")
+            and OPTIMIZERS.get(self.cfg.train.optimizer).adaptive
             and self.fabric.is_global_zero
         ):
             print(
@@ -626,43 +614,6 @@ class Trainer:
                 "train with SGD (train.optimizer=sgd)",
                 file=sys.stderr,
             )
-
-    # --- logs ----------------------------------------------------------------------------------
-    def _write_logs(self, row: Mapping[str, float]) -> None:
-        if not self.fabric.is_global_zero:
-            return
-        _write_csv(self.out_dir / "metrics.csv", self.history)
-        tidy = [
-            {"step": r["step"], "epoch": r["epoch"], "name": k, "value": v}
-            for r in self.step_logs
-            for k, v in r.items()
-            if k not in ("step", "epoch")
-        ]
-        if tidy:
-            _write_csv(self.out_dir / "steps.csv", tidy)
-        if self.cfg.train.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out_dir / "tb"))
-            for k, v in row.items():
-                if k != "epoch":
-                    self._writer.add_scalar(k, v, int(row["epoch"]))
-            self._writer.flush()
-
-
-def lr_factor(cfg: RunConfig, epoch: int) -> float:
-    """Learning-rate multiplier at ``epoch``: linear warm-up, then step or cosine decay."""
-    t = cfg.train
-    if epoch < t.warmup_epochs:
-        return (epoch + 1) / (t.warmup_epochs + 1)
-    e = epoch - t.warmup_epochs
-    if t.scheduler == "step":
-        return t.gamma ** (e // t.step_size)
-    if t.scheduler == "cosine":
-        span = max(t.epochs - t.warmup_epochs, 1)
-        return 0.5 * (1 + math.cos(math.pi * e / span))
-    return 1.0
 
 
 def _parameter_groups(
@@ -683,18 +634,9 @@ def _parameter_groups(
     }
 
 
-def _make_optimizer(
-    groups: Mapping[str, list[nn.Parameter]], cfg: RunConfig
-) -> torch.optim.Optimizer:
-    t = cfg.train
-    param_groups = [{"params": params, "name": name} for name, params in groups.items()]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(
-            param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-        )
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(param_groups, lr=t.lr, weight_decay=t.weight_decay)
+def _param_groups(groups: Mapping[str, list[nn.Parameter]]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one per named group (its ``name`` key)."""
+    return [{"params": params, "name": name} for name, params in groups.items()]
 
 
 def _hold_out(train: Any, method: Method, seed: int) -> tuple[Tensor, Tensor | None]:
@@ -739,18 +681,7 @@ def _gather_once(fabric: Fabric, local: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v[order] for k, v in out.items()}
 
 
-def _write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
-
-
-def _load_state(module: nn.Module, state: Any, path: Path) -> None:
+def load_state(module: nn.Module, state: Any, path: Path) -> None:
     """``module.load_state_dict(state)``, with a one-line error if the checkpoint's weights do
     not fit the model this configuration builds."""
     try:
@@ -760,3 +691,8 @@ def _load_state(module: nn.Module, state: Any, path: Path) -> None:
         raise DataError(
             f"checkpoint {str(path)!r} does not match the run's model ({first})"
         ) from None
+
+
+def encoder_state(model: MultimodalModel) -> dict[str, Tensor]:
+    """A copy of the encoders' parameters and buffers (keys of ``model.encoders.state_dict()``)."""
+    return {k: v.detach().clone() for k, v in model.encoders.state_dict().items()}

@@ -17,16 +17,29 @@ epoch. Nothing may mix two configurations in one directory:
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmbalance.build import config_differences, normalized_config, resolve_config
+from mmbalance.build import (
+    config_differences,
+    normalized_config,
+    resolve_config,
+    with_defaults,
+)
 from mmbalance.config import PRESENTATION_KEYS, RunConfig, load_yaml
 from mmbalance.errors import ConfigError
-from mmbalance.io import remove_stale_temporaries, write_text_atomic
+from mmbalance.io import (
+    read_json,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mmbalance.optim import SCHEDULES
 
 #: Keys a ``--resume`` may change: presentation settings, and ``train.epochs`` upwards.
@@ -42,6 +55,7 @@ RUN_FILES = (
     "metrics.csv",
     "steps.csv",
     "diverged.json",
+    "provenance.json",
 )
 
 
@@ -155,9 +169,35 @@ def resume_overrides(run_dir: Path, overrides: Mapping[str, Any]) -> dict[str, A
     return {**saved, **overrides}
 
 
-def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
+def write_run_config(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
     """Start writing ``run_dir`` (from its single writer, rank 0): remove the temporaries a
-    killed writer left there, then write ``config.yaml`` atomically."""
+    killed writer left there, write ``config.yaml`` (every option written out, see
+    :func:`~mmbalance.build.with_defaults`) and add this invocation to ``provenance.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir, RUN_FILES)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    full = with_defaults(cfg).to_dict()
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(full, sort_keys=False))
+    path = run_dir / "provenance.json"
+    history = read_json(path).get("invocations", []) if resume and path.is_file() else []
+    write_json_atomic(path, {"invocations": [*history, provenance(resume)]})
+
+
+def provenance(resume: bool) -> dict[str, Any]:
+    """What ran this invocation: library versions, Python, platform, the command line, when."""
+    import lightning
+    import numpy
+    import torch
+
+    import mmbalance
+
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resumed": resume,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "mmbalance": mmbalance.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

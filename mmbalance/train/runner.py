@@ -40,29 +40,42 @@ from mmbalance.train.loop import RunResult, Trainer, encoder_state, load_state
 from mmbalance.train.rundir import check_run_dir, write_run_config
 
 
-def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> RunResult:
+def fit(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    callbacks: Sequence[Callback] | None = None,
+) -> RunResult:
     """Train one run described by ``cfg`` into ``out_dir`` (``resume`` continues a killed run).
 
     Before anything starts, the engine settings are checked against this machine and
     ``out_dir`` against ``cfg`` (:func:`~mmbalance.train.rundir.check_run_dir`: a fresh run
-    never reuses trained state, a resumed one keeps its saved configuration).
+    never reuses trained state, a resumed one keeps its saved configuration). ``callbacks``
+    observe the run (default: :func:`~mmbalance.train.callbacks.default_callbacks` of ``cfg``;
+    a unimodal pre-training stage always gets its own defaults).
     """
     out_dir = Path(out_dir)
     check_engine(cfg)
     check_run_dir(cfg, out_dir, resume)
     fabric = make_fabric(cfg)
+    chosen = None if callbacks is None else list(callbacks)
     if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
         if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
-            result = fabric.launch(_fit_in_worker, cfg, out_dir, resume, os.getpid())
+            result = fabric.launch(_fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen)
             if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
                 raise result
             return result
         fabric.launch()
-    return _fit_in_process(fabric, cfg, out_dir, resume)
+    return _fit_in_process(fabric, cfg, out_dir, resume, chosen)
 
 
 def _fit_in_worker(
-    fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool, parent: int
+    fabric: Fabric,
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: bool,
+    parent: int,
+    callbacks: list[Callback] | None,
 ) -> RunResult | MMBalanceError:
     """A spawned DDP worker: train, then tear the process group down before the process exits
     (gloo's threads abort the process if it exits with the group still alive).
@@ -76,7 +89,7 @@ def _fit_in_worker(
     _die_with_parent(parent)
     dist = torch.distributed
     try:
-        result = _fit_in_process(fabric, cfg, out_dir, resume)
+        result = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
         gc.collect()  # free the DDP reducer while the process group is still alive
         if dist.is_initialized():
             dist.barrier()
@@ -116,23 +129,29 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _fit_in_process(fabric: Fabric, cfg: RunConfig, out_dir: Path, resume: bool) -> RunResult:
+def _fit_in_process(
+    fabric: Fabric,
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: bool,
+    callbacks: list[Callback] | None = None,
+) -> RunResult:
     if fabric.is_global_zero:
-        write_run_config(cfg, out_dir)
+        write_run_config(cfg, out_dir, resume)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     data = build_dataset(cfg)
-    method, model, extra = build_components(cfg, data)
+    method, model, method_module = build_components(cfg, data)
     pretrain_epochs = cfg.train.unimodal_pretrain_epochs
     initial: dict[str, Tensor] | None = None
     if method.needs_unimodal_pretraining or pretrain_epochs > 0:
-        initial = _encoder_state(model)  # the encoders as built, for on_train_start
+        initial = encoder_state(model)  # the encoders as built, for on_train_start
         _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
         if method.freezes_encoders:
             model.encoders.requires_grad_(False)
-    trainer = Trainer(fabric, cfg, data, model, method, extra, out_dir, initial)
+    trainer = Trainer(fabric, cfg, data, model, method, method_module, out_dir, initial, callbacks)
     return trainer.run(resume)
 
 
@@ -149,7 +168,8 @@ def _unimodal_pretraining(
         train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
     )
     if not (resume and (out_dir / "metrics.json").is_file()):
-        _fit_in_process(fabric, pre_cfg, out_dir, resume)
+        stage = default_callbacks(pre_cfg, prefix="unimodal pre-training")
+        _fit_in_process(fabric, pre_cfg, out_dir, resume, stage)
     state = load_checkpoint(out_dir / "best.ckpt", BEST_KEYS)["model"]
     keep = {k: v for k, v in state.items() if k.startswith(("encoders.", "unimodal_heads."))}
     if model.unimodal_heads:
@@ -164,9 +184,6 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     ``path`` is a run directory (its ``best.ckpt`` is used) or a checkpoint file inside one
     (``best.ckpt`` or ``last.ckpt``); the run's ``config.yaml`` rebuilds data, model and method.
     """
-    from mmbalance.build import resolve_config
-    from mmbalance.config import load_yaml
-
     path = Path(path)
     run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
     if not (run_dir / "config.yaml").is_file():
@@ -175,17 +192,15 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     cfg.train = replace(cfg.train, devices=1, num_nodes=1, progress=False, tensorboard=False)
     fabric = make_fabric(cfg)
     data = build_dataset(cfg)
-    method = build_method(cfg)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
-    trainer = Trainer(fabric, cfg, data, model, method, extra, run_dir)
+    method, model, method_module = build_components(cfg, data)
+    trainer = Trainer(fabric, cfg, data, model, method, method_module, run_dir, callbacks=[])
     ckpt = load_checkpoint(ckpt_path)
     if "model" in ckpt:
-        _load_state(model, ckpt["model"], ckpt_path)
+        load_state(model, ckpt["model"], ckpt_path)
         if "method_module" in ckpt:
-            _load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
+            load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
     elif "module" in ckpt:
-        _load_state(trainer.module, ckpt["module"], ckpt_path)
+        load_state(trainer.module, ckpt["module"], ckpt_path)
     else:
         raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")
     return {split: trainer.evaluate(split) for split in ("val", "test")}

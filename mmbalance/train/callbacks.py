@@ -1,0 +1,270 @@
+"""Observers of training: every log file, logger, progress display and per-epoch analysis is a
+:class:`Callback`.
+
+The trainer calls each callback, on every process, at these points::
+
+    on_run_start(trainer)                     once, after a resume has been restored
+    on_train_batch_end(trainer, epoch, i, n, loss)   after each training step (progress)
+    on_validation(trainer, outputs) -> dict   after each epoch's validation pass: extra
+                                              validation metrics for the epoch's row (the
+                                              per-modality curves); ``needs_latents`` asks the
+                                              pass to keep the pooled latents in ``outputs``
+    on_epoch_end(trainer, row)                after the epoch's row and checkpoints exist
+    on_run_end(trainer, result)               after the final evaluation
+
+Callbacks observe; they never change the model, the optimizer, the method or the data. The
+built-in writers act on the global-zero process only; :class:`EpochCurves` computes its values on
+every process (from the gathered validation pass) so that the processes stay identical.
+``fit(cfg, out_dir, callbacks=[...])`` takes a user's own list (W&B, another analysis...);
+:func:`default_callbacks` is what a run gets from its configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from mmbalance.config import RunConfig
+from mmbalance.eval.curves import epoch_curves
+from mmbalance.io import write_text_atomic
+
+if TYPE_CHECKING:
+    from mmbalance.train.loop import RunResult, Trainer
+
+
+class Callback:
+    """Base class: every hook does nothing (override the ones you need)."""
+
+    #: the validation pass keeps the pooled latents (``latent_<m>``) for :meth:`on_validation`
+    needs_latents: ClassVar[bool] = False
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        """Once per invocation, before the first epoch it trains (after a resume is restored)."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, epoch: int, index: int, batches: int, loss: float
+    ) -> None:
+        """After training step ``index`` of ``batches`` in ``epoch`` (``loss``: its total)."""
+
+    def on_validation(self, trainer: Trainer, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """Extra validation metrics of this epoch from the gathered validation ``outputs``
+        (``prediction``, ``logits``, ``targets``, ``index``, ``unimodal_<m>``, ``latent_<m>``);
+        they join the row as ``val_<name>``."""
+        return {}
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        """After the epoch: ``row`` is its line of ``metrics.csv``; checkpoints are written."""
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
+        """After the selected weights were evaluated and ``metrics.json`` written."""
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as a CSV file (columns in first-seen order), written atomically."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def tidy_step_logs(step_logs: Sequence[Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Per-step method scalars as tidy rows ``{step, epoch, name, value}``."""
+    return [
+        {"step": r["step"], "epoch": r["epoch"], "name": k, "value": v}
+        for r in step_logs
+        for k, v in r.items()
+        if k not in ("step", "epoch")
+    ]
+
+
+class MetricsFiles(Callback):
+    """``metrics.csv`` (one row per epoch, the whole history, so a resumed run's file is whole)
+    and ``steps.csv`` (the method's per-step scalars, tidy)."""
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        if not trainer.fabric.is_global_zero:
+            return
+        write_csv(trainer.out_dir / "metrics.csv", trainer.history)
+        tidy = tidy_step_logs(trainer.step_logs)
+        if tidy:
+            write_csv(trainer.out_dir / "steps.csv", tidy)
+
+
+class EpochCurves(Callback):
+    """The per-modality curves of :mod:`mmbalance.eval.curves` (unimodal-head and probe
+    accuracy, Shapley values, imbalance degree) from each validation pass's latents."""
+
+    needs_latents = True
+
+    def on_validation(self, trainer: Trainer, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        model = trainer.model
+        return epoch_curves(
+            model.heads,
+            {m: outputs[f"latent_{m}"] for m in model.modalities},
+            outputs["targets"],
+            trainer.method.predict,
+            trainer.data.task,
+            trainer.data.num_outputs,
+            {m: outputs[f"unimodal_{m}"] for m in model.unimodal_heads},
+        )
+
+
+class TensorBoard(Callback):
+    """TensorBoard events under ``tb/``: every number of each epoch's row (by epoch) and the
+    method's per-step scalars under ``step/<name>`` (by global step)."""
+
+    def __init__(self) -> None:
+        self._writer: Any = None
+        self._steps_written = 0
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        # a resumed run writes the step scalars it has not written yet, not the old ones again
+        self._steps_written = len(trainer.step_logs)
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        if not trainer.fabric.is_global_zero:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(trainer.out_dir / "tb"))
+        epoch = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch":
+                self._writer.add_scalar(k, v, epoch)
+        for r in trainer.step_logs[self._steps_written :]:
+            for k, v in r.items():
+                if k not in ("step", "epoch"):
+                    self._writer.add_scalar(f"step/{k}", v, int(r["step"]))
+        self._steps_written = len(trainer.step_logs)
+        self._writer.flush()
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def format_seconds(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def epoch_line(row: Mapping[str, float], epochs: int, task: str, eta: float | None) -> str:
+    """One persistent progress line: epoch, train loss, validation score, epoch time, ETA."""
+    metric = "accuracy" if task == "classification" else "mae"
+    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}"]
+    if "train_loss" in row:
+        parts.append(f"loss {row['train_loss']:.4f}")
+    if f"val_{metric}" in row:
+        parts.append(f"val {metric} {row[f'val_{metric}']:.4f}")
+    parts.append(f"{row.get('seconds', 0.0):.1f}s")
+    if eta is not None:
+        parts.append(f"ETA {format_seconds(eta)}")
+    return "  ".join(parts)
+
+
+class Progress(Callback):
+    """Progress on the terminal and in batch logs.
+
+    Every epoch ends with one persistent line (train loss, validation score, epoch time, time
+    left for the run). On a terminal a transient bar shows the epoch's steps as well; elsewhere
+    (output redirected to a file) only the plain lines are printed, flushed as they come.
+    ``prefix`` names the run in a comparison (``[3/24] mcr seed 1``). Epochs count from 1 here,
+    as people read them ("epoch 1/30" is the first; files count from 0).
+    """
+
+    def __init__(self, prefix: str = "", stream: Any = None) -> None:
+        self.prefix = prefix
+        self.stream = stream
+        self._bar: Any = None
+        self._task: Any = None
+        self._started = 0.0
+
+    def _out(self) -> Any:
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _tty(self) -> bool:
+        out = self._out()
+        return bool(getattr(out, "isatty", lambda: False)())
+
+    def _print(self, text: str) -> None:
+        out = self._out()
+        print(f"{self.prefix}  {text}" if self.prefix else text, file=out, flush=True)
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        self._started = time.perf_counter()
+        if trainer.fabric.is_global_zero and trainer.start_epoch > 0:
+            self._print(f"resuming after epoch {trainer.start_epoch}/{trainer.cfg.train.epochs}")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, epoch: int, index: int, batches: int, loss: float
+    ) -> None:
+        if not (trainer.fabric.is_global_zero and self._tty()):
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            console = Console(file=self._out())
+            self._bar = Progress(
+                TextColumn(f"{self.prefix}  epoch {epoch + 1}/{trainer.cfg.train.epochs}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=True,
+                console=console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("", total=batches, info="")
+        self._bar.update(self._task, completed=index + 1, info=f"loss {loss:.4f}")
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        self._close_bar()
+        if not trainer.fabric.is_global_zero:
+            return
+        epochs = trainer.cfg.train.epochs
+        done = len(trainer.history)
+        seconds = [r.get("seconds", 0.0) for r in trainer.history]
+        recent = seconds[-5:]  # the last epochs predict the next ones best
+        left = epochs - int(row["epoch"]) - 1
+        eta = sum(recent) / len(recent) * left if recent and done else None
+        self._print(epoch_line(row, epochs, trainer.data.task, eta))
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
+        self._close_bar()
+
+
+def default_callbacks(cfg: RunConfig, prefix: str = "") -> list[Callback]:
+    """The callbacks a run's configuration asks for: the metrics files always, the per-epoch
+    curves with ``train.epoch_analysis``, TensorBoard with ``train.tensorboard`` and progress
+    with ``train.progress``."""
+    callbacks: list[Callback] = [MetricsFiles()]
+    if cfg.train.epoch_analysis:
+        callbacks.append(EpochCurves())
+    if cfg.train.tensorboard:
+        callbacks.append(TensorBoard())
+    if cfg.train.progress:
+        callbacks.append(Progress(prefix))
+    return callbacks
