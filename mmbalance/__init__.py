@@ -1,5 +1,8 @@
-"""mmbalance: balanced multimodal training in PyTorch."""
+"""mmbalance: balanced multimodal training in PyTorch.
 
-from mmbalance import data, methods, models  # noqa: F401  (register the built-ins)
+Importing the package imports nothing heavy: the registries (``mmbalance.methods.METHODS``,
+``mmbalance.data.DATASETS``, ``mmbalance.models.ENCODERS`` / ``FUSION_HEADS``) import a component's
+module when it is first asked for.
+"""
 
 __version__ = "0.1.0"

@@ -26,15 +26,19 @@ from mmbalance.config import (
     build_dataclass,
     flatten_yaml,
 )
-from mmbalance.data import DATASETS, DatasetBundle
+from mmbalance.data import DATASETS
 from mmbalance.errors import ConfigError
-from mmbalance.methods import METHODS, Method, ModelInfo, build_method
-from mmbalance.models import FUSION_HEADS, MultimodalModel, build_encoder, build_fusion
+from mmbalance.methods import METHODS
+from mmbalance.models import ENCODERS, FUSION_HEADS
 from mmbalance.optim import OPTIMIZERS, SCHEDULES
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
     from torch import nn
+
+    from mmbalance.data.base import DatasetBundle
+    from mmbalance.methods.base import Method, ModelInfo
+    from mmbalance.models.multimodal import MultimodalModel
 
 _DATASET_CACHE: dict[str, DatasetBundle] = {}
 
@@ -45,7 +49,12 @@ def cache_dir() -> Path:
 
 
 def resolve_config(overrides: Mapping[str, Any]) -> RunConfig:
-    """Build a config, with the dataset's recommended train settings under the user's values."""
+    """Build a config, with the dataset's recommended train settings under the user's values.
+
+    Every component name is checked first, before any component's module is imported, so an
+    unknown name fails fast.
+    """
+    _require_names(overrides)
     name = overrides.get("dataset", "synthetic")
     source = DATASETS.get(name) if isinstance(name, str) else None
     defaults: dict[str, Any] = {}
@@ -69,6 +78,22 @@ def resolve_config(overrides: Mapping[str, Any]) -> RunConfig:
     cfg = build_config({**defaults, **overrides})
     validate(cfg)
     return cfg
+
+
+def _require_names(overrides: Mapping[str, Any]) -> None:
+    for key, registry in (
+        ("dataset", DATASETS),
+        ("method", METHODS),
+        ("fusion", FUSION_HEADS),
+        ("train.optimizer", OPTIMIZERS),
+        ("train.scheduler", SCHEDULES),
+    ):
+        name = overrides.get(key)
+        if isinstance(name, str):
+            registry.require(name)
+    for key, name in overrides.items():
+        if key.startswith("encoder.") and key.count(".") == 1 and isinstance(name, str):
+            ENCODERS.require(name)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -133,6 +158,10 @@ def build_dataset(cfg: RunConfig) -> DatasetBundle:
 
 def build_model(cfg: RunConfig, data: DatasetBundle, method: Method) -> MultimodalModel:
     """Encoders from the config (or the dataset's defaults), the fusion head, unimodal heads."""
+    from mmbalance.models.encoders import build_encoder
+    from mmbalance.models.fusion import build_fusion
+    from mmbalance.models.multimodal import MultimodalModel
+
     unknown = set(cfg.encoders) - set(data.modalities)
     if unknown:
         raise ConfigError(
@@ -159,6 +188,9 @@ def build_model(cfg: RunConfig, data: DatasetBundle, method: Method) -> Multimod
 
 
 def model_info(model: MultimodalModel, data: DatasetBundle) -> ModelInfo:
+    """What a method may know about the model when it is set up."""
+    from mmbalance.methods.base import ModelInfo
+
     return ModelInfo(
         modalities=model.modalities,
         latent_dims=dict(model.fusion.latent_dims),
@@ -173,6 +205,8 @@ def build_components(
 ) -> tuple[Method, MultimodalModel, nn.Module | None]:
     """The method, the model and the method's own trainable module of a run, as ``fit`` builds
     them (benchmarks build theirs with this too, so they time what training runs)."""
+    from mmbalance.methods.base import build_method
+
     method = build_method(cfg.method.name, cfg.method.params)
     model = build_model(cfg, data, method)
     return method, model, method.setup(model_info(model, data))

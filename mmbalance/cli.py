@@ -47,18 +47,16 @@ def _console() -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mmbalance.build import resolve_config
+
+    overrides = _overrides(args)
+    cfg = resolve_config(overrides)  # names and options are checked before training imports
     from mmbalance.train import fit
     from mmbalance.train.rundir import resume_overrides
 
-    overrides = _overrides(args)
-    if args.out:
-        out = Path(args.out)
-    else:
-        cfg = resolve_config(overrides)
-        out = Path(f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
+    out = Path(args.out or f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
     if args.resume:  # continue the saved configuration; the command may change only a few keys
-        overrides = resume_overrides(out, overrides)
-    result = fit(resolve_config(overrides), out, resume=args.resume)
+        cfg = resolve_config(resume_overrides(out, overrides))
+    result = fit(cfg, out, resume=args.resume)
     console = _console()
     # the number metrics.json and metrics.csv use: epochs count from 0
     console.print(

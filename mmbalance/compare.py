@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmbalance.build import build_dataset, check_engine, normalized_config, resolve_config
 from mmbalance.config import RunConfig, parse_value
@@ -36,9 +36,9 @@ from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiv
 from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
 from mmbalance.report import run_records, status_record
-from mmbalance.train import RunResult, fit
-from mmbalance.train.callbacks import Callback, default_callbacks, format_seconds
-from mmbalance.train.rundir import check_same_run, check_writable_dir
+
+if TYPE_CHECKING:
+    from mmbalance.train import Callback, RunResult
 
 
 @dataclass(frozen=True)
@@ -163,11 +163,17 @@ def run_compare(
     if not methods:
         raise ConfigError("--methods names no method")
     out_dir = Path(out_dir)
+    for spec in methods:  # every name is checked before any module is imported
+        METHODS.require(parse_method_spec(spec)[0])
     shared, _ = _method_options(overrides)
     data = build_dataset(resolve_config(shared))
     entries = expand_methods(methods, list(data.modalities))
     # validate every configuration and every existing run directory before the first run
     configs = entry_configs(entries, overrides)
+    # training is imported once every name and option is known to be valid (fast errors)
+    from mmbalance.train.callbacks import default_callbacks
+    from mmbalance.train.rundir import check_same_run, check_writable_dir
+
     check_writable_dir(out_dir)
     remove_stale_temporaries(out_dir, ["results.json"])
     runs = []
@@ -214,6 +220,8 @@ class RunClock:
     def eta_text(self) -> str:
         if not self.durations:
             return ""
+        from mmbalance.train.callbacks import format_seconds
+
         mean = sum(self.durations) / len(self.durations)
         return f" (about {format_seconds(mean * self.left)} left for {self.left} runs)"
 
@@ -227,6 +235,9 @@ def run_or_reuse(
     not retrained (its ``diverged.json`` says why, and it would diverge again identically).
     Raises :class:`TrainingDiverged` for a diverged run.
     """
+    from mmbalance.train import fit
+    from mmbalance.train.rundir import check_same_run
+
     run_dir = Path(run_dir)
     check_same_run(cfg, run_dir)
     done = run_dir / "metrics.json"

@@ -306,11 +306,30 @@ def flatten_yaml(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The configs shipped with the package (the papers' settings), by relative name.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def config_path(name: str | Path) -> Path:
+    """The file a config argument names: a path that exists, else a config shipped with the
+    package (``mcr/cremad_resnet.yaml``, also spelled ``configs/mcr/cremad_resnet.yaml``)."""
+    path = Path(name)
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    packaged = PACKAGED_CONFIGS.joinpath(*parts) if parts else PACKAGED_CONFIGS
+    return packaged if packaged.is_file() else path
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into flat override keys."""
-    path = Path(path)
+    """Read a YAML config file (or a config shipped with the package, see :func:`config_path`)
+    into flat override keys."""
+    path = config_path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist (nor is it one of the configs shipped "
+            f"with mmbalance: {str(PACKAGED_CONFIGS)!r})"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

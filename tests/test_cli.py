@@ -31,7 +31,7 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["train", "encoder.m1=resnet18", *FAST], "resnet18 needs (C, H, W)"),
         (["train", "train.lrr=1"], "unknown train key 'lrr'; valid keys: epochs, batch_size"),
         (["train", "lr=-1"], "train.lr must be > 0, got -1.0"),
-        (["train", "train.optimizer=rmsprop"], "allowed: adam, adamw, sgd"),
+        (["train", "train.optimizer=rmsprop"], "valid optimizers: adam, adamw, sgd"),
         (["train", "train.epochs=many"], "expected an integer"),
         (["train", "method.lam_uni=2"], "unknown method.joint key 'lam_uni'"),
         (["train", "--method", "multiloss", "method.lam_uni=-1"], "lam_uni must be >= 0"),

@@ -336,7 +336,7 @@ def test_bad_params_raise_config_error(bad: dict[str, object]) -> None:
 
 
 def test_shipped_configs_resolve() -> None:
-    files = sorted((ROOT / "configs" / "mcr").glob("*.yaml"))
+    files = sorted((ROOT / "mmbalance" / "configs" / "mcr").glob("*.yaml"))
     assert len(files) >= 8
     for path in files:
         flat = load_yaml(path)

@@ -332,7 +332,7 @@ def test_fit_under_two_process_ddp_logs_decisions(tmp_path: Path) -> None:
 # --- configs and learning ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["synthetic", "synthetic_latent"])
 def test_synthetic_configs_resolve(name: str) -> None:
-    path = Path(__file__).parents[1] / "configs" / "mmpareto" / f"{name}.yaml"
+    path = Path(__file__).parents[1] / "mmbalance" / "configs" / "mmpareto" / f"{name}.yaml"
     cfg = resolve_config(load_yaml(path))
     assert cfg.method.name == "mmpareto"
 

@@ -1,31 +1,51 @@
-"""Datasets: the common interface and the registered datasets."""
+"""Datasets: the common interface (:mod:`mmbalance.data.base`) and one module per dataset.
 
-from mmbalance.data import (  # noqa: F401  (register datasets)
-    av_digits,
-    av_fashion,
-    ave,
-    cremad,
-    kinetics_sounds,
-    mosi,
-    synthetic,
-    ucf101,
-)
-from mmbalance.data.base import (
-    DATASETS,
-    Batch,
-    DatasetBundle,
-    DatasetSource,
-    ModalitySpec,
-    MultimodalTensorDataset,
-    preparable_datasets,
-)
+:data:`DATASETS` knows every built-in dataset by name and imports its module when the dataset is
+first asked for. A new dataset is one module registering its source with
+``@DATASETS.register("name")`` and one line in ``BUILTIN_DATASETS`` below.
+"""
 
-__all__ = [
-    "DATASETS",
-    "Batch",
-    "DatasetBundle",
-    "DatasetSource",
-    "ModalitySpec",
-    "MultimodalTensorDataset",
-    "preparable_datasets",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mmbalance.registry import Registry
+
+if TYPE_CHECKING:
+    from mmbalance.data.base import DatasetSource
+
+#: Built-in dataset -> the module (of this package) that registers it.
+BUILTIN_DATASETS: dict[str, str] = {
+    "av-digits": "av_digits",
+    "av-fashion": "av_fashion",
+    "ave": "ave",
+    "cremad": "cremad",
+    "kinetics_sounds": "kinetics_sounds",
+    "mosi": "mosi",
+    "mosei": "mosi",
+    "synthetic": "synthetic",
+    "ucf101": "ucf101",
+}
+
+DATASETS: Registry[type[DatasetSource]] = Registry("dataset", __name__, BUILTIN_DATASETS)
+
+_EXPORTS: dict[str, str] = {
+    "Batch": "base",
+    "DatasetBundle": "base",
+    "DatasetSource": "base",
+    "ModalitySpec": "base",
+    "MultimodalTensorDataset": "base",
+    "preparable_datasets": "base",
+}
+
+__all__ = ["BUILTIN_DATASETS", "DATASETS", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """The package's public names, imported on first use (so that importing the package, for
+    its registry, does not import torch)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.data import DATASETS
 from mmbalance.errors import DataError
-from mmbalance.registry import Registry
 
 Task = Literal["classification", "regression"]
 
@@ -173,9 +173,6 @@ class DatasetSource:
     ) -> None:  # pragma: no cover - abstract
         """Print the summary of a :meth:`prepare` report."""
         raise NotImplementedError
-
-
-DATASETS: Registry[type[DatasetSource]] = Registry("dataset")
 
 
 def preparable_datasets() -> list[str]:

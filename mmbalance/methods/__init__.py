@@ -1,51 +1,72 @@
-"""Balancing methods. Importing this package registers every method."""
+"""Balancing methods, one module each, on the hooks of :mod:`mmbalance.methods.base`.
 
-from mmbalance.methods import (  # noqa: F401  (registration)
-    agm,
-    amco,
-    baselines,
-    cml,
-    dr,
-    gblending,
-    lfm,
-    mbsd,
-    mcr,
-    mlb,
-    mmcosine,
-    mmpareto,
-    mslr,
-    ogm,
-    opm,
-    pmr,
-    reconboost,
-    umt,
-)
-from mmbalance.methods.base import (
-    METHODS,
-    EpochContext,
-    Method,
-    ModelInfo,
-    Phase,
-    SplitFeatures,
-    StepContext,
-    build_method,
-    task_loss,
-    total_loss,
-)
-from mmbalance.methods.own_loop import MethodAdapter, OwnModel, StepResult
+:data:`METHODS` knows every built-in method by name and imports a method's module when the method
+is first asked for. A new method is one module registering its class with
+``@METHODS.register("name")`` and one line in ``BUILTIN_METHODS`` below.
+"""
 
-__all__ = [
-    "METHODS",
-    "EpochContext",
-    "Method",
-    "MethodAdapter",
-    "ModelInfo",
-    "OwnModel",
-    "Phase",
-    "SplitFeatures",
-    "StepContext",
-    "StepResult",
-    "build_method",
-    "task_loss",
-    "total_loss",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mmbalance.registry import Registry
+
+if TYPE_CHECKING:
+    from mmbalance.methods.base import Method
+
+#: Built-in method -> the module (of this package) that registers it.
+BUILTIN_METHODS: dict[str, str] = {
+    "joint": "baselines",
+    "multiloss": "baselines",
+    "unimodal": "baselines",
+    "ensemble": "baselines",
+    "unipre_frozen": "baselines",
+    "unipre_finetuned": "baselines",
+    "mcr": "mcr",
+    "ogm": "ogm",
+    "ogm_ge": "ogm",
+    "opm": "opm",
+    "mmpareto": "mmpareto",
+    "agm": "agm",
+    "amco": "amco",
+    "cml": "cml",
+    "dr": "dr",
+    "gblending": "gblending",
+    "lfm": "lfm",
+    "mbsd": "mbsd",
+    "mlb": "mlb",
+    "mmcosine": "mmcosine",
+    "mslr": "mslr",
+    "pmr": "pmr",
+    "reconboost": "reconboost",
+    "umt": "umt",
+}
+
+METHODS: Registry[type[Method]] = Registry("method", __name__, BUILTIN_METHODS)
+
+_EXPORTS: dict[str, str] = {
+    "EpochContext": "base",
+    "Method": "base",
+    "ModelInfo": "base",
+    "Phase": "base",
+    "SplitFeatures": "base",
+    "StepContext": "base",
+    "build_method": "base",
+    "task_loss": "base",
+    "total_loss": "base",
+    "MethodAdapter": "own_loop",
+    "OwnModel": "own_loop",
+    "StepResult": "own_loop",
+}
+
+__all__ = ["BUILTIN_METHODS", "METHODS", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """The package's public names, imported on first use (so that importing the package, for
+    its registry, does not import torch)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -58,8 +58,8 @@ from torch import Tensor, nn
 
 from mmbalance.config import build_dataclass
 from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS
 from mmbalance.models.output import FusionOutput, ModelOutput
-from mmbalance.registry import Registry
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -419,9 +419,6 @@ def total_loss(losses: Mapping[str, Tensor]) -> Tensor:
 def unimodal_losses(output: ModelOutput, ctx: StepContext, weight: float) -> dict[str, Tensor]:
     """``weight * task_loss(unimodal head m)`` for every modality with a head."""
     return {f"uni_{m}": weight * ctx.task_loss(u) for m, u in output.unimodal_logits.items()}
-
-
-METHODS: Registry[type[Method]] = Registry("method")
 
 
 def build_method(name: str, params: Mapping[str, Any]) -> Method:

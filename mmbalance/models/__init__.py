@@ -1,21 +1,61 @@
-"""Encoders, fusion heads and the multimodal model."""
+"""Encoders, fusion heads and the multimodal model.
 
-from mmbalance.models import (  # noqa: F401  (registers the fusion heads)
-    cosine_head,
-    shared_head,
-)
-from mmbalance.models.encoders import ENCODERS, build_encoder
-from mmbalance.models.fusion import FUSION_HEADS, FusionHead, build_fusion
-from mmbalance.models.multimodal import MultimodalModel
-from mmbalance.models.output import FusionOutput, ModelOutput
+:data:`ENCODERS` and :data:`FUSION_HEADS` know every built-in by name and import its module when
+it is first asked for. A new encoder or head is one module registering it and one line in
+``BUILTIN_ENCODERS`` or ``BUILTIN_FUSION_HEADS`` below.
+"""
 
-__all__ = [
-    "ENCODERS",
-    "FUSION_HEADS",
-    "FusionHead",
-    "FusionOutput",
-    "ModelOutput",
-    "MultimodalModel",
-    "build_encoder",
-    "build_fusion",
-]
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mmbalance.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mmbalance.models.fusion import FusionHead
+
+#: Built-in encoder -> the module (of this package) that registers it.
+BUILTIN_ENCODERS: dict[str, str] = {
+    "mlp": "encoders",
+    "resnet18": "encoders",
+    "sequence_transformer": "encoders",
+}
+#: Built-in fusion head -> the module (of this package) that registers it.
+BUILTIN_FUSION_HEADS: dict[str, str] = {
+    "late_sum": "fusion",
+    "concat_linear": "fusion",
+    "concat_mlp": "fusion",
+    "film": "fusion",
+    "gated": "fusion",
+    "transformer": "fusion",
+    "cosine": "cosine_head",
+    "shared_boost": "shared_head",
+}
+
+#: Factories ``(input_shape, **params) -> nn.Module`` where ``input_shape`` excludes the batch.
+ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder", __name__, BUILTIN_ENCODERS)
+FUSION_HEADS: Registry[type[FusionHead]] = Registry("fusion head", __name__, BUILTIN_FUSION_HEADS)
+
+_EXPORTS: dict[str, str] = {
+    "build_encoder": "encoders",
+    "FusionHead": "fusion",
+    "build_fusion": "fusion",
+    "MultimodalModel": "multimodal",
+    "FusionOutput": "output",
+    "ModelOutput": "output",
+}
+
+__all__ = ["BUILTIN_ENCODERS", "BUILTIN_FUSION_HEADS", "ENCODERS", "FUSION_HEADS", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """The package's public names, imported on first use (so that importing the package, for
+    its registries, does not import torch)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

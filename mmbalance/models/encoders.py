@@ -7,16 +7,13 @@ fails with a message naming the modality instead of a matrix-multiply error deep
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, DataError
-from mmbalance.registry import Registry
-
-#: Factories ``(input_shape, **params) -> nn.Module`` where ``input_shape`` excludes the batch.
-ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
+from mmbalance.models import ENCODERS
 
 
 def _expect(x: Tensor, shape: Sequence[int | None], what: str) -> None:

@@ -20,10 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, DataError
+from mmbalance.models import FUSION_HEADS
 from mmbalance.models.output import FusionOutput
-from mmbalance.registry import Registry
-
-FUSION_HEADS: Registry[type[FusionHead]] = Registry("fusion head")
 
 
 class FusionHead(nn.Module):

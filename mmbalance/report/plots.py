@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmbalance.eval.curves import QUANTITIES
 from mmbalance.report.comparison import (
     REFERENCE,
     REGRESSION,
@@ -381,6 +380,8 @@ def plot_curves(
 
 def _curve_column(column: str) -> tuple[str, str] | None:
     """``val_<quantity>_<modality>`` -> ``(quantity, modality)`` (modality names may hold ``_``)."""
+    from mmbalance.eval.curves import QUANTITIES  # here: it imports torch
+
     for q in QUANTITIES:
         if column.startswith(f"val_{q}_"):
             return q, column[len(f"val_{q}_") :]
@@ -412,6 +413,8 @@ def plot_modality_curves(
 ) -> Path | None:
     """Per-epoch head accuracy, probe accuracy and Shapley value of each modality: one row of
     panels per quantity, one column per modality, one line per method (mean ± 95 % band)."""
+    from mmbalance.eval.curves import QUANTITIES  # here: it imports torch
+
     curves = modality_curves(histories, unused)
     if not curves:
         return None
