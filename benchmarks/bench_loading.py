@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbalance.build import build_dataset, build_method, build_model, resolve_config
+from mmbalance.build import build_components, build_dataset, resolve_config
 from mmbalance.train.batching import EpochBatchSampler, make_loader
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         n += len(next(it))
     load_rate = n / (time.perf_counter() - t0)
 
-    model = build_model(cfg, data, build_method(cfg))
+    _, model, _ = build_components(cfg, data)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     loss_fn = nn.CrossEntropyLoss()
     n = 0

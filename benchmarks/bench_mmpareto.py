@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbalance.build import build_dataset, build_method, build_model, resolve_config
+from mmbalance.build import build_components, build_dataset, resolve_config
+from mmbalance.methods import build_method
 from mmbalance.methods.base import StepContext, unimodal_losses
 from mmbalance.methods.mmpareto import combine_encoder_gradients
 
@@ -64,15 +65,13 @@ def run(num_modalities: int, repeats: int = 15, batch: int = 64) -> dict[str, fl
         }
     cfg = resolve_config({"method": "mmpareto", **overrides})
     data = build_dataset(cfg)
-    model = build_model(cfg, data, build_method(cfg))
+    _, model, _ = build_components(cfg, data)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     train = data.splits["train"]
     b = train.__getitems__(list(range(batch)))
     x, y = b.inputs, b.targets
-    exact = build_method(resolve_config({"method": "mmpareto", **overrides}))
-    latent = build_method(
-        resolve_config({"method": "mmpareto", "method.variant": "latent", **overrides})
-    )
+    exact = build_method("mmpareto", {})
+    latent = build_method("mmpareto", {"variant": "latent"})
 
     def step(kind: str) -> None:
         opt.zero_grad(set_to_none=True)

@@ -1,8 +1,11 @@
 """Run configuration: typed sections, ``key=value`` overrides and YAML files.
 
-A run is described by five sections (dataset, model, method, train, output). Users write either a
-YAML file or ``key=value`` pairs; both go through the same validation, which rejects unknown keys
-with the list of valid ones and invalid values with the allowed range, before anything trains.
+A run (:class:`RunConfig`) is described by the sections ``dataset``, ``method``, ``fusion`` and
+``encoders`` (each a registered name with its options), ``unimodal_heads`` and ``train``
+(:class:`TrainConfig`). Users write either a YAML file or ``key=value`` pairs; both go through the
+same validation, which rejects unknown keys with the list of valid ones and invalid values with
+the allowed range, before anything trains (component names and options are checked against their
+registries by :func:`mmbalance.build.resolve_config`).
 
 Keys of the command line and of flattened YAML files:
 
@@ -351,7 +354,7 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
     """Build a validated :class:`RunConfig` from flat keys (later keys win).
 
     Component parameters (``method.*`` etc.) are stored here and validated against the component
-    when it is built; see :func:`mmbalance.experiment.validate`.
+    when it is built; see :func:`mmbalance.build.validate`.
     """
     cfg = RunConfig()
     train_values: dict[str, Any] = {}

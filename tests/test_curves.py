@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import SMALL
 
-from mmbalance.build import build_dataset, build_method, build_model, model_info, resolve_config
+from mmbalance.build import build_components, build_dataset, resolve_config
 from mmbalance.cli import main
 from mmbalance.config import load_yaml
 from mmbalance.eval.contribution import shapley_contributions
@@ -31,9 +31,7 @@ def _last_weights(run_dir: Path) -> tuple[Any, Any, Any]:
     """The model of a run directory with its ``last.ckpt`` weights, its method and its data."""
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"))
     data = build_dataset(cfg)
-    method = build_method(cfg)
-    model = build_model(cfg, data, method)
-    method.setup(model_info(model, data))
+    method, model, _ = build_components(cfg, data)
     state = load_checkpoint(run_dir / "last.ckpt")["module"]
     model.load_state_dict(
         {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}

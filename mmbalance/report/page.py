@@ -34,6 +34,7 @@ from mmbalance.report.plots import (
     plot_comparison,
     plot_curves,
     plot_errors,
+    plot_method_scalars,
     plot_modality_curves,
     plot_shapley,
 )
@@ -143,6 +144,15 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
         if partial:
             note += " Modalities a method does not use (untrained heads and encoders) are left out."
         sections.append(Section("Per-modality curves over epochs", [note], plots=[modality]))
+    scalars = plot_method_scalars(source.step_logs(), root / "report_method_scalars.png", order)
+    if scalars is not None:
+        note = (
+            "What each method computes at every step and logs (`steps.csv`, TensorBoard "
+            "`step/<name>`): modulation coefficients, drop rates, divergences, loss weights, "
+            "conflict decisions. Each line is a method's mean over an epoch's steps, averaged "
+            "over seeds with its 95 % band."
+        )
+        sections.append(Section("Method scalars over training", [note], plots=[scalars]))
     shared, differ = shared_config(configs)
     if shared:
         notes = [

@@ -378,6 +378,62 @@ def plot_curves(
     return _save(fig, path)
 
 
+#: At most this many method scalars get a panel (the most widely logged first).
+MAX_SCALAR_PANELS = 12
+
+
+def plot_method_scalars(
+    step_logs: Mapping[tuple[str, int], list[dict[str, Any]]],
+    path: Path,
+    order: Sequence[str] = (),
+) -> Path | None:
+    """The per-step scalars the methods log (``steps.csv``: coefficients, drop rates,
+    divergences, weights...) over training: one panel per scalar, one line per method, each the
+    epoch's mean over its steps, averaged over seeds with a 95 % band."""
+    # {name: {method: [per-seed list of per-epoch means]}}
+    series: dict[str, dict[str, list[list[float]]]] = {}
+    for (method, _), rows in step_logs.items():
+        sums: dict[str, dict[int, list[float]]] = {}
+        for r in rows:
+            sums.setdefault(r["name"], {}).setdefault(r["epoch"], []).append(r["value"])
+        for name, by_epoch in sums.items():
+            last = max(by_epoch)
+            means = [
+                sum(by_epoch[e]) / len(by_epoch[e]) if e in by_epoch else math.nan
+                for e in range(last + 1)
+            ]
+            series.setdefault(name, {}).setdefault(method, []).append(means)
+    if not series:
+        return None
+    names = sorted(series, key=lambda n: (-len(series[n]), n))[:MAX_SCALAR_PANELS]
+    methods = list(dict.fromkeys([*order, *(m for n in names for m in series[n])]))
+    colours = method_colours(methods)
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, name in zip(axes.flat, names, strict=False):
+        for method in [m for m in methods if m in series[name]]:
+            xs, mean, low, high = _band(series[name][method])
+            ax.plot(xs, mean, color=colours[method], label=method, linewidth=1.4)
+            ax.fill_between(xs, low, high, color=colours[method], alpha=0.15, linewidth=0)
+        ax.set_title(wrap_text(name, 40), fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        "Method scalars per epoch (mean over the epoch's steps; mean ± 95 % CI over seeds)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
 def _curve_column(column: str) -> tuple[str, str] | None:
     """``val_<quantity>_<modality>`` -> ``(quantity, modality)`` (modality names may hold ``_``)."""
     from mmbalance.eval.curves import QUANTITIES  # here: it imports torch

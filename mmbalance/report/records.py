@@ -60,6 +60,26 @@ def read_history(path: Path) -> list[dict[str, float]]:
         raise DataError(f"{str(path)!r} is damaged (a value is not a number)") from None
 
 
+def read_step_logs(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``steps.csv`` (``step``, ``epoch``, ``name``, ``value``); ``[]`` when
+    the run has none (methods that log no per-step scalar)."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return [
+                {
+                    "step": int(row["step"]),
+                    "epoch": int(row["epoch"]),
+                    "name": str(row["name"]),
+                    "value": float(row["value"]),
+                }
+                for row in csv.DictReader(fh)
+            ]
+    except (KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
+        raise DataError(f"{str(path)!r} is damaged (not step, epoch, name, value rows)") from None
+
+
 def run_records(label: str, seed: int, summary: Mapping[str, Any] | Any) -> list[dict[str, Any]]:
     """The records of one run from its summary (the ``metrics.json`` content, or an object
     with ``to_json()`` returning it). A summary ``{"diverged": reason}`` gives one record
@@ -159,6 +179,15 @@ class Source:
         out = {}
         for key, run_dir in self.runs.items():
             rows = read_history(run_dir / "metrics.csv")
+            if rows:
+                out[key] = rows
+        return out
+
+    def step_logs(self) -> dict[tuple[str, int], list[dict[str, Any]]]:
+        """``{(method, seed): steps.csv rows}`` of the runs whose method logs per-step scalars."""
+        out = {}
+        for key, run_dir in self.runs.items():
+            rows = read_step_logs(run_dir / "steps.csv")
             if rows:
                 out[key] = rows
         return out
