@@ -47,15 +47,20 @@ def _console() -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mmbalance.build import resolve_config
-
-    overrides = _overrides(args)
-    cfg = resolve_config(overrides)  # names and options are checked before training imports
-    from mmbalance.train import fit
     from mmbalance.train.rundir import resume_overrides
 
-    out = Path(args.out or f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
-    if args.resume:  # continue the saved configuration; the command may change only a few keys
-        cfg = resolve_config(resume_overrides(out, overrides))
+    overrides = _overrides(args)
+    out = Path(args.out) if args.out else None
+    if args.resume and out is not None:
+        # continue the saved configuration; the command may change only a few keys
+        overrides = resume_overrides(out, overrides)
+    cfg = resolve_config(overrides)  # names and options are checked before training imports
+    if out is None:
+        out = Path(f"runs/{cfg.dataset.name}-{cfg.method.name}-seed{cfg.train.seed}")
+        if args.resume:
+            cfg = resolve_config(resume_overrides(out, overrides))
+    from mmbalance.train import fit
+
     result = fit(cfg, out, resume=args.resume)
     console = _console()
     # the number metrics.json and metrics.csv use: epochs count from 0

@@ -79,3 +79,18 @@ def test_an_unknown_name_fails_before_torch_is_imported(overrides: dict[str, str
         "else:\n    raise SystemExit('no error')"
     )
     assert "torch" not in loaded
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--method", "nope"],
+        ["train", "--dataset", "nope", "--out", "/nonexistent/x", "--resume"],
+        ["compare", "--methods", "joint,nope", "--out", "/nonexistent/x"],
+    ],
+)
+def test_the_command_line_rejects_an_unknown_name_without_torch(argv: list[str]) -> None:
+    loaded = _modules_after(
+        f"from mmbalance.cli import main\nassert main({argv!r}) == 2, 'not rejected'"
+    )
+    assert "torch" not in loaded

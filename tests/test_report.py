@@ -20,6 +20,7 @@ import yaml
 from scipy import stats as sps
 
 from mmbalance.cli import main
+from mmbalance.errors import DataError
 from mmbalance.report import (
     Column,
     Table,
@@ -494,3 +495,28 @@ def test_report_fits_a_1280_pixel_window_in_headless_chromium(tmp_path) -> None:
     names = [alt for alt, _, _ in m["images"]]
     assert len(names) == 5 and "Per-modality curves over epochs" in names
     assert all(w > 300 and h > 200 for _, w, h in m["images"]), m["images"]
+
+
+def test_method_scalars_are_plotted_per_epoch_and_damaged_step_files_refused(tmp_path) -> None:
+    from mmbalance.report.plots import plot_method_scalars
+    from mmbalance.report.records import read_step_logs
+
+    logs = {
+        (method, seed): [
+            {"step": 4 * e + i, "epoch": e, "name": f"coeff_{m}", "value": 0.1 * e + seed}
+            for e in range(3)
+            for i in range(4)
+            for m in ("audio", "image")
+        ]
+        for method in ("ogm", "ogm_ge")
+        for seed in (0, 1)
+    }
+    figure = plot_method_scalars(logs, tmp_path / "scalars.png", ["ogm", "ogm_ge"])
+    assert figure is not None and figure.stat().st_size > 1000
+    assert plot_method_scalars({}, tmp_path / "none.png") is None
+    path = tmp_path / "steps.csv"
+    path.write_text("step,epoch,name,value\n0,0,coeff_audio,0.5\n1,0,coeff_audio,x\n")
+    with pytest.raises(DataError, match="damaged"):
+        read_step_logs(path)
+    path.write_text("step,epoch,name,value\n0,0,coeff_audio,0.5\n")
+    assert read_step_logs(path) == [{"step": 0, "epoch": 0, "name": "coeff_audio", "value": 0.5}]

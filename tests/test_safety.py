@@ -626,8 +626,13 @@ def test_compare_method_variants_and_scoped_options(tmp_path: Path) -> None:
         return yaml.safe_load((out / label / "seed0" / "config.yaml").read_text())["method"]
 
     assert method_section("joint") == {"name": "joint"}
-    assert method_section("ogm_ge") == {"name": "ogm_ge", "alpha": 0.5}
-    assert method_section("ogm_ge[alpha=1.2]") == {"name": "ogm_ge", "alpha": 1.2}
+    # every option is written out (defaults included); the scoped and bracketed ones as given
+    plain, variant = method_section("ogm_ge"), method_section("ogm_ge[alpha=1.2]")
+    assert plain["name"] == variant["name"] == "ogm_ge"
+    assert plain["alpha"] == 0.5 and variant["alpha"] == 1.2
+    assert {k: v for k, v in plain.items() if k != "alpha"} == {
+        k: v for k, v in variant.items() if k != "alpha"
+    }
 
 
 def test_compare_method_option_of_no_compared_method_is_an_error(capsys, tmp_path) -> None:
