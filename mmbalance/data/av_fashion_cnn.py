@@ -23,15 +23,16 @@ dominant.
 The setting was chosen by ``benchmarks/find_av_regime.py`` on criteria fixed beforehand that
 look at no balancing method; ``benchmarks/results/av_regime_search.md`` lists every candidate
 tried. What the search showed about the mechanism: with MLP encoders on the same data there is
-little to fix (joint 0.944, ensemble 0.962); the speech's SNR sets the speech's strength
-sharply (-15 dB: 0.27 alone, -9 dB: 0.86); the gap persists from Adam 5e-4 to 4e-3 (4 points at 4e-3) and under
-SGD with momentum at learning rate 0.01 (4 points), but nearly vanishes under SGD at 0.05, which
-trains both encoders fast (1 point). Adam at 1e-3 shows the same gap, but the speech alone then
-varies more between seeds (0.43-0.66), so 2e-3 was kept.
+little to fix (joint 0.944, ensemble 0.962); the SNR sets the speech's strength sharply (-15 dB:
+0.27 alone, -9 dB: 0.86); the gap persists from Adam 5e-4 to 4e-3 (3.7 points at 4e-3) and
+under SGD with momentum at learning rate 0.01 (4 points), but nearly vanishes under SGD at 0.05,
+which trains both encoders fast (1 point). Adam at 1e-3 shows the same gap, but the speech alone
+then varies more between seeds (0.43-0.66), so 2e-3 was kept.
 
-Cost: one joint run is about 11 s of CPU time on one thread (a unimodal run about 8-9 s); the
-first build (500 espeak-ng utterances, 5600 log-mels) takes a few seconds and is cached,
-shared with ``av-fashion``, whose arrays are the same function of the same parameters.
+Cost: one joint run is about 11 s of CPU time on one thread (a unimodal run about 8-9 s). The
+first build (500 espeak-ng utterances, 5600 log-mels) takes about 11 s of CPU time (3.5 s of
+it in espeak-ng) and is cached, shared with ``av-fashion``, whose arrays are the same function
+of the same parameters.
 """
 
 from __future__ import annotations
