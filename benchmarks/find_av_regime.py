@@ -302,7 +302,9 @@ def markdown(results: Mapping[str, Any]) -> str:
             "the lowest cost (6 epochs, about 11 CPU s a joint run): `fa_r8_adam_ep6` and "
             "`fa_r8_adam_ep6_lr2e-3`. Both met every criterion on 5 seeds; the second was kept "
             "because the speech alone varies less between its seeds (sd 0.03 against 0.09, one "
-            "seed of the first at 0.43). Per-seed numbers are in `av_regime_search.json`.",
+            "seed of the first at 0.43). `fa_r8_adam_ep6_lr4e-3` was screened afterwards, as "
+            "the 2x point of a learning-rate search around the choice. Per-seed numbers are in "
+            "`av_regime_search.json`.",
         ]
     return "\n".join(lines) + "\n"
 
