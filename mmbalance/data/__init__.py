@@ -3,6 +3,7 @@
 from mmbalance.data import (  # noqa: F401  (register datasets)
     av_digits,
     av_fashion,
+    av_fashion_cnn,
     ave,
     cremad,
     kinetics_sounds,
