@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 BUILTIN_DATASETS: dict[str, str] = {
     "av-digits": "av_digits",
     "av-fashion": "av_fashion",
+    "av-fashion-cnn": "av_fashion_cnn",
     "ave": "ave",
     "cremad": "cremad",
     "kinetics_sounds": "kinetics_sounds",
