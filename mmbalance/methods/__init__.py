@@ -7,6 +7,7 @@ from mmbalance.methods import (  # noqa: F401  (registration)
     lfm,
     mbsd,
     mcr,
+    mla,
     mmpareto,
     ogm,
     opm,
