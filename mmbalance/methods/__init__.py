@@ -13,6 +13,7 @@ from mmbalance.methods import (  # noqa: F401  (registration)
     ogm,
     opm,
     umt,
+    valuation,
 )
 from mmbalance.methods.base import (
     METHODS,
