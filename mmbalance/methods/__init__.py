@@ -4,6 +4,7 @@ from mmbalance.methods import (  # noqa: F401  (registration)
     amco,
     baselines,
     cml,
+    greedy,
     inforeg,
     lfm,
     mbsd,
