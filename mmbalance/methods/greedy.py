@@ -108,9 +108,19 @@ def cared_modality(bdr: Sequence[float], alpha: float) -> int | None:
 
 @dataclass
 class GreedyParams:
-    """Greedy options: ``alpha`` threshold on the BDR spread (official ``epsilon``), ``window``
-    curation steps, ``start_epoch`` (0-based) from which curation may start, ``stages`` after
-    which the cross-modal blocks sit, their bottleneck ``ratio``, and the ``objective``."""
+    """Greedy options.
+
+    Attributes:
+        alpha: curation starts when the spread of the modalities' BDRs exceeds this (the
+            official ``epsilon`` 0.01; BalanceBenchmark 0.001).
+        window: steps of each curation window (official 5).
+        start_epoch: first epoch (0-based) in which curation may start (official 1: the
+            second epoch).
+        stages: ResNet-18 stages after which a cross-modal block sits (official 2, 3, 4).
+        ratio: bottleneck ratio of the blocks: ``int(2 * sum C / ratio)`` units (official 4).
+        objective: ``unimodal`` (sum of the unimodal heads' losses, mean of their logits as
+            the prediction: the official model) or ``fused`` (the fusion head: BalanceBenchmark).
+    """
 
     alpha: float = 0.01
     window: int = 5

@@ -98,9 +98,15 @@ def leader_and_gap(scores: Tensor) -> tuple[int, float] | None:
 
 @dataclass
 class InfoRegParams:
-    """InfoReg options: ``beta`` (``beta0`` of the proximal coefficient), ``threshold`` on the
-    window's relative increase ``k``, ``window`` epochs of the trace's moving average,
-    ``lam_uni`` weight of the unimodal losses."""
+    """InfoReg options.
+
+    Attributes:
+        beta: ``beta0`` of the proximal coefficient ``beta0 * exp(tanh(gap))`` (official 0.95).
+        threshold: a modality is in its prime learning window while the relative increase ``k``
+            of its Fisher trace's moving average exceeds this (official 0.04).
+        window: epochs of the trace's moving average (official 10).
+        lam_uni: weight of the unimodal heads' cross-entropies in the loss (official 1).
+    """
 
     beta: float = 0.95
     threshold: float = 0.04

@@ -121,10 +121,18 @@ class SharedHead(nn.Module):
 
 @dataclass
 class MLAParams:
-    """MLA options: ``gating`` of the modalities at inference (``entropy``: per-sample entropy
-    gates; ``uniform``: mean of the logits), ``projection`` of the shared head's gradient on or
-    off, ``normalize_projector`` (official Frobenius normalisation), ``alpha_base`` of the OWM
-    regulariser ``alpha_base ** (1 + b / N)``."""
+    """MLA options.
+
+    Attributes:
+        gating: how the shared head's per-modality logits are combined at inference:
+            ``entropy`` (per-sample gates ``exp(H_max - H_m)``, the paper) or ``uniform`` (their
+            mean, the official code without ``--dynamic``).
+        projection: project the shared head's weight gradient with the OWM projector.
+        normalize_projector: divide the projector by its Frobenius norm after every update, as
+            the official code does; ``false`` is plain OWM.
+        alpha_base: base of the OWM regulariser ``alpha = alpha_base ** (1 + b / N)`` at batch
+            ``b`` of the epoch's ``N`` (official 0.1).
+    """
 
     gating: Literal["entropy", "uniform"] = "entropy"
     projection: bool = True

@@ -140,9 +140,21 @@ def modality_copies(
 
 @dataclass
 class ValuationParams:
-    """Modality-valuation options: ``level`` (``sample``: copies by per-sample thresholds;
-    ``modality``: the ``part_ratio`` / ``alpha`` variant), ``warmup_epochs`` before the first
-    valuation takes effect, ``thresholds`` of the sample level, ``seed`` of the random draws."""
+    """Modality-valuation options.
+
+    Attributes:
+        level: ``sample`` (copies per sample and modality by Shapley-value thresholds) or
+            ``modality`` (copies of random samples keeping the least contributing modality).
+        warmup_epochs: epochs of plain training; the valuation at the end of epoch
+            ``warmup_epochs - 1`` is the first to act (official 5, BalanceBenchmark 1).
+        thresholds: the sample level's bounds ``t0 < t1 < t2``: 3 copies below ``t0``, 2 below
+            ``t1``, 1 below ``t2`` (official -0.1, 0.4, 0.9).
+        part_ratio: the modality level's share of training samples whose mean Shapley values
+            decide the modality (official 0.2).
+        alpha: the modality level's strength: ``int(2/3 * alpha * gap difference * N)`` copies.
+        seed: seeds the modality level's random draws (with the epoch), so a resumed run draws
+            the same.
+    """
 
     level: Literal["sample", "modality"] = "sample"
     warmup_epochs: int = 5
