@@ -276,3 +276,103 @@ def test_gradient_scaling_methods_are_noted_under_adaptive_optimizers(
         Scaling(), tmp_path / "run", **{"train.epochs": 1, "train.optimizer": optimizer}
     ).run(resume=False)
     assert ("largely undoes" in capsys.readouterr().err) is noted
+
+
+class OwnsEncoding(MultiLoss):
+    """A method that changes the architecture: a learned per-modality gain on the encoders'
+    outputs, held in its own module, used in training and (through ``encode_eval``) evaluation.
+    It also records what the step contexts carry."""
+
+    name = "owns_encoding"
+
+    def __init__(self, params: Any = None) -> None:
+        super().__init__(params)
+        self.gains: torch.nn.ParameterDict | None = None
+        self.eval_sizes: list[int] = []
+        self.steps: list[tuple[torch.Tensor, float]] = []
+
+    def setup(self, info: Any) -> torch.nn.Module:
+        super().setup(info)
+        self.gains = torch.nn.ParameterDict(
+            {m: torch.nn.Parameter(torch.full((d,), 3.0)) for m, d in info.latent_dims.items()}
+        )
+        return self.gains
+
+    def _gained(self, model: Any, inputs: Any) -> dict[str, torch.Tensor]:
+        assert self.gains is not None
+        return {m: z * self.gains[m] for m, z in model.encode(inputs).items()}
+
+    def encode(self, model: Any, inputs: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+        assert ctx.index is not None
+        self.steps.append((ctx.index.clone(), ctx.epoch_progress))
+        return self._gained(model, inputs)
+
+    def encode_eval(self, model: Any, inputs: Any) -> dict[str, torch.Tensor]:
+        self.eval_sizes.append(len(next(iter(inputs.values()))))
+        return self._gained(model, inputs)
+
+
+def test_evaluation_encodes_through_the_method(tmp_path: Path) -> None:
+    method = OwnsEncoding()
+    trainer = make_trainer(method, tmp_path / "run", **{"train.epochs": 1})
+    with torch.no_grad():
+        method.gains["m2"].mul_(0.5)
+    data = trainer.data.splits["val"]
+    val = trainer.evaluate("val")
+    trainer.model.eval()
+    with torch.no_grad():
+        out = trainer.model.heads(method._gained(trainer.model, data.inputs))
+        plain = trainer.model(data.inputs)
+    accuracy = float((out.logits.argmax(1) == data.targets).float().mean())
+    assert val["accuracy"] == pytest.approx(accuracy)
+    assert not torch.allclose(out.logits, plain.logits)  # the gain matters
+    feats = trainer.epoch_context(0).features("val")
+    torch.testing.assert_close(feats.latents["m2"], out.latents["m2"])
+    torch.testing.assert_close(feats.logits, out.logits)
+
+
+def test_step_context_carries_dataset_indices_and_epoch_progress(tmp_path: Path) -> None:
+    method = OwnsEncoding()
+    trainer = make_trainer(method, tmp_path / "run", **{"train.epochs": 1})
+    trainer.train_sampler.set_epoch(0)
+    expected = [torch.as_tensor(b) for b in trainer.train_sampler]
+    trainer.run(resume=False)
+    assert len(method.steps) == len(expected)
+    for i, ((index, progress), batch) in enumerate(zip(method.steps, expected, strict=True)):
+        assert torch.equal(index, batch)
+        assert progress == pytest.approx(i / len(expected))
+
+
+def test_analysis_and_selected_checkpoint_use_the_method_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmbalance.train.loop import evaluate_run
+    from mmbalance.train.rundir import write_run_config
+
+    monkeypatch.setitem(METHODS._items, "owns_encoding", OwnsEncoding)
+    method = OwnsEncoding()
+    cfg = resolve_config({**BASE, "method": "owns_encoding", "train.epochs": 2})
+    fabric = make_fabric(cfg)
+    fabric.seed_everything(cfg.train.seed, verbose=False)
+    data = build_dataset(cfg)
+    model = build_model(cfg, data, method)
+    extra = method.setup(model_info(model, data))
+    trainer = Trainer(fabric, cfg, data, model, method, extra, tmp_path / "run")
+    result = trainer.run(resume=False)
+    write_run_config(cfg, tmp_path / "run")  # as fit does, for evaluate_run
+    splits = trainer.data.splits
+    # the end-of-run analysis encodes the training and the test split through encode_eval
+    analysed = len(splits["train"]) + len(splits["test"])
+    total = 0
+    for size in reversed(method.eval_sizes):
+        total += size
+        if total >= analysed:
+            break
+    assert total == analysed
+    # re-evaluation builds a fresh module (gains 3.0 again): the selected epoch's must replace it
+    best = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)["method_module"]
+    assert not torch.equal(best["m1"], torch.full_like(best["m1"], 3.0))
+    again = evaluate_run(tmp_path / "run")
+    for split in ("val", "test"):
+        assert again[split]["accuracy"] == result.metrics[split]["accuracy"]
+        assert again[split]["loss"] == pytest.approx(result.metrics[split]["loss"])

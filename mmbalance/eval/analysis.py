@@ -9,7 +9,7 @@ from the same forward passes, of minus the MAE (``contribution_neg_mae``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ def analyze_model(
     predict: Callable[[ModelOutput], Tensor] | None = None,
     removal: Removal = "permute",
     task: str = "classification",
+    encode: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Returns ``(analysis, scalars)`` for a classification or regression model.
 
@@ -46,14 +47,18 @@ def analyze_model(
     predictors are the model's unimodal heads when it has them, else the linear probes.
     ``scalars`` are the flat summaries for the run's test metrics: ``probe_accuracy_<m>``,
     ``shapley_<m>``, ``imbalance_degree``, ``routing_rate`` and ``synergy_rate``.
+
+    ``encode`` maps a batch's inputs to latents (default ``model.encode``); the trainer passes
+    the method's :meth:`~mmbalance.methods.Method.encode_eval`, so that a method that changes
+    the architecture is analysed as it was trained and evaluated.
     """
     predict = predict or (lambda out: out.logits)
     outcome = OUTCOMES.get(task)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    z_train, y_train = latents_of(model, train)
-    z_test, y_test = latents_of(model, test)
+    z_train, y_train = latents_of(model, train, encode=encode)
+    z_test, y_test = latents_of(model, test, encode=encode)
     probes = probe_predictions(z_train, y_train, z_test, task=task)
     probe_acc = {m: outcome.accuracy(p, y_test) for m, p in probes.items()}
     z_dev = {m: z.to(device) for m, z in z_test.items()}

@@ -19,6 +19,8 @@ Two probes:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
@@ -32,9 +34,15 @@ from mmbalance.models.multimodal import MultimodalModel
 
 @torch.no_grad()
 def latents_of(
-    model: MultimodalModel, dataset: Dataset, batch_size: int = 256, device: str | None = None
+    model: MultimodalModel,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: str | None = None,
+    encode: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Pooled latents of every sample of ``dataset`` (eval mode) and the targets."""
+    """Pooled latents of every sample of ``dataset`` (eval mode) and the targets; ``encode``
+    replaces ``model.encode`` (a method's evaluation encoding)."""
+    encode = encode or model.encode
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -43,7 +51,7 @@ def latents_of(
     for start in range(0, len(dataset), batch_size):
         batch: Batch = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
         batch = batch.to(device)
-        for m, z in model.encode(batch.inputs).items():
+        for m, z in encode(batch.inputs).items():
             parts.setdefault(m, []).append(z.float().cpu())
         targets.append(batch.targets.cpu())
     model.train(was_training)

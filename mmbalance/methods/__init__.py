@@ -33,14 +33,18 @@ BUILTIN_METHODS: dict[str, str] = {
     "cml": "cml",
     "dr": "dr",
     "gblending": "gblending",
+    "greedy": "greedy",
+    "inforeg": "inforeg",
     "lfm": "lfm",
     "mbsd": "mbsd",
+    "mla": "mla",
     "mlb": "mlb",
     "mmcosine": "mmcosine",
     "mslr": "mslr",
     "pmr": "pmr",
     "reconboost": "reconboost",
     "umt": "umt",
+    "valuation": "valuation",
 }
 
 METHODS: Registry[type[Method]] = Registry("method", __name__, BUILTIN_METHODS)

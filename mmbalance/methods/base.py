@@ -34,6 +34,13 @@ methods that differentiate through the model on held-out data, like LFM's weight
 any unimodal pre-training (UMT keeps the pre-trained encoders as teachers and restarts its
 students from these weights).
 
+Evaluation encodes through the method too: the validation and test passes, the epoch feature
+passes and the run's end analysis compute ``model.heads(method.encode_eval(model, inputs))``
+(default: every encoder on its modality). A method that changes the architecture itself, such as
+Greedy's cross-modal blocks between encoder stages (held in the module its :meth:`Method.setup`
+returns), overrides :meth:`Method.encode` and :meth:`Method.encode_eval` alike, so that what is
+evaluated is what was trained.
+
 Parameter groups. The trainer's optimizer has one parameter group per part of the model, named
 ``encoder.<m>``, ``unimodal_head.<m>``, ``fusion`` and ``method`` (the module the method's
 :meth:`Method.setup` returns). :meth:`Method.lr_scales` scales a group's learning rate (MSLR), and
@@ -108,6 +115,11 @@ class StepContext:
         regression_loss: ``l1`` or ``mse``.
         part: which part of the batch's step this is (an element of
             :meth:`Method.step_parts`; ``None`` for the usual single step).
+        index: the batch's samples' indices in the training split's dataset ``(B,)``, for
+            per-sample state computed at epoch boundaries (valuation's per-sample Shapley values,
+            matched to :attr:`SplitFeatures.index`); ``None`` when the caller has none.
+        epoch_progress: the fraction of the epoch's batches before this one, in ``[0, 1)``, for
+            schedules within an epoch (MLA's projector regulariser).
         logs: scalars the method records for this step (see :meth:`log`).
     """
 
@@ -124,6 +136,8 @@ class StepContext:
     world_size: int = 1
     regression_loss: Literal["l1", "mse"] = "l1"
     part: str | None = None
+    index: Tensor | None = None
+    epoch_progress: float = 0.0
     logs: dict[str, Tensor | float] = field(default_factory=dict)
 
     @classmethod
@@ -341,6 +355,16 @@ class Method:
 
         Methods that train one modality per part may encode only that one
         (``model.encode(inputs, only=[ctx.part])``). Evaluation always encodes every modality.
+        """
+        return model.encode(inputs)
+
+    def encode_eval(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The latents at evaluation: validation and test passes, epoch feature passes and the
+        end-of-run analysis (default: every encoder on its modality).
+
+        Methods that change the architecture between or inside the encoders (Greedy's cross-modal
+        blocks) override it together with :meth:`encode`; it runs without gradients, with the
+        model and the method's module in eval mode.
         """
         return model.encode(inputs)
 

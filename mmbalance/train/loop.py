@@ -258,7 +258,7 @@ class Trainer:
         loader = self.loaders["train"]
         batches = len(loader)
         for batch in loader:
-            terms = self.train_step(batch.to(fabric.device), epoch)
+            terms = self.train_step(batch.to(fabric.device), epoch, count / batches)
             value = sum(terms.values())
             sums["train_loss"] = sums.get("train_loss", 0.0) + value
             for name, term_value in terms.items():
@@ -274,12 +274,13 @@ class Trainer:
         if self.method.freezes_encoders:
             self.model.encoders.eval()
 
-    def train_step(self, batch: Batch, epoch: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, epoch: int, progress: float = 0.0) -> dict[str, float]:
         """One optimisation step on ``batch`` (already on the device): the method's forward
         transformation and losses, its backward and gradient rewrite, clipping, the optimizer
-        step. Returns the loss terms as floats. The cost benchmark times exactly this call.
+        step. ``progress`` is the fraction of the epoch's batches before this one. Returns the
+        loss terms as floats. The cost benchmark times exactly this call.
         """
-        ctx = self._context(batch, epoch)
+        ctx = self._context(batch, epoch, progress)
         terms: dict[str, float] = {}
         for part in self.method.step_parts(ctx):
             ctx.part = part
@@ -327,7 +328,7 @@ class Trainer:
             kept = "no checkpoint was saved before it"
         return TrainingDiverged(f"{what} (epochs and steps count from 0); {kept}")
 
-    def _context(self, batch: Batch, epoch: int) -> StepContext:
+    def _context(self, batch: Batch, epoch: int, progress: float = 0.0) -> StepContext:
         fabric = self.fabric
         return StepContext(
             targets=batch.targets,
@@ -342,6 +343,8 @@ class Trainer:
             all_reduce=lambda x: fabric.all_reduce(x, reduce_op="sum"),
             world_size=fabric.world_size,
             regression_loss=self.cfg.train.regression_loss,
+            index=batch.index,
+            epoch_progress=progress,
         )
 
     # --- passes over a split ---------------------------------------------------------------------
@@ -366,7 +369,7 @@ class Trainer:
         for batch in loader:
             batch = batch.to(fabric.device)
             with autocast:
-                output = self.model(batch.inputs)
+                output = self.model.heads(self.method.encode_eval(self.model, batch.inputs))
             pieces = {
                 "prediction": self.method.predict(output).float(),
                 "logits": output.logits.float(),
@@ -486,12 +489,14 @@ class Trainer:
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
             splits = self.data.splits
+            self.module.eval()  # the method's module too: it may encode (encode_eval)
             analysis, scalars = analyze_model(
                 self.model,
                 splits["train"],
                 splits["test"],
                 self.method.predict,
                 task=self.data.task,
+                encode=lambda inputs: self.method.encode_eval(self.model, inputs),
             )
             metrics["test"] |= scalars
             write_json_atomic(self.out_dir / "analysis.json", analysis)
