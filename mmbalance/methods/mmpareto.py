@@ -5,7 +5,14 @@ encoder of modality ``m`` let ``g_m`` be the gradient of the fused loss and ``g_
 unimodal loss. Per encoder (all of its trainable tensors flattened together):
 
 1. ``cos(g_m, g_u) > 0``: weights ``(1/2, 1/2)``; otherwise the two-vector min-norm (MGDA) weights
-   ``a = clip((|g_u|^2 - g_m.g_u) / |g_m - g_u|^2, 0.001, 0.999)``, ``(a, 1 - a)``;
+   ``a = (|g_u|^2 - g_m.g_u) / |g_m - g_u|^2``, ``(a, 1 - a)``, *not clipped*. As in the official
+   ``MinNormSolver._min_norm_element_from2``: its values 0.999 and 0.001 come only from its two
+   boundary branches (``g_m.g_u >= |g_m|^2`` or ``>= |g_u|^2``), which cannot be reached when
+   ``g_m.g_u <= 0`` and both gradients are non-zero; there the closed form lies in ``(0, 1)`` and
+   is used as it is, also below 0.001 or above 0.999 (which happens whenever one gradient is much
+   larger than the other). When a gradient vanishes, the weight here is ``1/2`` where the official
+   code takes 0.999 or 0.001; after the per-tensor norm restoration of step 2 both give
+   ``gamma`` times the non-zero gradient, so only the logged weight differs;
 2. per parameter tensor ``p``: ``h_p = 2 a g_m,p + 2 (1 - a) g_u,p`` and the new gradient
    ``gamma * max(|g_m,p + g_u,p| / |h_p|, 1) * h_p`` (``gamma`` = 1.5 in the official code, where
    it is hard-coded; here it is ``method.gamma``). Without conflict this is ``gamma (g_m + g_u)``.
@@ -34,7 +41,7 @@ tensor); its accuracy is benchmarked against the exact variant.
 
 Why no library: ``torchjd`` (0.18, requires ``torch>=2.3``, so it installs next to
 ``torch==2.13``) provides Jacobian descent with an MGDA aggregator, but MMPareto is not an
-aggregator of a Jacobian: it needs a per-encoder cosine test, clipped two-vector weights and
+aggregator of a Jacobian: it needs a per-encoder cosine test, two-vector weights and
 per-tensor norm restoration, and our DDP rule of one all-reduce per loss. torchjd would compute
 the same per-loss gradients, and we would still write the rule around it; the two-vector closed
 form and a K-vector Frank-Wolfe solver (:mod:`mmbalance.methods.min_norm`) are a few tested lines,
@@ -60,9 +67,6 @@ from mmbalance.methods.base import (
 )
 from mmbalance.methods.min_norm import min_norm_2
 from mmbalance.models.output import ModelOutput
-
-#: the official code clips the min-norm weight to this range
-ALPHA_CLIP = (0.001, 0.999)
 
 
 @dataclass
@@ -93,12 +97,12 @@ def pareto_weight(dot: float, nm: float, nu: float) -> float:
     """Weight on the fused-loss gradient from ``g_m.g_u``, ``|g_m|^2`` and ``|g_u|^2``.
 
     ``1/2`` when the cosine is positive (or undefined because a gradient vanishes), otherwise the
-    clipped two-vector min-norm weight.
+    two-vector min-norm weight, unclipped: with ``dot <= 0`` and both norms positive it lies
+    strictly inside ``(0, 1)``, so :func:`min_norm_2`'s projection onto ``[0, 1]`` never acts.
     """
     if nm <= 0.0 or nu <= 0.0 or dot > 0.0:
         return 0.5
-    a = min_norm_2(nm, dot, nu)
-    return min(max(a, ALPHA_CLIP[0]), ALPHA_CLIP[1])
+    return min_norm_2(nm, dot, nu)
 
 
 @dataclass
