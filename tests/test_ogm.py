@@ -18,6 +18,7 @@ from mmbalance.errors import ConfigError
 from mmbalance.methods import StepContext, build_method
 from mmbalance.methods.ogm import (
     OGM,
+    add_ge_noise,
     discrepancy_ratios,
     ogm_coefficients,
     score_sums,
@@ -196,6 +197,37 @@ def test_ge_noise_has_unmodulated_std_on_every_encoder_and_is_seeded() -> None:
         )
     again = _step(model, method, inputs, y)  # same seed and step: identical noise
     torch.testing.assert_close(again["encoders.a.conv.weight"], grads["encoders.a.conv.weight"])
+
+
+@pytest.mark.parametrize("one_draw", [False, True])
+def test_ge_noise_distribution_of_both_draws(one_draw: bool) -> None:
+    """Per-tensor scratch draws and one draw per encoder give the same distribution: the noise of
+    each tensor is N(0, (std(g) + 1e-8)^2) with the unmodulated std, independent across tensors
+    and elements, on top of k * g; and it is reproducible from the generator's seed."""
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [
+        3.0 * torch.randn(4000, generator=gen),
+        0.1 * torch.randn(80, 50, generator=gen) + 2.0,
+        torch.randn(1, generator=gen),  # a single element: std 0, noise 1e-8
+        torch.randn(4000, generator=gen),
+    ]
+    before = [g.clone() for g in grads]
+    k = torch.tensor(0.3)
+    add_ge_noise(grads, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    noise = [g - k * b for g, b in zip(grads, before, strict=True)]
+    for n, b in zip(noise, before, strict=True):
+        if b.numel() == 1:
+            assert abs(float(n)) < 1e-6
+            continue
+        unit = (n / (b.std() + 1e-8)).reshape(-1).double().numpy()
+        assert stats.kstest(unit, "norm").pvalue > 1e-3
+    assert abs(float(torch.corrcoef(torch.stack([noise[0], noise[3]]))[0, 1])) < 0.1
+    again = [b.clone() for b in before]
+    add_ge_noise(again, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    for a, g in zip(again, grads, strict=True):
+        torch.testing.assert_close(a, g, rtol=0, atol=0)
 
 
 def test_window_and_warmup_switch_modulation_off() -> None:
