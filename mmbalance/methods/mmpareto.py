@@ -119,27 +119,47 @@ def combine_encoder_gradients(
 ) -> tuple[list[Tensor], EncoderDecision]:
     """MMPareto's gradient for one encoder from its per-tensor ``g_m`` and ``g_u``.
 
-    Pure function (no autograd, no communication): the inputs must already be the gradients all
-    ranks agree on.
+    Pure function (no autograd, no communication, inputs unchanged): the inputs must already be
+    the gradients all ranks agree on.
     """
     if len(gm) != len(gu) or not gm:
         raise ValueError("gm and gu must be non-empty lists of the same length")
-    flat_m = torch.cat([g.reshape(-1) for g in gm]).double()
-    flat_u = torch.cat([g.reshape(-1) for g in gu]).double()
-    stats = torch.stack([flat_m @ flat_u, flat_m @ flat_m, flat_u @ flat_u]).tolist()
+    total = torch._foreach_add(list(gm), list(gu))
+    return rewrite_encoder_gradients(gm, [g.clone() for g in gu], total, gamma)
+
+
+def rewrite_encoder_gradients(
+    gm: Sequence[Tensor], gu: Sequence[Tensor], total: Sequence[Tensor], gamma: float
+) -> tuple[list[Tensor], EncoderDecision]:
+    """:func:`combine_encoder_gradients` given ``total = g_m + g_u`` too, writing the result into
+    ``gu``'s storage (which is returned).
+
+    ``total`` is the summed-loss gradient the uniform norm ``|g_m,p + g_u,p|`` is taken of (the
+    official code takes it of ``param.grad`` after the summed backward). Memory traffic is what
+    the rule needs and no more: the dot products, per-tensor norms and the combination are
+    ``foreach`` or BLAS calls over the tensors in place (no flattened copies, no float64 copies of
+    the gradients); the three encoder-wide sums are accumulated in float64 from the per-tensor
+    results, and read back to the host in one transfer.
+    """
+    gm, gu, total = list(gm), list(gu), list(total)
+    dots = torch.stack(
+        [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(gm, gu, strict=True)]
+    )
+    norms_m = torch.stack(torch._foreach_norm(gm))
+    norms_u = torch.stack(torch._foreach_norm(gu))
+    norms_t = torch.stack(torch._foreach_norm(total))
+    stats = torch.stack(
+        [dots.double().sum(), norms_m.double().square().sum(), norms_u.double().square().sum()]
+    ).tolist()
     dot, nm, nu = stats
     cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
     alpha = pareto_weight(dot, nm, nu)
-    out: list[Tensor] = []
-    factors = []
-    for g_m, g_u in zip(gm, gu, strict=True):
-        h = (2 * alpha) * g_m + (2 * (1 - alpha)) * g_u
-        uniform = torch.linalg.vector_norm(g_m + g_u)
-        norm_h = torch.linalg.vector_norm(h)
-        factor = torch.where(norm_h > 0, uniform / norm_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
-        factors.append(factor)
-        out.append((gamma * factor) * h)
-    return out, EncoderDecision(cos, alpha, torch.stack(factors))
+    torch._foreach_mul_(gu, 2 * (1 - alpha))
+    torch._foreach_add_(gu, gm, alpha=2 * alpha)  # h = 2 a g_m + 2 (1 - a) g_u, in gu's storage
+    norms_h = torch.stack(torch._foreach_norm(gu))
+    factors = torch.where(norms_h > 0, norms_t / norms_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
+    torch._foreach_mul_(gu, list((gamma * factors).to(gu[0].dtype).unbind()))
+    return gu, EncoderDecision(cos, alpha, factors)
 
 
 def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
@@ -195,8 +215,8 @@ class MMPareto(Method):
             gm = g_task[i : i + len(enc)]
             i += len(enc)
             total = [torch.zeros_like(p) if p.grad is None else p.grad for p in enc]
-            gu = [t - g for t, g in zip(total, gm, strict=True)]
-            new, decision = combine_encoder_gradients(gm, gu, self.params.gamma)
+            gu = torch._foreach_sub(total, gm)
+            new, decision = rewrite_encoder_gradients(gm, gu, total, self.params.gamma)
             for p, g in zip(enc, new, strict=True):
                 p.grad = g
             self._log(ctx, m, decision.cos, decision.alpha, decision.factors)
