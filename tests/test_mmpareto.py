@@ -231,6 +231,7 @@ def test_exact_matches_separate_backward_passes(m: int, conflict: bool, fused_sc
         torch.testing.assert_close(p.grad, expected[k], rtol=1e-10, atol=1e-12, msg=k)
     cos = [ctx.logs[f"cos_m{i + 1}"] for i in range(m)]
     assert all(c < 0 for c in cos) if conflict else all(c > 0 for c in cos)
+    assert all(ctx.logs[f"conflict_m{i + 1}"] == float(conflict) for i in range(m))
     if fused_scale < 1:  # the case a clip to [0.001, 0.999] would change
         assert all(ctx.logs[f"alpha_task_m{i + 1}"] > 0.999 for i in range(m)), ctx.logs
     for i in range(m):

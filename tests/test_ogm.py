@@ -256,8 +256,10 @@ def test_opm_empirical_drop_rate_and_scale_match_formula() -> None:
     theta = (3 * q_a + 1 * 0.0) / 4  # latent sizes weight the global theta
     kept_a, scale_a, scale_b = [], [], []
     for _ in range(draws):
-        out, keep = drop_latents(latents, {"a": q_a, "b": 0.0}, gen)
+        out, keep, dropped = drop_latents(latents, {"a": q_a, "b": 0.0}, gen)
         assert bool(keep.all())  # b is never dropped: no sample loses every modality
+        assert float(dropped["b"]) == 0.0
+        assert float(dropped["a"]) == pytest.approx(float((out["a"][:, 0] == 0).float().mean()))
         kept_a.append((out["a"][:, 0] != 0).float().mean())
         scale_a.append(out["a"].mean())
         scale_b.append(out["b"].mean())
@@ -271,7 +273,7 @@ def test_opm_empirical_drop_rate_and_scale_match_formula() -> None:
 
 def test_opm_removes_samples_with_every_modality_dropped() -> None:
     latents = {"a": torch.ones(2000, 2), "b": torch.ones(2000, 2)}
-    out, keep = drop_latents(latents, {"a": 0.5, "b": 0.5}, torch.Generator().manual_seed(1))
+    out, keep, _ = drop_latents(latents, {"a": 0.5, "b": 0.5}, torch.Generator().manual_seed(1))
     both = (out["a"][:, 0] == 0) & (out["b"][:, 0] == 0)
     assert torch.equal(keep, ~both) and abs(float(both.float().mean()) - 0.25) < 0.03
     # the loss is taken over kept samples only
@@ -304,6 +306,8 @@ def test_opm_step_drops_dominant_rate_over_many_batches() -> None:
             zero_b.append((out["b"].abs().sum(1) == 0).float().mean())
             qs.append(ctx.logs["q_a"])
             assert ctx.logs["q_b"] == 0.0
+            assert float(ctx.logs["opm_dropped_a"]) == pytest.approx(float(zero_a[-1]))
+            assert float(ctx.logs["opm_dropped_b"]) == 0.0
     q = qs[0]
     assert 0.5 < q < 0.75 and all(abs(v - q) < 1e-6 for v in qs)
     assert abs(float(torch.stack(zero_a).mean()) - 0.7 * q) < 0.03

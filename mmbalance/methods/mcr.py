@@ -868,6 +868,8 @@ class Perturbation:
     rows: int
     index: dict[str, Tensor] | None = None
     values: dict[str, Tensor] | None = None
+    #: ``index`` stacked in the model's modality order, ``(M, R * B)``
+    index_stack: Tensor | None = None
 
     def take(self, m: str, base: Tensor) -> Tensor:
         """Modality ``m``'s perturbed tensor ``(R * B, .)`` built from its unperturbed ``base``."""
@@ -950,12 +952,17 @@ class MCR(Method):
         saves and restores that RNG), while the permutations draw nothing else from it. The
         ``M * K`` permutations are drawn in one call and split by modality.
         """
+        drawn = self._draw_donor_stack(targets, len(modalities))
+        return {m: drawn[i] for i, m in enumerate(modalities)}
+
+    def _draw_donor_stack(self, targets: Tensor, count: int) -> Tensor:
+        """``(count, K, B)`` donors, drawn as :meth:`sample_donors` describes."""
         p: MCRParams = self.params
         seed = int(torch.randint(0, 2**62, (1,)).item())
         gen = torch.Generator(device=targets.device).manual_seed(seed)
         k = p.num_permutations
-        drawn = draw_donors(targets, len(modalities) * k, p.permutation, gen)
-        return {m: drawn[i * k : (i + 1) * k] for i, m in enumerate(modalities)}
+        drawn = draw_donors(targets, count * k, p.permutation, gen)
+        return drawn.reshape(count, k, targets.shape[0])
 
     def perturbation(
         self, output: ModelOutput, ctx: StepContext, donors: Mapping[str, Tensor] | None
@@ -966,9 +973,15 @@ class MCR(Method):
         mods = output.modalities
         if p.perturbation == "permute":
             if donors is None:
-                donors = self.sample_donors(ctx.targets, mods)
-            reps = next(iter(donors.values())).shape[0]
-            return Perturbation(reps, index={m: donors[m].reshape(-1) for m in mods})
+                stack = self._draw_donor_stack(ctx.targets, len(mods))
+            else:
+                stack = torch.stack([donors[m] for m in mods])
+            index = stack.view(len(mods), -1)
+            return Perturbation(
+                stack.shape[1],
+                index={m: index[i] for i, m in enumerate(mods)},
+                index_stack=index,
+            )
         reps = p.num_permutations if p.perturbation.endswith("noise") else 1
         if p.perturbation.startswith("latent"):
             z = output.latents
@@ -1063,8 +1076,8 @@ class MCR(Method):
         if output.contributions is not None:
             contributions = [output.contributions[m] for m in mods]
             index = perturbed = None
-            if perturbation.index is not None:
-                index = torch.stack([perturbation.index[m] for m in mods])  # (M, R * B)
+            if perturbation.index_stack is not None:
+                index = perturbation.index_stack  # (M, R * B)
             else:
                 assert perturbation.values is not None
                 b, c = ref.shape

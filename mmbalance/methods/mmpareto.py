@@ -125,41 +125,71 @@ def combine_encoder_gradients(
     if len(gm) != len(gu) or not gm:
         raise ValueError("gm and gu must be non-empty lists of the same length")
     total = torch._foreach_add(list(gm), list(gu))
-    return rewrite_encoder_gradients(gm, [g.clone() for g in gu], total, gamma)
+    ((new, decision),) = rewrite_encoder_gradients(
+        [[g.clone() for g in gm]], [[g.clone() for g in gu]], [total], gamma
+    )
+    return new, decision
 
 
 def rewrite_encoder_gradients(
-    gm: Sequence[Tensor], gu: Sequence[Tensor], total: Sequence[Tensor], gamma: float
-) -> tuple[list[Tensor], EncoderDecision]:
-    """:func:`combine_encoder_gradients` given ``total = g_m + g_u`` too, writing the result into
-    ``gu``'s storage (which is returned).
+    gm: Sequence[Sequence[Tensor]],
+    gu: Sequence[Sequence[Tensor]],
+    total: Sequence[Sequence[Tensor]],
+    gamma: float,
+) -> list[tuple[list[Tensor], EncoderDecision]]:
+    """MMPareto's rule for several encoders at once, in place.
 
-    ``total`` is the summed-loss gradient the uniform norm ``|g_m,p + g_u,p|`` is taken of (the
-    official code takes it of ``param.grad`` after the summed backward). Memory traffic is what
-    the rule needs and no more: the dot products, per-tensor norms and the combination are
-    ``foreach`` or BLAS calls over the tensors in place (no flattened copies, no float64 copies of
-    the gradients); the three encoder-wide sums are accumulated in float64 from the per-tensor
-    results, and read back to the host in one transfer.
+    ``gm[e]``, ``gu[e]`` and ``total[e] = g_m + g_u`` are encoder ``e``'s per-tensor gradients;
+    ``total`` is the summed-loss gradient whose per-tensor norm is the uniform norm
+    ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after the summed backward).
+    Returns, per encoder, its new gradients (written into ``gu[e]``'s storage; ``gm[e]`` is
+    overwritten too) and its decision.
+
+    The cost is what the rule needs: per-tensor dot products (BLAS) and ``foreach`` norms, the
+    encoder-wide sums accumulated in float64 from the per-tensor results and read to the host in
+    one transfer for all encoders, then the combination ``h = 2 a g_m + 2 (1 - a) g_u``, its
+    norms and the rescale as three ``foreach`` calls over every tensor of every encoder: no
+    flattened or float64 copies of the gradients, no new buffers.
     """
-    gm, gu, total = list(gm), list(gu), list(total)
+    sizes = [len(g) for g in gm]
+    if not sizes or min(sizes) == 0 or [len(g) for g in gu] != sizes:
+        raise ValueError("gm and gu must hold non-empty lists of the same lengths")
+    flat_m = [t for g in gm for t in g]
+    flat_u = [t for g in gu for t in g]
+    flat_t = [t for g in total for t in g]
     dots = torch.stack(
-        [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(gm, gu, strict=True)]
-    )
-    norms_m = torch.stack(torch._foreach_norm(gm))
-    norms_u = torch.stack(torch._foreach_norm(gu))
-    norms_t = torch.stack(torch._foreach_norm(total))
-    stats = torch.stack(
-        [dots.double().sum(), norms_m.double().square().sum(), norms_u.double().square().sum()]
-    ).tolist()
-    dot, nm, nu = stats
-    cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
-    alpha = pareto_weight(dot, nm, nu)
-    torch._foreach_mul_(gu, 2 * (1 - alpha))
-    torch._foreach_add_(gu, gm, alpha=2 * alpha)  # h = 2 a g_m + 2 (1 - a) g_u, in gu's storage
-    norms_h = torch.stack(torch._foreach_norm(gu))
+        [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(flat_m, flat_u, strict=True)]
+    ).double()
+    norms_m = torch.stack(torch._foreach_norm(flat_m)).double()
+    norms_u = torch.stack(torch._foreach_norm(flat_u)).double()
+    norms_t = torch.stack(torch._foreach_norm(flat_t))
+    per_tensor = torch.stack([dots, norms_m.square(), norms_u.square()])  # (3, P)
+    stats = torch.stack([chunk.sum(1) for chunk in per_tensor.split(sizes, dim=1)]).tolist()
+    weights_m, weights_u, decisions = [], [], []
+    for (dot, nm, nu), n in zip(stats, sizes, strict=True):
+        cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
+        alpha = pareto_weight(dot, nm, nu)
+        decisions.append((cos, alpha))
+        weights_m += [2 * alpha] * n
+        weights_u += [2 * (1 - alpha)] * n
+    torch._foreach_mul_(flat_m, weights_m)
+    torch._foreach_mul_(flat_u, weights_u)
+    torch._foreach_add_(flat_u, flat_m)  # h = 2 a g_m + 2 (1 - a) g_u, in gu's storage
+    norms_h = torch.stack(torch._foreach_norm(flat_u))
     factors = torch.where(norms_h > 0, norms_t / norms_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
-    torch._foreach_mul_(gu, list((gamma * factors).to(gu[0].dtype).unbind()))
-    return gu, EncoderDecision(cos, alpha, factors)
+    torch._foreach_mul_(flat_u, list((gamma * factors).to(flat_u[0].dtype).unbind()))
+    out = []
+    for g, f, (cos, alpha) in zip(gu, factors.split(sizes), decisions, strict=True):
+        out.append((list(g), EncoderDecision(cos, alpha, f)))
+    return out
+
+
+def _split(items: Sequence[Tensor], sizes: Sequence[int]) -> list[list[Tensor]]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(list(items[start : start + n]))
+        start += n
+    return out
 
 
 def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
@@ -209,14 +239,17 @@ class MMPareto(Method):
                 for chunk, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
             ]
         ctx.backward(total_loss(losses))  # heads: summed gradient; encoders: g_m + g_u
-        i = 0
-        for m in modalities:
-            enc = list(ctx.encoder_params[m])
-            gm = g_task[i : i + len(enc)]
-            i += len(enc)
-            total = [torch.zeros_like(p) if p.grad is None else p.grad for p in enc]
-            gu = torch._foreach_sub(total, gm)
-            new, decision = rewrite_encoder_gradients(gm, gu, total, self.params.gamma)
+        encoders = [list(ctx.encoder_params[m]) for m in modalities]
+        total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        g_unimodal = torch._foreach_sub(total, g_task)
+        sizes = [len(enc) for enc in encoders]
+        results = rewrite_encoder_gradients(
+            _split(g_task, sizes),
+            _split(g_unimodal, sizes),
+            _split(total, sizes),
+            self.params.gamma,
+        )
+        for m, enc, (new, decision) in zip(modalities, encoders, results, strict=True):
             for p, g in zip(enc, new, strict=True):
                 p.grad = g
             self._log(ctx, m, decision.cos, decision.alpha, decision.factors)
@@ -264,7 +297,11 @@ class MMPareto(Method):
 
     @staticmethod
     def _log(ctx: StepContext, m: str, cos: float, alpha: float, factors: Tensor) -> None:
+        """Per encoder and step: the cosine, ``conflict_<m>`` (1 when the min-norm weights were
+        used, so its mean over steps is the conflict rate), the weight on the fused-loss gradient
+        and the per-tensor norm-restoration factors (mean and max, before ``gamma``)."""
         ctx.log(f"cos_{m}", cos)
+        ctx.log(f"conflict_{m}", 0.0 if cos > 0 else 1.0)
         ctx.log(f"alpha_task_{m}", alpha)
         ctx.log(f"rescale_mean_{m}", factors.mean())
         ctx.log(f"rescale_max_{m}", factors.max())
