@@ -133,17 +133,17 @@ def combine_encoder_gradients(
 
 def rewrite_encoder_gradients(
     gm: Sequence[Sequence[Tensor]],
-    gu: Sequence[Sequence[Tensor]],
+    gu: Sequence[Sequence[Tensor]] | None,
     total: Sequence[Sequence[Tensor]],
     gamma: float,
 ) -> list[tuple[list[Tensor], EncoderDecision]]:
     """MMPareto's rule for several encoders at once, in place.
 
-    ``gm[e]``, ``gu[e]`` and ``total[e] = g_m + g_u`` are encoder ``e``'s per-tensor gradients;
-    ``total`` is the summed-loss gradient whose per-tensor norm is the uniform norm
-    ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after the summed backward).
-    Returns, per encoder, its new gradients (written into ``gu[e]``'s storage; ``gm[e]`` is
-    overwritten too) and its decision.
+    ``gm[e]``, ``gu[e]`` and ``total[e] = g_m + g_u`` are encoder ``e``'s per-tensor gradients
+    (``gu=None``: ``total - gm``); ``total`` is the summed-loss gradient whose per-tensor norm is
+    the uniform norm ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after the
+    summed backward). Returns, per encoder, its new gradients and its decision; ``gm`` and ``gu``
+    may be overwritten.
 
     The cost is what the rule needs: per-tensor dot products (BLAS) and ``foreach`` norms, the
     encoder-wide sums accumulated in float64 from the per-tensor results and read to the host in
@@ -152,11 +152,13 @@ def rewrite_encoder_gradients(
     flattened or float64 copies of the gradients, no new buffers.
     """
     sizes = [len(g) for g in gm]
-    if not sizes or min(sizes) == 0 or [len(g) for g in gu] != sizes:
-        raise ValueError("gm and gu must hold non-empty lists of the same lengths")
+    if not sizes or min(sizes) == 0 or [len(g) for g in total] != sizes:
+        raise ValueError("gm and total must hold non-empty lists of the same lengths")
+    if gu is not None and [len(g) for g in gu] != sizes:
+        raise ValueError("gu must hold lists of the same lengths as gm")
     flat_m = [t for g in gm for t in g]
-    flat_u = [t for g in gu for t in g]
     flat_t = [t for g in total for t in g]
+    flat_u = torch._foreach_sub(flat_t, flat_m) if gu is None else [t for g in gu for t in g]
     dots = torch.stack(
         [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(flat_m, flat_u, strict=True)]
     ).double()
@@ -179,8 +181,10 @@ def rewrite_encoder_gradients(
     factors = torch.where(norms_h > 0, norms_t / norms_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
     torch._foreach_mul_(flat_u, list((gamma * factors).to(flat_u[0].dtype).unbind()))
     out = []
-    for g, f, (cos, alpha) in zip(gu, factors.split(sizes), decisions, strict=True):
-        out.append((list(g), EncoderDecision(cos, alpha, f)))
+    for g, f, (cos, alpha) in zip(
+        _split(flat_u, sizes), factors.split(sizes), decisions, strict=True
+    ):
+        out.append((g, EncoderDecision(cos, alpha, f)))
     return out
 
 
@@ -241,13 +245,9 @@ class MMPareto(Method):
         ctx.backward(total_loss(losses))  # heads: summed gradient; encoders: g_m + g_u
         encoders = [list(ctx.encoder_params[m]) for m in modalities]
         total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        g_unimodal = torch._foreach_sub(total, g_task)
         sizes = [len(enc) for enc in encoders]
         results = rewrite_encoder_gradients(
-            _split(g_task, sizes),
-            _split(g_unimodal, sizes),
-            _split(total, sizes),
-            self.params.gamma,
+            _split(g_task, sizes), None, _split(total, sizes), self.params.gamma
         )
         for m, enc, (new, decision) in zip(modalities, encoders, results, strict=True):
             for p, g in zip(enc, new, strict=True):
