@@ -488,6 +488,24 @@ def test_nt_xent_value_and_gradient_match_autograd(
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
+def test_nt_xent_float32_stays_accurate_at_the_lowest_fast_temperature() -> None:
+    """float32 at temperature 0.05 (exp(-40) is the smallest exponential): value and gradient
+    within float32 rounding of the float64 log-space reference, no cancellation."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0, 0, 0])
+    z32 = {f"m{i}": torch.randn(10, 8, generator=g).requires_grad_(True) for i in range(3)}
+    z64 = {k: v.detach().double().requires_grad_(True) for k, v in z32.items()}
+    lab = y.repeat(3)
+    same = lab[:, None] == lab[None, :]
+    got = nt_xent(z32, y, 0.05, 3)
+    expected = nt_xent_autograd(torch.cat(list(z64.values())), same, 0.05)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    grads32 = torch.autograd.grad(got, list(z32.values()))
+    grads64 = torch.autograd.grad(expected, list(z64.values()))
+    for a, b in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
 def test_contrastive_regression_positives_by_sign() -> None:
     model = make_model(2, "late_sum", c=1)
     x, _ = batch(model)

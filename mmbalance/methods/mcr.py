@@ -139,7 +139,9 @@ def divergence_rows(u: Tensor, v: Tensor, task: Task) -> Tensor:
     return (u - v).pow(2).mean(-1)
 
 
-def _set_divergence_forward(u: Tensor, v: Tensor, regression: bool) -> tuple[Tensor, list[Tensor]]:
+def _set_divergence_forward(
+    u: Tensor, v: Tensor, regression: bool, keep_v: bool = True
+) -> tuple[Tensor, list[Tensor]]:
     """Per-set mean divergences ``D`` ``(S,)`` of class-major logits, and what the backward needs.
 
     ``u`` ``(S, C, R, B)`` (set, class, permutation, row), ``v`` ``(S or 1, C, 1, B)``; ``D_S`` is
@@ -164,9 +166,13 @@ def _set_divergence_forward(u: Tensor, v: Tensor, regression: bool) -> tuple[Ten
     q = logq.exp()
     log_sum = (p + q).clamp_min_(torch.finfo(p.dtype).tiny).log_()
     a = logp.sub_(log_sum)  # log p - L
-    b = log_sum.neg_().add_(logq)  # log q - L
     kl_p = (p * a).sum(1, keepdim=True)
-    kl_q = torch.mul(q, b, out=logq.new_empty(b.shape)).sum(1, keepdim=True)
+    if not keep_v:  # v's gradient is not wanted: sum q b = sum q log q - sum q L, no b
+        kl_q = (q * logq).sum(1, keepdim=True) - (q * log_sum).sum(1, keepdim=True)
+        per_set = (kl_p + kl_q).mean((1, 2, 3)).mul_(0.5).add_(_LN2)
+        return per_set, [p, a, kl_p]
+    b = log_sum.neg_().add_(logq)  # log q - L
+    kl_q = (q * b).sum(1, keepdim=True)
     per_set = (kl_p + kl_q).mean((1, 2, 3)).mul_(0.5).add_(_LN2)
     return per_set, [p, a, kl_p, q, b, kl_q]
 
@@ -186,12 +192,13 @@ def _set_divergence_backward(
         if coef_v is not None:
             gv = (diff * (coef_v * -scale).view(s, 1, 1, 1)).sum(2, keepdim=True)
         return gu, gv
-    p, a, kl_p, q, b_, kl_q = saved
+    p, a, kl_p, *v_part = saved
     s, c, r, b = p.shape
     scale = 0.5 / (r * b)
     if coef_u is not None:
         gu = (a - kl_p).mul_(p).mul_((coef_u * scale).view(s, 1, 1, 1))
     if coef_v is not None:
+        q, b_, kl_q = v_part
         gv = (b_ - kl_q).mul_(q).mul_((coef_v * scale).view(s, 1, 1, 1)).sum(2, keepdim=True)
     return gu, gv
 
@@ -216,7 +223,9 @@ class _RoutedSetDivergence(torch.autograd.Function):
         ctx.shared_v = v.shape[0] == 1 and u.shape[0] > 1  # type: ignore[attr-defined]
         ctx.v_silent = v_silent  # type: ignore[attr-defined]
         with torch.autocast(u.device.type, enabled=False):
-            per_set, saved = _set_divergence_forward(u.to(dtype), v.to(dtype), regression)
+            per_set, saved = _set_divergence_forward(
+                u.to(dtype), v.to(dtype), regression, keep_v=not v_silent
+            )
             value = (w_value.to(dtype) * per_set).sum()
         ctx.save_for_backward(w_u, w_v, *saved)
         ctx.mark_non_differentiable(per_set)
@@ -311,19 +320,22 @@ class _SupervisedNTXent(torch.autograd.Function):
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(dtype)
             same = same.to(dtype)
-            tiled = same.view(1, b, 1, b)  # the (N, N) mask, viewed as (M, B, M, B)
+            other_rows = (1.0 - same).expand(m, b, b).reshape(n, b)  # row (k, i): 1 - same[i]
+            same_rows = 1.0 - other_rows
             norm = z.norm(dim=1, keepdim=True)
             radial = (norm > 1e-12).to(dtype)
             norm = norm.clamp_min_(1e-12)
             e = z / norm
-            x = (e @ e.T).sub_(1.0).mul_(1.0 / temperature)
+            shift = e.new_full((1,), -1.0 / temperature)
+            x = torch.addmm(shift, e, e.T, alpha=1.0 / temperature)  # (s - 1) / tau
             big_e = x.exp()
-            denom = (big_e.view(m, b, m, b) * tiled).view(n, n)
-            negatives = big_e.sum(1, keepdim=True) - denom.sum(1, keepdim=True)
-            torch.add(big_e, negatives, out=denom)
+            # each row's sum over its negatives through the block structure: sum over the M
+            # column blocks first, then the (N, B) product with the label mask (a sum of
+            # positive terms: no cancellation, exactly 0 for a row without negatives)
+            negatives = (big_e.view(n, m, b).sum(1) * other_rows).sum(1, keepdim=True)
+            denom = big_e + negatives
             pair = denom.log().sub_(x)
-            diagonal = pair.diagonal().sum()
-            pair_sum = (pair.view(m, b, m, b) * tiled).sum() - diagonal
+            pair_sum = (pair.view(n, m, b).sum(1) * same_rows).sum() - pair.diagonal().sum()
             n_pos = (same.sum() * (m * m) - n).clamp_min_(1.0)
             loss = pair_sum / n_pos
         ctx.save_for_backward(e, norm, radial, big_e, denom, same, n_pos)
@@ -338,20 +350,17 @@ class _SupervisedNTXent(torch.autograd.Function):
         b = same.shape[0]
         m = n // b
         tiled = same.view(1, b, 1, b)
-        # positive pairs: weights 1 / D, then E / D - 1
-        grad = torch.reciprocal(denom)
-        grad.view(m, b, m, b).mul_(tiled)
+        # A = positive / D; c_a = sum_p A_ap; dL/dx = E (A + c (1 - T)) - positive
+        grad = torch.div(tiled, denom.view(m, b, m, b)).view(n, n)
         grad.fill_diagonal_(0.0)
         c = grad.sum(1, keepdim=True)
-        grad.mul_(big_e).view(m, b, m, b).sub_(tiled)
+        grad.view(m, b, m, b).add_(c.view(m, b, 1, 1) * (1.0 - tiled))  # + c at negatives
+        grad.mul_(big_e)
+        grad.view(m, b, m, b).sub_(tiled)
         grad.diagonal().add_(1.0)
-        # negatives: E_an c_a where the labels differ
-        neg = big_e * c
-        grad.add_(neg)
-        neg.view(m, b, m, b).mul_(tiled)
-        grad.sub_(neg)
-        grad.mul_(g.to(e.dtype) / (n_pos * ctx.temperature))  # type: ignore[attr-defined]
+        scale = g.to(e.dtype) / (n_pos * ctx.temperature)  # type: ignore[attr-defined]
         grad_e = torch.add(grad, grad.T) @ e
+        grad_e.mul_(scale)
         grad_z = grad_e.sub_(e * ((e * grad_e).sum(1, keepdim=True) * radial)).div_(norm)
         return grad_z.to(ctx.in_dtype), None, None  # type: ignore[attr-defined]
 
@@ -632,7 +641,10 @@ class _AdditiveMIPD(torch.autograd.Function):
                 v = v.view(1, c, 1, b)
             else:
                 v = ref.to(dtype).T.reshape(1, c, 1, b)
-            per_set, saved = _set_divergence_forward(u, v, spec.regression)
+            keep_v = spec.reference == "masked" or (
+                spec.reference == "summed" and not spec.shared_silent
+            )
+            per_set, saved = _set_divergence_forward(u, v, spec.regression, keep_v)
             value = (w_set * per_set).sum()
         ctx.spec = spec  # type: ignore[attr-defined]
         ctx.dtypes = (  # type: ignore[attr-defined]
