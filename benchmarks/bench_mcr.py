@@ -12,10 +12,17 @@ Settings (default run, a few minutes on 2 CPU cores):
   ``--full`` uses the full input size (1x257x188 spectrogram + 3x3x224x224 frames); the default
   uses a reduced size (1x128x94 + 3x1x112x112) so that the repetitions fit in the time budget.
 
-Peak memory is the process's maximum resident set size after each setting (CPU) or
-``torch.cuda.max_memory_allocated`` (GPU). Results go to ``benchmarks/results/bench_mcr.json``.
+The small-model sweeps also time MCR's two evaluations of R_MIPD (``evaluation=per_set``, the
+default, against the reference code's ``per_mask``) and MCR without its contrastive and
+unimodal terms (``mipd only``), which splits the cost between the regulariser and the rest.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_mcr.py [--full] [--reps N] [--device cuda]``.
+Peak memory is the process's maximum resident set size after each setting (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU). ``--clock thread`` times with the CPU time of the
+timing thread (robust on a shared machine; use it with ``torch`` on one thread, the default
+here). Results go to ``benchmarks/results/bench_mcr.json``.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_mcr.py [--full] [--reps N] [--device cuda]
+[--clock thread] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -91,6 +98,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 def compare(
     name: str,
     build: Any,
@@ -98,6 +108,7 @@ def compare(
     mcr_params: dict[str, Any],
     reps: int,
     device: str,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     model, shapes = build()
@@ -113,18 +124,24 @@ def compare(
         steps[key]()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    now = CLOCKS[clock]
     for _ in range(reps):
         for key in ("joint", "mcr"):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             steps[key]()
             sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(now() - t0)
     joint, mcr = statistics.median(times["joint"]), statistics.median(times["mcr"])
     row = {
         "setting": name,
         "batch": batch,
-        **{k: v for k, v in mcr_params.items() if k in ("num_permutations", "lam_con")},
+        **{
+            k: v
+            for k, v in mcr_params.items()
+            if k in ("num_permutations", "lam_con", "lam_uni", "evaluation", "subsets")
+        },
+        "clock": clock,
         "joint_ms": 1000 * joint,
         "mcr_ms": 1000 * mcr,
         "ratio": mcr / joint,
@@ -144,73 +161,71 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15, help="repetitions of the small-model sweeps")
     ap.add_argument("--resnet-reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "bench_mcr.json"))
     args = ap.parse_args()
-    dev, reps = args.device, args.reps
+    dev, reps, clock = args.device, args.reps, args.clock
+    torch.set_num_threads(args.threads)
     mcr = {"lam": 0.1, "strategy": "greedy", "num_permutations": 32, "lam_con": 1.0}
+    mipd_only = {**mcr, "lam_con": 0.0, "lam_uni": 0.0}
     rows: list[dict[str, Any]] = []
-    print(f"device {dev}; torch threads {torch.get_num_threads()}")
-    rows.append(
-        compare(
-            f"resnet18 AV ({'full' if args.full else 'reduced'}) late_sum K=32",
-            lambda: resnet_model(args.full),
-            32,
-            mcr,
-            args.resnet_reps,
-            dev,
-        )
-    )
-    rows.append(
-        compare(
-            "resnet18 AV MIPD only (lam_con=0) K=32",
-            lambda: resnet_model(args.full),
-            32,
-            {**mcr, "lam_con": 0.0},
-            args.resnet_reps,
-            dev,
-        )
-    )
-    for k in (1, 8, 32, 128):
-        rows.append(
-            compare(
-                f"small M=2 late_sum K={k}",
-                lambda: mlp_model(2, "late_sum"),
+    print(f"device {dev}; torch threads {torch.get_num_threads()}; clock {clock}")
+
+    def run(name: str, build: Any, batch: int, params: dict[str, Any], n: int) -> None:
+        rows.append(compare(name, build, batch, params, n, dev, clock))
+
+    if not args.skip_resnet:
+        for label, params in (("", mcr), (" MIPD only (lam_con=0, lam_uni=0)", mipd_only)):
+            run(
+                f"resnet18 AV ({'full' if args.full else 'reduced'}) late_sum K=32{label}",
+                lambda: resnet_model(args.full),
                 32,
-                {**mcr, "num_permutations": k},
-                reps,
-                dev,
+                params,
+                args.resnet_reps,
             )
+    for evaluation in ("per_set", "per_mask"):
+        for m in (2, 4):
+            run(
+                f"small M={m} late_sum K=32 mipd only {evaluation}",
+                lambda m=m: mlp_model(m, "late_sum"),
+                32,
+                {**mipd_only, "evaluation": evaluation},
+                reps,
+            )
+        run(
+            f"small M=2 concat_mlp K=32 mipd only {evaluation}",
+            lambda: mlp_model(2, "concat_mlp"),
+            32,
+            {**mipd_only, "evaluation": evaluation},
+            reps,
+        )
+    for k in (1, 8, 32, 128):
+        run(
+            f"small M=2 late_sum K={k}",
+            lambda: mlp_model(2, "late_sum"),
+            32,
+            {**mcr, "num_permutations": k},
+            reps,
         )
     for b in (8, 128, 512):
-        rows.append(
-            compare("small M=2 late_sum K=32", lambda: mlp_model(2, "late_sum"), b, mcr, reps, dev)
-        )
-    for m in (3, 4):
+        run("small M=2 late_sum K=32", lambda: mlp_model(2, "late_sum"), b, mcr, reps)
+    for m in (3, 4, 5):
         for which in ("all", "linear"):
-            rows.append(
-                compare(
-                    f"small M={m} late_sum K=32 subsets={which}",
-                    lambda m=m: mlp_model(m, "late_sum"),
-                    32,
-                    {**mcr, "subsets": which},
-                    reps,
-                    dev,
-                )
+            run(
+                f"small M={m} late_sum K=32 subsets={which}",
+                lambda m=m: mlp_model(m, "late_sum"),
+                32,
+                {**mcr, "subsets": which},
+                reps,
             )
     for fusion in ("concat_linear", "concat_mlp", "film", "gated", "transformer"):
-        rows.append(
-            compare(
-                f"small M=2 {fusion} K=32",
-                lambda fusion=fusion: mlp_model(2, fusion),
-                32,
-                mcr,
-                reps,
-                dev,
-            )
-        )
+        run(f"small M=2 {fusion} K=32", lambda fusion=fusion: mlp_model(2, fusion), 32, mcr, reps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev, "rows": rows}, indent=2))
+    meta = {"device": dev, "threads": torch.get_num_threads(), "clock": clock}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")
 
 

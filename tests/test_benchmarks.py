@@ -31,7 +31,10 @@ def test_run_cost_quick_covers_every_method(tmp_path: Path) -> None:
     assert len(joint) == 1 and joint[0]["ratio_to_joint"] == 1.0
     assert json.loads((tmp_path / "cost_cpu.json").read_text()) == records
     table = (tmp_path / "cost_cpu.md").read_text()
-    assert "| mcr |" in table and "≤ 1.10" in table
+    assert "| mcr |" in table and "≤ 1.50" in table
+    floor = {r["method"]: r for r in records if "ratio_to_floor" in r}
+    assert set(floor) == {"mmpareto", "mmpareto[floor]"}
+    assert floor["mmpareto[floor]"]["ratio_to_floor"] == 1.0
 
 
 def test_peak_memory_in_a_fresh_process() -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
+import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,19 +23,24 @@ from mmbalance.build import resolve_config
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, ModelInfo, StepContext
+from mmbalance.methods import mcr as mcr_module
+from mmbalance.methods.base import total_loss
 from mmbalance.methods.mcr import (
     MCR,
     draw_donors,
     jsd,
     jsd_rows,
     nt_xent,
+    nt_xent_autograd,
     subsets,
+    uniform_permutations,
 )
 from mmbalance.models import MultimodalModel, build_fusion
 from mmbalance.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
+FUSIONS = ["late_sum", "concat_linear", "concat_mlp", "film", "gated", "transformer"]
 
 
 def make_model(m: int, fusion: str, d: int = 6, c: int = 4, seed: int = 0) -> MultimodalModel:
@@ -65,6 +76,30 @@ def enc_grads(model: MultimodalModel, loss: Tensor, m: str) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
+def all_grads(model: MultimodalModel, loss: Tensor) -> dict[str, Tensor]:
+    """Gradient of ``loss`` for every parameter of the model (encoders and heads)."""
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return {
+        n: torch.zeros_like(p) if g is None else g
+        for n, p, g in zip(names, params, grads, strict=True)
+    }
+
+
+def set_weight(strategy: str, lam: float, m: int, size: int) -> float:
+    """W_S of a set of ``size`` modalities: sum of its input weights, or -lam (collaborative)."""
+    if strategy == "collaborative":
+        return -lam
+    k = STRATEGIES[strategy]
+    return -lam * size - k * lam * (m - size)
+
+
+def permuted_latents(
+    z: dict[str, Tensor], donors: dict[str, Tensor], s: tuple[str, ...], reps: int
+) -> dict[str, Tensor]:
+    return {n: (z[n][donors[n].reshape(-1)] if n in s else z[n].repeat(reps, 1)) for n in z}
+
+
 # --- the game: gradient identities against autograd on the separated losses -------------------------
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("m", [2, 3])
@@ -73,7 +108,7 @@ def test_encoder_gradient_matches_game_rule(strategy: str, m: int, fusion: str) 
     model = make_model(m, fusion)
     lam, k = 0.7, STRATEGIES[strategy]
     method = make_method(
-        model, lam=lam, strategy=strategy, num_permutations=3, detach_reference=True
+        model, lam=lam, strategy=strategy, num_permutations=3, reference="detached"
     )
     x, y = batch(model)
     ctx = ctx_for(model, x, y)
@@ -117,8 +152,8 @@ def test_greedy_two_modalities_no_gradient_to_reference_or_bias(fusion: str) -> 
         method = make_method(model, lam=1.0, strategy=strategy, num_permutations=4)
         torch.manual_seed(3)
         reg = method.mipd(out, ctx_for(model, x, y))
-        g_ref, g_bias = torch.autograd.grad(reg, [leaf, bias], retain_graph=True)
-        size = float(g_ref.abs().max()) + float(g_bias.abs().max())
+        grads = torch.autograd.grad(reg, [leaf, bias], retain_graph=True, allow_unused=True)
+        size = sum(0.0 if g is None else float(g.abs().max()) for g in grads)
         if expect_zero:
             assert size < 1e-7
         else:
@@ -134,6 +169,167 @@ def test_masked_evaluations_do_not_change_forward_values() -> None:
     assert abs(float(reg.detach())) < 1e-7
     method = make_method(model, lam=1.0, strategy="independent", num_permutations=4)
     assert float(method.mipd(model(x), ctx_for(model, x, y)).detach()) < -1e-4
+
+
+# --- per-set evaluation: the same gradients as the masked evaluations ------------------------------
+@pytest.mark.parametrize("reference", ["summed", "masked", "detached"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_per_set_evaluation_equals_per_mask(
+    fusion: str, m: int, strategy: str, reference: str
+) -> None:
+    """One head evaluation and one divergence per set give every parameter (encoders, fusion and
+    unimodal heads) the gradient of the reference code's masked evaluations, and the same value
+    and logged divergences."""
+    model = make_model(m, fusion).double()
+    x, y = batch(model)
+    x = {k: v.double() for k, v in x.items()}
+    out = model(x)
+    opts = {"lam": 0.7, "strategy": strategy, "num_permutations": 3, "reference": reference}
+    per_set = make_method(model, **opts)
+    per_mask = make_method(model, **opts, evaluation="per_mask")
+    torch.manual_seed(2)
+    donors = per_set.sample_donors(y, model.modalities)
+    ctx_set, ctx_mask = ctx_for(model, x, y), ctx_for(model, x, y)
+    value_set = per_set.mipd(out, ctx_set, donors)
+    value_mask = per_mask.mipd(out, ctx_mask, donors)
+    torch.testing.assert_close(value_set, value_mask, rtol=1e-10, atol=1e-12)
+    assert set(ctx_set.logs) == set(ctx_mask.logs)
+    for name, logged in ctx_set.logs.items():
+        torch.testing.assert_close(logged, ctx_mask.logs[name], rtol=1e-10, atol=1e-12)
+    got, expected = all_grads(model, value_set), all_grads(model, value_mask)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12, msg=name)
+    assert any(float(g.abs().max()) > 1e-6 for n, g in got.items() if n.startswith("encoders."))
+
+
+@pytest.mark.parametrize("perturbation", ["latent_noise", "latent_zero", "input_noise"])
+@pytest.mark.parametrize("fusion", ["late_sum", "gated"])
+def test_per_set_equals_per_mask_for_other_perturbations(perturbation: str, fusion: str) -> None:
+    model = make_model(3, fusion).double()
+    x, y = batch(model)
+    x = {k: v.double() for k, v in x.items()}
+    opts = {"lam": 0.5, "strategy": "greedy", "num_permutations": 2, "perturbation": perturbation}
+    values = {}
+    for evaluation in ("per_set", "per_mask"):
+        method = make_method(model, **opts, evaluation=evaluation)
+        torch.manual_seed(4)  # the same noise for both
+        values[evaluation] = method.mipd(model(x), ctx_for(model, x, y))
+    torch.testing.assert_close(values["per_set"], values["per_mask"], rtol=1e-10, atol=1e-12)
+    got, expected = all_grads(model, values["per_set"]), all_grads(model, values["per_mask"])
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("evaluation", ["per_set", "per_mask"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("fusion", ["late_sum", "concat_mlp", "gated"])
+def test_masked_reference_realises_the_game_over_both_paths(
+    fusion: str, m: int, strategy: str, evaluation: str
+) -> None:
+    """``reference="masked"``: encoder j receives exactly
+    lam * (sum_{S contains j} grad_j L_S + k * sum_{S without j} grad_j L_S), with
+    L_S = -JSD(head(z with S permuted), head(z)) differentiated through both predictions."""
+    model = make_model(m, fusion).double()
+    lam, k = 0.7, STRATEGIES[strategy]
+    method = make_method(
+        model,
+        lam=lam,
+        strategy=strategy,
+        num_permutations=3,
+        reference="masked",
+        evaluation=evaluation,
+    )
+    x, y = batch(model)
+    x = {n: v.double() for n, v in x.items()}
+    out = model(x)
+    torch.manual_seed(5)
+    donors = method.sample_donors(y, model.modalities)
+    reg = method.mipd(out, ctx_for(model, x, y), donors)
+    z = out.latents
+    ref = model.fusion(z).logits.repeat(3, 1)  # a separate, live evaluation of the reference
+    sets = [s for r in range(1, m) for s in itertools.combinations(model.modalities, r)]
+    l_s = {s: -jsd(model.fusion(permuted_latents(z, donors, s, 3)).logits, ref) for s in sets}
+    for j in model.modalities:
+        lhs = enc_grads(model, reg, j)
+        rhs = [torch.zeros_like(g) for g in lhs]
+        for s, loss in l_s.items():
+            w = lam if j in s else k * lam
+            for acc, g in zip(rhs, enc_grads(model, loss, j), strict=True):
+                acc += w * g
+        for a, b in zip(lhs, rhs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert sum(float(g.abs().sum()) for g in lhs) > 0
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("fusion", ["late_sum", "concat_mlp"])
+def test_summed_reference_receives_the_set_weight(fusion: str, m: int, strategy: str) -> None:
+    """The default (the reference code's convention): the perturbed path of set S reaches encoder
+    j with weight w(S, j), the reference path with the set weight W_S = sum_m w(S, m)
+    (collaborative: -lam), whatever j."""
+    model = make_model(m, fusion).double()
+    lam, k = 0.7, STRATEGIES[strategy]
+    method = make_method(model, lam=lam, strategy=strategy, num_permutations=3)
+    x, y = batch(model)
+    x = {n: v.double() for n, v in x.items()}
+    out = model(x)
+    torch.manual_seed(6)
+    donors = method.sample_donors(y, model.modalities)
+    reg = method.mipd(out, ctx_for(model, x, y), donors)
+    z = out.latents
+    ref = out.logits.repeat(3, 1)
+    sets = [s for r in range(1, m) for s in itertools.combinations(model.modalities, r)]
+    perturbed = {s: model.fusion(permuted_latents(z, donors, s, 3)).logits for s in sets}
+    for j in model.modalities:
+        rhs = [torch.zeros_like(g) for g in enc_grads(model, reg, j)]
+        for s, u in perturbed.items():
+            w_input = -lam if j in s else -k * lam
+            w_set = set_weight(strategy, lam, m, len(s))
+            pieces = ((w_input, jsd(u, ref.detach())), (w_set, jsd(u.detach(), ref)))
+            for w, loss in pieces:
+                for acc, g in zip(rhs, enc_grads(model, loss, j), strict=True):
+                    acc += w * g
+        for a, b in zip(enc_grads(model, reg, j), rhs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_divergences_are_logged_and_the_greedy_two_modality_value_is_zero() -> None:
+    """Greedy play, M = 2: the term's value is exactly 0 (W_S = 0 for both sets) while its
+    gradient is not; the divergences themselves are logged per step."""
+    model = make_model(2, "late_sum")
+    x, y = batch(model)
+    out = model(x)
+    method = make_method(model, lam=1.0, strategy="greedy", num_permutations=4)
+    torch.manual_seed(7)
+    donors = method.sample_donors(y, model.modalities)
+    ctx = ctx_for(model, x, y)
+    reg = method.mipd(out, ctx, donors)
+    assert float(reg.detach()) == 0.0
+    assert sum(float(g.abs().sum()) for g in enc_grads(model, reg, "m1")) > 0
+    ref = out.logits.detach().repeat(4, 1)
+    for m in model.modalities:
+        expected = jsd(model.fusion(permuted_latents(out.latents, donors, (m,), 4)).logits, ref)
+        assert float(ctx.logs[f"mcr_div_{m}"]) == pytest.approx(float(expected), rel=1e-5)
+        assert float(ctx.logs[f"mcr_div_{m}"]) > 1e-4
+    model3 = make_model(3, "late_sum")
+    x3, y3 = batch(model3)
+    ctx3 = ctx_for(model3, x3, y3)
+    method3 = make_method(model3, lam=1.0, strategy="greedy", num_permutations=2)
+    torch.manual_seed(8)
+    donors3 = method3.sample_donors(y3, model3.modalities)
+    out3 = model3(x3)
+    method3.mipd(out3, ctx3, donors3)
+    ref3 = out3.logits.detach().repeat(2, 1)
+    sets3 = [s for r in (1, 2) for s in itertools.combinations(model3.modalities, r)]
+    divs = [
+        jsd(model3.fusion(permuted_latents(out3.latents, donors3, s, 2)).logits, ref3)
+        for s in sets3
+    ]
+    assert float(ctx3.logs["mcr_div_mean"]) == pytest.approx(float(torch.stack(divs).mean()))
 
 
 # --- JSD ---------------------------------------------------------------------------------------------
@@ -194,6 +390,22 @@ def test_donor_kinds() -> None:
     assert not bool((same == torch.arange(4)).any())  # falls back to other rows
 
 
+@pytest.mark.parametrize("loop_from", [2, 10**9])
+def test_both_permutation_samplers_are_uniform(loop_from: int, monkeypatch) -> None:
+    """``k`` torch.randperm calls (CPU, large batches) and the argsort of random keys: every row
+    is a permutation, and the 24 permutations of 4 rows are equally likely."""
+    monkeypatch.setattr(mcr_module, "RANDPERM_LOOP_MIN_BATCH", loop_from)
+    g = torch.Generator().manual_seed(0)
+    draws = uniform_permutations(4800, 4, g, torch.device("cpu"))
+    assert torch.equal(draws.sort(1).values, torch.arange(4).expand(4800, 4))
+    codes = (draws * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)
+    counts = counts[counts > 0]
+    assert len(counts) == 24
+    chi2 = float(((counts - 200.0) ** 2 / 200.0).sum())
+    assert chi2 < 50.0  # 23 degrees of freedom: P(chi2 > 50) < 0.001
+
+
 def test_subsets_all_and_linear() -> None:
     mods = ("a", "b", "c", "d")
     assert len(subsets(mods, "all")) == 14
@@ -243,6 +455,55 @@ def test_nt_xent_matches_loop(m: int) -> None:
     assert float(nt_xent(z, labels, 0.5)) == pytest.approx(nt_xent_loop(z, labels, 0.5), rel=1e-9)
     idx = torch.arange(6)  # the "pure" variant: same-sample positives only
     assert float(nt_xent(z, idx, 0.3)) == pytest.approx(nt_xent_loop(z, idx, 0.3), rel=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.07, 0.02])
+@pytest.mark.parametrize(
+    "m,labels",
+    [
+        (2, [0, 1, 0, 2, 1, 1, 2, 0]),
+        (3, [1, 1, 1, 1, 0, 1]),  # rows of label 1 have negatives, one row has no positive
+        (2, [2, 2, 2, 2]),  # no negatives at all: the loss is 0
+    ],
+)
+def test_nt_xent_value_and_gradient_match_autograd(
+    m: int, labels: list[int], temperature: float
+) -> None:
+    """The hand-written backward (temperature >= 0.05) and the log-space autograd fallback agree
+    with autograd on the plain formula, also with one-hot label equality."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor(labels)
+    z = {f"m{i}": torch.randn(len(labels), 5, generator=g, dtype=torch.float64) for i in range(m)}
+    for v in z.values():
+        v.requires_grad_(True)
+    lab = y.repeat(m)
+    expected = nt_xent_autograd(
+        torch.cat(list(z.values())), lab[:, None] == lab[None, :], temperature
+    )
+    expected_grads = torch.autograd.grad(expected, list(z.values()))
+    for classes in (None, 3):
+        got = nt_xent(z, y, temperature, classes)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, list(z.values())), expected_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_nt_xent_float32_stays_accurate_at_the_lowest_fast_temperature() -> None:
+    """float32 at temperature 0.05 (exp(-40) is the smallest exponential): value and gradient
+    within float32 rounding of the float64 log-space reference, no cancellation."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0, 0, 0])
+    z32 = {f"m{i}": torch.randn(10, 8, generator=g).requires_grad_(True) for i in range(3)}
+    z64 = {k: v.detach().double().requires_grad_(True) for k, v in z32.items()}
+    lab = y.repeat(3)
+    same = lab[:, None] == lab[None, :]
+    got = nt_xent(z32, y, 0.05, 3)
+    expected = nt_xent_autograd(torch.cat(list(z64.values())), same, 0.05)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    grads32 = torch.autograd.grad(got, list(z32.values()))
+    grads64 = torch.autograd.grad(expected, list(z64.values()))
+    for a, b in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
 
 
 def test_contrastive_regression_positives_by_sign() -> None:
@@ -345,6 +606,75 @@ def test_shipped_configs_resolve() -> None:
         METHODS.get("mcr")(**params)  # validates every method option
 
 
+# --- DDP ------------------------------------------------------------------------------------------
+def _mcr_step_method(model: MultimodalModel) -> MCR:
+    return make_method(model, lam=1.0, strategy="independent", num_permutations=4, lam_con=1.0)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = make_model(2, "late_sum").double()
+    method = _mcr_step_method(model)
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        x, y = batch(model, b=16, seed=10 + step)
+        half = {k: v[rank * 8 : (rank + 1) * 8].double() for k, v in x.items()}
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + step)  # every rank draws its permutations as one process would
+        output = ddp(half)
+        ctx = StepContext(y[rank * 8 : (rank + 1) * 8], fusion=model.fusion)
+        total_loss(method.losses(output, ctx)).backward()
+        opt.step()
+    torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: destroying DDP's reducer there can deadlock on gloo
+
+
+def _single_process_run(shards: int) -> dict[str, Tensor]:
+    """Three steps in one process on batches of 16, each batch split into ``shards`` blocks whose
+    MCR losses (permutations and contrastive pairs within the block) are averaged."""
+    model = make_model(2, "late_sum").double()
+    method = _mcr_step_method(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    size = 16 // shards
+    for step in range(3):
+        x, y = batch(model, b=16, seed=10 + step)
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64)
+        for h in range(shards):
+            part = {k: v[h * size : (h + 1) * size].double() for k, v in x.items()}
+            torch.manual_seed(100 + step)
+            ctx = StepContext(y[h * size : (h + 1) * size], fusion=model.fusion)
+            total = total + total_loss(method.losses(model(part), ctx)) / shards
+        total.backward()
+        opt.step()
+    return model.state_dict()
+
+
+def test_ddp_equals_per_shard_mcr(tmp_path: Path) -> None:
+    """Two processes at global batch 16 train exactly like one process that averages the MCR
+    losses of the two halves (permutations and contrastive pairs within each half), not like one
+    process at batch 16: the difference the module docstring states."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    per_shard = _single_process_run(shards=2)
+    whole = _single_process_run(shards=1)
+    differs = False
+    for k, v in per_shard.items():
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], v, rtol=1e-9, atol=1e-11, msg=k)
+        differs |= not torch.allclose(r0[k], whole[k], rtol=1e-6, atol=1e-8)
+    assert differs
+
+
 # --- training -----------------------------------------------------------------------------------------
 def _run(method: str, tmp: Path, **extra: object) -> dict[str, float]:
     cfg = resolve_config(
@@ -376,6 +706,9 @@ def test_lambda_zero_reproduces_multiloss(tmp_path: Path) -> None:
 def test_mcr_trains_with_every_term(tmp_path: Path) -> None:
     metrics = _run("mcr", tmp_path, **{"method.lam": 0.5, "method.lam_ceb": 0.1})
     assert metrics["accuracy"] > 0.5
+    with (tmp_path / "steps.csv").open() as f:
+        names = {row["name"] for row in csv.DictReader(f)}
+    assert {"mcr_div_m1", "mcr_div_m2"} <= names
 
 
 @pytest.mark.slow

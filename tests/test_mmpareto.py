@@ -126,8 +126,33 @@ def test_conflict_gives_common_descent_with_restored_norm() -> None:
     assert torch.all(decision.factors >= 1)
 
 
+@pytest.mark.parametrize("ratio", [1e3, 1e-5])
+def test_lopsided_conflict_uses_the_unclipped_min_norm_weight(ratio: float) -> None:
+    """One gradient far larger than the other: the weight is the exact min-norm point, outside
+    [0.001, 0.999], as in the official code (no clip in its conflict branch)."""
+    gm, gu = _tensors(2, conflict=True)
+    gu = [ratio * g for g in gu]
+    new, decision = combine_encoder_gradients(gm, gu, GAMMA)
+    fm = torch.cat([g.reshape(-1) for g in gm])
+    fu = torch.cat([g.reshape(-1) for g in gu])
+    assert decision.cos < 0
+    expected = _official_min_norm_from2(float(fm @ fm), float(fm @ fu), float(fu @ fu))
+    assert decision.alpha == pytest.approx(expected, rel=1e-12)
+    assert decision.alpha > 0.999 if ratio > 1 else decision.alpha < 0.001
+    # interior min-norm optimality: d.(g_m - g_u) = 0, so d has the same projection on both
+    d = decision.alpha * fm + (1 - decision.alpha) * fu
+    assert float(d @ (fm - fu)) == pytest.approx(0.0, abs=1e-9 * float(fm.norm() * fu.norm()))
+    # the rewritten gradient is gamma * max(r_p, 1) * h_p with the unclipped weight
+    for n, a, b, f in zip(new, gm, gu, decision.factors, strict=True):
+        h = 2 * decision.alpha * a + 2 * (1 - decision.alpha) * b
+        torch.testing.assert_close(n, GAMMA * f * h, rtol=1e-12, atol=0)
+
+
 # --- equivalence with separate backward passes -------------------------------------------------
-def _model(m: int, conflict: bool, seed: int = 0) -> MultimodalModel:
+def _model(m: int, conflict: bool, seed: int = 0, fused_scale: float = 1.0) -> MultimodalModel:
+    """``conflict``: the fused head is ``-fused_scale`` times the unimodal heads, so the fused and
+    unimodal losses pull the encoders apart; a small ``fused_scale`` makes the fused-loss encoder
+    gradient far smaller than the unimodal one."""
     torch.manual_seed(seed)
     names = [f"m{i + 1}" for i in range(m)]
     encoders = {
@@ -138,7 +163,7 @@ def _model(m: int, conflict: bool, seed: int = 0) -> MultimodalModel:
     if conflict:  # fused head opposite to the unimodal heads: the losses pull apart
         with torch.no_grad():
             for n in names:
-                fusion.linears[n].weight.copy_(-model.unimodal_heads[n].weight)
+                fusion.linears[n].weight.copy_(-fused_scale * model.unimodal_heads[n].weight)
     return model
 
 
@@ -146,6 +171,15 @@ def _batch(m: int, n: int = 16, seed: int = 1) -> tuple[dict[str, Tensor], Tenso
     gen = torch.Generator().manual_seed(seed)
     x = {f"m{i + 1}": torch.randn(n, 6, generator=gen, dtype=torch.float64) for i in range(m)}
     return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+def _official_min_norm_from2(v1v1: float, v1v2: float, v2v2: float) -> float:
+    """The official two-vector rule (``MinNormSolver._min_norm_element_from2``), weight on v1."""
+    if v1v2 >= v1v1:
+        return 0.999
+    if v1v2 >= v2v2:
+        return 0.001
+    return -(v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2)
 
 
 def _reference(model: MultimodalModel, x: dict[str, Tensor], y: Tensor) -> dict[str, Tensor]:
@@ -174,8 +208,7 @@ def _reference(model: MultimodalModel, x: dict[str, Tensor], y: Tensor) -> dict[
         if float(fm @ fu) > 0:
             a = 0.5
         else:
-            a = float((fu @ fu - fm @ fu) / (fm - fu).square().sum())
-            a = min(max(a, 0.001), 0.999)
+            a = _official_min_norm_from2(float(fm @ fm), float(fm @ fu), float(fu @ fu))
         for k in keys:
             h = 2 * a * g_task[k] + 2 * (1 - a) * g_uni[k]
             r = max(float((g_task[k] + g_uni[k]).norm() / h.norm()), 1.0)
@@ -183,9 +216,11 @@ def _reference(model: MultimodalModel, x: dict[str, Tensor], y: Tensor) -> dict[
     return result
 
 
-@pytest.mark.parametrize("m,conflict", [(2, False), (2, True), (3, True)])
-def test_exact_matches_separate_backward_passes(m: int, conflict: bool) -> None:
-    model = _model(m, conflict)
+@pytest.mark.parametrize(
+    "m,conflict,fused_scale", [(2, False, 1.0), (2, True, 1.0), (3, True, 1.0), (2, True, 1e-4)]
+)
+def test_exact_matches_separate_backward_passes(m: int, conflict: bool, fused_scale: float) -> None:
+    model = _model(m, conflict, fused_scale=fused_scale)
     x, y = _batch(m)
     expected = _reference(model, x, y)
     method = MMPareto(MMParetoParams(gamma=GAMMA))
@@ -196,6 +231,9 @@ def test_exact_matches_separate_backward_passes(m: int, conflict: bool) -> None:
         torch.testing.assert_close(p.grad, expected[k], rtol=1e-10, atol=1e-12, msg=k)
     cos = [ctx.logs[f"cos_m{i + 1}"] for i in range(m)]
     assert all(c < 0 for c in cos) if conflict else all(c > 0 for c in cos)
+    assert all(ctx.logs[f"conflict_m{i + 1}"] == float(conflict) for i in range(m))
+    if fused_scale < 1:  # the case a clip to [0.001, 0.999] would change
+        assert all(ctx.logs[f"alpha_task_m{i + 1}"] > 0.999 for i in range(m)), ctx.logs
     for i in range(m):
         assert {f"alpha_task_m{i + 1}", f"rescale_mean_m{i + 1}", f"rescale_max_m{i + 1}"} <= set(
             ctx.logs
@@ -222,8 +260,7 @@ def test_latent_variant_sends_combined_cotangent(conflict: bool) -> None:
         dot = float((ct * cu).sum())
         a = 0.5
         if dot <= 0:
-            a = float((cu.square().sum() - dot) / (ct - cu).square().sum())
-            a = min(max(a, 0.001), 0.999)
+            a = _official_min_norm_from2(float(ct.square().sum()), dot, float(cu.square().sum()))
         h = 2 * a * ct + 2 * (1 - a) * cu
         r = max(float((ct + cu).norm() / h.norm()), 1.0)
         enc = list(model.encoders[m].parameters())

@@ -18,6 +18,7 @@ from mmbalance.errors import ConfigError
 from mmbalance.methods import StepContext, build_method
 from mmbalance.methods.ogm import (
     OGM,
+    add_ge_noise,
     discrepancy_ratios,
     ogm_coefficients,
     score_sums,
@@ -198,6 +199,37 @@ def test_ge_noise_has_unmodulated_std_on_every_encoder_and_is_seeded() -> None:
     torch.testing.assert_close(again["encoders.a.conv.weight"], grads["encoders.a.conv.weight"])
 
 
+@pytest.mark.parametrize("one_draw", [False, True])
+def test_ge_noise_distribution_of_both_draws(one_draw: bool) -> None:
+    """Per-tensor scratch draws and one draw per encoder give the same distribution: the noise of
+    each tensor is N(0, (std(g) + 1e-8)^2) with the unmodulated std, independent across tensors
+    and elements, on top of k * g; and it is reproducible from the generator's seed."""
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [
+        3.0 * torch.randn(4000, generator=gen),
+        0.1 * torch.randn(80, 50, generator=gen) + 2.0,
+        torch.randn(1, generator=gen),  # a single element: std 0, noise 1e-8
+        torch.randn(4000, generator=gen),
+    ]
+    before = [g.clone() for g in grads]
+    k = torch.tensor(0.3)
+    add_ge_noise(grads, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    noise = [g - k * b for g, b in zip(grads, before, strict=True)]
+    for n, b in zip(noise, before, strict=True):
+        if b.numel() == 1:
+            assert abs(float(n)) < 1e-6
+            continue
+        unit = (n / (b.std() + 1e-8)).reshape(-1).double().numpy()
+        assert stats.kstest(unit, "norm").pvalue > 1e-3
+    assert abs(float(torch.corrcoef(torch.stack([noise[0], noise[3]]))[0, 1])) < 0.1
+    again = [b.clone() for b in before]
+    add_ge_noise(again, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    for a, g in zip(again, grads, strict=True):
+        torch.testing.assert_close(a, g, rtol=0, atol=0)
+
+
 def test_window_and_warmup_switch_modulation_off() -> None:
     model, inputs, y = _model_and_batch()
     reference = _step(model, build_method("joint", {}), inputs, y)
@@ -224,8 +256,10 @@ def test_opm_empirical_drop_rate_and_scale_match_formula() -> None:
     theta = (3 * q_a + 1 * 0.0) / 4  # latent sizes weight the global theta
     kept_a, scale_a, scale_b = [], [], []
     for _ in range(draws):
-        out, keep = drop_latents(latents, {"a": q_a, "b": 0.0}, gen)
+        out, keep, dropped = drop_latents(latents, {"a": q_a, "b": 0.0}, gen)
         assert bool(keep.all())  # b is never dropped: no sample loses every modality
+        assert float(dropped["b"]) == 0.0
+        assert float(dropped["a"]) == pytest.approx(float((out["a"][:, 0] == 0).float().mean()))
         kept_a.append((out["a"][:, 0] != 0).float().mean())
         scale_a.append(out["a"].mean())
         scale_b.append(out["b"].mean())
@@ -239,7 +273,7 @@ def test_opm_empirical_drop_rate_and_scale_match_formula() -> None:
 
 def test_opm_removes_samples_with_every_modality_dropped() -> None:
     latents = {"a": torch.ones(2000, 2), "b": torch.ones(2000, 2)}
-    out, keep = drop_latents(latents, {"a": 0.5, "b": 0.5}, torch.Generator().manual_seed(1))
+    out, keep, _ = drop_latents(latents, {"a": 0.5, "b": 0.5}, torch.Generator().manual_seed(1))
     both = (out["a"][:, 0] == 0) & (out["b"][:, 0] == 0)
     assert torch.equal(keep, ~both) and abs(float(both.float().mean()) - 0.25) < 0.03
     # the loss is taken over kept samples only
@@ -272,6 +306,8 @@ def test_opm_step_drops_dominant_rate_over_many_batches() -> None:
             zero_b.append((out["b"].abs().sum(1) == 0).float().mean())
             qs.append(ctx.logs["q_a"])
             assert ctx.logs["q_b"] == 0.0
+            assert float(ctx.logs["opm_dropped_a"]) == pytest.approx(float(zero_a[-1]))
+            assert float(ctx.logs["opm_dropped_b"]) == 0.0
     q = qs[0]
     assert 0.5 < q < 0.75 and all(abs(v - q) < 1e-6 for v in qs)
     assert abs(float(torch.stack(zero_a).mean()) - 0.7 * q) < 0.03

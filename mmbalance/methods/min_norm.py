@@ -29,8 +29,13 @@ def min_norm_2(g11: float, g12: float, g22: float) -> float:
     Args:
         g11, g12, g22: the inner products ``g_1.g_1``, ``g_1.g_2`` and ``g_2.g_2``.
 
-    The unconstrained minimiser is ``(g22 - g12) / ||g_1 - g_2||^2``; it is clipped to ``[0, 1]``.
-    When the two vectors coincide every ``a`` is optimal and ``1/2`` is returned.
+    The unconstrained minimiser is ``(g22 - g12) / ||g_1 - g_2||^2``; it is projected onto
+    ``[0, 1]``, which changes it only when ``g12 >= g11`` (the optimum is ``g_1`` alone, ``a = 1``)
+    or ``g12 >= g22`` (``g_2`` alone, ``a = 0``). Those are the two boundary branches of the
+    official MGDA code (``_min_norm_element_from2`` in MMPareto and the multi-task MGDA release),
+    which return 0.999 and 0.001 there instead of 1 and 0; inside ``(0, 1)`` both return the
+    closed form unchanged. When the two vectors coincide every ``a`` is optimal and ``1/2`` is
+    returned.
     """
     denom = g11 + g22 - 2.0 * g12
     if denom <= 1e-30 * max(g11 + g22, 1e-300):

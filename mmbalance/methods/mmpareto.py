@@ -5,7 +5,14 @@ encoder of modality ``m`` let ``g_m`` be the gradient of the fused loss and ``g_
 unimodal loss. Per encoder (all of its trainable tensors flattened together):
 
 1. ``cos(g_m, g_u) > 0``: weights ``(1/2, 1/2)``; otherwise the two-vector min-norm (MGDA) weights
-   ``a = clip((|g_u|^2 - g_m.g_u) / |g_m - g_u|^2, 0.001, 0.999)``, ``(a, 1 - a)``;
+   ``a = (|g_u|^2 - g_m.g_u) / |g_m - g_u|^2``, ``(a, 1 - a)``, *not clipped*. As in the official
+   ``MinNormSolver._min_norm_element_from2``: its values 0.999 and 0.001 come only from its two
+   boundary branches (``g_m.g_u >= |g_m|^2`` or ``>= |g_u|^2``), which cannot be reached when
+   ``g_m.g_u <= 0`` and both gradients are non-zero; there the closed form lies in ``(0, 1)`` and
+   is used as it is, also below 0.001 or above 0.999 (which happens whenever one gradient is much
+   larger than the other). When a gradient vanishes, the weight here is ``1/2`` where the official
+   code takes 0.999 or 0.001; after the per-tensor norm restoration of step 2 both give
+   ``gamma`` times the non-zero gradient, so only the logged weight differs;
 2. per parameter tensor ``p``: ``h_p = 2 a g_m,p + 2 (1 - a) g_u,p`` and the new gradient
    ``gamma * max(|g_m,p + g_u,p| / |h_p|, 1) * h_p`` (``gamma`` = 1.5 in the official code, where
    it is hard-coded; here it is ``method.gamma``). Without conflict this is ``gamma (g_m + g_u)``.
@@ -34,7 +41,7 @@ tensor); its accuracy is benchmarked against the exact variant.
 
 Why no library: ``torchjd`` (0.18, requires ``torch>=2.3``, so it installs next to
 ``torch==2.13``) provides Jacobian descent with an MGDA aggregator, but MMPareto is not an
-aggregator of a Jacobian: it needs a per-encoder cosine test, clipped two-vector weights and
+aggregator of a Jacobian: it needs a per-encoder cosine test, two-vector weights and
 per-tensor norm restoration, and our DDP rule of one all-reduce per loss. torchjd would compute
 the same per-loss gradients, and we would still write the rule around it; the two-vector closed
 form and a K-vector Frank-Wolfe solver (:mod:`mmbalance.methods.min_norm`) are a few tested lines,
@@ -60,9 +67,6 @@ from mmbalance.methods.base import (
 )
 from mmbalance.methods.min_norm import min_norm_2
 from mmbalance.models.output import ModelOutput
-
-#: the official code clips the min-norm weight to this range
-ALPHA_CLIP = (0.001, 0.999)
 
 
 @dataclass
@@ -93,12 +97,12 @@ def pareto_weight(dot: float, nm: float, nu: float) -> float:
     """Weight on the fused-loss gradient from ``g_m.g_u``, ``|g_m|^2`` and ``|g_u|^2``.
 
     ``1/2`` when the cosine is positive (or undefined because a gradient vanishes), otherwise the
-    clipped two-vector min-norm weight.
+    two-vector min-norm weight, unclipped: with ``dot <= 0`` and both norms positive it lies
+    strictly inside ``(0, 1)``, so :func:`min_norm_2`'s projection onto ``[0, 1]`` never acts.
     """
     if nm <= 0.0 or nu <= 0.0 or dot > 0.0:
         return 0.5
-    a = min_norm_2(nm, dot, nu)
-    return min(max(a, ALPHA_CLIP[0]), ALPHA_CLIP[1])
+    return min_norm_2(nm, dot, nu)
 
 
 @dataclass
@@ -115,27 +119,81 @@ def combine_encoder_gradients(
 ) -> tuple[list[Tensor], EncoderDecision]:
     """MMPareto's gradient for one encoder from its per-tensor ``g_m`` and ``g_u``.
 
-    Pure function (no autograd, no communication): the inputs must already be the gradients all
-    ranks agree on.
+    Pure function (no autograd, no communication, inputs unchanged): the inputs must already be
+    the gradients all ranks agree on.
     """
     if len(gm) != len(gu) or not gm:
         raise ValueError("gm and gu must be non-empty lists of the same length")
-    flat_m = torch.cat([g.reshape(-1) for g in gm]).double()
-    flat_u = torch.cat([g.reshape(-1) for g in gu]).double()
-    stats = torch.stack([flat_m @ flat_u, flat_m @ flat_m, flat_u @ flat_u]).tolist()
-    dot, nm, nu = stats
-    cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
-    alpha = pareto_weight(dot, nm, nu)
-    out: list[Tensor] = []
-    factors = []
-    for g_m, g_u in zip(gm, gu, strict=True):
-        h = (2 * alpha) * g_m + (2 * (1 - alpha)) * g_u
-        uniform = torch.linalg.vector_norm(g_m + g_u)
-        norm_h = torch.linalg.vector_norm(h)
-        factor = torch.where(norm_h > 0, uniform / norm_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
-        factors.append(factor)
-        out.append((gamma * factor) * h)
-    return out, EncoderDecision(cos, alpha, torch.stack(factors))
+    total = torch._foreach_add(list(gm), list(gu))
+    ((new, decision),) = rewrite_encoder_gradients(
+        [[g.clone() for g in gm]], [[g.clone() for g in gu]], [total], gamma
+    )
+    return new, decision
+
+
+def rewrite_encoder_gradients(
+    gm: Sequence[Sequence[Tensor]],
+    gu: Sequence[Sequence[Tensor]] | None,
+    total: Sequence[Sequence[Tensor]],
+    gamma: float,
+) -> list[tuple[list[Tensor], EncoderDecision]]:
+    """MMPareto's rule for several encoders at once, in place.
+
+    ``gm[e]``, ``gu[e]`` and ``total[e] = g_m + g_u`` are encoder ``e``'s per-tensor gradients
+    (``gu=None``: ``total - gm``); ``total`` is the summed-loss gradient whose per-tensor norm is
+    the uniform norm ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after the
+    summed backward). Returns, per encoder, its new gradients and its decision; ``gm`` and ``gu``
+    may be overwritten.
+
+    The cost is what the rule needs: per-tensor dot products (BLAS) and ``foreach`` norms, the
+    encoder-wide sums accumulated in float64 from the per-tensor results and read to the host in
+    one transfer for all encoders, then the combination ``h = 2 a g_m + 2 (1 - a) g_u``, its
+    norms and the rescale as three ``foreach`` calls over every tensor of every encoder: no
+    flattened or float64 copies of the gradients, no new buffers.
+    """
+    sizes = [len(g) for g in gm]
+    if not sizes or min(sizes) == 0 or [len(g) for g in total] != sizes:
+        raise ValueError("gm and total must hold non-empty lists of the same lengths")
+    if gu is not None and [len(g) for g in gu] != sizes:
+        raise ValueError("gu must hold lists of the same lengths as gm")
+    flat_m = [t for g in gm for t in g]
+    flat_t = [t for g in total for t in g]
+    flat_u = torch._foreach_sub(flat_t, flat_m) if gu is None else [t for g in gu for t in g]
+    dots = torch.stack(
+        [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(flat_m, flat_u, strict=True)]
+    ).double()
+    norms_m = torch.stack(torch._foreach_norm(flat_m)).double()
+    norms_u = torch.stack(torch._foreach_norm(flat_u)).double()
+    norms_t = torch.stack(torch._foreach_norm(flat_t))
+    per_tensor = torch.stack([dots, norms_m.square(), norms_u.square()])  # (3, P)
+    stats = torch.stack([chunk.sum(1) for chunk in per_tensor.split(sizes, dim=1)]).tolist()
+    weights_m, weights_u, decisions = [], [], []
+    for (dot, nm, nu), n in zip(stats, sizes, strict=True):
+        cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
+        alpha = pareto_weight(dot, nm, nu)
+        decisions.append((cos, alpha))
+        weights_m += [2 * alpha] * n
+        weights_u += [2 * (1 - alpha)] * n
+    torch._foreach_mul_(flat_m, weights_m)
+    torch._foreach_mul_(flat_u, weights_u)
+    torch._foreach_add_(flat_u, flat_m)  # h = 2 a g_m + 2 (1 - a) g_u, in gu's storage
+    norms_h = torch.stack(torch._foreach_norm(flat_u))
+    factors = torch.where(norms_h > 0, norms_t / norms_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
+    torch._foreach_mul_(flat_u, list((gamma * factors).to(flat_u[0].dtype).unbind()))
+    out = []
+    for g, f, (cos, alpha) in zip(
+        _split(flat_u, sizes), factors.split(sizes), decisions, strict=True
+    ):
+        out.append((g, EncoderDecision(cos, alpha, f)))
+    return out
+
+
+def _split(items: Sequence[Tensor], sizes: Sequence[int]) -> list[list[Tensor]]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(list(items[start : start + n]))
+        start += n
+    return out
 
 
 def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
@@ -185,14 +243,13 @@ class MMPareto(Method):
                 for chunk, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
             ]
         ctx.backward(total_loss(losses))  # heads: summed gradient; encoders: g_m + g_u
-        i = 0
-        for m in modalities:
-            enc = list(ctx.encoder_params[m])
-            gm = g_task[i : i + len(enc)]
-            i += len(enc)
-            total = [torch.zeros_like(p) if p.grad is None else p.grad for p in enc]
-            gu = [t - g for t, g in zip(total, gm, strict=True)]
-            new, decision = combine_encoder_gradients(gm, gu, self.params.gamma)
+        encoders = [list(ctx.encoder_params[m]) for m in modalities]
+        total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        sizes = [len(enc) for enc in encoders]
+        results = rewrite_encoder_gradients(
+            _split(g_task, sizes), None, _split(total, sizes), self.params.gamma
+        )
+        for m, enc, (new, decision) in zip(modalities, encoders, results, strict=True):
             for p, g in zip(enc, new, strict=True):
                 p.grad = g
             self._log(ctx, m, decision.cos, decision.alpha, decision.factors)
@@ -240,7 +297,11 @@ class MMPareto(Method):
 
     @staticmethod
     def _log(ctx: StepContext, m: str, cos: float, alpha: float, factors: Tensor) -> None:
+        """Per encoder and step: the cosine, ``conflict_<m>`` (1 when the min-norm weights were
+        used, so its mean over steps is the conflict rate), the weight on the fused-loss gradient
+        and the per-tensor norm-restoration factors (mean and max, before ``gamma``)."""
         ctx.log(f"cos_{m}", cos)
+        ctx.log(f"conflict_{m}", 0.0 if cos > 0 else 1.0)
         ctx.log(f"alpha_task_{m}", alpha)
         ctx.log(f"rescale_mean_{m}", factors.mean())
         ctx.log(f"rescale_max_{m}", factors.max())

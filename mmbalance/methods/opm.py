@@ -18,7 +18,9 @@ epochs):
 5. samples whose modalities are all dropped are removed from the loss.
 
 Nothing is dropped at evaluation (the trainer calls :meth:`OPM.transform_latents` only while
-training). Logged per step: ``rho_<m>``, ``q_<m>``, ``opm_executed``, ``opm_kept_fraction``.
+training). Logged per step: ``rho_<m>``, ``q_<m>`` (drop probabilities), ``opm_executed``,
+``opm_dropped_<m>`` (the fraction of this batch's samples whose modality ``m`` was dropped: the
+realised drop rate, 0 when the drop was not executed) and ``opm_kept_fraction``.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def drop_latents(
     latents: Mapping[str, Tensor],
     q: Mapping[str, float | Tensor],
     generator: torch.Generator | None = None,  # a CPU generator; None: the global one
-) -> tuple[dict[str, Tensor], Tensor]:
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
     """Drop each sample's latent of modality ``m`` with probability ``q[m]``, rescale survivors by
-    the global ``1/(1 - theta)``, and return the new latents plus the mask of samples that keep
-    at least one modality."""
+    the global ``1/(1 - theta)``, and return the new latents, the mask of samples that keep at
+    least one modality, and the fraction of samples dropped per modality (0-dim tensors)."""
     modalities = list(latents)
     first = latents[modalities[0]]
     n, device = first.shape[0], first.device
@@ -63,17 +65,21 @@ def drop_latents(
     theta = float((dims * qs).sum() / dims.sum())
     scale = 1.0 / (1.0 - theta) if theta < 1.0 else 0.0
     out: dict[str, Tensor] = {}
+    dropped: dict[str, Tensor] = {}
     kept_any = torch.zeros(n, dtype=torch.bool, device=device)
     for m, qm in zip(modalities, qs.tolist(), strict=True):
         z = latents[m]
         if qm <= 0.0:
             out[m] = z * scale if scale != 1.0 else z
             kept_any.fill_(True)
+            dropped[m] = torch.zeros(())
             continue
-        keep = (torch.rand(n, generator=generator) >= qm).to(device)  # CPU draw: reproducible
+        keep = torch.rand(n, generator=generator) >= qm  # CPU draw: reproducible
+        dropped[m] = 1.0 - keep.float().mean()
+        keep = keep.to(device)
         kept_any |= keep
         out[m] = z * (keep.to(z.dtype) * scale).unsqueeze(1)
-    return out, kept_any
+    return out, kept_any, dropped
 
 
 @dataclass
@@ -134,9 +140,13 @@ class OPM(Method):
         ctx.log("opm_executed", float(executed))
         if not executed or not bool((q > 0).any()):
             ctx.log("opm_kept_fraction", 1.0)
+            for m in latents:
+                ctx.log(f"opm_dropped_{m}", 0.0)
             return latents
-        new, keep = drop_latents(latents, {m: q[i] for i, m in enumerate(latents)})
+        new, keep, dropped = drop_latents(latents, {m: q[i] for i, m in enumerate(latents)})
         ctx.log("opm_kept_fraction", keep.float().mean())
+        for m, fraction in dropped.items():
+            ctx.log(f"opm_dropped_{m}", fraction)
         if not bool(keep.all()):
             self._keep = keep
         return new
