@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results_page import RESULTS
-from benchmarks.results_page.studies import DEFAULT_SEARCH, ORDER, SEARCH, Point, Study
+from benchmarks.results_page.studies import DEFAULT_SEARCH, ORDER, Point, Study
 from mmbalance.io import read_json, write_text_atomic
 from mmbalance.report import DIVERGED, run_records
 
@@ -174,6 +174,8 @@ def _entries(
 
     registered = list(METHODS.names())
     names = [m for m in ORDER if m in registered] + sorted(set(registered) - set(ORDER))
+    if study.methods is not None:
+        names = [m for m in names if m in study.methods]
     if methods is not None:
         names = [m for m in names if m in methods]
     data = build_dataset(resolve_config(dict(study.points[0].overrides)))
@@ -200,6 +202,7 @@ def run_accuracy(
         return [load_job(job, runs) for job in jobs]
 
     from mmbalance.build import build_dataset, resolve_config
+    from mmbalance.methods import METHODS
 
     studies = list(studies)
     for study in studies:  # build every dataset cache once, before the workers start
@@ -210,7 +213,7 @@ def run_accuracy(
     search_jobs: list[Job] = []
     for study in studies:
         for label, method, params in entries[study.name]:
-            option, candidates = SEARCH.get(method, DEFAULT_SEARCH)
+            option, candidates = METHODS.get(method).search_space or DEFAULT_SEARCH
             point = study.points[study.search]
             for value in candidates:
                 search_jobs.append(

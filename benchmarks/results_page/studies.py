@@ -2,8 +2,8 @@
 tables and the hyperparameter search space of every method.
 
 The search (same budget for every method): three candidate values of the method's main
-hyperparameter (``SEARCH``; for methods without one, the learning rate at 0.5x, 1x and 2x the
-dataset's default), each trained once (seed 0) on the study's search point, and the candidate
+hyperparameter (the method class's ``search_space``; for methods without one, the learning rate at
+0.5x, 1x and 2x the dataset's default), each trained once (seed 0) on the study's search point, and the candidate
 with the highest validation accuracy (ties: the middle value) is kept for every point and seed
 of the study. The test split is never looked at before the choice is made.
 """
@@ -14,20 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# method -> (option, candidates); ``train.lr`` candidates multiply the dataset's default rate
-SEARCH: dict[str, tuple[str, tuple[float, ...]]] = {
-    "joint": ("train.lr", (0.5, 1.0, 2.0)),
-    "unimodal": ("train.lr", (0.5, 1.0, 2.0)),
-    "ensemble": ("train.lr", (0.5, 1.0, 2.0)),
-    "unipre_frozen": ("train.lr", (0.5, 1.0, 2.0)),
-    "unipre_finetuned": ("train.lr", (0.5, 1.0, 2.0)),
-    "multiloss": ("method.lam_uni", (0.3, 1.0, 3.0)),
-    "mcr": ("method.lam", (0.01, 0.1, 1.0)),
-    "ogm": ("method.alpha", (0.1, 0.4, 0.8)),
-    "ogm_ge": ("method.alpha", (0.1, 0.4, 0.8)),
-    "opm": ("method.q_base", (0.3, 0.5, 0.7)),
-    "mmpareto": ("method.gamma", (1.0, 1.5, 2.0)),
-}
+# the search of a method without a ``search_space`` (mmbalance.methods.base.Method): the learning
+# rate at 0.5x, 1x and 2x the study's default
 DEFAULT_SEARCH = ("train.lr", (0.5, 1.0, 2.0))
 # the order of the tables: references first, then the balancing methods
 ORDER = [
@@ -42,7 +30,38 @@ ORDER = [
     "ogm_ge",
     "opm",
     "mmpareto",
+    "mlb",
+    "agm",
+    "mslr",
+    "mmcosine",
+    "pmr",
+    "reconboost",
+    "dr",
+    "gblending",
 ]
+#: the methods that act by scaling whole gradients, learning rates or losses per modality, and
+#: the references they are compared with, for the optimizer axis (SGD against Adam)
+GRADIENT_MODULATION = (
+    "joint",
+    "unimodal",
+    "ensemble",
+    "ogm",
+    "ogm_ge",
+    "mlb",
+    "mslr",
+    "agm",
+    "pmr",
+)
+#: the SGD arm of the optimizer axis: the regime search's SGD candidate ``fa_r8_sgd_lr0.01``
+#: (``benchmarks/results/av_regime_search.md``), which met every regime criterion; chosen there,
+#: before any balancing method was run
+AV_FASHION_CNN_SGD = {
+    "dataset": "av-fashion-cnn",
+    "train.optimizer": "sgd",
+    "train.lr": 0.01,
+    "train.momentum": 0.9,
+    "train.epochs": 10,
+}
 WEAK_SHARE = 0.05  # the weak modality's unique share, fixed along the sweep
 SWEEP = (0.05, 0.15, 0.40)  # the strong modality's unique share
 
@@ -66,6 +85,8 @@ class Study:
     points: tuple[Point, ...]
     search: int = 0
     x_label: str = ""
+    #: the methods the study runs (``None``: every registered method)
+    methods: tuple[str, ...] | None = None
 
 
 def _sweep_point(share: float) -> Point:
@@ -78,6 +99,24 @@ def _sweep_point(share: float) -> Point:
 
 
 STUDIES: tuple[Study, ...] = (
+    Study(
+        "av-fashion-cnn",
+        "AV-Fashion-CNN: the competition regime (Adam)",
+        "Fashion-MNIST images paired with spoken class names at -12 dB SNR, ResNet-18 encoders of "
+        "width 8 on the spectrogram and the image, Adam 2e-3, batch 128, 6 epochs: the setting "
+        "`benchmarks/find_av_regime.py` chose by criteria fixed before any balancing method ran "
+        "(joint below the ensemble by 6 points, the speech under-optimised inside joint).",
+        (Point("default", {"dataset": "av-fashion-cnn"}),),
+    ),
+    Study(
+        "av-fashion-cnn-sgd",
+        "AV-Fashion-CNN under SGD: the optimizer axis",
+        "The same data and encoders trained with SGD (0.01, momentum 0.9, 10 epochs: the regime "
+        "search's SGD setting, which met every criterion), for the methods that scale gradients, "
+        "learning rates or per-modality losses, which Adam's normalisation can undo.",
+        (Point("default", AV_FASHION_CNN_SGD),),
+        methods=GRADIENT_MODULATION,
+    ),
     Study(
         "synthetic",
         "Synthetic, 2 modalities: imbalance sweep",

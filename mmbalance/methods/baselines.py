@@ -50,6 +50,8 @@ class MultiLossParams:
 class MultiLoss(Method):
     """Fused loss plus ``lam_uni`` times one unimodal-head loss per modality."""
 
+    search_space = ("method.lam_uni", (0.3, 1.0, 3.0))
+
     name = "multiloss"
     Params = MultiLossParams
     needs_unimodal_heads = True

@@ -218,6 +218,8 @@ class OGM(Method):
     does on every step inside the window). Logged per step: ``rho_<m>``, ``coeff_<m>``.
     """
 
+    search_space = ("method.alpha", (0.1, 0.4, 0.8))
+
     name = "ogm"
     Params = OGMParams
 
