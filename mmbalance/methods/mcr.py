@@ -22,7 +22,8 @@ L_CEB``:
   ``W_S = sum_j w(S, j)`` (greedy, independent; ``-lam * (|S| + k (M - |S|))``) or ``-lam``
   (collaborative) times its derivative of ``D_S``: the head's shared parameters (the shared bias
   of an additive head, every parameter of any other head) and, with ``reference="summed"``
-  (the default, the reference code's 2-modality models), the reference prediction ``y_ref``,
+  (the default; the reference code's CREMA-D, AVE and 3-modality models), the reference
+  prediction ``y_ref``,
   through which the encoders then receive ``W_S`` times their reference-path derivative, not
   ``w(S, j)``. The value of the term is ``sum_S W_S D_S``: for greedy play with two modalities
   ``W_S = 0``, so the logged ``train_mipd`` is exactly 0 although the gradient is not (the
@@ -48,8 +49,9 @@ L_CEB``:
 Permuting in latent space is what makes MCR cheap: for additive heads (``late_sum``,
 ``concat_linear``) the per-modality logit contributions are permuted and recombined, so the extra
 cost is a gather and a sum over ``K * B`` rows of ``C`` logits per set; other heads are
-re-evaluated on ``K * B`` rows per set (twice per set group for greedy play with an even number of
-modalities, see :func:`_head_set_logits`). Neither re-runs an encoder. On CPU the divergence is
+re-evaluated on ``K * B`` rows per set, in one call for all sets (two when greedy play with an
+even number of modalities has sets with ``W_S = 0``, see :func:`_head_set_logits`). Neither
+re-runs an encoder. On CPU the divergence is
 computed class-major (``(C, rows)`` memory order) with a hand-written backward pass: PyTorch's
 row-wise ``log_softmax`` over few classes is several times slower than the same reduction over
 the leading dimension, and the hand-written backward replaces some twenty autograd nodes by a
@@ -59,9 +61,9 @@ Distributed training: every process permutes within its own share of the global 
 contrastive loss pairs rows within that share too; the gradients are then averaged as usual. So
 ``N`` processes at global batch ``B`` train like one process at batch ``B`` whose permutation
 donors and contrastive pairs are restricted to blocks of ``B / N`` rows, not like one process at
-batch ``B`` (``tests/test_mcr.py::test_ddp_equals_per_shard_mcr``). With ``K`` permutations
-per step and batches of a few dozen rows per process this changes the permutation distribution
-only slightly, but runs are not identical to single-process ones.
+batch ``B`` (``tests/test_mcr.py::test_ddp_equals_per_shard_mcr``): each row's donors and
+contrastive negatives come from ``B / N - 1`` other rows instead of ``B - 1``, so metrics differ
+from a single-process run at the same global batch.
 
 Unimodal pre-training initialisation (``--pre`` in the paper) is the trainer's
 ``train.unimodal_pretrain_epochs``: with it > 0, each encoder and its unimodal head start from a

@@ -120,69 +120,76 @@ def combine_encoder_gradients(
     """MMPareto's gradient for one encoder from its per-tensor ``g_m`` and ``g_u``.
 
     Pure function (no autograd, no communication, inputs unchanged): the inputs must already be
-    the gradients all ranks agree on.
+    the gradients all ranks agree on. (The method itself holds ``g_m`` and ``g_m + g_u``, and
+    calls :func:`rewrite_encoder_gradients` on them.)
     """
     if len(gm) != len(gu) or not gm:
         raise ValueError("gm and gu must be non-empty lists of the same length")
     total = torch._foreach_add(list(gm), list(gu))
-    ((new, decision),) = rewrite_encoder_gradients(
-        [[g.clone() for g in gm]], [[g.clone() for g in gu]], [total], gamma
-    )
+    ((new, decision),) = rewrite_encoder_gradients([[g.clone() for g in gm]], [total], gamma)
     return new, decision
 
 
 def rewrite_encoder_gradients(
-    gm: Sequence[Sequence[Tensor]],
-    gu: Sequence[Sequence[Tensor]] | None,
-    total: Sequence[Sequence[Tensor]],
-    gamma: float,
+    gm: Sequence[Sequence[Tensor]], total: Sequence[Sequence[Tensor]], gamma: float
 ) -> list[tuple[list[Tensor], EncoderDecision]]:
     """MMPareto's rule for several encoders at once, in place.
 
-    ``gm[e]``, ``gu[e]`` and ``total[e] = g_m + g_u`` are encoder ``e``'s per-tensor gradients
-    (``gu=None``: ``total - gm``); ``total`` is the summed-loss gradient whose per-tensor norm is
-    the uniform norm ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after the
-    summed backward). Returns, per encoder, its new gradients and its decision; ``gm`` and ``gu``
-    may be overwritten.
+    ``gm[e]`` and ``total[e]`` are encoder ``e``'s per-tensor fused-loss gradient ``g_m`` and
+    summed-loss gradient ``g_m + g_u`` (``g_u = total - g_m``); the per-tensor norm of ``total``
+    is the uniform norm ``|g_m,p + g_u,p|`` (the official code takes it of ``param.grad`` after
+    the summed backward). Returns, per encoder, its new gradients, written into ``total``'s
+    tensors (``gm``'s are overwritten too), and its decision.
 
-    The cost is what the rule needs: per-tensor dot products (BLAS) and ``foreach`` norms, the
-    encoder-wide sums accumulated in float64 from the per-tensor results and read to the host in
-    one transfer for all encoders, then the combination ``h = 2 a g_m + 2 (1 - a) g_u``, its
-    norms and the rescale as three ``foreach`` calls over every tensor of every encoder: no
-    flattened or float64 copies of the gradients, no new buffers.
+    The cost is what the rule needs and is memory traffic on large encoders: per tensor,
+    ``g_u`` is formed in one scratch buffer of the largest tensor's size (reused, so no
+    gradient-sized allocation) for its exact dot product with ``g_m`` (BLAS) and its norm; the
+    encoder-wide sums are accumulated in float64 from the per-tensor results and read to the
+    host in one transfer for all encoders; then ``h = 2 a g_m + 2 (1 - a) g_u =
+    2 (1 - a) total + (4 a - 2) g_m`` (the same rounding as forming ``g_u`` first), its norms and
+    the rescale are ``foreach`` calls over every tensor, in place.
     """
     sizes = [len(g) for g in gm]
     if not sizes or min(sizes) == 0 or [len(g) for g in total] != sizes:
         raise ValueError("gm and total must hold non-empty lists of the same lengths")
-    if gu is not None and [len(g) for g in gu] != sizes:
-        raise ValueError("gu must hold lists of the same lengths as gm")
     flat_m = [t for g in gm for t in g]
     flat_t = [t for g in total for t in g]
-    flat_u = torch._foreach_sub(flat_t, flat_m) if gu is None else [t for g in gu for t in g]
-    dots = torch.stack(
-        [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(flat_m, flat_u, strict=True)]
-    ).double()
-    norms_m = torch.stack(torch._foreach_norm(flat_m)).double()
-    norms_u = torch.stack(torch._foreach_norm(flat_u)).double()
+    scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    dots, norms_u = [], []
+    for g, t in zip(flat_m, flat_t, strict=True):
+        key = (g.dtype, g.device)
+        if key not in scratch:
+            largest = max(x.numel() for x in flat_m if (x.dtype, x.device) == key)
+            scratch[key] = torch.empty(largest, dtype=g.dtype, device=g.device)
+        gu = scratch[key][: g.numel()]
+        torch.sub(t.reshape(-1), g.reshape(-1), out=gu)
+        dots.append(torch.dot(g.reshape(-1), gu))
+        norms_u.append(torch.linalg.vector_norm(gu))
+    per_tensor = torch.stack(
+        [
+            torch.stack(dots).double(),
+            torch.stack(torch._foreach_norm(flat_m)).double().square(),
+            torch.stack(norms_u).double().square(),
+        ]
+    )  # (3, P): g_m . g_u, |g_m|^2, |g_u|^2
     norms_t = torch.stack(torch._foreach_norm(flat_t))
-    per_tensor = torch.stack([dots, norms_m.square(), norms_u.square()])  # (3, P)
     stats = torch.stack([chunk.sum(1) for chunk in per_tensor.split(sizes, dim=1)]).tolist()
-    weights_m, weights_u, decisions = [], [], []
+    weights_m, weights_t, decisions = [], [], []
     for (dot, nm, nu), n in zip(stats, sizes, strict=True):
         cos = dot / max((nm * nu) ** 0.5, 1e-300) if nm > 0 and nu > 0 else 1.0
         alpha = pareto_weight(dot, nm, nu)
         decisions.append((cos, alpha))
-        weights_m += [2 * alpha] * n
-        weights_u += [2 * (1 - alpha)] * n
+        weights_m += [4 * alpha - 2] * n
+        weights_t += [2 * (1 - alpha)] * n
     torch._foreach_mul_(flat_m, weights_m)
-    torch._foreach_mul_(flat_u, weights_u)
-    torch._foreach_add_(flat_u, flat_m)  # h = 2 a g_m + 2 (1 - a) g_u, in gu's storage
-    norms_h = torch.stack(torch._foreach_norm(flat_u))
+    torch._foreach_mul_(flat_t, weights_t)
+    torch._foreach_add_(flat_t, flat_m)  # h, in total's storage
+    norms_h = torch.stack(torch._foreach_norm(flat_t))
     factors = torch.where(norms_h > 0, norms_t / norms_h.clamp_min(1e-30), 1.0).clamp_min(1.0)
-    torch._foreach_mul_(flat_u, list((gamma * factors).to(flat_u[0].dtype).unbind()))
+    torch._foreach_mul_(flat_t, list((gamma * factors).to(flat_t[0].dtype).unbind()))
     out = []
     for g, f, (cos, alpha) in zip(
-        _split(flat_u, sizes), factors.split(sizes), decisions, strict=True
+        _split(flat_t, sizes), factors.split(sizes), decisions, strict=True
     ):
         out.append((g, EncoderDecision(cos, alpha, f)))
     return out
@@ -249,7 +256,7 @@ class MMPareto(Method):
         total = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         sizes = [len(enc) for enc in encoders]
         results = rewrite_encoder_gradients(
-            _split(g_task, sizes), None, _split(total, sizes), self.params.gamma
+            _split(g_task, sizes), _split(total, sizes), self.params.gamma
         )
         for m, enc, (new, decision) in zip(modalities, encoders, results, strict=True):
             for p, g in zip(enc, new, strict=True):
