@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -276,5 +276,37 @@ def run_accuracy(
         "records": records,
     }
     results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(results / "accuracy.json", json.dumps(saved, indent=0))
+    path = results / "accuracy.json"
+    saved = merge_saved(read_json(path) if path.is_file() else None, saved)
+    write_text_atomic(path, json.dumps(saved, indent=0))
     return saved
+
+
+def merge_saved(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` (one invocation's studies) over ``previous``: the studies it ran replace theirs,
+    the others are kept, so that a subset of the studies can be regenerated on its own. The
+    per-invocation counts (seeds, runs, minutes) are kept per study under ``"studies"``."""
+    ran = {r["study"] for r in new["records"]} | {s["study"] for s in new["search"]}
+    info = {k: new[k] for k in ("seeds", "runs", "missing", "workers", "minutes")}
+    studies: dict[str, Any] = {}
+    if previous is not None:
+        old_info = {k: previous.get(k) for k in info}
+        for r in previous["records"]:
+            studies.setdefault(r["study"], old_info)
+        studies.update(previous.get("studies", {}))
+    studies = {k: v for k, v in studies.items() if k not in ran} | dict.fromkeys(sorted(ran), info)
+    keep = previous is not None
+    return {
+        **info,
+        "runs": sum(int(v["runs"] or 0) for v in studies.values()),
+        "missing": sum(int(v["missing"] or 0) for v in studies.values()),
+        "studies": studies,
+        "search": [
+            *(s for s in (previous["search"] if keep else []) if s["study"] not in ran),
+            *new["search"],
+        ],
+        "records": [
+            *(r for r in (previous["records"] if keep else []) if r["study"] not in ran),
+            *new["records"],
+        ],
+    }
