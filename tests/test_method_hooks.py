@@ -278,6 +278,23 @@ def test_gradient_scaling_methods_are_noted_under_adaptive_optimizers(
     assert ("largely undoes" in capsys.readouterr().err) is noted
 
 
+@pytest.mark.parametrize(
+    ("name", "scales"),
+    [
+        ("ogm", True),  # one factor per encoder's gradient
+        ("ogm_ge", True),
+        ("mlb", True),  # one coefficient per encoder's gradient
+        ("mslr", False),  # per-group learning rates: Adam keeps them
+        ("agm", False),  # mixes gradient paths: changes the direction, which Adam keeps
+        ("opm", False),  # drops features per sample
+        ("mcr", False),
+        ("joint", False),
+    ],
+)
+def test_methods_declare_whether_they_scale_whole_gradients(name: str, scales: bool) -> None:
+    assert METHODS.get(name).scales_gradients is scales
+
+
 class OwnsEncoding(MultiLoss):
     """A method that changes the architecture: a learned per-modality gain on the encoders'
     outputs, held in its own module, used in training and (through ``encode_eval``) evaluation.

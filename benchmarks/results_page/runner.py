@@ -24,6 +24,10 @@ from benchmarks.results_page import RESULTS
 from benchmarks.results_page.studies import DEFAULT_SEARCH, ORDER, Point, Study
 from mmbalance.io import read_json, write_text_atomic
 from mmbalance.report import DIVERGED, run_records
+from mmbalance.report.records import read_history
+
+#: the ``metrics.csv`` columns kept as per-modality curves (validation probes and Shapley values)
+CURVE_PREFIXES = ("val_probe_acc_", "val_shapley_", "val_head_acc_")
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,18 @@ def run_accuracy(
         records += [
             {**base, **r} for r in rows if r["split"] == "test" or r["metric"] == "accuracy"
         ]
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for job in final_jobs:  # per-epoch per-modality validation curves of the headline setting
+        study = next(st for st in studies if st.name == job.study)
+        if job.point != study.points[study.search]:
+            continue
+        rows = read_history(runs.joinpath(*job.run_dir_parts, f"seed{job.seed}", "metrics.csv"))
+        kept = [
+            {k: v for k, v in r.items() if k == "epoch" or k.startswith(CURVE_PREFIXES)}
+            for r in rows
+        ]
+        if kept:
+            curves.setdefault(job.study, {})[f"{job.label}|{job.seed}"] = kept
     saved = {
         "seeds": seeds,
         "runs": len({(*j.run_dir_parts, j.seed) for j in [*search_jobs, *final_jobs]}),
@@ -274,6 +290,7 @@ def run_accuracy(
             for (study, label), sel in selections.items()
         ],
         "records": records,
+        "curves": curves,
     }
     results.mkdir(parents=True, exist_ok=True)
     path = results / "accuracy.json"
@@ -309,4 +326,12 @@ def merge_saved(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> d
             *(r for r in (previous["records"] if keep else []) if r["study"] not in ran),
             *new["records"],
         ],
+        "curves": {
+            **{
+                k: v
+                for k, v in (previous.get("curves", {}) if keep else {}).items()
+                if k not in ran
+            },
+            **new.get("curves", {}),
+        },
     }

@@ -50,11 +50,10 @@ class MultiLossParams:
 class MultiLoss(Method):
     """Fused loss plus ``lam_uni`` times one unimodal-head loss per modality."""
 
-    search_space = ("method.lam_uni", (0.3, 1.0, 3.0))
-
     name = "multiloss"
     Params = MultiLossParams
     needs_unimodal_heads = True
+    search_space = ("method.lam_uni", (0.3, 1.0, 3.0))
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         return {"task": ctx.task_loss(output.logits)} | unimodal_losses(

@@ -897,11 +897,10 @@ class Perturbation:
 class MCR(Method):
     """Task + unimodal losses + game-weighted MIPD + supervised contrastive + CEB."""
 
-    search_space = ("method.lam", (0.01, 0.1, 1.0))
-
     name = "mcr"
     Params = MCRParams
     needs_unimodal_heads = True
+    search_space = ("method.lam", (0.01, 0.1, 1.0))
 
     def __init__(self, params: MCRParams | None = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)

@@ -211,11 +211,10 @@ def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) ->
 class MMPareto(Method):
     """Per encoder: Pareto combination of the fused and unimodal gradients, norm-restored."""
 
-    search_space = ("method.gamma", (1.0, 1.5, 2.0))
-
     name = "mmpareto"
     Params = MMParetoParams
     needs_unimodal_heads = True
+    search_space = ("method.gamma", (1.0, 1.5, 2.0))
 
     def __init__(self, params: MMParetoParams | None = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)

@@ -218,10 +218,10 @@ class OGM(Method):
     does on every step inside the window). Logged per step: ``rho_<m>``, ``coeff_<m>``.
     """
 
-    search_space = ("method.alpha", (0.1, 0.4, 0.8))
-
     name = "ogm"
     Params = OGMParams
+    scales_gradients = True  # one factor per encoder: Adam's normalisation largely undoes it
+    search_space = ("method.alpha", (0.1, 0.4, 0.8))
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)

@@ -109,10 +109,9 @@ class OPMParams(ModulationParams):
 class OPM(Method):
     """On-the-fly prediction modulation: drop the dominant modality's features per sample."""
 
-    search_space = ("method.q_base", (0.3, 0.5, 0.7))
-
     name = "opm"
     Params = OPMParams
+    search_space = ("method.q_base", (0.3, 0.5, 0.7))
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)

@@ -27,7 +27,7 @@ from mmbalance.report.comparison import (
     options_table,
 )
 from mmbalance.report.page import write_report
-from mmbalance.report.plots import plot_comparison, plot_shapley
+from mmbalance.report.plots import plot_comparison, plot_modality_curves, plot_shapley
 from mmbalance.report.records import (
     DIVERGED,
     STATUS_METRIC,
@@ -66,6 +66,7 @@ __all__ = [
     "options_table",
     "paired_tests",
     "plot_comparison",
+    "plot_modality_curves",
     "plot_shapley",
     "run_records",
     "status_record",

@@ -615,8 +615,8 @@ class Trainer:
         ):
             print(
                 f"mmbalance: note: {self.method.name} scales whole gradients or learning rates, "
-                f"which {self.cfg.train.optimizer} largely undoes by its normalisation; its papers "
-                "train with SGD (train.optimizer=sgd)",
+                f"which {self.cfg.train.optimizer} largely undoes by its normalisation; to see "
+                "its effect, also run it with train.optimizer=sgd",
                 file=sys.stderr,
             )
 
