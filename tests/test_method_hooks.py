@@ -363,7 +363,7 @@ def test_step_context_carries_dataset_indices_and_epoch_progress(tmp_path: Path)
 def test_analysis_and_selected_checkpoint_use_the_method_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmbalance.train.loop import evaluate_run
+    from mmbalance.train.runner import evaluate_run
     from mmbalance.train.rundir import write_run_config
 
     monkeypatch.setitem(METHODS._items, "owns_encoding", OwnsEncoding)
