@@ -295,6 +295,28 @@ def test_methods_declare_whether_they_scale_whole_gradients(name: str, scales: b
     assert METHODS.get(name).scales_gradients is scales
 
 
+@pytest.mark.parametrize(
+    ("overrides", "acts"),
+    [
+        ({"method": "opm", "train.epochs": 6}, False),  # the journal's 6 warm-up epochs
+        ({"method": "opm", "train.epochs": 7}, True),
+        ({"method": "opm", "train.epochs": 6, "method.warmup_epochs": 1}, True),
+        ({"method": "ogm", "train.epochs": 4, "method.start": 4}, False),
+        ({"method": "ogm_ge", "train.epochs": 4, "method.warmup_epochs": 3}, True),
+        ({"method": "valuation", "train.epochs": 5}, False),
+        ({"method": "valuation", "train.epochs": 6}, True),
+    ],
+)
+def test_a_schedule_in_which_the_method_never_acts_is_refused(
+    overrides: dict[str, Any], acts: bool
+) -> None:
+    if acts:
+        resolve_config(overrides)
+    else:
+        with pytest.raises(ConfigError, match="would never act"):
+            resolve_config(overrides)
+
+
 class OwnsEncoding(MultiLoss):
     """A method that changes the architecture: a learned per-modality gain on the encoders'
     outputs, held in its own module, used in training and (through ``encode_eval``) evaluation.
@@ -363,8 +385,8 @@ def test_step_context_carries_dataset_indices_and_epoch_progress(tmp_path: Path)
 def test_analysis_and_selected_checkpoint_use_the_method_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mmbalance.train.runner import evaluate_run
     from mmbalance.train.rundir import write_run_config
+    from mmbalance.train.runner import evaluate_run
 
     monkeypatch.setitem(METHODS._items, "owns_encoding", OwnsEncoding)
     method = OwnsEncoding()

@@ -182,6 +182,7 @@ def _entries(
         names = [m for m in names if m in study.methods]
     if methods is not None:
         names = [m for m in names if m in methods]
+    names = [study.variants.get(m, m) for m in names]
     data = build_dataset(resolve_config(dict(study.points[0].overrides)))
     return [(e.label, e.method, e.params) for e in expand_methods(names, list(data.modalities))]
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -67,17 +68,28 @@ def probe_predictions(
 ) -> dict[str, Tensor]:
     """Predictions on ``z_eval`` of a probe per modality fitted on ``(z_train, y_train)``
     (standardised features): class indices of a logistic regression for classification, values
-    of a ridge regression (``alpha=1``) for regression."""
+    of a ridge regression (``alpha=1``) for regression.
+
+    scikit-learn's BLAS runs on as many threads as torch (``torch.get_num_threads()``), not on
+    every core: parallel training processes of one torch thread each would otherwise
+    oversubscribe the machine during their probes."""
     out = {}
-    for m in z_train:
-        scaler = StandardScaler().fit(z_train[m].numpy())
-        if task == "classification":
-            probe: LogisticRegression | Ridge = LogisticRegression(max_iter=max_iter)
-        else:
-            probe = Ridge(alpha=1.0)
-        probe.fit(scaler.transform(z_train[m].numpy()), y_train.numpy())
-        out[m] = torch.as_tensor(probe.predict(scaler.transform(z_eval[m].numpy())))
+    with threadpool_limits(limits=torch.get_num_threads()):
+        for m in z_train:
+            out[m] = _probe_one(z_train[m], y_train, z_eval[m], max_iter, task)
     return out
+
+
+def _probe_one(
+    z_train: Tensor, y_train: Tensor, z_eval: Tensor, max_iter: int, task: str
+) -> Tensor:
+    scaler = StandardScaler().fit(z_train.numpy())
+    if task == "classification":
+        probe: LogisticRegression | Ridge = LogisticRegression(max_iter=max_iter)
+    else:
+        probe = Ridge(alpha=1.0)
+    probe.fit(scaler.transform(z_train.numpy()), y_train.numpy())
+    return torch.as_tensor(probe.predict(scaler.transform(z_eval.numpy())))
 
 
 def probe_accuracy(

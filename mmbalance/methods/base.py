@@ -330,6 +330,13 @@ class Method:
         """The configurations a comparison runs for this method: ``(label, options)`` pairs."""
         return [(name, {})]
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        """Refuse (``ConfigError``) a schedule in which the method would never act, e.g. a
+        warm-up as long as the run; called with the validated ``Params`` and ``train.epochs``
+        before anything is built, so that such a run fails at once instead of silently training
+        as ``joint``. Default: every schedule is accepted."""
+
     def setup(self, info: ModelInfo) -> nn.Module | None:
         """Check the model and create trainable modules the method owns (returned, or None).
 

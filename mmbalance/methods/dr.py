@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from mmbalance.config import check
@@ -121,7 +122,8 @@ def cluster(features: Tensor, num_clusters: int, seed: int, n_init: int) -> Tens
     """k-means cluster of every row of ``features`` after min-max scaling to ``[-1, 1]``."""
     scaled = minmax_scale(features.detach().float().cpu()).numpy().astype(np.float32)
     k = min(num_clusters, len(scaled))
-    fitted = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(scaled)
+    with threadpool_limits(limits=torch.get_num_threads()):  # not every core (see eval.probe)
+        fitted = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(scaled)
     return torch.from_numpy(fitted.astype(np.int64))
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -169,6 +169,17 @@ class ModulationParams:
         return in_window and epoch >= self.warmup_epochs
 
 
+def check_modulation_schedule(name: str, params: ModulationParams, epochs: int) -> None:
+    """Refuse a run none of whose epochs modulates (a warm-up or window beyond the last epoch)."""
+    if not any(params.active(e) for e in range(epochs)):
+        first = max(params.start, params.warmup_epochs)
+        raise ConfigError(
+            f"method {name!r} would never act: it starts in epoch {first} (0-based; start="
+            f"{params.start}, warmup_epochs={params.warmup_epochs}) of a {epochs}-epoch run; "
+            "lower method.warmup_epochs or method.start, or raise train.epochs"
+        )
+
+
 def require_classification(info: ModelInfo, name: str) -> None:
     """The score is a softmax probability of the true class: classification only."""
     if info.task != "classification":
@@ -226,6 +237,10 @@ class OGM(Method):
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self._coeff: dict[str, Tensor] | None = None
+
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        check_modulation_schedule(cls.name, params, epochs)
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext, task
 from mmbalance.methods.ogm import (
     ModulationParams,
     batch_scores,
+    check_modulation_schedule,
     discrepancy_ratios,
     require_classification,
 )
@@ -116,6 +118,10 @@ class OPM(Method):
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self._keep: Tensor | None = None
+
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        check_modulation_schedule(cls.name, params, epochs)
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)

@@ -188,6 +188,15 @@ class Valuation(Method):
         super().__init__(params, **kwargs)
         self.copies: Tensor | None = None  # (dataset size, M) extra copies keeping modality m
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        if params.warmup_epochs >= epochs:
+            raise ConfigError(
+                f"method 'valuation' would never act: its first valuation takes effect in epoch "
+                f"{params.warmup_epochs} (0-based; warmup_epochs={params.warmup_epochs}) of a "
+                f"{epochs}-epoch run; lower method.warmup_epochs or raise train.epochs"
+            )
+
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
         if info.task != "classification":
