@@ -113,7 +113,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     methods = split_methods(args.methods)
     out = Path(args.out)
-    records = run_compare(methods, args.seeds, out, _overrides(args))
+    records = run_compare(methods, args.seeds, out, _overrides(args), search=args.search)
     failed = failed_runs(records)
     if len(failed) < len({(r["method"], r["seed"]) for r in records}):  # some run finished
         # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
@@ -422,9 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         required=True,
-        help="comma-separated methods or variants, e.g. joint,ogm_ge,ogm_ge[alpha=1.2]",
+        help="comma-separated methods, variants or sets, e.g. joint,ogm_ge,ogm_ge[alpha=1.2]; "
+        "sets: table1 (the MCR paper's Table 1), references (joint, ensemble, unimodal), all",
     )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    compare.add_argument(
+        "--search",
+        action="store_true",
+        help="first choose each method's main option on the validation split (three values, "
+        "seed 0, the same budget for every method; OUT/search.json), then run the seeds",
+    )
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)

@@ -23,6 +23,7 @@ on; the command exits non-zero at the end, after writing the results of the runs
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -50,9 +51,45 @@ class Entry:
     params: tuple[tuple[str, Any], ...] = ()
 
 
+#: Named sets of methods, usable in ``--methods`` (``--methods table1`` or ``table1,umt``).
+#: ``table1``: the rows of the MCR paper's Table 1 (Kontras et al., NeurIPS 2025): the unimodal
+#: models, their ensemble, joint training, multi-loss, the unimodal pre-training baselines, the
+#: eight published methods (OGM as the OGM-GE its code runs) and MCR. ``references``: what
+#: every balancing method is judged against. ``all``: every registered method.
+METHOD_SETS: dict[str, tuple[str, ...]] = {
+    "table1": (
+        "unimodal",
+        "ensemble",
+        "joint",
+        "multiloss",
+        "unipre_frozen",
+        "unipre_finetuned",
+        "mslr",
+        "mmcosine",
+        "ogm_ge",
+        "agm",
+        "mlb",
+        "reconboost",
+        "mmpareto",
+        "dr",
+        "mcr",
+    ),
+    "references": ("joint", "ensemble", "unimodal"),
+}
+
+
+def method_set(name: str) -> tuple[str, ...] | None:
+    """The methods of a named set (``all``: every registered method, joint first), or None."""
+    if name == "all":
+        return ("joint", *(m for m in METHODS.names() if m != "joint"))
+    return METHOD_SETS.get(name)
+
+
 def split_methods(text: str) -> list[str]:
-    """Split ``--methods`` at the commas outside brackets (``a,b[x=1,y=2]`` is two entries);
-    empty items are dropped, and naming no method at all is an error."""
+    """Split ``--methods`` at the commas outside brackets (``a,b[x=1,y=2]`` is two entries) and
+    expand named sets (:data:`METHOD_SETS`, ``all``), keeping the first mention of a method
+    that a set and the list both name; empty items are dropped, and naming no method at all is
+    an error."""
     items, depth, current = [], 0, ""
     for char in text:
         depth += {"[": 1, "]": -1}.get(char, 0)
@@ -64,7 +101,14 @@ def split_methods(text: str) -> list[str]:
     items = [m for m in [*items, current.strip()] if m]
     if not items:
         raise ConfigError(f"--methods {text!r} names no method")
-    return items
+    if not any(method_set(m) for m in items):
+        return items
+    expanded: list[str] = []
+    for item in items:
+        for m in method_set(item) or (item,):
+            if m not in expanded:
+                expanded.append(m)
+    return expanded
 
 
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_]+)(\[(?P<options>.*)\])?")
@@ -147,16 +191,83 @@ def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> lis
     return configs
 
 
+#: The search of a method without a ``search_space``: its learning rate at these multiples.
+LR_SEARCH = ("train.lr", (0.5, 1.0, 2.0))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One value of an entry's searched option: its configuration and run directory."""
+
+    label: str
+    option: str
+    value: float
+    config: RunConfig
+    run_dir: Path
+
+
+def with_option(cfg: RunConfig, option: str, value: Any) -> RunConfig:
+    """``cfg`` with one option set: ``method.KEY``, ``fusion.KEY`` or ``train.FIELD`` (validated
+    like any configuration)."""
+    from mmbalance.build import validate
+
+    section, _, key = option.partition(".")
+    if section in ("method", "fusion"):
+        named = getattr(cfg, section)
+        cfg = replace(cfg, **{section: replace(named, params={**named.params, key: value})})
+    elif section == "train" and hasattr(cfg.train, key):
+        cfg = replace(cfg, train=replace(cfg.train, **{key: value}))
+    else:
+        raise ConfigError(f"cannot search option {option!r}: not a method, fusion or train option")
+    validate(cfg)
+    return cfg
+
+
+def search_candidates(entry: Entry, cfg: RunConfig, out_dir: Path) -> list[Candidate]:
+    """The equal-budget search of one entry: three values of its method's main option
+    (:attr:`Method.search_space`; without one, the learning rate at 0.5x, 1x and 2x), each one
+    run on seed 0 under ``out_dir/search/LABEL/OPTION=V``. An option the entry fixes itself
+    (``mcr[lam=1]``) is not searched: the entry has one candidate, its own."""
+    option, values = METHODS.get(entry.method).search_space or LR_SEARCH
+    if option.startswith("method.") and option.removeprefix("method.") in dict(entry.params):
+        values = (dict(entry.params)[option.removeprefix("method.")],)
+    out = []
+    for value in values:
+        actual = value * cfg.train.lr if option == "train.lr" else value
+        config = with_option(replace(cfg, train=replace(cfg.train, seed=0)), option, actual)
+        run_dir = out_dir / "search" / entry.label / f"{option}={value:g}" / "seed0"
+        out.append(Candidate(entry.label, option, value, config, run_dir))
+    return out
+
+
+def choose(candidates: Sequence[Candidate], scores: Sequence[tuple[float, float] | None]) -> int:
+    """The candidate with the best validation selection key (:func:`selection_key`: the
+    primary metric, then minus the loss); a failed run never wins; ties go to the middle value
+    (the default-like one)."""
+    middle = len(candidates) // 2
+    ranked = [
+        ((s if s is not None else (-math.inf, -math.inf)), i == middle, -i)
+        for i, s in enumerate(scores)
+    ]
+    return max(range(len(candidates)), key=lambda i: ranked[i])
+
+
 def run_compare(
     methods: Sequence[str],
     seeds: int,
     out_dir: str | Path,
     overrides: Mapping[str, Any],
+    search: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every method on ``seeds`` seeds and write ``out_dir/results.json``.
 
     Returns the tidy records ``{"method", "seed", "split", "metric", "value"}``, plus one
     status record for each run that did not finish (:func:`failed_runs` lists those).
+
+    With ``search``, every entry first runs the equal-budget validation search of
+    :func:`search_candidates` (seed 0; the test split is never looked at), and its seeds then
+    train with the chosen value; ``out_dir/search.json`` records every candidate's validation
+    score and the choice.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -171,37 +282,125 @@ def run_compare(
     # validate every configuration and every existing run directory before the first run
     configs = entry_configs(entries, overrides)
     # training is imported once every name and option is known to be valid (fast errors)
-    from mmbalance.train.callbacks import default_callbacks
     from mmbalance.train.rundir import check_same_run, check_writable_dir
 
     check_writable_dir(out_dir)
-    remove_stale_temporaries(out_dir, ["results.json"])
+    remove_stale_temporaries(out_dir, ["results.json", "search.json"])
+    for cfg in configs:
+        check_engine(cfg)
+    if search:
+        configs = _search(entries, configs, out_dir, data.task)
     runs = []
     for entry, cfg in zip(entries, configs, strict=True):
-        check_engine(cfg)
+        if search:  # seed 0 of the chosen value is its search run: reuse it, not retrain it
+            _reuse_search_run(out_dir, entry.label, cfg)
         for seed in range(seeds):
             run_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
             run_dir = out_dir / entry.label / f"seed{seed}"
             check_same_run(run_cfg, run_dir)
             runs.append((entry.label, seed, run_cfg, run_dir))
     records: list[dict[str, Any]] = []
+    for label, seed, result in _train_all(runs):
+        if isinstance(result, MMBalanceError):
+            status = "diverged" if isinstance(result, TrainingDiverged) else "failed"
+            records.append(status_record(label, seed, status, str(result)))
+        else:
+            records += run_records(label, seed, result)
+    write_json_atomic(out_dir / "results.json", records, indent=1)
+    return records
+
+
+def _train_all(
+    runs: Sequence[tuple[str, int, RunConfig, Path]], title: str = ""
+) -> list[tuple[str, int, RunResult | dict[str, Any] | MMBalanceError]]:
+    """Train (or reuse) every run in order, with a run counter and an estimate of the time
+    left; a run that diverges or fails with a user-facing error gives that error as its result
+    and the others go on."""
+    from mmbalance.train.callbacks import default_callbacks
+
+    out: list[tuple[str, int, RunResult | dict[str, Any] | MMBalanceError]] = []
     clock = RunClock(len(runs))
     for i, (label, seed, cfg, run_dir) in enumerate(runs):
-        prefix = f"[{i + 1}/{len(runs)}] {label} seed {seed}"
+        prefix = f"[{i + 1}/{len(runs)}] {title}{label} seed {seed}"
         started = time.perf_counter()
         trained = not (run_dir / "metrics.json").is_file()
         try:
             if trained and cfg.train.progress:
                 print(f"{prefix}: training{clock.eta_text()}", flush=True)
-            result = run_or_reuse(cfg, run_dir, default_callbacks(cfg, prefix))
-            records += run_records(label, seed, result)
-        except TrainingDiverged as err:
-            records.append(status_record(label, seed, "diverged", str(err)))
+            out.append((label, seed, run_or_reuse(cfg, run_dir, default_callbacks(cfg, prefix))))
         except MMBalanceError as err:
-            records.append(status_record(label, seed, "failed", str(err)))
+            out.append((label, seed, err))
         clock.finished(time.perf_counter() - started if trained else None)
-    write_json_atomic(out_dir / "results.json", records, indent=1)
-    return records
+    return out
+
+
+def _reuse_search_run(out_dir: Path, label: str, cfg: RunConfig) -> None:
+    """Copy the finished search run whose configuration is ``cfg`` (seed 0) to
+    ``out_dir/LABEL/seed0`` when that directory does not exist yet (copied into a temporary
+    directory, then renamed: a kill leaves no half copy)."""
+    import shutil
+
+    from mmbalance.train.rundir import check_same_run
+
+    target = out_dir / label / "seed0"
+    if target.exists():
+        return
+    for source in sorted((out_dir / "search" / label).glob("*/seed0")):
+        if not (source / "metrics.json").is_file():
+            continue
+        try:
+            check_same_run(cfg, source)
+        except ConfigError:
+            continue
+        partial = target.with_name("seed0.copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        partial.rename(target)
+        return
+
+
+def _search(
+    entries: Sequence[Entry], configs: Sequence[RunConfig], out_dir: Path, task: str
+) -> list[RunConfig]:
+    """Run every entry's search (:func:`search_candidates`) and return the chosen configs."""
+    from mmbalance.eval.metrics import selection_key
+    from mmbalance.train.rundir import check_same_run
+
+    plans = [search_candidates(e, c, out_dir) for e, c in zip(entries, configs, strict=True)]
+    for candidate in (c for plan in plans for c in plan):
+        check_same_run(candidate.config, candidate.run_dir)
+    runs = [
+        (f"{c.label} {c.option}={c.value:g}", 0, c.config, c.run_dir)
+        for plan in plans
+        for c in plan
+    ]
+    results = iter(_train_all(runs, "search: "))
+    chosen, summary = [], []
+    for entry, plan in zip(entries, plans, strict=True):
+        scores: list[tuple[float, float] | None] = []
+        for _ in plan:
+            _, _, result = next(results)
+            if isinstance(result, MMBalanceError):
+                scores.append(None)
+                continue
+            metrics = result["metrics"] if isinstance(result, dict) else result.metrics
+            scores.append(selection_key(metrics["val"], task))
+        best = choose(plan, scores)
+        chosen.append(replace(plan[best].config, train=replace(plan[best].config.train, seed=0)))
+        summary.append(
+            {
+                "method": entry.label,
+                "option": plan[best].option,
+                "scores": {
+                    f"{c.value:g}": s[0] if s else None for c, s in zip(plan, scores, strict=True)
+                },
+                "chosen": plan[best].value,
+            }
+        )
+        if chosen[-1].train.progress:
+            print(f"search: {entry.label}: {plan[best].option}={plan[best].value:g}", flush=True)
+    write_json_atomic(out_dir / "search.json", summary, indent=1)
+    return chosen
 
 
 class RunClock:

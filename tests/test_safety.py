@@ -655,6 +655,28 @@ def test_method_variant_spelling() -> None:
         split_methods(" , ")
 
 
+def test_named_method_sets_expand_in_order_without_repeats() -> None:
+    from mmbalance.compare import METHOD_SETS, split_methods
+    from mmbalance.methods import METHODS
+
+    table1 = split_methods("table1")
+    assert table1 == list(METHOD_SETS["table1"])
+    # the MCR paper's Table 1: references, the eight published methods and MCR, all registered
+    assert {"mslr", "mmcosine", "ogm_ge", "agm", "mlb", "reconboost", "mmpareto", "dr"} <= set(
+        table1
+    )
+    assert all(m in METHODS for m in table1)
+    assert split_methods("references,mcr,joint,ogm_ge[alpha=1.2]") == [
+        "joint",
+        "ensemble",
+        "unimodal",
+        "mcr",
+        "ogm_ge[alpha=1.2]",
+    ]
+    every = split_methods("all")
+    assert every[0] == "joint" and sorted(every) == sorted(METHODS.names())
+
+
 def test_train_prints_the_best_epoch_that_metrics_json_records(capsys, tmp_path: Path) -> None:
     assert main(["train", "--out", str(tmp_path), *_args(train__epochs=3)]) == 0
     printed = " ".join(capsys.readouterr().out.split())

@@ -1,0 +1,70 @@
+"""``mmbalance compare --search``: each entry's main option chosen on the validation split with
+the same budget for every method, then the seeds trained with the choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from mmbalance.build import resolve_config
+from mmbalance.cli import main
+from mmbalance.compare import Candidate, Entry, choose, search_candidates
+
+SMALL = ["train.epochs=1", "dataset.n_train=200", "dataset.n_val=200", "dataset.n_test=200"]
+
+
+def _candidates(n: int) -> list[Candidate]:
+    cfg = resolve_config({})
+    return [Candidate("x", "train.lr", float(i), cfg, Path(".")) for i in range(n)]
+
+
+def test_choice_is_the_best_validation_key_failures_lose_ties_go_to_the_middle() -> None:
+    three = _candidates(3)
+    assert choose(three, [(0.7, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 2
+    assert choose(three, [(0.9, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 0  # then minus the loss
+    assert choose(three, [(0.9, -1.0), (0.9, -1.0), (0.9, -1.0)]) == 1  # a tie: the middle
+    assert choose(three, [None, None, (0.1, -9.0)]) == 2  # failed runs never win
+    assert choose(_candidates(1), [None]) == 0
+
+
+def test_candidates_follow_the_search_space_and_an_entry_fixing_the_option(
+    tmp_path: Path,
+) -> None:
+    cfg = resolve_config({"method": "mcr"})
+    plan = search_candidates(Entry("mcr", "mcr"), cfg, tmp_path)
+    assert [c.config.method.params["lam"] for c in plan] == [0.01, 0.1, 1.0]
+    assert all(c.config.train.seed == 0 for c in plan)
+    assert plan[0].run_dir == tmp_path / "search" / "mcr" / "method.lam=0.01" / "seed0"
+    fixed = search_candidates(Entry("mcr[lam=1]", "mcr", (("lam", 1.0),)), cfg, tmp_path)
+    assert [c.value for c in fixed] == [1.0]
+    joint = resolve_config({"method": "joint", "train.lr": 0.01})
+    lrs = [c.config.train.lr for c in search_candidates(Entry("joint", "joint"), joint, tmp_path)]
+    assert lrs == [0.005, 0.01, 0.02]  # the configured rate at 0.5x, 1x, 2x
+
+
+def test_compare_search_trains_the_seeds_with_the_validation_choice(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "--dataset", "synthetic", "--methods", "joint,mcr", "--seeds", "2"]
+    assert main([*argv, "--search", "--out", str(out), *SMALL]) == 0
+    summary = {s["method"]: s for s in json.loads((out / "search.json").read_text())}
+    mcr = summary["mcr"]
+    scores = {float(k): v for k, v in mcr["scores"].items()}
+    assert set(scores) == {0.01, 0.1, 1.0}
+    assert scores[mcr["chosen"]] == max(scores.values())
+    for seed in (0, 1):
+        cfg = yaml.safe_load((out / "mcr" / f"seed{seed}" / "config.yaml").read_text())
+        assert cfg["method"]["lam"] == mcr["chosen"]
+        assert cfg["train"]["seed"] == seed
+    # the chosen value's search run is seed 0: reused, identical metrics
+    chosen_dir = out / "search" / "mcr" / f"method.lam={mcr['chosen']:g}" / "seed0"
+    assert (out / "mcr" / "seed0" / "metrics.json").read_text() == (
+        chosen_dir / "metrics.json"
+    ).read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["seed"]) for r in results} == {
+        (m, s) for m in ("joint", "mcr") for s in (0, 1)
+    }
+    # a second invocation reuses everything
+    assert main([*argv, "--search", "--out", str(out), *SMALL]) == 0
