@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,29 @@ FAST_ARGS: list[str] = [
 ]
 
 
+def fit_killed_and_resumed(
+    cfg: Any, run_dir: Path, monkeypatch: pytest.MonkeyPatch, after_epoch: int
+) -> Any:
+    """Train ``cfg`` into ``run_dir``, killed (``KeyboardInterrupt``) right after epoch
+    ``after_epoch`` (0-based) has written its metrics and checkpoint, then resume it to the end;
+    returns the resumed run's result, to compare with an uninterrupted run."""
+    from mmbalance.train import fit
+    from mmbalance.train.callbacks import MetricsFiles
+
+    original = MetricsFiles.on_epoch_end
+
+    def killed(self: Any, trainer: Any, row: Any) -> None:
+        original(self, trainer, row)
+        if row["epoch"] == after_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, run_dir)
+    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
+    return fit(cfg, run_dir, resume=True)
+
+
 @pytest.fixture
 def small() -> dict[str, Any]:
     """Overrides for a synthetic run that trains in about a second."""
@@ -52,6 +76,28 @@ COMPETITION: dict[str, Any] = {
 }
 
 
+#: A short run of the competition preset (3 epochs, a few hundred samples, no curves), for the
+#: per-method learning and resumption tests.
+LEARN: dict[str, Any] = {
+    **COMPETITION,
+    "dataset.n_train": 300,
+    "dataset.n_val": 100,
+    "dataset.n_test": 300,
+    "dataset.n_bayes": 500,
+    "train.epochs": 3,
+    "train.epoch_analysis": False,
+}
+#: A slightly longer one (4 epochs) with the per-epoch curves on.
+SMALL_COMPETITION: dict[str, Any] = {
+    **COMPETITION,
+    "dataset.n_train": 300,
+    "dataset.n_val": 200,
+    "dataset.n_test": 400,
+    "dataset.n_bayes": 500,
+    "train.epochs": 4,
+}
+
+
 @pytest.fixture
 def competition_metrics(tmp_path):
     """``run(overrides, seeds)``: test metrics averaged over ``train.seed`` in ``seeds``."""
@@ -70,3 +116,35 @@ def competition_metrics(tmp_path):
         return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
     return run
+
+
+#: A small multiloss run for the method-interface tests that drive the real trainer.
+HOOKS_BASE: dict[str, Any] = {
+    "dataset": "synthetic",
+    "dataset.n_train": 240,
+    "dataset.n_val": 120,
+    "dataset.n_test": 200,
+    "dataset.n_bayes": 1000,
+    "method": "multiloss",
+    "train.epochs": 3,
+    "train.batch_size": 32,
+    "train.optimizer": "adam",
+    "train.progress": False,
+    "train.tensorboard": False,
+    "train.epoch_analysis": False,
+}
+
+
+def make_trainer(method: Any, out: Path, **overrides: Any) -> Any:
+    """A real :class:`~mmbalance.train.Trainer` for ``method`` on :data:`HOOKS_BASE` (seeded as
+    ``fit`` seeds it), without running it."""
+    from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+    from mmbalance.train import Trainer
+
+    cfg = resolve_config({**HOOKS_BASE, **overrides})
+    fabric = make_fabric(cfg)
+    fabric.seed_everything(cfg.train.seed, verbose=False)
+    data = build_dataset(cfg)
+    model = build_model(cfg, data, method)
+    method_module = method.setup(model_info(model, data))
+    return Trainer(fabric, cfg, data, model, method, method_module, out)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LEARN, fit_killed_and_resumed
 from torch import nn
 
 from mmbalance.build import resolve_config
@@ -27,20 +28,6 @@ from mmbalance.methods.agm import (
 from mmbalance.models import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
-from mmbalance.train.callbacks import MetricsFiles
-
-LEARN: dict[str, object] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 300,
-    "dataset.n_val": 100,
-    "dataset.n_test": 300,
-    "dataset.n_bayes": 500,
-    "train.epochs": 3,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
-}
 
 
 # --- Shapley responses ------------------------------------------------------------------------------
@@ -419,20 +406,9 @@ def test_clipping_triggers_on_a_large_fusion_weight_gradient_only() -> None:
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = {**LEARN, "method": "agm", "method.space": "latent", "train.epochs": 3}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = MetricsFiles.on_epoch_end
-    calls = {"n": 0}
-
-    def crash_after_second_epoch(self, trainer, row):
-        original(self, trainer, row)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(
+        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=1
+    )
     assert resumed.metrics == reference.metrics
     assert [r["train_loss"] for r in resumed.history] == [
         r["train_loss"] for r in reference.history

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -26,7 +27,6 @@ from mmbalance.methods.mbsd import modality_logits
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit
-from mmbalance.train.callbacks import MetricsFiles
 
 
 def test_dependence_shares_of_the_joint_softmax() -> None:
@@ -165,20 +165,7 @@ BASE: dict[str, Any] = {
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = resolve_config(BASE)
     reference = fit(cfg, tmp_path / "reference")
-    original = MetricsFiles.on_epoch_end
-    calls = {"n": 0}
-
-    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
-        original(self, trainer, row)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(cfg, tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(cfg, tmp_path / "killed", monkeypatch, after_epoch=1)
     assert resumed.metrics == reference.metrics
     assert [r["train_loss"] for r in resumed.history] == [
         r["train_loss"] for r in reference.history

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import fit_killed_and_resumed
 from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
@@ -26,7 +27,6 @@ from mmbalance.methods.dr import (
     soft_reinit,
 )
 from mmbalance.train import Trainer, fit
-from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
@@ -208,18 +208,9 @@ def test_a_run_killed_between_relearnings_resumes_exactly(tmp_path: Path, monkey
     overrides = {**SMALL, "method.reinit_epoch": 1, "method.reinit_num": 3, "train.epochs": 4}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
     assert any("method_reinit_weight_m1" in r for r in reference.history)
-    original = MetricsFiles.on_epoch_end
-
-    def crash(self, trainer, row):  # after the first re-learning, before the second
-        original(self, trainer, row)
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash)
-    with pytest.raises(KeyboardInterrupt):
-        fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(
+        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
+    )
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
     for name, value in a["module"].items():

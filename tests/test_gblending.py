@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -17,7 +18,6 @@ from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, StepContex
 from mmbalance.methods.gblending import GradientBlending, blending_weights, head_losses
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit
-from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
@@ -181,18 +181,9 @@ def test_a_run_killed_mid_super_epoch_resumes_exactly(tmp_path: Path, monkeypatc
     reference = fit(resolve_config(overrides), tmp_path / "reference")
     weights = [r["method_weight_fused"] for r in reference.history]
     assert weights[0] == weights[1] == pytest.approx(1 / 3) and weights[2] != weights[1]
-    original = MetricsFiles.on_epoch_end
-
-    def crash(self, trainer, row):  # epoch 2: the middle of the second super-epoch
-        original(self, trainer, row)
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash)
-    with pytest.raises(KeyboardInterrupt):
-        fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(
+        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
+    )
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
     for name, value in a["module"].items():

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import COMPETITION
+from conftest import SMALL_COMPETITION
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -26,15 +26,6 @@ from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
 from mmbalance.train.checkpoint import load_checkpoint
-
-SMALL_COMPETITION: dict[str, Any] = {
-    **COMPETITION,
-    "dataset.n_train": 300,
-    "dataset.n_val": 200,
-    "dataset.n_test": 400,
-    "dataset.n_bayes": 500,
-    "train.epochs": 4,
-}
 
 
 # --- the window detector ---------------------------------------------------------------------

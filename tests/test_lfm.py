@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.data.base import Batch
@@ -23,7 +24,6 @@ from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit
-from mmbalance.train.callbacks import MetricsFiles
 
 
 def js_by_hand(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -173,20 +173,7 @@ def test_kill_and_resume_keeps_the_weight(tmp_path: Path, monkeypatch: pytest.Mo
     alphas = [r["method_alpha"] for r in reference.history]
     assert len(set(alphas)) > 1  # the weight moves
 
-    original = MetricsFiles.on_epoch_end
-    calls = {"n": 0}
-
-    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
-        original(self, trainer, row)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(cfg, tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(cfg, tmp_path / "killed", monkeypatch, after_epoch=1)
     assert [r["method_alpha"] for r in resumed.history] == alphas
     assert resumed.metrics == reference.metrics
 

@@ -9,37 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import HOOKS_BASE as BASE
+from conftest import make_trainer
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, EpochContext, Phase, StepContext
 from mmbalance.methods.baselines import MultiLoss
 from mmbalance.train import Trainer
-
-BASE: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.n_train": 240,
-    "dataset.n_val": 120,
-    "dataset.n_test": 200,
-    "dataset.n_bayes": 1000,
-    "method": "multiloss",
-    "train.epochs": 3,
-    "train.batch_size": 32,
-    "train.optimizer": "adam",
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
-}
-
-
-def make_trainer(method: Any, out: Path, **overrides: Any) -> Trainer:
-    cfg = resolve_config({**BASE, **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    data = build_dataset(cfg)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
-    return Trainer(fabric, cfg, data, model, method, extra, out)
 
 
 class Recorder(MultiLoss):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import LEARN as CONFTEST_LEARN
 from torch import nn
 
 from mmbalance.build import resolve_config
@@ -24,18 +26,7 @@ from mmbalance.models import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
 
-LEARN: dict[str, object] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 300,
-    "dataset.n_val": 100,
-    "dataset.n_test": 500,
-    "dataset.n_bayes": 500,
-    "train.epochs": 4,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
-}
+LEARN: dict[str, Any] = {**CONFTEST_LEARN, "dataset.n_test": 500, "train.epochs": 4}
 
 
 # --- the formula ----------------------------------------------------------------------------------

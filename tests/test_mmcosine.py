@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LEARN
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
@@ -14,19 +15,6 @@ from mmbalance.methods import build_method
 from mmbalance.models import build_fusion
 from mmbalance.models.cosine_head import CosineFusion
 from mmbalance.train import Trainer, fit
-
-LEARN: dict[str, object] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 300,
-    "dataset.n_val": 100,
-    "dataset.n_test": 300,
-    "dataset.n_bayes": 500,
-    "train.epochs": 3,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
-}
 
 
 def _cosine(z: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:

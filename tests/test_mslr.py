@@ -8,26 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LEARN, fit_killed_and_resumed
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method
 from mmbalance.methods.mslr import sliding_ratio
 from mmbalance.train import Trainer, fit
-from mmbalance.train.callbacks import MetricsFiles
 
-LEARN: dict[str, object] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 300,
-    "dataset.n_val": 100,
-    "dataset.n_test": 300,
-    "dataset.n_bayes": 500,
-    "train.epochs": 3,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
-}
 INFO = ModelInfo(("m1", "m2"), {"m1": 4, "m2": 4}, 5)
 
 
@@ -162,20 +150,9 @@ def test_encoders_get_the_fused_gradient_only_and_heads_learn_as_probes() -> Non
 def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = {**LEARN, "method": "mslr", "method.window": 1, "train.epochs": 4}
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = MetricsFiles.on_epoch_end
-    calls = {"n": 0}
-
-    def crash_after_third_epoch(self, trainer, row):
-        original(self, trainer, row)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(
+        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
+    )
     assert resumed.metrics == reference.metrics
     assert [r["lr_scale_encoder.m1"] for r in resumed.history] == [
         r["lr_scale_encoder.m1"] for r in reference.history

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_killed_and_resumed
 from torch import nn
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
@@ -20,7 +21,6 @@ from mmbalance.methods.reconboost import ReconBoost, consolidation_loss, reconci
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.shared_head import SharedBoostHead
 from mmbalance.train import Trainer, fit
-from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
@@ -283,18 +283,9 @@ def test_a_run_killed_mid_stage_resumes_exactly(tmp_path: Path, monkeypatch) -> 
         "train.optimizer": "sgd",
     }
     reference = fit(resolve_config(overrides), tmp_path / "reference")
-    original = MetricsFiles.on_epoch_end
-
-    def crash_mid_stage(self, trainer, row):
-        original(self, trainer, row)
-        if row["epoch"] == 0:  # inside the first learner stage
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_mid_stage)
-    with pytest.raises(KeyboardInterrupt):
-        fit(resolve_config(overrides), tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(resolve_config(overrides), tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(
+        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=0
+    )
     a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
     b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
     for name, value in a["module"].items():

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -20,7 +21,6 @@ from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
-from mmbalance.train.callbacks import MetricsFiles
 from mmbalance.train.checkpoint import load_checkpoint
 
 
@@ -127,20 +127,7 @@ def test_teachers_are_the_pretrained_encoders_and_survive_a_kill(
         for k, v in state.items():
             assert torch.equal(v, pretrained[f"encoders.{m}.{k}"]), (m, k)  # frozen all along
 
-    original = MetricsFiles.on_epoch_end
-    calls = {"n": 0}
-
-    def crash_after_second_epoch(self: Any, trainer: Any, row: Any) -> None:
-        original(self, trainer, row)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed right after the epoch's checkpoint
-
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "killed")
-    monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
-    resumed = fit(cfg, tmp_path / "killed", resume=True)
+    resumed = fit_killed_and_resumed(cfg, tmp_path / "killed", monkeypatch, after_epoch=1)
     assert resumed.metrics == reference.metrics
     assert [r["train_distill"] for r in resumed.history] == [
         r["train_distill"] for r in reference.history
