@@ -282,7 +282,23 @@ def _is_balancing(method: str) -> bool:
     return method.split("[")[0] not in NOT_BALANCING
 
 
-def gap_table(records: Sequence[Mapping[str, Any]]) -> tuple[Table, str]:
+def epoch_cost(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, float]:
+    """Each method's epoch time divided by ``joint``'s: the median over seeds of the mean
+    ``seconds`` per epoch of ``metrics.csv`` (wall time, so it includes every epoch hook and
+    feature pass a method runs, and the load of the other training processes)."""
+    per_method: dict[str, list[float]] = {}
+    for key, rows in curves.items():
+        seconds = [r["seconds"] for r in rows if "seconds" in r and not math.isnan(r["seconds"])]
+        if seconds:
+            per_method.setdefault(key.rsplit("|", 1)[0], []).append(sum(seconds) / len(seconds))
+    medians = {m: sorted(v)[len(v) // 2] for m, v in per_method.items()}
+    joint = medians.get("joint")
+    return {m: v / joint for m, v in medians.items()} if joint else {}
+
+
+def gap_table(
+    records: Sequence[Mapping[str, Any]], cost: Mapping[str, float] | None = None
+) -> tuple[Table, str]:
     """How much of the joint-to-ensemble gap each method closes, and a plain-words summary.
 
     ``closed`` = (method - joint) / (ensemble - joint) of the mean test accuracies: 0 % is
@@ -301,6 +317,7 @@ def gap_table(records: Sequence[Mapping[str, Any]]) -> tuple[Table, str]:
     )
     columns = [Column("method", "left"), Column("test accuracy"), Column("gap closed")]
     columns += [Column("vs joint", "left"), Column("vs ensemble", "left")]
+    columns += [Column("epoch time ÷ joint")] if cost else []
     rows = []
 
     def verdict_cell(test: PairedTest | None, word_up: str, word_down: str) -> str:
@@ -318,6 +335,7 @@ def gap_table(records: Sequence[Mapping[str, Any]]) -> tuple[Table, str]:
                 f"{100 * closed:.0f} %",
                 "(reference)" if m == "joint" else verdict_cell(vs_joint.get(m), "above", "below"),
                 "(reference)" if m == "ensemble" else verdict_cell(vs_ens.get(m), "above", "below"),
+                *([f"{cost[m]:.2f}" if m in cost else "-"] if cost else []),
             ]
         )
     above = [m for m in balancing if (t := vs_joint.get(m)) and t.significant and t.mean_diff > 0]
@@ -410,7 +428,7 @@ def _regime_section(saved: Mapping[str, Any] | None, figures: Path, draw: bool) 
             "",
         ]
     info = saved.get("studies", {}).get(REGIME, saved) if saved else {}
-    table, summary = gap_table(records)
+    table, summary = gap_table(records, epoch_cost(saved.get("curves", {}).get(REGIME, {})))
     out += [
         study.description,
         "",
@@ -429,7 +447,11 @@ def _regime_section(saved: Mapping[str, Any] | None, figures: Path, draw: bool) 
         "",
         "*gap closed*: (method − joint) / (ensemble − joint) of the mean test accuracies. *vs "
         "joint*, *vs ensemble*: the paired t-test over seeds, Holm-corrected over every method "
-        "compared with the same reference (p < 0.05); *level*: no significant difference.",
+        "compared with the same reference (p < 0.05); *level*: no significant difference. "
+        "*epoch time ÷ joint*: the median over seeds of the mean wall time of an epoch, "
+        "divided by `joint`'s: it counts every epoch hook and extra pass a method runs "
+        "(measured with two training processes sharing the machine). The per-step cost is in "
+        "the Cost section.",
         "",
     ]
     fig = figures / "av-fashion-cnn_curves.png"

@@ -263,7 +263,11 @@ def run_accuracy(
             continue
         rows = read_history(runs.joinpath(*job.run_dir_parts, f"seed{job.seed}", "metrics.csv"))
         kept = [
-            {k: v for k, v in r.items() if k == "epoch" or k.startswith(CURVE_PREFIXES)}
+            {
+                k: v
+                for k, v in r.items()
+                if k in ("epoch", "seconds") or k.startswith(CURVE_PREFIXES)
+            }
             for r in rows
         ]
         if kept:
