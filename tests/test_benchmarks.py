@@ -150,3 +150,44 @@ def test_selection_breaks_ties_towards_the_middle_candidate() -> None:
 
     assert Selection("train.lr", {0.5: 0.9, 1.0: 0.9, 2.0: 0.8}).best() == 1.0
     assert Selection("train.lr", {0.5: 0.95, 1.0: 0.9, 2.0: -1.0}).best() == 0.5
+
+
+def test_regenerating_some_studies_keeps_the_others() -> None:
+    from benchmarks.results_page.runner import merge_saved
+
+    def saved(study: str, value: float, runs: int) -> dict:
+        record = {"study": study, "method": "joint", "metric": "accuracy", "value": value}
+        info = {"seeds": 5, "runs": runs, "missing": 0, "workers": 2, "minutes": 1.0}
+        return {**info, "search": [{"study": study}], "records": [record], "curves": {study: {}}}
+
+    first = merge_saved(merge_saved(None, saved("a", 0.1, 3)), saved("b", 0.2, 4))
+    again = merge_saved(first, saved("a", 0.3, 5))
+    assert sorted((r["study"], r["value"]) for r in again["records"]) == [("a", 0.3), ("b", 0.2)]
+    assert [s["study"] for s in again["search"]] == ["b", "a"]
+    assert again["studies"]["a"]["runs"] == 5 and again["studies"]["b"]["runs"] == 4
+    assert again["runs"] == 9 and set(again["curves"]) == {"a", "b"}
+
+
+def test_gap_closed_and_epoch_cost_follow_their_formulas() -> None:
+    from benchmarks.results_page.page import epoch_cost, gap_table
+
+    means = {"joint": 0.80, "ensemble": 0.90, "mcr": 0.86, "ogm": 0.78}
+    records = [
+        {"method": m, "seed": s, "split": "test", "metric": "accuracy", "value": v + d}
+        for m, v in means.items()
+        for s, d in enumerate((-0.001, 0.0, 0.001))
+    ]
+    table, summary = gap_table(records, {"joint": 1.0, "mcr": 1.5})
+    rows = {r[0]: r for r in table.rows}
+    assert rows["`mcr`"][2] == f"{100 * (0.86 - 0.80) / (0.90 - 0.80):.0f} %"  # 60 %
+    assert rows["`ogm`"][2] == "-20 %" and rows["`ensemble`"][2] == "100 %"
+    assert rows["`mcr`"][3] == "above" and rows["`ogm`"][3] == "below"
+    assert rows["`mcr`"][5] == "1.50" and rows["`ogm`"][5] == "-"
+    assert "`mcr`'s, 0.8600, closing 60 % of the gap" in summary
+    curves = {
+        "joint|0": [{"seconds": 2.0}, {"seconds": 2.0}],
+        "joint|1": [{"seconds": 4.0}],
+        "joint|2": [{"seconds": 3.0}],
+        "dr|0": [{"seconds": 6.0}, {"seconds": 3.0}],
+    }
+    assert epoch_cost(curves) == {"joint": 1.0, "dr": 1.5}
