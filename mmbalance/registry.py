@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mmbalance.errors import ConfigError
 
@@ -91,3 +91,17 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         self.load_all()
         return sorted(self._items.items())
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's module-level ``__getattr__``: each public name in ``exports`` (name -> module
+    of ``package``) is imported from its module on first use, so that importing the package (for
+    its registry) imports nothing heavy, torch included."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+
+    return __getattr__

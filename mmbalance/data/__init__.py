@@ -7,10 +7,9 @@ first asked for. A new dataset is one module registering its source with
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mmbalance.registry import Registry
+from mmbalance.registry import Registry, lazy_exports
 
 if TYPE_CHECKING:
     from mmbalance.data.base import DatasetSource
@@ -43,10 +42,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["BUILTIN_DATASETS", "DATASETS", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    """The package's public names, imported on first use (so that importing the package, for
-    its registry, does not import torch)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

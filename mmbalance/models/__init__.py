@@ -7,11 +7,10 @@ it is first asked for. A new encoder or head is one module registering it and on
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mmbalance.registry import Registry
+from mmbalance.registry import Registry, lazy_exports
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,10 +51,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["BUILTIN_ENCODERS", "BUILTIN_FUSION_HEADS", "ENCODERS", "FUSION_HEADS", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    """The package's public names, imported on first use (so that importing the package, for
-    its registries, does not import torch)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

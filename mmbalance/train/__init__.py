@@ -6,8 +6,7 @@ The public names are imported on first use, so that the run-directory checks
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmbalance.registry import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Callback": "callbacks",
@@ -21,9 +20,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """The package's public names, imported on first use."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
