@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             Path(args.runs), args.workers, args.seeds, studies, methods, not args.collect_only
         )
     from benchmarks.results_page.page import write_docs
-    from mmbalance.report import read_json
+    from mmbalance.io import read_json
 
     cost_path, acc_path = RESULTS / "cost_cpu.json", RESULTS / "accuracy.json"
     cost = read_json(cost_path) if cost_path.is_file() else None

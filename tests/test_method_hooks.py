@@ -282,6 +282,17 @@ def test_methods_declare_whether_they_scale_whole_gradients(name: str, scales: b
         ({"method": "ogm_ge", "train.epochs": 4, "method.warmup_epochs": 3}, True),
         ({"method": "valuation", "train.epochs": 5}, False),
         ({"method": "valuation", "train.epochs": 6}, True),
+        ({"method": "mslr", "train.epochs": 6, "method.window": 5}, False),  # acts from epoch 6
+        ({"method": "mslr", "train.epochs": 6, "method.window": 4}, True),
+        ({"method": "mslr", "method.strategy": "fixed"}, False),  # every factor 1
+        ({"method": "mslr", "method.strategy": "fixed", "method.init_scales": {"m1": 2}}, True),
+        ({"method": "gblending", "train.epochs": 5, "method.super_epoch": 5}, False),
+        ({"method": "gblending", "train.epochs": 6, "method.super_epoch": 5}, True),
+        ({"method": "dr", "train.epochs": 4, "method.reinit_epoch": 4}, False),
+        ({"method": "dr", "train.epochs": 5, "method.reinit_epoch": 4}, True),
+        ({"method": "dr", "method.reinit_num": 0}, False),
+        ({"method": "pmr", "train.epochs": 3, "method.start": 3}, False),
+        ({"method": "agm", "train.epochs": 3, "method.start": 2}, True),
     ],
 )
 def test_a_schedule_in_which_the_method_never_acts_is_refused(

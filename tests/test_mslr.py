@@ -125,7 +125,7 @@ def test_trainer_sets_each_epochs_rates_from_the_previous_validation_accuracies(
 
 
 def test_encoders_get_the_fused_gradient_only_and_heads_learn_as_probes() -> None:
-    cfg = resolve_config({**LEARN, "method": "mslr"})
+    cfg = resolve_config({**LEARN, "method": "mslr", "method.window": 1})
     data = build_dataset(cfg)
     method = build_method("mslr", {})
     model = build_model(cfg, data, method)
@@ -160,5 +160,5 @@ def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_mslr_learns_the_competition_preset(tmp_path: Path) -> None:
-    result = fit(resolve_config({**LEARN, "method": "mslr"}), tmp_path / "mslr")
+    result = fit(resolve_config({**LEARN, "method": "mslr", "method.window": 1}), tmp_path / "mslr")
     assert result.metrics["test"]["accuracy"] >= 0.8  # chance is 0.2 (5 classes)

@@ -241,6 +241,16 @@ class AGM(Method):
 
     name = "agm"
     Params = AGMParams
+
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        if params.start >= epochs:
+            cls.refuse_idle_schedule(
+                f"in epoch {params.start} (0-based; start={params.start})",
+                epochs,
+                "lower method.start or raise train.epochs",
+            )
+
     # not a whole-gradient scale: the masked passes change the gradient's direction, which
     # Adam's normalisation does not undo (so no notice under Adam)
     scales_gradients = False

@@ -331,6 +331,15 @@ class Method:
         return [(name, {})]
 
     @classmethod
+    def refuse_idle_schedule(cls, when: str, epochs: int, remedy: str) -> None:
+        """Raise the one-line error of :meth:`check_schedule`: the method would first act
+        ``when`` in a run of ``epochs`` epochs; ``remedy`` names the options to change."""
+        raise ConfigError(
+            f"method {cls.name!r} would never act: it first acts {when}, and the run has "
+            f"{epochs} epochs; {remedy}"
+        )
+
+    @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
         """Refuse (``ConfigError``) a schedule in which the method would never act, e.g. a
         warm-up as long as the run; called with the validated ``Params`` and ``train.epochs``

@@ -165,6 +165,17 @@ class DiagnosingRelearning(Method):
     Params = DRParams
     search_space = ("method.move_lambda", (1.0, 3.0, 6.0))
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        # the first re-learning happens before epoch reinit_epoch (0-based)
+        if params.reinit_num == 0 or params.reinit_epoch >= epochs:
+            cls.refuse_idle_schedule(
+                f"before epoch {params.reinit_epoch} (0-based; reinit_epoch="
+                f"{params.reinit_epoch}, reinit_num={params.reinit_num})",
+                epochs,
+                "lower method.reinit_epoch, make method.reinit_num >= 1 or raise train.epochs",
+            )
+
     def __init__(self, params: DRParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self._initial: dict[str, list[Tensor]] | None = None

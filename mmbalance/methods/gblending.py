@@ -139,6 +139,16 @@ class GradientBlending(Method):
     needs_unimodal_heads = True
     search_space = ("method.super_epoch", (2, 5, 10))
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        # the first estimate ends the first super-epoch; its weights train from epoch super_epoch
+        if params.super_epoch >= epochs:
+            cls.refuse_idle_schedule(
+                f"in epoch {params.super_epoch} (0-based; super_epoch={params.super_epoch})",
+                epochs,
+                "lower method.super_epoch or raise train.epochs",
+            )
+
     def __init__(self, params: GBlendingParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.weights: dict[str, float] = {}

@@ -111,6 +111,22 @@ class MSLR(Method):
     needs_unimodal_heads = True
     search_space = ("method.window", (3, 5, 10))
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        # the sliding ratio needs ``window`` earlier accuracies: it is computed at the end of
+        # epoch ``window`` and used from epoch ``window + 1``; fixed factors of 1 never act
+        fixed_only = all(v == 1 for v in params.init_scales.values())
+        if params.strategy == "sliding" and fixed_only and params.window + 1 >= epochs:
+            cls.refuse_idle_schedule(
+                f"in epoch {params.window + 1} (0-based; window={params.window})",
+                epochs,
+                "lower method.window or raise train.epochs",
+            )
+        if params.strategy == "fixed" and fixed_only:
+            cls.refuse_idle_schedule(
+                "never (strategy=fixed with every init_scale 1)", epochs, "set method.init_scales"
+            )
+
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self._accuracies: dict[str, list[float]] = {}

@@ -169,14 +169,15 @@ class ModulationParams:
         return in_window and epoch >= self.warmup_epochs
 
 
-def check_modulation_schedule(name: str, params: ModulationParams, epochs: int) -> None:
+def check_modulation_schedule(cls: type[Method], params: ModulationParams, epochs: int) -> None:
     """Refuse a run none of whose epochs modulates (a warm-up or window beyond the last epoch)."""
     if not any(params.active(e) for e in range(epochs)):
         first = max(params.start, params.warmup_epochs)
-        raise ConfigError(
-            f"method {name!r} would never act: it starts in epoch {first} (0-based; start="
-            f"{params.start}, warmup_epochs={params.warmup_epochs}) of a {epochs}-epoch run; "
-            "lower method.warmup_epochs or method.start, or raise train.epochs"
+        cls.refuse_idle_schedule(
+            f"in epoch {first} (0-based; start={params.start}, warmup_epochs="
+            f"{params.warmup_epochs})",
+            epochs,
+            "lower method.warmup_epochs or method.start, or raise train.epochs",
         )
 
 
@@ -240,7 +241,7 @@ class OGM(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        check_modulation_schedule(cls.name, params, epochs)
+        check_modulation_schedule(cls, params, epochs)
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)

@@ -121,7 +121,7 @@ class OPM(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        check_modulation_schedule(cls.name, params, epochs)
+        check_modulation_schedule(cls, params, epochs)
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)

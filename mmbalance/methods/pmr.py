@@ -165,6 +165,15 @@ class PMR(Method):
     Params = PMRParams
     search_space = ("method.alpha", (0.5, 1.0, 2.0))
 
+    @classmethod
+    def check_schedule(cls, params: Any, epochs: int) -> None:
+        if params.start >= epochs:
+            cls.refuse_idle_schedule(
+                f"in epoch {params.start} (0-based; start={params.start})",
+                epochs,
+                "lower method.start or raise train.epochs",
+            )
+
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self.prototypes: dict[str, Tensor] = {}

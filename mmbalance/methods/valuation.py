@@ -190,11 +190,11 @@ class Valuation(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        if params.warmup_epochs >= epochs:
-            raise ConfigError(
-                f"method 'valuation' would never act: its first valuation takes effect in epoch "
-                f"{params.warmup_epochs} (0-based; warmup_epochs={params.warmup_epochs}) of a "
-                f"{epochs}-epoch run; lower method.warmup_epochs or raise train.epochs"
+        if params.warmup_epochs >= epochs:  # the first valuation acts in epoch warmup_epochs
+            cls.refuse_idle_schedule(
+                f"in epoch {params.warmup_epochs} (0-based; warmup_epochs={params.warmup_epochs})",
+                epochs,
+                "lower method.warmup_epochs or raise train.epochs",
             )
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
