@@ -38,7 +38,7 @@ REFERENCES = ("joint", "ensemble")
 #: The studies of the competition regime, shown first (the main study, then its SGD arm).
 REGIME, REGIME_SGD = "av-fashion-cnn", "av-fashion-cnn-sgd"
 #: Methods that are references or use one modality: not counted as balancing methods.
-NOT_BALANCING = ("joint", "ensemble", "unimodal", "unipre_frozen", "unipre_finetuned")
+NOT_BALANCING = ("joint", "ensemble", "unimodal", "multiloss", "unipre_frozen", "unipre_finetuned")
 #: How many balancing methods (best mean test accuracy first) the curves figure draws.
 CURVE_METHODS = 6
 ABSENT = "—"
@@ -325,7 +325,18 @@ def gap_table(
             return "level"
         return word_up if test.mean_diff > 0 else word_down
 
-    for m in ["joint", "ensemble", *balancing]:
+    baselines = sorted(
+        (
+            m
+            for m in means
+            if means[m] is not None
+            and not _is_balancing(m)
+            and m not in ("joint", "ensemble")
+            and not m.startswith("unimodal")
+        ),
+        key=lambda m: -means[m].mean,  # type: ignore[union-attr]
+    )
+    for m in ["joint", "ensemble", *baselines, *balancing]:
         stat = means[m]
         closed = (stat.mean - joint.mean) / gap if gap > 0 else math.nan  # type: ignore[union-attr]
         rows.append(
@@ -344,6 +355,21 @@ def gap_table(
         m for m in balancing if not ((t := vs_ens.get(m)) and t.significant and t.mean_diff < 0)
     ]
     names = lambda ms: ", ".join(f"`{m}`" for m in ms) or "none"  # noqa: E731
+
+    def standing(m: str) -> str:
+        j, e = vs_joint.get(m), vs_ens.get(m)
+        word_j = (
+            "level with"
+            if j is None or not j.significant
+            else ("above" if j.mean_diff > 0 else "below")
+        )
+        word_e = (
+            "level with"
+            if e is None or not e.significant
+            else ("above" if e.mean_diff > 0 else "below")
+        )
+        return f"`{m}` {means[m].mean:.4f} ({word_j} joint, {word_e} the ensemble)"  # type: ignore[union-attr]
+
     best = balancing[0] if balancing else None
     summary = (
         f"Joint training reaches {joint.mean:.4f} and the ensemble of separately trained "
@@ -360,6 +386,8 @@ def gap_table(
             if gap > 0
             else ""
         )
+    if baselines:
+        summary += " The baselines: " + "; ".join(standing(m) for m in baselines) + "."
     return Table(columns, rows), summary
 
 
@@ -450,8 +478,9 @@ def _regime_section(saved: Mapping[str, Any] | None, figures: Path, draw: bool) 
         "compared with the same reference (p < 0.05); *level*: no significant difference. "
         "*epoch time ÷ joint*: the median over seeds of the mean wall time of an epoch, "
         "divided by `joint`'s: it counts every epoch hook and extra pass a method runs "
-        "(measured with two training processes sharing the machine). The per-step cost is in "
-        "the Cost section.",
+        "(measured with two training processes sharing the machine; for the unimodal "
+        "pre-training baselines, the epochs after pre-training). The per-step cost is in the "
+        "Cost section.",
         "",
     ]
     fig = figures / "av-fashion-cnn_curves.png"
