@@ -1,6 +1,6 @@
 """Regenerate ``docs/results.md``: what every method costs and what it buys.
 
-One command, about an hour on 2 CPU cores::
+One command, a few hours on 2 CPU cores (about 40 minutes for the competition regime and its SGD arm)::
 
     python3 benchmarks/run_results.py                 # cost + accuracy + docs
     python3 benchmarks/run_results.py --stage docs    # rewrite the page from saved results
