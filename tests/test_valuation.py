@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COMPETITION
+from conftest import SMALL_COMPETITION as CONFTEST_SMALL_COMPETITION
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -30,12 +30,7 @@ from mmbalance.train import fit
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL_COMPETITION: dict[str, Any] = {
-    **COMPETITION,
-    "dataset.n_train": 300,
-    "dataset.n_val": 200,
-    "dataset.n_test": 400,
-    "dataset.n_bayes": 500,
-    "train.epochs": 4,
+    **CONFTEST_SMALL_COMPETITION,
     "method": "valuation",
     "method.warmup_epochs": 1,
 }

@@ -244,12 +244,7 @@ class AGM(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        if params.start >= epochs:
-            cls.refuse_idle_schedule(
-                f"in epoch {params.start} (0-based; start={params.start})",
-                epochs,
-                "lower method.start or raise train.epochs",
-            )
+        cls.refuse_late_start(params.start, epochs)
 
     # not a whole-gradient scale: the masked passes change the gradient's direction, which
     # Adam's normalisation does not undo (so no notice under Adam)

@@ -340,6 +340,16 @@ class Method:
         )
 
     @classmethod
+    def refuse_late_start(cls, start: int, epochs: int) -> None:
+        """:meth:`check_schedule` of a method whose window opens at epoch ``start``."""
+        if start >= epochs:
+            cls.refuse_idle_schedule(
+                f"in epoch {start} (0-based; start={start})",
+                epochs,
+                "lower method.start or raise train.epochs",
+            )
+
+    @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
         """Refuse (``ConfigError``) a schedule in which the method would never act, e.g. a
         warm-up as long as the run; called with the validated ``Params`` and ``train.epochs``

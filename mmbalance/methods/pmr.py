@@ -167,12 +167,7 @@ class PMR(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        if params.start >= epochs:
-            cls.refuse_idle_schedule(
-                f"in epoch {params.start} (0-based; start={params.start})",
-                epochs,
-                "lower method.start or raise train.epochs",
-            )
+        cls.refuse_late_start(params.start, epochs)
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
