@@ -546,11 +546,12 @@ def _regime_section(saved: Mapping[str, Any] | None, figures: Path, draw: bool) 
             "",
             "Which optimizer the results assume: every table of this page trains with the "
             "dataset's optimizer (Adam on AV-Fashion-CNN, SGD on the synthetic studies), for "
-            "every method alike, except this section's SGD arm. OGM, OGM-GE, MLB and MSLR "
-            "were designed and published with SGD; under Adam, the scaling of a whole "
-            "encoder's gradient is largely undone by the per-parameter normalisation, and "
-            "mmbalance warns at run start when a gradient-scaling method runs under an "
-            "adaptive optimizer.",
+            "every method alike, except this section's SGD arm. The official code of OGM and "
+            "OGM-GE, AGM and PMR trains with SGD (MSLR's ports use both, MLB's own code Adam). "
+            "Under Adam the scaling of a whole encoder's gradient (OGM, OGM-GE, MLB) is "
+            "largely undone by the per-parameter normalisation, and mmbalance says so at run "
+            "start; MSLR's per-group learning rates and AGM's mixing of gradient paths are "
+            "not undone by it.",
             "",
         ]
     out += ["### Every table of the regime", ""]
