@@ -9,6 +9,7 @@ see :mod:`mmbalance.train.loop` for the files a run directory holds.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import gc
 import os
 import signal
@@ -88,17 +89,32 @@ def _fit_in_worker(
     """
     _die_with_parent(parent)
     dist = torch.distributed
+    outcome: RunResult | MMBalanceError
+    failed = False
     try:
-        result = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
-        gc.collect()  # free the DDP reducer while the process group is still alive
-        if dist.is_initialized():
-            dist.barrier()
-        return result
+        outcome = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
     except MMBalanceError as err:
-        return err
+        # the traceback's frames hold the trainer and its DDP reducer: drop them, so that the
+        # reducer is freed below while the process group is still alive (freed after the group,
+        # gloo's threads abort the process, and the parent sees a crash instead of this error)
+        err.__traceback__ = None
+        err.__context__ = None
+        outcome, failed = err, True
+    try:
+        gc.collect()
+        if dist.is_initialized():
+            if (
+                failed
+            ):  # every rank fails at the same step; do not wait forever for one that did not
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+    except RuntimeError:
+        pass  # a rank that did not arrive: tear down anyway
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return outcome
 
 
 def _die_with_parent(parent: int) -> None:
