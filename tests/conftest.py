@@ -98,6 +98,28 @@ SMALL_COMPETITION: dict[str, Any] = {
 }
 
 
+#: The competition preset at 400 training samples, for the per-method learning tests.
+COMPETITION_400: dict[str, Any] = {
+    **COMPETITION,
+    "dataset.n_train": 400,
+    "dataset.n_val": 200,
+    "dataset.n_test": 1000,
+    "train.epoch_analysis": False,
+}
+#: Sizes and length of the ``competition_metrics`` learning tests of the scheduled methods.
+SCHEDULED_LEARN: dict[str, Any] = {
+    "dataset.n_train": 400,
+    "dataset.n_val": 300,
+    "dataset.n_test": 500,
+    "train.epochs": 6,
+}
+
+
+def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``metrics.csv`` rows without the wall-clock column (the rest must match exactly)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
 @pytest.fixture
 def competition_metrics(tmp_path):
     """``run(overrides, seeds)``: test metrics averaged over ``train.seed`` in ``seeds``."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COMPETITION_400
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -144,18 +145,10 @@ def test_bad_options_and_regression_are_refused() -> None:
 def test_cml_learns_the_competition_task(tmp_path: Path, fusion: str) -> None:
     cfg = resolve_config(
         {
-            "dataset": "synthetic",
-            "dataset.preset": "competition",
-            "dataset.n_train": 400,
-            "dataset.n_val": 200,
-            "dataset.n_test": 1000,
-            "dataset.n_bayes": 1000,
+            **COMPETITION_400,
             "method": "cml",
             "fusion": fusion,
             "train.epochs": 6,
-            "train.progress": False,
-            "train.tensorboard": False,
-            "train.epoch_analysis": False,
         }
     )
     result = fit(cfg, tmp_path)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import fit_killed_and_resumed
+from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
 from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
@@ -219,9 +219,6 @@ def test_a_run_killed_between_relearnings_resumes_exactly(tmp_path: Path, monkey
         assert all(torch.equal(x, y) for x, y in zip(ps, b["method"]["initial"][m], strict=True))
     assert resumed.metrics == reference.metrics
 
-    def without_time(rows: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-
     assert without_time(resumed.history) == without_time(reference.history)
 
 
@@ -230,10 +227,7 @@ def test_dr_learns_the_competition_preset(competition_metrics) -> None:
     metrics = competition_metrics(
         {
             "method": "dr",
-            "dataset.n_train": 400,
-            "dataset.n_val": 300,
-            "dataset.n_test": 500,
-            "train.epochs": 6,
+            **SCHEDULED_LEARN,
             "method.reinit_epoch": 2,
         },
         seeds=(0,),

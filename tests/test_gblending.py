@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_killed_and_resumed
+from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -191,9 +191,6 @@ def test_a_run_killed_mid_super_epoch_resumes_exactly(tmp_path: Path, monkeypatc
     assert a["method"] == b["method"]
     assert resumed.metrics == reference.metrics
 
-    def without_time(rows: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-
     assert without_time(resumed.history) == without_time(reference.history)
 
 
@@ -202,10 +199,7 @@ def test_gblending_learns_the_competition_preset(competition_metrics) -> None:
     metrics = competition_metrics(
         {
             "method": "gblending",
-            "dataset.n_train": 400,
-            "dataset.n_val": 300,
-            "dataset.n_test": 500,
-            "train.epochs": 6,
+            **SCHEDULED_LEARN,
             "method.super_epoch": 2,
         },
         seeds=(0,),

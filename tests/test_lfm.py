@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_killed_and_resumed
+from conftest import COMPETITION_400, fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.data.base import Batch
@@ -151,19 +151,11 @@ def test_options_are_checked() -> None:
 
 
 BASE: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 400,
-    "dataset.n_val": 200,
-    "dataset.n_test": 1000,
-    "dataset.n_bayes": 1000,
+    **COMPETITION_400,
     "method": "lfm",
     "method.held_out": 0.05,
     "method.lr_alpha": 0.05,  # large, so that the weight visibly moves in a few epochs
     "train.epochs": 4,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COMPETITION_400
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -124,17 +125,9 @@ def test_non_additive_heads_use_the_unimodal_heads_or_refuse() -> None:
 def test_mbsd_learns_the_competition_task(tmp_path: Path) -> None:
     cfg = resolve_config(
         {
-            "dataset": "synthetic",
-            "dataset.preset": "competition",
-            "dataset.n_train": 400,
-            "dataset.n_val": 200,
-            "dataset.n_test": 1000,
-            "dataset.n_bayes": 1000,
+            **COMPETITION_400,
             "method": "mbsd",
             "train.epochs": 6,
-            "train.progress": False,
-            "train.tensorboard": False,
-            "train.epoch_analysis": False,
         }
     )
     result = fit(cfg, tmp_path)

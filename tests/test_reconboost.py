@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_killed_and_resumed
+from conftest import SCHEDULED_LEARN, fit_killed_and_resumed
 from torch import nn
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
@@ -302,10 +302,7 @@ def test_reconboost_learns_the_competition_preset(competition_metrics) -> None:
     metrics = competition_metrics(
         {
             "method": "reconboost",
-            "dataset.n_train": 400,
-            "dataset.n_val": 300,
-            "dataset.n_test": 500,
-            "train.epochs": 6,
+            **SCHEDULED_LEARN,
             "method.epochs_per_stage": 2,
             "method.correct_epochs": 1,
         },

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_killed_and_resumed
+from conftest import COMPETITION_400, fit_killed_and_resumed
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -101,18 +101,10 @@ def test_scratch_students_need_the_encoders_as_built() -> None:
 
 
 BASE: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.preset": "competition",
-    "dataset.n_train": 400,
-    "dataset.n_val": 200,
-    "dataset.n_test": 1000,
-    "dataset.n_bayes": 1000,
+    **COMPETITION_400,
     "method": "umt",
     "train.epochs": 4,
     "train.unimodal_pretrain_epochs": 3,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_analysis": False,
 }
 
 
