@@ -90,7 +90,6 @@ def _fit_in_worker(
     _die_with_parent(parent)
     dist = torch.distributed
     outcome: RunResult | MMBalanceError
-    failed = False
     try:
         outcome = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
     except MMBalanceError as err:
@@ -99,13 +98,12 @@ def _fit_in_worker(
         # gloo's threads abort the process, and the parent sees a crash instead of this error)
         err.__traceback__ = None
         err.__context__ = None
-        outcome, failed = err, True
+        outcome = err
     try:
         gc.collect()
         if dist.is_initialized():
-            if (
-                failed
-            ):  # every rank fails at the same step; do not wait forever for one that did not
+            if isinstance(outcome, MMBalanceError):
+                # every rank fails at the same step; do not wait forever for one that did not
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
             else:
                 dist.barrier()
