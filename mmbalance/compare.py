@@ -191,10 +191,6 @@ def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> lis
     return configs
 
 
-#: The search of a method without a ``search_space``: its learning rate at these multiples.
-LR_SEARCH = ("train.lr", (0.5, 1.0, 2.0))
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One value of an entry's searched option: its configuration and run directory."""
@@ -228,7 +224,7 @@ def search_candidates(entry: Entry, cfg: RunConfig, out_dir: Path) -> list[Candi
     (:attr:`Method.search_space`; without one, the learning rate at 0.5x, 1x and 2x), each one
     run on seed 0 under ``out_dir/search/LABEL/OPTION=V``. An option the entry fixes itself
     (``mcr[lam=1]``) is not searched: the entry has one candidate, its own."""
-    option, values = METHODS.get(entry.method).search_space or LR_SEARCH
+    option, values = METHODS.get(entry.method).searched_option()
     if option.startswith("method.") and option.removeprefix("method.") in dict(entry.params):
         values = (dict(entry.params)[option.removeprefix("method.")],)
     out = []

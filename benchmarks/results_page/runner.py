@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results_page import RESULTS
-from benchmarks.results_page.studies import DEFAULT_SEARCH, ORDER, Point, Study
+from benchmarks.results_page.studies import ORDER, Point, Study
 from mmbalance.io import read_json, write_text_atomic
 from mmbalance.report import DIVERGED, run_records
 from mmbalance.report.records import read_history
@@ -218,7 +218,7 @@ def run_accuracy(
     search_jobs: list[Job] = []
     for study in studies:
         for label, method, params in entries[study.name]:
-            option, candidates = METHODS.get(method).search_space or DEFAULT_SEARCH
+            option, candidates = METHODS.get(method).searched_option()
             point = study.points[study.search]
             for value in candidates:
                 search_jobs.append(

@@ -2,10 +2,10 @@
 tables and the hyperparameter search space of every method.
 
 The search (same budget for every method): three candidate values of the method's main
-hyperparameter (the method class's ``search_space``; for methods without one, the learning rate at
-0.5x, 1x and 2x the dataset's default), each trained once (seed 0) on the study's search point, and the candidate
-with the highest validation accuracy (ties: the middle value) is kept for every point and seed
-of the study. The test split is never looked at before the choice is made.
+hyperparameter (``Method.searched_option``: its ``search_space``, or the learning rate at 0.5x,
+1x and 2x the dataset's default), each trained once (seed 0) on the study's search point, and
+the candidate with the highest validation accuracy (ties: the middle value) is kept for every
+point and seed of the study. The test split is never looked at before the choice is made.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# the search of a method without a ``search_space`` (mmbalance.methods.base.Method): the learning
-# rate at 0.5x, 1x and 2x the study's default
-DEFAULT_SEARCH = ("train.lr", (0.5, 1.0, 2.0))
 # the order of the tables: references first, then the balancing methods
 ORDER = [
     "joint",

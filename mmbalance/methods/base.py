@@ -288,6 +288,11 @@ class NoParams:
     """A method without options."""
 
 
+#: The search of a method without a ``search_space``: ``train.lr`` candidates are multiples of
+#: the configured learning rate.
+LR_SEARCH_SPACE: tuple[str, tuple[float, ...]] = ("train.lr", (0.5, 1.0, 2.0))
+
+
 class Method:
     """Base class: plain joint training (one task loss on the fused output).
 
@@ -329,6 +334,12 @@ class Method:
     def variants(cls, name: str, modalities: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """The configurations a comparison runs for this method: ``(label, options)`` pairs."""
         return [(name, {})]
+
+    @classmethod
+    def searched_option(cls) -> tuple[str, tuple[float, ...]]:
+        """What an equal-budget search tries: :attr:`search_space`, or without one the learning
+        rate at 0.5x, 1x and 2x the configured one (:data:`LR_SEARCH_SPACE`)."""
+        return cls.search_space or LR_SEARCH_SPACE
 
     @classmethod
     def refuse_idle_schedule(cls, when: str, epochs: int, remedy: str) -> None:
