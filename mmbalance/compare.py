@@ -288,8 +288,6 @@ def run_compare(
         configs = _search(entries, configs, out_dir, data.task)
     runs = []
     for entry, cfg in zip(entries, configs, strict=True):
-        if search:  # seed 0 of the chosen value is its search run: reuse it, not retrain it
-            _reuse_search_run(out_dir, entry.label, cfg)
         for seed in range(seeds):
             run_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
             run_dir = out_dir / entry.label / f"seed{seed}"
@@ -330,29 +328,18 @@ def _train_all(
     return out
 
 
-def _reuse_search_run(out_dir: Path, label: str, cfg: RunConfig) -> None:
-    """Copy the finished search run whose configuration is ``cfg`` (seed 0) to
-    ``out_dir/LABEL/seed0`` when that directory does not exist yet (copied into a temporary
-    directory, then renamed: a kill leaves no half copy)."""
+def _reuse_search_run(source: Path, target: Path) -> None:
+    """Copy the chosen value's finished search run (seed 0, the same configuration) to the
+    entry's ``seed0`` directory when that does not exist yet, so that it is not trained again
+    (copied into a temporary directory, then renamed: a kill leaves no half copy)."""
     import shutil
 
-    from mmbalance.train.rundir import check_same_run
-
-    target = out_dir / label / "seed0"
-    if target.exists():
+    if target.exists() or not (source / "metrics.json").is_file():
         return
-    for source in sorted((out_dir / "search" / label).glob("*/seed0")):
-        if not (source / "metrics.json").is_file():
-            continue
-        try:
-            check_same_run(cfg, source)
-        except ConfigError:
-            continue
-        partial = target.with_name("seed0.copying")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source, partial)
-        partial.rename(target)
-        return
+    partial = target.with_name(f"{target.name}.copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    partial.rename(target)
 
 
 def _search(
@@ -382,7 +369,8 @@ def _search(
             metrics = result["metrics"] if isinstance(result, dict) else result.metrics
             scores.append(selection_key(metrics["val"], task))
         best = choose(plan, scores)
-        chosen.append(replace(plan[best].config, train=replace(plan[best].config.train, seed=0)))
+        chosen.append(plan[best].config)  # seed 0, as every search run
+        _reuse_search_run(plan[best].run_dir, out_dir / entry.label / "seed0")
         summary.append(
             {
                 "method": entry.label,
