@@ -37,6 +37,21 @@ def test_run_cost_quick_covers_every_method(tmp_path: Path) -> None:
     assert floor["mmpareto[floor]"]["ratio_to_floor"] == 1.0
 
 
+def test_run_cost_resnet_setting_builds_methods_with_their_own_head_or_held_out_data(
+    tmp_path: Path,
+) -> None:
+    """The ResNet setting fixes a fusion head and uses random data: a method defined on its own
+    head (mmcosine) keeps it, and methods that hold out part of the training split (gblending,
+    lfm) find enough samples."""
+    wanted = ["mmcosine", "gblending", "lfm"]
+    records = run_cost(
+        tmp_path, quick=True, threads=1, settings=["resnet"], memory=False, methods=wanted
+    )
+    assert {r["method"] for r in records} == {"joint", *wanted}
+    cosine = next(r for r in records if r["method"] == "mmcosine")
+    assert cosine["ms_per_step"] > 0
+
+
 def test_peak_memory_in_a_fresh_process() -> None:
     setting = next(s for s in make_settings(True, "cpu") if s.name == "small")
     setting.entries = [TimedMethod("joint", "joint"), TimedMethod("mcr", "mcr")]
