@@ -206,3 +206,24 @@ def test_gap_closed_and_epoch_cost_follow_their_formulas() -> None:
         "dr|0": [{"seconds": 6.0}, {"seconds": 3.0}],
     }
     assert epoch_cost(curves) == {"joint": 1.0, "dr": 1.5}
+
+
+def test_weak_probe_sentence_reads_the_last_epoch_of_the_curves() -> None:
+    from benchmarks.results_page.page import _weak_probe_sentence, final_probes
+
+    def rows(audio: float, image: float) -> list[dict]:
+        first = {"epoch": 0.0, "val_probe_acc_audio": 0.1, "val_probe_acc_image": 0.1}
+        last = {"epoch": 1.0, "val_probe_acc_audio": audio, "val_probe_acc_image": image}
+        return [first, last]
+
+    curves = {
+        "joint|0": rows(0.50, 0.80),
+        "joint|1": rows(0.60, 0.80),
+        "mcr|0": rows(0.70, 0.80),
+        "ogm|0": rows(0.40, 0.80),
+        "ensemble|0": rows(0.90, 0.80),  # a reference: not counted
+    }
+    assert final_probes(curves)["joint"] == {"audio": 0.55, "image": 0.80}
+    sentence = _weak_probe_sentence(curves)
+    assert "joint's audio encoder has a validation probe of 0.55" in sentence
+    assert "1 of the 2 balancing methods end with a higher one (median 0.70)" in sentence
