@@ -121,6 +121,10 @@ class StepContext:
         epoch_progress: the fraction of the epoch's batches before this one, in ``[0, 1)``, for
             schedules within an epoch (MLA's projector regulariser).
         logs: scalars the method records for this step (see :meth:`log`).
+        scratch: per-step working state that one hook hands to a later hook of the same step
+            (e.g. a modulation coefficient computed in ``losses`` and applied in
+            ``rewrite_gradients``). A new context is made for every step, so nothing here
+            leaks into the next one; methods keep no per-step state on ``self``.
     """
 
     targets: Tensor
@@ -139,6 +143,7 @@ class StepContext:
     index: Tensor | None = None
     epoch_progress: float = 0.0
     logs: dict[str, Tensor | float] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def standalone(cls, targets: Tensor, **kwargs: Any) -> StepContext:
