@@ -192,10 +192,10 @@ def registered_components() -> list[Component]:
                 for o in dataclass_options(source.PrepareParams)
             ]
             extra = (("preparation", usage, flags),)
-        notes = ()
+        notes = tuple(source.guide)
         if source.train_defaults:
             pairs = (f"train.{k}={value_text(v)}" for k, v in source.train_defaults.items())
-            notes = ("train defaults (your values win): " + " ".join(pairs),)
+            notes += ("train defaults (your values win): " + " ".join(pairs),)
         out.append(
             Component(
                 "dataset",

@@ -21,6 +21,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "av-fashion-cnn": "av_fashion_cnn",
     "ave": "ave",
     "cremad": "cremad",
+    "features": "features",
     "kinetics_sounds": "kinetics_sounds",
     "mosi": "mosi",
     "mosei": "mosi",

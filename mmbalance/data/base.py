@@ -106,6 +106,9 @@ class DatasetBundle:
         bayes_accuracy: the Bayes-optimal test accuracy when the generating process is known.
         class_names: optional human-readable labels.
         notes: provenance, e.g. how a validation split was carved.
+        details: what a run directory records about the data beyond the above (its
+            ``data.json``): e.g. the content fingerprint, a label mapping, the split's hash,
+            standardisation statistics; JSON values only.
     """
 
     name: str
@@ -116,6 +119,24 @@ class DatasetBundle:
     bayes_accuracy: float | None = None
     class_names: list[str] | None = None
     notes: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """What a run directory's ``data.json`` records: the dataset, its task, modalities
+        (shape and default encoder), split sizes, class names and :attr:`details`."""
+        return {
+            "dataset": self.name,
+            "task": self.task,
+            "num_outputs": self.num_outputs,
+            "modalities": {
+                m: {"shape": list(s.shape), "encoder": s.encoder}
+                for m, s in self.modalities.items()
+            },
+            "sizes": {split: len(ds) for split, ds in self.splits.items()},  # type: ignore[arg-type]
+            "class_names": self.class_names,
+            "notes": self.notes,
+            **self.details,
+        }
 
     def __post_init__(self) -> None:
         missing = {"train", "val", "test"} - set(self.splits)
@@ -152,6 +173,8 @@ class DatasetSource:
     PrepareParams: ClassVar[type | None] = None
     train_defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
+    #: Further paragraphs that ``mmbalance list NAME`` prints under the description.
+    guide: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any, cache_dir: Path) -> None:
         self.params = params

@@ -448,3 +448,22 @@ def shared_config(
         other.pop("train.seed", None)
         differ |= {k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k)}
     return base, sorted(differ)
+
+
+def data_table(records: Mapping[tuple[str, int], Mapping[str, Any]]) -> Table | None:
+    """The classes of the data the runs trained on (from the runs' ``data.json``): each class's
+    index, name and samples per split; None without class names."""
+    if not records:
+        return None
+    first = next(iter(records.values()))
+    names = first.get("class_names")
+    if not isinstance(names, list) or not names:
+        return None
+    counts = (first.get("split") or {}).get("class_counts") or {}
+    splits = [s for s in ("train", "val", "test") if isinstance(counts.get(s), list)]
+    columns = [Column("class", essential=True), Column("name", "left", essential=True)]
+    columns += [Column(f"{s} samples") for s in splits]
+    rows = [
+        [str(i), str(name), *(str(counts[s][i]) for s in splits)] for i, name in enumerate(names)
+    ]
+    return Table(columns, rows, title="Classes")

@@ -25,6 +25,7 @@ from mmbalance.report.comparison import (
     bayes_accuracy,
     comparison_table,
     contribution_table,
+    data_table,
     epoch_seconds,
     error_table,
     options_table,
@@ -67,7 +68,7 @@ class Section:
 
     @property
     def empty(self) -> bool:
-        return not (self.tables or self.plots or self.code)
+        return not (self.tables or self.plots or self.code or self.notes)
 
 
 def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
@@ -153,6 +154,9 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
             "over seeds with its 95 % band."
         )
         sections.append(Section("Method scalars over training", [note], plots=[scalars]))
+    data = data_section(source.data_records())
+    if data is not None:
+        sections.append(data)
     shared, differ = shared_config(configs)
     if shared:
         notes = [
@@ -173,6 +177,34 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
             )
         )
     return [s for s in sections if not s.empty]
+
+
+def data_section(records: dict[tuple[str, int], dict]) -> Section | None:
+    """What the runs trained on (their ``data.json``): the dataset, how it was split, its
+    content fingerprint, whether every run saw the same split, and its classes by name."""
+    if not records:
+        return None
+    first = next(iter(records.values()))
+    notes = [f"Dataset `{first.get('dataset', '?')}`: {first.get('notes') or 'no notes'}."]
+    sizes = first.get("sizes")
+    if isinstance(sizes, dict):
+        notes.append(", ".join(f"{k} {v}" for k, v in sizes.items()) + " samples.")
+    if first.get("fingerprint"):
+        notes.append(f"Content SHA-256: `{first['fingerprint']}`.")
+    hashes = {
+        str((r.get("split") or {}).get("sha256"))
+        for r in records.values()
+        if isinstance(r.get("split"), dict)
+    }
+    if len(hashes) == 1:
+        notes.append(f"Every run trained on the same split (indices' SHA-256 `{hashes.pop()}`).")
+    elif len(hashes) > 1:
+        notes.append(f"**The runs trained on {len(hashes)} different splits.**")
+    section = Section("Data", notes)
+    table = data_table(records)
+    if table is not None:
+        section.tables.append(("classes", table))
+    return section
 
 
 def _untitled(table: Table, heading: str) -> Table:

@@ -192,6 +192,19 @@ class Source:
                 out[key] = rows
         return out
 
+    def data_records(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """``{(method, seed): data.json}`` of the runs that have one (what each run's data was:
+        split sizes, class names, fingerprint)."""
+        out = {}
+        for key, run_dir in self.runs.items():
+            f = run_dir / "data.json"
+            if f.is_file():
+                record = read_json(f)
+                if not isinstance(record, dict):
+                    raise DataError(f"{str(f)!r} does not hold a data record")
+                out[key] = record
+        return out
+
     def configs(self) -> dict[tuple[str, int], dict[str, Any]]:
         """``{(method, seed): config.yaml}`` of the runs that have one."""
         return {

@@ -56,6 +56,7 @@ RUN_FILES = (
     "steps.csv",
     "diverged.json",
     "provenance.json",
+    "data.json",
 )
 
 
@@ -180,6 +181,13 @@ def write_run_config(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Non
     path = run_dir / "provenance.json"
     history = read_json(path).get("invocations", []) if resume and path.is_file() else []
     write_json_atomic(path, {"invocations": [*history, provenance(resume)]})
+
+
+def write_data_record(record: Mapping[str, Any], run_dir: Path) -> None:
+    """Write ``data.json``: what the run's data was (:meth:`DatasetBundle.record`: the dataset,
+    its split sizes, class names, and what its source records, such as a content fingerprint,
+    a label mapping or a split's hash)."""
+    write_json_atomic(Path(run_dir) / "data.json", dict(record))
 
 
 def provenance(resume: bool) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import BEST_KEYS, load_checkpoint
 from mmbalance.train.loop import RunResult, Trainer, encoder_state, load_state
-from mmbalance.train.rundir import check_run_dir, write_run_config
+from mmbalance.train.rundir import check_run_dir, write_data_record, write_run_config
 
 
 def fit(
@@ -157,6 +157,8 @@ def _fit_in_process(
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     data = build_dataset(cfg)
+    if fabric.is_global_zero:
+        write_data_record(data.record(), out_dir)
     method, model, method_module = build_components(cfg, data)
     pretrain_epochs = cfg.train.unimodal_pretrain_epochs
     initial: dict[str, Tensor] | None = None
