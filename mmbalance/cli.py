@@ -17,6 +17,7 @@ from typing import Any
 
 from mmbalance.config import (
     OptionDoc,
+    config_path,
     docstring_summary,
     load_yaml,
     parse_overrides,
@@ -27,10 +28,16 @@ from mmbalance.errors import MMBalanceError
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config file (if any), then --dataset / --method, then key=value pairs (later wins)."""
+    from mmbalance.plugins import load_plugins, plugin_specs, split_plugins
+
     values: dict[str, Any] = {}
     pairs = list(args.overrides)
     if pairs and pairs[0].endswith((".yaml", ".yml")) and "=" not in pairs[0]:
-        values.update(load_yaml(pairs.pop(0)))
+        path = config_path(pairs.pop(0))
+        # the user passes this YAML file: the plugins it names are theirs to import
+        plugins, flat = split_plugins(load_yaml(path))
+        load_plugins(plugin_specs(plugins, str(path)), "config", base=path.parent)
+        values.update(flat)
     if getattr(args, "dataset", None):
         values["dataset"] = args.dataset
     if getattr(args, "method", None):
@@ -154,6 +161,7 @@ class Component:
         options: its options, from its Params dataclass or its constructor's keywords.
         extra: further option tables as ``(title, usage, options)`` (a dataset's preparation).
         notes: lines printed under the summary (a dataset's recommended train settings).
+        origin: built-in, or the plugin (name and file) or module that registered it.
     """
 
     kind: str
@@ -163,6 +171,7 @@ class Component:
     options: list[OptionDoc]
     extra: tuple[tuple[str, str, list[OptionDoc]], ...] = ()
     notes: tuple[str, ...] = ()
+    origin: str = "built-in"
 
 
 def registered_components() -> list[Component]:
@@ -180,6 +189,7 @@ def registered_components() -> list[Component]:
             docstring_summary(cls),
             f"--method {name} method.OPTION=VALUE",
             dataclass_options(cls.Params),
+            origin=METHODS.origin(name),
         )
         for name, cls in METHODS.items()
     ]
@@ -205,6 +215,7 @@ def registered_components() -> list[Component]:
                 dataclass_options(source.Params),
                 extra,
                 notes,
+                DATASETS.origin(name),
             )
         )
     # encoders take the input shape, fusion heads the latent sizes and the number of outputs
@@ -216,6 +227,7 @@ def registered_components() -> list[Component]:
             docstring_summary(factory),
             f"encoder.MODALITY={name} encoder.MODALITY.OPTION=VALUE",
             signature_options(factory, positional=1),
+            origin=ENCODERS.origin(name),
         )
         for name, factory in ENCODERS.items()
     ]
@@ -226,6 +238,7 @@ def registered_components() -> list[Component]:
             docstring_summary(cls),
             f"fusion={name} fusion.OPTION=VALUE",
             signature_options(cls, positional=2),
+            origin=FUSION_HEADS.origin(name),
         )
         for name, cls in FUSION_HEADS.items()
     ]
@@ -249,6 +262,8 @@ def format_options(component: Component, width: int = 80) -> str:
     """``mmbalance list NAME``: plain text (no markup, so no docstring text is lost) that fits
     ``width`` columns, one block per option: ``name: type = default``, then its help."""
     lines = [f"{component.name} ({component.kind})"]
+    if component.origin != "built-in":
+        lines.append(f"  from {component.origin}")  # a path is never broken
     lines += _wrapped(component.summary, width, "  ")
     for note in component.notes:
         lines += _wrapped(note, width, "  ")
@@ -275,10 +290,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     table = Table(title="registered components")
     table.add_column("kind")
     table.add_column("name")
+    table.add_column("origin")
     table.add_column("description")
     for component in registered_components():
         if component.kind != "training settings":
-            table.add_row(component.kind, component.name, escape(component.summary))
+            table.add_row(
+                component.kind, component.name, escape(component.origin), escape(component.summary)
+            )
     console = _console()
     console.print(table)
     console.print(
@@ -381,10 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Balanced multimodal training: methods, datasets, comparisons.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import your own components first: an importable module or a .py file that "
+        "registers datasets, encoders, fusion heads or methods (repeatable)",
+    )
     over_help = "optional CONFIG.yaml first, then key=value overrides (e.g. train.lr=0.01)"
 
     train = sub.add_parser(
         "train",
+        parents=[plugin],
         help="train one run",
         description="Train one run and evaluate the validation-selected model.",
         epilog=_KEY_FORMS + "\nexample:\n  mmbalance train --dataset av-digits --method ogm_ge "
@@ -403,13 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=over_help)
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint")
+    evaluate = sub.add_parser(
+        "evaluate", parents=[plugin], help="evaluate a run directory or checkpoint"
+    )
     evaluate.add_argument("run", help="run directory or checkpoint file")
     evaluate.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     compare = sub.add_parser(
         "compare",
+        parents=[plugin],
         help="compare methods over seeds",
         description="Train every method of --methods with every seed, then write the\n"
         "comparison table, plot and report.",
@@ -436,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
 
-    prep = sub.add_parser("prepare", help="turn a raw dataset release into a prepared directory")
+    prep = sub.add_parser(
+        "prepare", parents=[plugin], help="turn a raw dataset release into a prepared directory"
+    )
     prep.add_argument("dataset", help="dataset to prepare (an unknown name lists them)")
     prep.add_argument("--raw", required=True, help="root of the raw release")
     prep.add_argument("--out", required=True, help="prepared directory (dataset.root)")
@@ -445,12 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     prep.set_defaults(func=_cmd_prepare)
 
-    report = sub.add_parser("report", help="write report.md and report.html for a directory")
+    report = sub.add_parser(
+        "report", parents=[plugin], help="write report.md and report.html for a directory"
+    )
     report.add_argument("dir", help="a compare output directory or a single run directory")
     report.set_defaults(func=_cmd_report)
 
     lister = sub.add_parser(
         "list",
+        parents=[plugin],
         help="list methods, datasets, encoders and fusion heads, or the options of one",
         description="Without NAME: every registered method, dataset, encoder and fusion head. "
         "With NAME: its options, each with its type, default and help; NAME=train: the "
@@ -474,9 +510,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _load_plugins(args: argparse.Namespace) -> None:
+    """The installed plugins (entry points) and those of ``--plugin``, before the command."""
+    from mmbalance.plugins import load_entry_points, load_plugins
+
+    load_entry_points()
+    load_plugins(getattr(args, "plugin", None) or [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
+        _load_plugins(args)
         return int(args.func(args))
     except MMBalanceError as err:
         print(f"mmbalance: error: {err}", file=sys.stderr)

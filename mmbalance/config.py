@@ -384,6 +384,11 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
             train_values[rest] = value
         elif key in TRAIN_KEYS:
             train_values[key] = value
+        elif key == "plugins":
+            raise ConfigError(
+                "plugins are no run option: pass --plugin MODULE_OR_FILE on the command line, "
+                "or plugins: [...] in a YAML config given on the command line"
+            )
         else:
             raise ConfigError(f"unknown key {key!r}; valid keys: {KEY_HELP}")
     cfg.train = build_dataclass(TrainConfig, train_values, "train")

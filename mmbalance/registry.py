@@ -8,10 +8,18 @@ A registry knows its built-in names without importing the modules that define th
 (``builtins``: name -> module of ``package``), and imports a module only when one of its names
 is asked for. So the command line can list names, and reject an unknown one, before torch is
 imported; ``tests/test_registries.py`` checks that every list matches what its modules register.
+
+Every name has an *origin*: ``built-in``, the plugin whose import registered it
+(:mod:`mmbalance.plugins` imports plugins inside :func:`registering_as`), or the module of the
+user's own code that registered it. A name registered twice, a plugin's name equal to a
+built-in's included, is a one-line error naming both origins. When a run directory names a
+component of a plugin that this command was not given, :func:`expect` leaves a hint that
+:meth:`Registry.require` adds to its error (how to pass the plugin), and nothing is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +28,40 @@ from typing import Any, Generic, TypeVar
 from mmbalance.errors import ConfigError
 
 T = TypeVar("T")
+
+BUILTIN = "built-in"
+#: Every registry, so that plugins can be listed and removed across all of them.
+_REGISTRIES: list[Registry[Any]] = []
+#: The origin of the plugin being imported (innermost last).
+_IMPORTING: list[str] = []
+#: ``(kind, name) -> hint``: components a run directory names and a plugin that was not passed
+#: provides (see :func:`expect`).
+_EXPECTED: dict[tuple[str, str], str] = {}
+
+
+@contextlib.contextmanager
+def registering_as(origin: str) -> Iterator[None]:
+    """Names registered inside this block get ``origin`` (a plugin being imported)."""
+    _IMPORTING.append(origin)
+    try:
+        yield
+    finally:
+        _IMPORTING.pop()
+
+
+def all_registries() -> list[Registry[Any]]:
+    """Every registry created so far (methods, datasets, encoders, fusion heads, ...)."""
+    return list(_REGISTRIES)
+
+
+def expect(kind: str, name: str, hint: str) -> None:
+    """Remember that ``name`` (a ``kind``) comes from a plugin that was not passed, so that an
+    unknown-name error says how to pass it (``hint``) instead of listing the valid names only."""
+    _EXPECTED[(kind, name)] = hint
+
+
+def forget_expected() -> None:
+    _EXPECTED.clear()
 
 
 class Registry(Generic[T]):
@@ -38,22 +80,61 @@ class Registry(Generic[T]):
         self.package = package
         self.builtins = dict(builtins or {})
         self._items: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
+        _REGISTRIES.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; names are unique."""
+        """Decorator that registers ``obj`` under ``name``; names are unique across built-ins,
+        plugins and the user's own code (a clash names both origins)."""
 
         def decorator(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            module = str(getattr(obj, "__module__", "") or "")
+            builtin_module = (
+                f"{self.package}.{self.builtins[name]}" if name in self.builtins else ""
+            )
+            ours = module.startswith("mmbalance.")
+            if ours and (module == builtin_module or not self.package):
+                origin = BUILTIN  # a built-in module, even when a plugin's import loads it
+            elif _IMPORTING:
+                origin = _IMPORTING[-1]
+            else:
+                origin = BUILTIN if ours else f"module {module or '?'}"
+            if name in self._items or (name in self.builtins and module != builtin_module):
+                other = (
+                    f"{BUILTIN} ({builtin_module})"
+                    if name in self.builtins
+                    else self._origins.get(name, "?")
+                )
+                raise ConfigError(
+                    f"{self.kind} {name!r} of {origin} clashes with the {self.kind} {name!r} of "
+                    f"{other}; rename one of them"
+                )
             self._items[name] = obj
+            self._origins[name] = origin
             return obj
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove a name that is not a built-in (a plugin's, when plugins are unloaded)."""
+        if name not in self.builtins:
+            self._items.pop(name, None)
+            self._origins.pop(name, None)
+
+    def origin(self, name: str) -> str:
+        """``built-in``, the plugin (name and file) or the module that registered ``name``."""
+        if name in self.builtins:
+            return BUILTIN
+        self.require(name)
+        return self._origins[name]
+
     def require(self, name: str) -> None:
         """Raise a one-line error listing the valid names unless ``name`` is one (imports
-        nothing)."""
+        nothing); for a name of a plugin that a run directory names, say how to pass it."""
         if name not in self._items and name not in self.builtins:
+            expected = _EXPECTED.get((self.kind, name))
+            if expected:
+                raise ConfigError(f"unknown {self.kind} {name!r}: {expected}")
             valid = ", ".join(self.names())
             close = difflib.get_close_matches(name, self.names(), n=2)
             hint = f"did you mean {' or '.join(close)}? " if close else ""

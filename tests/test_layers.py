@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval",),
     ("methods",),
     ("models", "data", "optim"),
-    ("config", "registry", "errors", "io"),
+    ("config", "registry", "errors", "io", "plugins"),
 ]
 #: Units of one layer that must not import each other.
 APART = {frozenset({"models", "data"})}

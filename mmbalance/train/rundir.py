@@ -41,6 +41,7 @@ from mmbalance.io import (
     write_text_atomic,
 )
 from mmbalance.optim import SCHEDULES
+from mmbalance.plugins import expect_recorded, records, split_plugins
 
 #: Keys a ``--resume`` may change: presentation settings, and ``train.epochs`` upwards.
 RESUME_ALLOWED = (*PRESENTATION_KEYS, "train.epochs")
@@ -77,7 +78,13 @@ def check_writable_dir(path: Path, what: str = "--out") -> None:
 def saved_overrides(run_dir: Path) -> dict[str, Any] | None:
     """The flat keys of a run directory's ``config.yaml``, or None if it has none."""
     path = Path(run_dir) / "config.yaml"
-    return load_yaml(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    # the plugins a run directory names are never imported from here: only hints that say
+    # how to pass them if the command needs one of their components
+    recorded, flat = split_plugins(load_yaml(path))
+    expect_recorded(recorded, repr(str(path)))
+    return flat
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
@@ -177,6 +184,8 @@ def write_run_config(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Non
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir, RUN_FILES)
     full = with_defaults(cfg).to_dict()
+    if records():  # which plugins the run had: `mmbalance train config.yaml` loads them again
+        full["plugins"] = records()
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(full, sort_keys=False))
     path = run_dir / "provenance.json"
     history = read_json(path).get("invocations", []) if resume and path.is_file() else []
@@ -191,7 +200,8 @@ def write_data_record(record: Mapping[str, Any], run_dir: Path) -> None:
 
 
 def provenance(resume: bool) -> dict[str, Any]:
-    """What ran this invocation: library versions, Python, platform, the command line, when."""
+    """What ran this invocation: library versions, Python, platform, the command line, when,
+    and the plugins loaded (module, file, SHA-256 of the source, what each provides)."""
     import lightning
     import numpy
     import torch
@@ -208,4 +218,5 @@ def provenance(resume: bool) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "plugins": records(),
     }

@@ -32,13 +32,19 @@ from mmbalance.build import (
     make_fabric,
     resolve_config,
 )
-from mmbalance.config import NamedParams, RunConfig, load_yaml
+from mmbalance.config import NamedParams, RunConfig
 from mmbalance.errors import DataError, MMBalanceError
 from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.plugins import load_specs, loaded_specs
 from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import BEST_KEYS, load_checkpoint
 from mmbalance.train.loop import RunResult, Trainer, encoder_state, load_state
-from mmbalance.train.rundir import check_run_dir, write_data_record, write_run_config
+from mmbalance.train.rundir import (
+    check_run_dir,
+    saved_overrides,
+    write_data_record,
+    write_run_config,
+)
 
 
 def fit(
@@ -62,7 +68,9 @@ def fit(
     chosen = None if callbacks is None else list(callbacks)
     if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
         if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
-            result = fabric.launch(_fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen)
+            result = fabric.launch(
+                _fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen, loaded_specs()
+            )
             if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
                 raise result
             return result
@@ -77,6 +85,7 @@ def _fit_in_worker(
     resume: bool,
     parent: int,
     callbacks: list[Callback] | None,
+    plugins: Sequence[tuple[str, str]] = (),
 ) -> RunResult | MMBalanceError:
     """A spawned DDP worker: train, then tear the process group down before the process exits
     (gloo's threads abort the process if it exits with the group still alive).
@@ -85,12 +94,14 @@ def _fit_in_worker(
     on). A user-facing error is returned rather than raised, so that the parent re-raises it
     as one line instead of printing every worker's traceback; every rank raises the same
     error at the same point (the loss is all-reduced before it is checked), so none is left
-    waiting in a collective.
+    waiting in a collective. The worker first loads the plugins its parent was given
+    (``plugins``: :func:`~mmbalance.plugins.loaded_specs`), so it sees the same components.
     """
     _die_with_parent(parent)
     dist = torch.distributed
     outcome: RunResult | MMBalanceError
     try:
+        load_specs(plugins)
         outcome = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
     except MMBalanceError as err:
         # the traceback's frames hold the trainer and its DDP reducer: drop them, so that the
@@ -204,7 +215,7 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
     if not (run_dir / "config.yaml").is_file():
         raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = resolve_config(load_yaml(run_dir / "config.yaml"))
+    cfg = resolve_config(saved_overrides(run_dir) or {})
     cfg.train = replace(cfg.train, devices=1, num_nodes=1, progress=False, tensorboard=False)
     fabric = make_fabric(cfg)
     data = build_dataset(cfg)
