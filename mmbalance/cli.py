@@ -111,23 +111,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mmbalance.report import (
         comparison_table,
         epoch_seconds,
+        expand_metrics,
         failed_runs,
         load_source,
+        metrics_table,
+        parse_metrics,
         plot_comparison,
         to_text,
         write_report,
     )
 
     methods = split_methods(args.methods)
+    metrics = parse_metrics(args.metrics) if args.metrics else None
     out = Path(args.out)
     records = run_compare(methods, args.seeds, out, _overrides(args), search=args.search)
     failed = failed_runs(records)
     if len(failed) < len({(r["method"], r["seed"]) for r in records}):  # some run finished
         # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
         seconds = epoch_seconds(load_source(out).histories())
-        print(to_text(comparison_table(records, epoch_seconds=seconds)))
+        compared = expand_metrics(metrics, records)[0] if metrics else None
+        print(to_text(comparison_table(records, epoch_seconds=seconds, compared=compared)))
+        if metrics:
+            print(f"\n{to_text(metrics_table(records, metrics))}")
         figure = plot_comparison(records, out / "comparison.png")
-        md, page = write_report(out)
+        md, page = write_report(out, metrics=metrics)
         print(f"results: {out / 'results.json'}")
         if figure is not None:
             print(f"plot: {figure}")
@@ -142,9 +149,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mmbalance.report import write_report
+    from mmbalance.report import parse_metrics, write_report
 
-    md, page = write_report(args.dir)
+    metrics = parse_metrics(args.metrics) if args.metrics else None
+    md, page = write_report(args.dir, metrics=metrics)
     print(f"report: {md}\n        {page}")
     return 0
 
@@ -393,6 +401,15 @@ the options of every component:
 """
 
 
+#: The help of ``--metrics`` (``compare`` and ``report``).
+METRICS_HELP = (
+    "comma-separated metrics to tabulate, the first compared with joint: "
+    "accuracy, macro_f1, balanced_accuracy, ece, robust_20|50|100 (the worst modality absent "
+    "from that share of test samples), missing_50, noisy_50 (one column per modality), probe, "
+    "head, head_ece (one per modality) or any metric key of metrics.json"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmbalance",
@@ -463,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="first choose each method's main option on the validation split (three values, "
         "seed 0, the same budget for every method; OUT/search.json), then run the seeds",
     )
+    compare.add_argument(
+        "--metrics", help=METRICS_HELP + " (default: accuracy,macro_f1; MAE first for regression)"
+    )
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
@@ -482,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report", parents=[plugin], help="write report.md and report.html for a directory"
     )
     report.add_argument("dir", help="a compare output directory or a single run directory")
+    report.add_argument("--metrics", help=METRICS_HELP)
     report.set_defaults(func=_cmd_report)
 
     lister = sub.add_parser(

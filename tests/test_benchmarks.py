@@ -145,6 +145,7 @@ def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path
     assert sorted(r["seed"] for r in test) == [0, 1]
     metrics = {r["metric"] for r in saved["records"]}
     assert {"diverged", "synergy_samples", "routing_samples", "bayes_accuracy"} <= metrics
+    assert {"balanced_accuracy", "ece", "missing_m1_50", "noisy_m2_50", "robust_50"} <= metrics
     samples = [
         r["value"]
         for r in saved["records"]

@@ -120,10 +120,18 @@ def test_compare_writes_tidy_records(capsys, tmp_path: Path) -> None:
     assert methods == {"joint", "unimodal[m1]", "unimodal[m2]"}
     metrics = {r["metric"] for r in records}
     assert {"accuracy", "macro_f1", "bayes_accuracy"} <= metrics
+    assert {"balanced_accuracy", "ece", "missing_m1_50", "noisy_m2_20", "robust_50"} <= metrics
     assert len([r for r in records if r["metric"] == "accuracy" and r["split"] == "test"]) == 6
     assert (out / "comparison.png").stat().st_size > 1000
-    # re-running reuses finished runs
-    assert main(["compare", "--methods", "joint", "--seeds", "2", "--out", str(out), *FAST]) == 0
+    # re-running reuses finished runs; --metrics picks the columns, the first is compared
+    picked = "robust_50,accuracy,ece,head"
+    args = ["compare", "--methods", "joint", "--seeds", "2", "--metrics", picked]
+    assert main([*args, "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    compared, picked_table = printed.split("Picked metrics")
+    assert compared.splitlines()[2].split()[:3] == ["method", "seeds", "50"]  # worst missing 50 %
+    assert "worst missing" in picked_table and "ECE" in picked_table
+    assert "No run recorded head" in picked_table.replace("\n", " ")  # joint has no heads
 
 
 def test_list_shows_registries(capsys) -> None:

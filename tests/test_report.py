@@ -219,6 +219,14 @@ def fake_compare(
             test |= {f"shapley_{m}": v for m, v in shapley.items()}
             test |= {"imbalance_degree": 0.5, "routing_rate": errors["routing_rate"]}
             test["synergy_rate"] = errors["synergy_rate"]
+            test |= {"balanced_accuracy": acc - 0.005, "ece": 0.05 + rng.random() / 50}
+            test |= {f"unimodal_ece_{m}": 0.1 for m in modalities}
+            for pct in (20, 50, 100):
+                for m in modalities:
+                    lost = pct / 100 * (0.4 if m in uses else 0.0)
+                    test[f"missing_{m}_{pct}"] = acc - lost + rng.gauss(0, 0.01)
+                    test[f"noisy_{m}_{pct}"] = acc - lost * 1.1 + rng.gauss(0, 0.01)
+                test[f"robust_{pct}"] = min(test[f"missing_{m}_{pct}"] for m in modalities)
             summary = {
                 "metrics": {"val": {"accuracy": acc - 0.02}, "test": test},
                 "best_epoch": epochs - 1,
@@ -343,6 +351,83 @@ def test_tables_show_intervals_p_values_counts_options_and_cost(tmp_path) -> Non
     assert "**alpha=1.2**" in by["ogm_ge[alpha=1.2]"]  # not the default: bold
     assert "**strategy=independent**" in by["mcr[strategy=independent]"]
     assert "lam=" in by["mcr[strategy=independent]"]  # defaults are listed too
+
+
+def test_metrics_pick_the_columns_and_the_report_shows_calibration_and_robustness(
+    tmp_path, capsys
+) -> None:
+    from mmbalance.errors import ConfigError
+    from mmbalance.report import (
+        calibration_table,
+        expand_metrics,
+        metrics_table,
+        parse_metrics,
+        robustness_table,
+    )
+
+    root = fake_compare(tmp_path / "cmp", WIDE)
+    records = load_source(root).records
+    picked = parse_metrics("robust_50,ece,missing_50,head")
+    assert expand_metrics(picked, records) == [
+        "robust_50",
+        "ece",
+        "missing_audio_50",
+        "missing_video_50",
+        "head",  # no run recorded a head accuracy: the name stays, as an empty column
+    ]
+    table = metrics_table(records, picked)
+    header = [c.title for c in table.columns]
+    assert header == [
+        "method",
+        "worst missing 50 %",
+        "ECE",
+        "audio missing 50 %",
+        "video missing 50 %",
+        "head",
+    ]
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in table.rows}
+    robust = describe(
+        r["value"] for r in records if r["method"] == "opm" and r["metric"] == "robust_50"
+    )
+    assert rows["opm"]["worst missing 50 %"] == f"{robust.mean:.3f} ± {robust.half_width:.3f}"
+    assert rows["opm"]["head"] == "–" and any("No run recorded head" in n for n in table.notes)
+    text = to_text(table, width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "Left out to fit 80 columns: head." in text  # the fifth column gives way first
+    compared = comparison_table(records, compared="robust_50")
+    header = [c.title for c in compared.columns]
+    assert header[2:4] == ["worst missing 50 %", "Δ worst missing 50 % vs joint"]
+    test = paired_tests(records, "robust_50")["opm"]
+    assert dict(zip(header, compared.rows[-1], strict=True))["p (Holm)"] == f"{test.p_holm:.3f}"
+    with pytest.raises(ConfigError, match="names no metric"):
+        parse_metrics(" , ")
+    with pytest.raises(ConfigError, match="not a metric name"):
+        parse_metrics("accuracy,ECE")
+
+    calibration = calibration_table(records)
+    assert [c.title for c in calibration.columns][1:4] == [
+        "balanced accuracy",
+        "ECE",
+        "ECE head audio",
+    ]
+    missing = robustness_table(records, "missing", {"joint": "its latent set to zero"})
+    header = [c.title for c in missing.columns]
+    assert header[:3] == ["method", "missing modality means", "audio missing 20 %"]
+    assert dict(zip(header, missing.rows[0], strict=True))["missing modality means"] == (
+        "its latent set to zero"
+    )
+    assert robustness_table([r for r in records if "missing" not in r["metric"]], "missing") is None
+
+    assert main(["report", str(root), "--metrics", "accuracy,balanced_accuracy"]) == 0
+    md = (root / "report.md").read_text()
+    assert "## Calibration and robustness" in md and "Noisy modality at test time" in md
+    assert "**Picked metrics**" in md.split("## Methods")[0]
+    assert "| balanced accuracy |" in md.split("## Methods")[0]  # the picked column
+    # each method's rule for a missing modality, from its class
+    assert "the average over the heads of the modalities present" in md  # ensemble's
+    assert md.count("its latent set to zero before the heads") >= 5
+    assert main(["report", str(root), "--metrics", "Accuracy"]) == 2
+    assert "not a metric name" in capsys.readouterr().err
 
 
 # --- the table writer ----------------------------------------------------------------------------

@@ -23,12 +23,14 @@ from mmbalance.report import (
     Column,
     PairedTest,
     Table,
+    calibration_table,
     describe,
     fmt_p,
     fmt_stat,
     paired_tests,
     plot_comparison,
     plot_modality_curves,
+    robustness_table,
     to_markdown,
     unused_modalities,
 )
@@ -130,6 +132,28 @@ def learned_table(records: Sequence[Mapping[str, Any]]) -> Table:
                 row.append(" / ".join(f"{v:.0f}" for v in test_values(records, method, samples)))
         rows.append(row)
     return Table(columns, rows)
+
+
+def missing_rules_of(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """``{label: how its method predicts without a modality}`` for the labels of ``records``."""
+    from mmbalance.compare import parse_method_spec
+    from mmbalance.methods import METHODS
+
+    return {
+        label: METHODS.get(parse_method_spec(label)[0]).missing_modality
+        for label in _methods(records)
+    }
+
+
+def beyond_accuracy_tables(records: Sequence[Mapping[str, Any]]) -> list[Table]:
+    """Calibration (balanced accuracy, ECE) and robustness to a missing or noisy modality, for
+    the runs that recorded them (the report's tables, :mod:`mmbalance.report`)."""
+    tables = [
+        calibration_table(records),
+        robustness_table(records, "missing", missing_rules_of(records)),
+        robustness_table(records, "noisy"),
+    ]
+    return [t for t in tables if t is not None]
 
 
 def summary_table(saved: Mapping[str, Any]) -> Table:
@@ -695,6 +719,8 @@ def _study_details(saved: Mapping[str, Any], study: Study, figures: Path, draw: 
         out += [to_markdown(accuracy_table(records, chosen_by)), ""]
         out += [verdict(records), ""]
         out += [to_markdown(learned_table(records)), ""]
+        for extra in beyond_accuracy_tables(records):
+            out += [to_markdown(extra), ""]
         if len(study.points) == 1 or point == study.points[study.search]:
             slug = f"{study.name}_{point.name}".replace("=", "").replace(".", "")
             fig = figures / f"{slug}.png"

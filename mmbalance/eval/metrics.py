@@ -1,4 +1,11 @@
-"""Metrics for classification and regression predictions."""
+"""Metrics for classification and regression predictions.
+
+Classification: accuracy, macro-F1 (the mean F1 over the classes present in the targets or the
+predictions, as scikit-learn's ``f1_score(average="macro")``), balanced accuracy (the mean recall
+over the classes present in the targets, as scikit-learn's ``balanced_accuracy_score``) and the
+expected calibration error of the softmax of the prediction (:func:`expected_calibration_error`).
+Regression: MAE, Pearson correlation and the binary accuracy of the sign.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +19,44 @@ def confusion_matrix(pred: Tensor, targets: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+#: Equal-width confidence bins of the expected calibration error (Guo et al., ICML 2017).
+ECE_BINS = 15
+
+
+def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the softmax of ``logits`` (Guo et al., ICML 2017).
+
+    Each sample's confidence is its largest softmax probability; samples fall into ``bins``
+    equal-width bins ``(k/bins, (k+1)/bins]`` of confidence (a confidence of exactly 0 joins the
+    first); ECE is ``sum_k |B_k| / N * |accuracy(B_k) - mean confidence(B_k)|``. Log-probabilities
+    (an ensemble averaging probabilities) have the same softmax as the probabilities.
+    """
+    probs = logits.detach().double().softmax(-1)
+    confidence, pred = probs.max(-1)
+    right = (pred == targets.reshape(-1).long()).double()
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    conf_sum = torch.bincount(which, weights=confidence, minlength=bins)
+    right_sum = torch.bincount(which, weights=right, minlength=bins)
+    return float((right_sum - conf_sum).abs().sum() / max(int(targets.numel()), 1))
+
+
 def classification_metrics(logits: Tensor, targets: Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (classes absent from both targets and predictions are skipped)."""
+    """Accuracy, macro-F1 (classes absent from both targets and predictions are skipped),
+    balanced accuracy (classes absent from the targets are skipped) and the expected
+    calibration error (``ece``, :data:`ECE_BINS` bins)."""
     pred = logits.argmax(-1)
     cm = confusion_matrix(pred, targets, num_classes).double()
     tp = cm.diag()
     support, predicted = cm.sum(1), cm.sum(0)
     present = (support + predicted) > 0
     f1 = torch.where(present, 2 * tp / (support + predicted).clamp_min(1), torch.zeros_like(tp))
+    has_samples = support > 0
+    recall = tp[has_samples] / support[has_samples]
     return {
         "accuracy": float(tp.sum() / cm.sum()),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "balanced_accuracy": float(recall.mean()) if has_samples.any() else 0.0,
+        "ece": expected_calibration_error(logits, targets),
     }
 
 

@@ -314,7 +314,9 @@ class Method:
       adaptive optimizers (Adam, AdamW) largely undo, so the trainer warns when it runs under one;
     - ``search_space``: the main option and three candidate values that an equal-budget
       hyperparameter search tries (``("method.alpha", (0.1, 0.4, 0.8))``); ``None`` searches the
-      learning rate at 0.5x, 1x and 2x the configured one.
+      learning rate at 0.5x, 1x and 2x the configured one;
+    - ``missing_modality``: in words, how the method predicts without a modality
+      (:meth:`predict_missing`), stated in reports next to its robustness.
     """
 
     name: ClassVar[str] = ""
@@ -325,6 +327,7 @@ class Method:
     fusion: ClassVar[str | None] = None
     scales_gradients: ClassVar[bool] = False
     search_space: ClassVar[tuple[str, tuple[float, ...]] | None] = None
+    missing_modality: ClassVar[str] = "its latent set to zero before the heads"
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         if params is None:
@@ -428,6 +431,29 @@ class Method:
     def predict(self, output: ModelOutput) -> Tensor:
         """The prediction used for evaluation (default: the fused logits)."""
         return output.logits
+
+    def predict_missing(
+        self,
+        heads: Callable[[Mapping[str, Tensor]], ModelOutput],
+        latents: Mapping[str, Tensor],
+        missing: Mapping[str, Tensor],
+    ) -> Tensor:
+        """What the method predicts when a modality is missing at test time (the robustness
+        metrics of :mod:`mmbalance.eval.robustness`): modality ``m`` is absent from the samples
+        where the boolean ``missing[m]`` ``(B,)`` is true; ``heads`` maps latents to a
+        :class:`ModelOutput` (the model's fusion and unimodal heads).
+
+        Default, the convention of concatenation and sum heads: the missing latent is set to
+        zero, so that an additive head gets no contribution from it (its bias remains). A method
+        with another rule overrides this and says so in :attr:`missing_modality`.
+        """
+        kept = {
+            m: z.masked_fill(missing[m].reshape(-1, *([1] * (z.ndim - 1))), 0.0)
+            if m in missing
+            else z
+            for m, z in latents.items()
+        }
+        return self.predict(heads(kept))
 
     # --- epochs --------------------------------------------------------------------------------
     def on_train_start(self, ctx: EpochContext) -> None:

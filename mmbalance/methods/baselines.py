@@ -6,7 +6,7 @@ interface.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,12 +114,29 @@ class EnsembleParams:
     combine: Literal["logits", "probs"] = "logits"
 
 
-def ensemble_prediction(output: ModelOutput, combine: str = "logits") -> Tensor:
-    """Average of the unimodal heads' logits (or of their probabilities, as log-probabilities)."""
+def ensemble_prediction(
+    output: ModelOutput, combine: str = "logits", missing: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """Average of the unimodal heads' logits (or of their probabilities, as log-probabilities);
+    with ``missing`` (``{modality: (B,) bool}``), each sample's average runs over the heads of
+    the modalities it has (a sample with none gets zero logits: the uniform prediction)."""
     stacked = torch.stack(list(output.unimodal_logits.values()))
     if combine == "probs":
-        return stacked.softmax(-1).mean(0).clamp_min(1e-12).log()
-    return stacked.mean(0)
+        stacked = stacked.softmax(-1)
+    if missing is None:
+        mean = stacked.mean(0)
+    else:
+        present = torch.stack(
+            [
+                ~missing[m] if m in missing else torch.ones_like(u[:, 0], dtype=torch.bool)
+                for m, u in output.unimodal_logits.items()
+            ]
+        ).to(stacked.dtype)[..., None]  # (M, B, 1)
+        mean = (stacked * present).sum(0) / present.sum(0).clamp_min(1.0)
+        if combine == "probs":
+            uniform = torch.full_like(mean, 1.0 / mean.shape[-1])
+            mean = torch.where(present.sum(0) > 0, mean, uniform)
+    return mean.clamp_min(1e-12).log() if combine == "probs" else mean
 
 
 @METHODS.register("ensemble")
@@ -137,8 +154,20 @@ class Ensemble(Method):
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         return unimodal_losses(output, ctx, 1.0)
 
+    missing_modality = "the average over the heads of the modalities present"
+
     def predict(self, output: ModelOutput) -> Tensor:
         return ensemble_prediction(output, self.params.combine)
+
+    def predict_missing(
+        self,
+        heads: Callable[[Mapping[str, Tensor]], ModelOutput],
+        latents: Mapping[str, Tensor],
+        missing: Mapping[str, Tensor],
+    ) -> Tensor:
+        """An ensemble without a modality is the other modalities' models: the average runs
+        over the heads of the modalities each sample has."""
+        return ensemble_prediction(heads(latents), self.params.combine, missing)
 
 
 @METHODS.register("unipre_frozen")

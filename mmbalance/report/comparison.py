@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmbalance.errors import DataError
+from mmbalance.errors import ConfigError, DataError
 from mmbalance.methods import METHODS
 from mmbalance.report.records import (
     DIVERGED,
@@ -38,8 +39,25 @@ METRIC_TITLES = {
     "routing_rate": "routing rate",
     "synergy_rate": "synergy rate",
     "bayes_accuracy": "Bayes accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "ece": "ECE",
 }
-#: Headline metrics per task; the first is the one compared with the reference.
+#: Names of ``--metrics`` that stand for one column per modality: ``probe`` (the linear probe of
+#: each encoder), ``head`` (each unimodal head's accuracy), ``head_ece`` (its calibration error),
+#: ``shapley`` (each modality's Shapley value).
+METRIC_GROUPS = {
+    "probe": "probe_accuracy_",
+    "head": "unimodal_accuracy_",
+    "head_ece": "unimodal_ece_",
+    "shapley": "shapley_",
+}
+#: ``missing_50`` / ``noisy_50``: one column per modality at that rate
+#: (:mod:`mmbalance.eval.robustness`); ``robust_50``: the worst modality's ``missing`` at 50 %.
+_RATE_GROUP = re.compile(r"(?P<kind>missing|noisy)_(?P<pct>\d+)")
+_RATE_KEY = re.compile(r"(?P<kind>missing|noisy)_(?P<modality>.+)_(?P<pct>\d+)")
+_ROBUST_KEY = re.compile(r"robust_(?P<pct>\d+)")
+#: Headline metrics per task, the columns unless ``--metrics`` picks others; the first is the
+#: one compared with the reference.
 CLASSIFICATION = ("accuracy", "macro_f1")
 REGRESSION = ("mae", "pearson", "binary_accuracy")
 #: Shown in place of a number that does not exist (a modality the method does not use).
@@ -56,7 +74,58 @@ def metric_title(key: str, regression: bool = False) -> str:
         return f"{what} {key.removeprefix('probe_accuracy_')}"
     if key.startswith("shapley_"):
         return f"Shapley {key.removeprefix('shapley_')}"
+    if key.startswith("unimodal_accuracy_"):
+        return f"head {key.removeprefix('unimodal_accuracy_')}"
+    if key.startswith("unimodal_ece_"):
+        return f"ECE head {key.removeprefix('unimodal_ece_')}"
+    if match := _ROBUST_KEY.fullmatch(key):
+        return f"worst missing {match['pct']} %"
+    if match := _RATE_KEY.fullmatch(key):
+        return f"{match['modality']} {match['kind']} {match['pct']} %"
     return METRIC_TITLES.get(key, key.replace("_", " "))
+
+
+def parse_metrics(text: str) -> list[str]:
+    """The column names of ``--metrics a,b,c``, checked before anything trains: metric keys of
+    the runs (``accuracy``, ``macro_f1``, ``balanced_accuracy``, ``ece``, ``robust_50``,
+    ``missing_audio_50``, ``probe_accuracy_audio``, ...) or the names of one column per modality
+    (:data:`METRIC_GROUPS`, ``missing_50``, ``noisy_50``)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--metrics {text!r} names no metric")
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ConfigError(
+                f"--metrics: {name!r} is not a metric name (accuracy, macro_f1, "
+                "balanced_accuracy, ece, robust_50, missing_50, noisy_50, probe, head, head_ece)"
+            )
+    return names
+
+
+def expand_metrics(names: Sequence[str], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metric keys of the columns ``names`` stand for, given what the runs recorded: a
+    group (:data:`METRIC_GROUPS`, ``missing_50``, ``noisy_50``) becomes one key per modality;
+    a name no run recorded stays (its cells read ``–``), so that a typo shows as an empty
+    column rather than vanishing."""
+    recorded = list(dict.fromkeys(str(r["metric"]) for r in records if r["split"] == "test"))
+    out: list[str] = []
+    for name in names:
+        if name in recorded:
+            keys = [name]
+        elif name in METRIC_GROUPS:
+            keys = [k for k in recorded if k.startswith(METRIC_GROUPS[name])] or [name]
+        elif match := _RATE_GROUP.fullmatch(name):
+            keys = [
+                k
+                for k in recorded
+                if (found := _RATE_KEY.fullmatch(k))
+                and found["kind"] == match["kind"]
+                and found["pct"] == match["pct"]
+            ] or [name]
+        else:
+            keys = [name]
+        out += [k for k in keys if k not in out]
+    return out
 
 
 def fmt_stat(stat: Stat | None, digits: int = 4) -> str:
@@ -120,12 +189,18 @@ def comparison_table(
     records: Sequence[Mapping[str, Any]],
     reference: str = REFERENCE,
     epoch_seconds: Mapping[str, Stat] | None = None,
+    compared: str | None = None,
 ) -> Table:
     """The headline table: per method, seeds, test metrics (mean ± 95 % CI), the paired
     difference to ``reference`` with its Holm-adjusted p-value and verdict, validation score,
-    gap to the Bayes accuracy and, when given, the mean epoch time."""
+    gap to the Bayes accuracy and, when given, the mean epoch time.
+
+    ``compared`` is the metric compared with the reference (default: the task's first headline
+    metric, accuracy or MAE); the other headline metrics follow it."""
+    regression = headline_metrics(records) == REGRESSION
     keys = headline_metrics(records)
-    regression = keys == REGRESSION
+    if compared is not None:
+        keys = (compared, *(k for k in keys if k != compared))
     main = keys[0]
     test = summarize(records, "test")
     val = summarize(records, "val")
@@ -140,13 +215,12 @@ def comparison_table(
     columns = [Column("method", "left", essential=True), Column("seeds", essential=True)]
     if any_diverged:
         columns.append(Column("diverged", essential=True, help="runs whose loss became NaN"))
-    columns.append(
-        Column(metric_title(main), essential=True, short=METRIC_TITLES[main].removeprefix("test "))
-    )
+    main_short = metric_title(main, regression).removeprefix("test ")
+    columns.append(Column(metric_title(main, regression), essential=True, short=main_short))
     if paired:
         columns += [
             Column(
-                f"Δ {metric_title(main).removeprefix('test ')} vs {reference}",
+                f"Δ {main_short} vs {reference}",
                 essential=True,
                 short=f"Δ vs {reference}",
                 help="paired difference on shared seeds, mean ± 95 % CI",
@@ -160,7 +234,9 @@ def comparison_table(
             ),
         ]
     columns += [Column(metric_title(k, regression)) for k in keys[1:]]
-    columns.append(Column(f"validation {METRIC_TITLES[main].removeprefix('test ')}", short="val"))
+    primary = headline_metrics(records)[0]
+    val_title = f"validation {METRIC_TITLES[primary].removeprefix('test ')}"
+    columns.append(Column(val_title, short="val"))
     if bayes is not None and not regression:
         columns.append(Column("gap to Bayes", help="Bayes accuracy minus mean test accuracy"))
     if epoch_seconds:
@@ -177,9 +253,9 @@ def comparison_table(
         if paired:
             row += paired_cells(paired.get(method), method == reference)
         row += [fmt_stat(stats.get(k)) for k in keys[1:]]
-        row.append(fmt_stat(val.get(method, {}).get(main)))
+        row.append(fmt_stat(val.get(method, {}).get(primary)))
         if bayes is not None and not regression:
-            row.append("–" if main not in stats else f"{bayes - stats[main].mean:.4f}")
+            row.append("–" if primary not in stats else f"{bayes - stats[primary].mean:.4f}")
         if epoch_seconds:
             s = epoch_seconds.get(method)
             row.append("–" if s is None else f"{s.mean:.2f} s")
@@ -195,6 +271,30 @@ def comparison_table(
     if any(s.n < 2 for stats in test.values() for s in stats.values()):
         notes.append("A single seed has no interval: its cells give the value alone.")
     return Table(columns, rows, title, notes)
+
+
+def metrics_table(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Table:
+    """The columns a user picks (``--metrics``, names of :func:`parse_metrics`, expanded by
+    :func:`expand_metrics`): per method, each metric's mean ± 95 % CI over seeds (test split).
+    The first four are essential; a terminal too narrow for the others names those left out."""
+    regression = headline_metrics(records) == REGRESSION
+    keys = expand_metrics(names, records)
+    test = summarize(records, "test")
+    columns = [Column("method", "left", essential=True)]
+    columns += [Column(metric_title(k, regression), essential=i < 4) for i, k in enumerate(keys)]
+    rows = [
+        [method, *(fmt_stat(test.get(method, {}).get(k), 3) for k in keys)]
+        for method in methods_of(records)
+    ]
+    notes = [
+        "Mean ± 95 % CI over seeds (test split). Worst missing r %: the lowest accuracy over "
+        "the modalities when one is absent from r % of the test samples; probe / head: each "
+        "encoder's linear probe / unimodal head inside the trained model."
+    ]
+    missing = [k for k in keys if not any(k in stats for stats in test.values())]
+    if missing:
+        notes.append(f"No run recorded {', '.join(missing)}: its cells read –.")
+    return Table(columns, rows, "Picked metrics", notes)
 
 
 def contribution_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
@@ -236,6 +336,89 @@ def contribution_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
             "every seed), so its encoder is untrained and is not probed."
         )
     return Table(columns, rows, "Modality contributions", notes)
+
+
+def calibration_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
+    """Per method: balanced accuracy and the expected calibration error (15 bins) of the fused
+    prediction and of each unimodal head (mean ± 95 % CI); ``None`` without these metrics."""
+    test = summarize(records, "test")
+    heads = modalities_of(records, "unimodal_ece_")
+    keys = [k for k in ("balanced_accuracy", "ece") if any(k in s for s in test.values())]
+    if "ece" not in keys:
+        return None
+    keys += [f"unimodal_ece_{m}" for m in heads]
+    unused = unused_modalities(records)
+    columns = [Column("method", "left", essential=True)]
+    columns += [Column(metric_title(k), essential=k == "ece") for k in keys]
+    rows = []
+    for method in methods_of(records):
+        stats = test.get(method, {})
+        skip = unused.get(method, set())
+        row = [method]
+        for k in keys:
+            modality = k.removeprefix("unimodal_ece_") if k.startswith("unimodal_ece_") else None
+            row.append(ABSENT if modality in skip else fmt_stat(stats.get(k), 3))
+        rows.append(row)
+    notes = [
+        "Balanced accuracy: the mean recall over the classes. ECE: expected calibration error "
+        "of the softmax confidence, 15 equal-width bins (lower is better), for the method's "
+        "prediction and for each unimodal head where the model has them. Mean ± 95 % CI over "
+        "seeds (test split)."
+    ]
+    return Table(columns, rows, "Calibration", notes)
+
+
+def missing_rules(configs: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[str, str]:
+    """``{label: how its method predicts without a modality}``
+    (:attr:`~mmbalance.methods.Method.missing_modality`), from each run's ``config.yaml``."""
+    out: dict[str, str] = {}
+    for (label, _), cfg in configs.items():
+        name = str((cfg.get("method") or {}).get("name", ""))
+        if name in METHODS:
+            out.setdefault(label, METHODS.get(name).missing_modality)
+    return out
+
+
+def robustness_table(
+    records: Sequence[Mapping[str, Any]], kind: str, rules: Mapping[str, str] | None = None
+) -> Table | None:
+    """Per method and modality, test accuracy when the modality is ``missing`` (with each
+    method's rule for a missing modality, ``rules``: ``{label: rule}``) or ``noisy`` for 20, 50
+    and 100 % of the test samples (mean ± 95 % CI); ``None`` when the runs have no such metric."""
+    found = [
+        (match["modality"], int(match["pct"]))
+        for key in dict.fromkeys(str(r["metric"]) for r in records if r["split"] == "test")
+        if (match := _RATE_KEY.fullmatch(key)) and match["kind"] == kind
+    ]
+    if not found:
+        return None
+    modalities = list(dict.fromkeys(m for m, _ in found))
+    rates = sorted({pct for _, pct in found})
+    test = summarize(records, "test")
+    columns = [Column("method", "left", essential=True)]
+    if rules:
+        columns.append(Column(f"{kind} modality means", "left", wrap=True))
+    columns += [
+        Column(f"{m} {kind} {pct} %", essential=pct == 50) for m in modalities for pct in rates
+    ]
+    rows = []
+    for method in methods_of(records):
+        stats = test.get(method, {})
+        row = [method] + ([rules.get(method, "–")] if rules else [])
+        row += [fmt_stat(stats.get(f"{kind}_{m}_{pct}"), 3) for m in modalities for pct in rates]
+        rows.append(row)
+    what = (
+        "absent, following each method's rule for a missing modality (stated per method)"
+        if kind == "missing"
+        else "replaced by Gaussian noise with its own mean and standard deviation"
+    )
+    notes = [
+        f"Test accuracy when one modality is {what}, for the share of test samples given; the "
+        "corrupted samples and their noise are the same for every method and seed. Mean ± 95 % "
+        "CI over seeds; at 0 % every column would be the plain test accuracy."
+    ]
+    title = "Missing modality at test time" if kind == "missing" else "Noisy modality at test time"
+    return Table(columns, rows, title, notes)
 
 
 #: How ``errors.unimodal_predictors`` of ``analysis.json`` reads in a report.

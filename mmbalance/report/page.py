@@ -2,8 +2,10 @@
 
 The page, top to bottom: the comparison table (test metrics with 95 % intervals, the paired
 t-test of every method against ``joint`` with Holm-adjusted p-values, epoch time) and its
-figure; each method's options and cost; the modality contributions; the error analysis with the
-sample counts behind every rate; the validation curves and the per-modality curves; the
+figure; each method's options and cost; the modality contributions; calibration (balanced
+accuracy, ECE of the prediction and of each unimodal head) and robustness to a missing or noisy
+modality at test time, with each method's rule for a missing modality; the error analysis with
+the sample counts behind every rate; the validation curves and the per-modality curves; the
 configuration the runs share. The HTML embeds the figures as base64 PNGs, so it can be mailed
 or archived as one file; the Markdown links the PNG files written next to it. Both are written
 atomically (a temporary file renamed over the old one).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +26,17 @@ from mmbalance.io import write_text_atomic
 from mmbalance.report.comparison import (
     REFERENCE,
     bayes_accuracy,
+    calibration_table,
     comparison_table,
     contribution_table,
     data_table,
     epoch_seconds,
     error_table,
+    expand_metrics,
+    metrics_table,
+    missing_rules,
     options_table,
+    robustness_table,
     shared_config,
 )
 from mmbalance.report.plots import (
@@ -71,8 +79,12 @@ class Section:
         return not (self.tables or self.plots or self.code or self.notes)
 
 
-def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
-    """Every section of the report of ``source`` (figures are written into its root)."""
+def build_sections(
+    source: Source, reference: str = REFERENCE, metrics: Sequence[str] | None = None
+) -> list[Section]:
+    """Every section of the report of ``source`` (figures are written into its root);
+    ``metrics`` (``--metrics``) adds the table of the picked metrics, the first of which the
+    comparison table compares with the reference."""
     root, records = source.root, source.records
     order = methods_of(records)
     histories = source.histories()
@@ -83,7 +95,11 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
     seconds = epoch_seconds(histories)
 
     comparison = Section("Comparison")
-    comparison.tables.append(("comparison", comparison_table(records, reference, seconds)))
+    compared = expand_metrics(metrics, records)[0] if metrics else None
+    table = comparison_table(records, reference, seconds, compared)
+    comparison.tables.append(("comparison", table))
+    if metrics:
+        comparison.tables.append(("metrics", metrics_table(records, metrics)))
     figure = plot_comparison(records, root / "report_comparison.png", reference)
     comparison.plots += [figure] if figure is not None else []
     figure_note = (
@@ -113,6 +129,17 @@ def build_sections(source: Source, reference: str = REFERENCE) -> list[Section]:
     if shapley is not None:
         contributions.plots.append(shapley)
     sections.append(contributions)
+
+    beyond = Section("Calibration and robustness")
+    rules = missing_rules(configs)
+    for ident, extra in (
+        ("calibration", calibration_table(records)),
+        ("missing", robustness_table(records, "missing", rules)),
+        ("noisy", robustness_table(records, "noisy")),
+    ):
+        if extra is not None:
+            beyond.tables.append((ident, extra))
+    sections.append(beyond)
 
     # a method that ignores a modality has an untrained head or encoder for it: its groups of
     # "right unimodal predictors" would rest on that untrained predictor
@@ -254,11 +281,15 @@ def render_html(source: Source, sections: list[Section], intro: list[str]) -> st
     return "\n".join(parts) + "\n"
 
 
-def write_report(path: str | Path, reference: str = REFERENCE) -> tuple[Path, Path]:
+def write_report(
+    path: str | Path, reference: str = REFERENCE, metrics: Sequence[str] | None = None
+) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and the ``report_*.png`` figures into ``path`` (a
-    compare directory or a run directory); returns the two pages."""
+    compare directory or a run directory); returns the two pages. ``metrics`` (names of
+    :func:`~mmbalance.report.comparison.parse_metrics`) adds the table of the picked metrics
+    and makes the first of them the one compared with ``reference``."""
     source = load_source(path)
-    sections = build_sections(source, reference)
+    sections = build_sections(source, reference, metrics)
     seeds = len({r["seed"] for r in source.records})
     intro = [
         f"{len(methods_of(source.records))} method(s), {seeds} seed(s). Every ± is a 95 % "

@@ -56,6 +56,7 @@ from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
+from mmbalance.eval.robustness import robustness_metrics
 from mmbalance.io import write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
@@ -475,6 +476,8 @@ class Trainer:
             uni = task_metrics(out[f"unimodal_{m}"], out["targets"], task, n_out)
             primary = "accuracy" if task == "classification" else "mae"
             metrics[f"unimodal_{primary}_{m}"] = uni[primary]
+            if "ece" in uni:
+                metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
     def _finish(self) -> RunResult:
@@ -499,6 +502,16 @@ class Trainer:
                 encode=lambda inputs: self.method.encode_eval(self.model, inputs),
             )
             metrics["test"] |= scalars
+            metrics["test"] |= robustness_metrics(
+                self.model.heads,
+                splits["test"],
+                self.method.predict_missing,
+                lambda inputs: self.method.encode_eval(self.model, inputs),
+                self.model.modalities,
+                task=self.data.task,
+                device=self.fabric.device,
+                batch_size=2 * self.cfg.train.batch_size,
+            )
             write_json_atomic(self.out_dir / "analysis.json", analysis)
         result = RunResult(
             self.out_dir,
