@@ -11,6 +11,7 @@ import json
 import math
 import random
 import re
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,68 @@ def test_the_old_two_standard_errors_rule_no_longer_calls_noise_significant() ->
     assert paired_tests(_records({"a": [0.8]})) == {}
     one = paired_tests(_records({"joint": [0.8], "a": [0.9]}))["a"]
     assert one.n == 1 and math.isnan(one.p) and not one.significant
+
+
+def _simulated_power(ratio: float, n: int, family: int, trials: int = 6000) -> float:
+    """Share of simulated designs (n seeds of paired differences N(ratio, 1)) whose two-sided
+    t-test has p < 0.05 / family: Holm's first step, from its definition."""
+    import numpy as np
+
+    rng = np.random.default_rng(n)
+    diffs = rng.normal(ratio, 1.0, size=(trials, n))
+    p = sps.ttest_1samp(diffs, 0.0, axis=1).pvalue
+    return float((p < 0.05 / family).mean())
+
+
+def test_seeds_for_significance_is_the_fewest_with_an_80_percent_chance() -> None:
+    from mmbalance.report.stats import required_ratio, seeds_for_significance
+
+    # the ratio of mean to paired sd that 3 seeds and 8 methods need, from the t quantile
+    assert required_ratio(3, 8) == pytest.approx(sps.t.ppf(1 - 0.05 / 16, 2) / math.sqrt(3))
+    assert math.isnan(required_ratio(1, 8))
+    for mean, sd, family in ((0.049, 0.02, 8), (0.019, 0.0108, 27), (0.03, 0.01, 1)):
+        n = seeds_for_significance(mean, sd, family)
+        assert n is not None and n >= 2
+        assert _simulated_power(mean / sd, n, family) > 0.8 - 0.025  # 6000 trials: SE 0.005
+        if n > 2:
+            assert _simulated_power(mean / sd, n - 1, family) < 0.8 + 0.025
+    assert seeds_for_significance(0.001, 0.05, 8) is None  # beyond 100 seeds
+    assert seeds_for_significance(0.0, 0.01, 8) is None
+    assert seeds_for_significance(0.02, 0.0, 8) == 2  # no spread at all
+
+
+def test_the_table_says_plainly_when_the_seeds_cannot_decide() -> None:
+    from mmbalance.report.stats import seeds_for_significance
+
+    # the main job's situation: three seeds, eight methods, joint's spread swamps +5 points
+    joint = [0.86, 0.90, 0.83]
+    noise = [(0.015, -0.02, 0.005), (-0.01, 0.02, -0.01), (0.0, -0.015, 0.015)]
+    values = {"joint": joint}
+    for i in range(8):
+        values[f"m{i}"] = [j + 0.01 * i + e for j, e in zip(joint, noise[i % 3], strict=True)]
+    records = _records(values)
+    tests = paired_tests(records)
+    assert not any(t.significant for t in tests.values())
+    notes = " ".join(comparison_table(records).notes)
+    assert "No difference from `joint` is significant after Holm's correction over 8 methods" in (
+        notes
+    )
+    ratio = sps.t.ppf(1 - 0.05 / 16, 2) / math.sqrt(3)
+    assert f"With 3 seeds, a difference must be at least {ratio:.1f} times" in notes
+    assert "none of the observed differences can be" in notes
+    diffs = [a - b for a, b in zip(values["m7"], joint, strict=True)]
+    seeds = seeds_for_significance(statistics.fmean(diffs), statistics.stdev(diffs), 8)
+    assert f"`m7` vs `joint`: {100 * statistics.fmean(diffs):+.1f} points, about {seeds} seeds" in (
+        notes
+    )
+    text = to_text(comparison_table(records), width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80 and "about" in text
+    # a significant difference: no "no difference" sentence, no estimate for it
+    values["big"] = [j + 0.2 + d for j, d in zip(joint, (0.001, -0.001, 0.0), strict=True)]
+    notes = " ".join(comparison_table(_records(values)).notes)
+    assert "No difference" not in notes and "`big`" not in notes
+    one = comparison_table(_records({"joint": [0.8], "a": [0.9]})).notes
+    assert any("needs at least 2 seeds" in n for n in one)
 
 
 # --- records -------------------------------------------------------------------------------------

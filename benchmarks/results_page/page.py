@@ -135,14 +135,12 @@ def learned_table(records: Sequence[Mapping[str, Any]]) -> Table:
 
 
 def missing_rules_of(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """``{label: how its method predicts without a modality}`` for the labels of ``records``."""
-    from mmbalance.compare import parse_method_spec
+    """``{label: how its method predicts without a modality}`` for the labels of ``records``
+    (a label is a method name, possibly followed by its options in brackets)."""
     from mmbalance.methods import METHODS
 
-    return {
-        label: METHODS.get(parse_method_spec(label)[0]).missing_modality
-        for label in _methods(records)
-    }
+    names = {label: label.split("[")[0] for label in _methods(records)}
+    return {label: METHODS.get(name).missing_modality for label, name in names.items()}
 
 
 def beyond_accuracy_tables(records: Sequence[Mapping[str, Any]]) -> list[Table]:

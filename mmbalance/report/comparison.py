@@ -23,7 +23,18 @@ from mmbalance.report.records import (
     modalities_of,
     unused_modalities,
 )
-from mmbalance.report.stats import ALPHA, LEVEL, PairedTest, Stat, describe, paired_tests, summarize
+from mmbalance.report.stats import (
+    ALPHA,
+    LEVEL,
+    MAX_SEEDS,
+    PairedTest,
+    Stat,
+    describe,
+    paired_tests,
+    required_ratio,
+    seeds_for_significance,
+    summarize,
+)
 from mmbalance.report.tables import Column, Table
 
 #: The method every other one is compared with, when it was run.
@@ -270,7 +281,74 @@ def comparison_table(
         )
     if any(s.n < 2 for stats in test.values() for s in stats.values()):
         notes.append("A single seed has no interval: its cells give the value alone.")
+    notes += significance_notes(paired, reference, main)
     return Table(columns, rows, title, notes)
+
+
+#: Metrics whose differences read as points (hundredths): the accuracy-like ones.
+_NOT_IN_POINTS = ("mae", "pearson", "loss")
+#: How many differences :func:`significance_notes` estimates seeds for.
+SEED_ESTIMATES = 5
+
+
+def _difference(value: float, metric: str) -> str:
+    if metric in _NOT_IN_POINTS:
+        return f"{value:+.4f}"
+    return f"{100 * value:+.1f} points"
+
+
+def significance_notes(
+    paired: Mapping[str, PairedTest], reference: str, metric: str, alpha: float = ALPHA
+) -> list[str]:
+    """Plain words on what the seeds can decide: whether any difference from ``reference`` is
+    significant, the ratio of mean to paired standard deviation a difference needs with these
+    seeds and this many methods (:func:`~mmbalance.report.stats.required_ratio`), whether the
+    design can reach it at all, and, for the largest differences that are not significant, about
+    how many seeds would make each significant after the correction (80 % chance at the observed
+    mean and spread, :func:`~mmbalance.report.stats.seeds_for_significance`)."""
+    tested = {m: t for m, t in paired.items() if not math.isnan(t.p)}
+    if not tested:
+        if paired:
+            return [
+                f"One seed per method cannot show any difference from `{reference}` to be "
+                "significant: a paired test needs at least 2 seeds (3 or more in practice)."
+            ]
+        return []
+    family = len(tested)
+    n = min(t.n for t in tested.values())
+    needed = required_ratio(n, family, alpha)
+    ratios = {
+        m: abs(t.mean_diff) / t.std if t.std > 0 else math.inf
+        for m, t in tested.items()
+        if not t.significant and t.mean_diff != 0
+    }
+    notes = []
+    if not any(t.significant for t in tested.values()):
+        best = max(ratios, key=lambda m: ratios[m], default=None)
+        text = (
+            f"**No difference from `{reference}` is significant after Holm's correction over "
+            f"{family} methods.** With {n} seeds, a difference must be at least {needed:.1f} "
+            "times the standard deviation of its paired differences"
+        )
+        if best is not None:
+            text += f" (the largest here: {ratios[best]:.1f}, `{best}`)"
+            if ratios[best] < needed:
+                text += "; with these seeds and methods, none of the observed differences can be"
+        notes.append(text + ".")
+    estimates = []
+    for m in sorted(ratios, key=lambda m: -ratios[m])[:SEED_ESTIMATES]:
+        t = tested[m]
+        seeds = seeds_for_significance(t.mean_diff, t.std, family, alpha)
+        when = f"about {seeds} seeds" if seeds is not None else f"more than {MAX_SEEDS} seeds"
+        estimates.append(f"`{m}` vs `{reference}`: {_difference(t.mean_diff, metric)}, {when}")
+    if estimates:
+        notes.append(
+            "Seeds that would make a difference significant after the correction (80 % chance, "
+            f"if its mean and paired spread are as observed, {family} methods): "
+            + "; ".join(estimates)
+            + "."
+        )
+    return notes
 
 
 def metrics_table(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Table:
