@@ -388,8 +388,10 @@ def test_analysis_and_selected_checkpoint_use_the_method_module(
     result = trainer.run(resume=False)
     write_run_config(cfg, tmp_path / "run")  # as fit does, for evaluate_run
     splits = trainer.data.splits
-    # the end-of-run analysis encodes the training and the test split through encode_eval
-    analysed = len(splits["train"]) + len(splits["test"])
+    # the end-of-run analysis encodes the training and the test split through encode_eval, then
+    # the robustness metrics the test split once clean and once per modality with noise
+    robustness = (1 + len(trainer.model.modalities)) * len(splits["test"])
+    analysed = len(splits["train"]) + len(splits["test"]) + robustness
     total = 0
     for size in reversed(method.eval_sizes):
         total += size
