@@ -23,6 +23,7 @@ __all__ = [
     "read_json",
     "remove_stale_temporaries",
     "save_atomic",
+    "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -60,6 +61,11 @@ def save_atomic(obj: Any, path: Path) -> None:
     import torch  # here, so that the command line's start-up does not import torch
 
     _write_atomic(Path(path), "wb", lambda f: torch.save(obj, f))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either the old or the new file."""
+    _write_atomic(Path(path), "wb", lambda f: f.write(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
