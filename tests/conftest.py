@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 SMALL: dict[str, Any] = {
@@ -170,3 +171,43 @@ def make_trainer(method: Any, out: Path, **overrides: Any) -> Any:
     model = build_model(cfg, data, method)
     method_module = method.setup(model_info(model, data))
     return Trainer(fabric, cfg, data, model, method, method_module, out)
+
+
+@pytest.fixture
+def restore_registries():
+    """Unregister whatever a test registers (plugins, or a user's objects given to the Python
+    API), so that the registries of later tests hold the built-ins only."""
+    from mmbalance import plugins
+    from mmbalance.registry import all_registries
+
+    before = {id(r): (dict(r._items), dict(r._origins)) for r in all_registries()}
+    yield
+    plugins.reset()
+    for registry in all_registries():
+        items, origins = before.get(id(registry), ({}, {}))
+        registry._items.clear()
+        registry._items.update(items)
+        registry._origins.clear()
+        registry._origins.update(origins)
+
+
+#: One quiet epoch, as command-line arguments, for the runs of the features dataset's tests.
+FEATURES_TINY: list[str] = [
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.epoch_analysis=false",
+    "train.epochs=1",
+    "train.batch_size=32",
+]
+
+
+def feature_arrays(n: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two modalities (a vector and a sequence) that both carry the label, labels {3, 7, 9}."""
+    rng = np.random.default_rng(seed)
+    y = np.array([3, 7, 9])[rng.integers(0, 3, n)]
+    code = (y == 7) * 1.0 + (y == 9) * 2.0
+    return {
+        "image": (rng.normal(size=(n, 6)) * 3 + 5 + code[:, None]).astype(np.float32),
+        "audio": (rng.normal(size=(n, 4, 3)) + code[:, None, None]).astype(np.float32),
+        "y": y,
+    }

@@ -10,25 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_features import TINY, feature_arrays
+from conftest import FEATURES_TINY as TINY
+from conftest import feature_arrays
 from torch import nn
 
-from mmbalance import api, plugins
+from mmbalance import api
 from mmbalance.cli import main
 from mmbalance.data import DATASETS
 from mmbalance.data.base import DatasetBundle, DatasetSource, ModalitySpec, MultimodalTensorDataset
 from mmbalance.errors import ConfigError
-from mmbalance.models import ENCODERS
 
-
-@pytest.fixture(autouse=True)
-def _forget_given_objects():
-    before = {r: dict(r._items) for r in (DATASETS, ENCODERS)}
-    yield
-    for registry, items in before.items():
-        for name in [n for n in registry._items if n not in items]:
-            registry.unregister(name)
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("restore_registries")
 
 
 def test_arrays_through_the_api_give_the_command_s_records(tmp_path: Path) -> None:

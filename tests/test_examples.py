@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +44,28 @@ def test_own_loop_example_learns_and_the_method_acts(method: str) -> None:
         assert any(step["q_audio"] > 0 and step["opm_executed"] == 1.0 for step in logs)
     else:  # one Pareto decision per encoder and step
         assert all({"cos_audio", "cos_video", "alpha_task_audio"} <= set(s) for s in logs)
+
+
+def test_your_features_example_compares_on_the_command_line_and_in_python(tmp_path: Path) -> None:
+    example = _load("your_features")
+    example.main(["--tiny", "--out", str(tmp_path)])
+    by_command = json.loads((tmp_path / "command_line" / "results.json").read_text())
+    in_python = json.loads((tmp_path / "python" / "results.json").read_text())
+    assert by_command == in_python
+    assert {r["method"] for r in by_command} == {"joint", "ensemble", "ogm_ge"}
+    with np.load(tmp_path / "features.npz") as saved:
+        assert {"m1", "m2", "y"} <= set(saved.files)
+
+
+def test_plugin_encoder_example_trains_its_own_encoder(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plugin_encoder.py"), "--tiny", "--out",
+         str(tmp_path)],
+        check=True,
+    )  # fmt: skip
+    run = tmp_path / "compare" / "joint" / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["encoders"]["image"]["name"] == "small_cnn"
+    (plugin,) = config["plugins"]
+    assert plugin["file"] == str(ROOT / "examples" / "plugin_encoder.py")
+    assert plugin["provides"] == {"encoder": ["small_cnn"]}

@@ -12,24 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import FEATURES_TINY as TINY
+from conftest import feature_arrays
 
 from mmbalance.build import build_dataset, resolve_config
 from mmbalance.cli import main
-
-QUIET = ["train.progress=false", "train.tensorboard=false", "train.epoch_analysis=false"]
-TINY = [*QUIET, "train.epochs=1", "train.batch_size=32"]
-
-
-def feature_arrays(n: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two modalities (a vector and a sequence) that both carry the label, labels {3, 7, 9}."""
-    rng = np.random.default_rng(seed)
-    y = np.array([3, 7, 9])[rng.integers(0, 3, n)]
-    code = (y == 7) * 1.0 + (y == 9) * 2.0
-    return {
-        "image": (rng.normal(size=(n, 6)) * 3 + 5 + code[:, None]).astype(np.float32),
-        "audio": (rng.normal(size=(n, 4, 3)) + code[:, None, None]).astype(np.float32),
-        "y": y,
-    }
 
 
 def save(arrays: dict[str, np.ndarray], path: Path, fmt: str) -> Path:

@@ -89,10 +89,7 @@ class ToyPairs(DatasetSource):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _unload_plugins():
-    yield
-    plugins.reset()
+pytestmark = pytest.mark.usefixtures("restore_registries")
 
 
 def write_plugin(tmp_path: Path, name: str = "my_plugin") -> tuple[Path, Path]:

@@ -4,6 +4,7 @@ this catches it without training)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -33,3 +34,18 @@ def test_main_command_compares_methods_that_resolve_on_its_dataset() -> None:
         overrides = {"dataset": dataset, "method": name}
         overrides |= {f"method.{k}": v for k, v in (params or {}).items()}
         assert resolve_config(overrides).method.name == name
+
+
+def test_the_your_data_python_example_runs(tmp_path: Path, monkeypatch, restore_registries) -> None:
+    """The README's "Your data" Python block, as written but one seed of one epoch."""
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"<!-- your-data-python -->\s*```python\n(.*?)\n```", text, re.S)
+    assert block, "README.md has no your-data-python block"
+    code = block.group(1)
+    smaller = code.replace("seeds=2", "seeds=1").replace('"train.epochs": 5', '"train.epochs": 1')
+    assert smaller != code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(smaller, "README.md", "exec"), {"__name__": "readme_example"})
+    results = (tmp_path / "runs" / "mine" / "results.json").read_text()
+    assert "ogm_ge" in {r["method"] for r in json.loads(results)}
+    assert (tmp_path / "runs" / "mine" / "report.html").is_file()
