@@ -23,6 +23,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "cremad": "cremad",
     "features": "features",
     "kinetics_sounds": "kinetics_sounds",
+    "manifest": "manifest",
     "mosi": "mosi",
     "mosei": "mosi",
     "synthetic": "synthetic",
