@@ -98,9 +98,9 @@ def _register(registry: Any, obj: Any, name: str) -> str:
     """``obj`` under ``name`` in ``registry``, unless it is registered already (under any
     name); a name taken by another object of the user's own code is taken over (a script or a
     notebook cell that runs again defines its classes anew), a built-in's or a plugin's is not."""
-    for existing, value in registry._items.items():
-        if value is obj:
-            return existing
+    existing = registry.name_of(obj)
+    if existing is not None:
+        return existing
     if name in registry and registry.origin(name).startswith("module "):
         registry.unregister(name)
     registry.register(name)(obj)

@@ -99,9 +99,9 @@ def _is_path(spec: str) -> bool:
 def _provided(origin: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for registry in all_registries():
-        names = [n for n, o in registry._origins.items() if o == origin]
+        names = registry.registered_by(origin)
         if names:
-            out.setdefault(registry.kind, []).extend(sorted(names))
+            out.setdefault(registry.kind, []).extend(names)
     return out
 
 
@@ -129,7 +129,7 @@ def _import(plugin: Plugin, run: Any) -> Plugin:
 
 def _unload(plugin: Plugin) -> None:
     for registry in all_registries():
-        for name in [n for n, o in registry._origins.items() if o == plugin.origin]:
+        for name in registry.registered_by(plugin.origin):
             registry.unregister(name)
     _LOADED.pop(plugin.module, None)
     sys.modules.pop(plugin.module, None)
@@ -188,10 +188,9 @@ def load_plugin(spec: str, how: str = "--plugin", base: Path | None = None) -> P
         # imported already (by the user's own script): its names carry their module's origin
         plugin.provides = {}
         for registry in all_registries():
-            names = [n for n, o in registry._origins.items() if o == f"module {spec}"]
-            for name in names:
-                registry._origins[name] = plugin.origin
-                plugin.provides.setdefault(registry.kind, []).append(name)
+            names = registry.reassign(f"module {spec}", plugin.origin)
+            if names:
+                plugin.provides[registry.kind] = names
         _LOADED[spec] = plugin
         return plugin
     return _import(plugin, lambda: importlib.import_module(spec))

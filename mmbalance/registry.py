@@ -121,6 +121,22 @@ class Registry(Generic[T]):
             self._items.pop(name, None)
             self._origins.pop(name, None)
 
+    def registered_by(self, origin: str) -> list[str]:
+        """The names that ``origin`` registered (a plugin's), sorted."""
+        return sorted(n for n, o in self._origins.items() if o == origin)
+
+    def reassign(self, old: str, new: str) -> list[str]:
+        """Give the names of origin ``old`` the origin ``new`` (a module of the user's own code
+        that is then passed as a plugin); returns those names."""
+        names = self.registered_by(old)
+        for name in names:
+            self._origins[name] = new
+        return names
+
+    def name_of(self, obj: object) -> str | None:
+        """The name ``obj`` is registered under, or None."""
+        return next((n for n, value in self._items.items() if value is obj), None)
+
     def origin(self, name: str) -> str:
         """``built-in``, the plugin (name and file) or the module that registered ``name``."""
         if name in self.builtins:
