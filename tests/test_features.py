@@ -271,3 +271,25 @@ def test_a_missing_path_and_an_unknown_format_are_one_line(capsys, tmp_path: Pat
         assert main(["train", "--dataset", "features", f"dataset.path={path}", *TINY]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy"])
+def test_the_fingerprint_is_the_content_s_and_needs_no_build(tmp_path: Path, fmt: str) -> None:
+    from mmbalance.config import build_dataclass
+    from mmbalance.data.features import FeaturesParams, FeaturesSource
+
+    arrays = feature_arrays()
+    path = save(arrays, tmp_path / "feats", fmt)
+
+    def source() -> FeaturesSource:
+        params = build_dataclass(FeaturesParams, {"path": str(path)}, "dataset.features")
+        return FeaturesSource(params, tmp_path)
+
+    before = source().fingerprint()
+    assert before == source().build().details["fingerprint"]
+    changed = {**arrays, "image": arrays["image"] + np.float32(1)}
+    if fmt == "npy":
+        np.save(path / "image.npy", changed["image"])
+    else:
+        save(changed, tmp_path / "feats", fmt)
+    assert source().fingerprint() not in (None, before)

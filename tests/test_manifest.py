@@ -121,3 +121,19 @@ def test_an_undecodable_file_is_reported_with_its_row_or_skipped(capsys, tmp_pat
     record = json.loads((out / "data.json").read_text())
     assert record["skipped_rows"] == [12] and sum(record["sizes"].values()) == 13
     assert "1 row(s) skipped" in record["notes"]
+
+
+def test_the_fingerprint_changes_with_a_file(tmp_path: Path) -> None:
+    import os
+
+    from mmbalance.config import build_dataclass
+    from mmbalance.data.manifest import ManifestParams, ManifestSource
+
+    table = make_table(tmp_path / "data", per_class=6)
+    params = build_dataclass(ManifestParams, {"path": str(table)}, "dataset.manifest")
+    before = ManifestSource(params, tmp_path).fingerprint()
+    image = table.parent / "images" / "red0.png"
+    stat = image.stat()
+    image.write_bytes(image.read_bytes() + b"\0")
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert ManifestSource(params, tmp_path).fingerprint() not in (None, before)

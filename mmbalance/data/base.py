@@ -183,6 +183,13 @@ class DatasetSource:
     def build(self) -> DatasetBundle:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fingerprint(self) -> str | None:
+        """A SHA-256 of the content this source reads from the user's files, computed without
+        building (None for a source whose data its options determine, such as a generated
+        dataset): two runs whose options are equal but whose files differ are not the same run.
+        """
+        return None
+
     @classmethod
     def prepare(
         cls, raw: Path, out: Path, params: Any, *, progress: bool = True, console: Any = None

@@ -227,11 +227,23 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _npy_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
+
+
+def _read_npy_dir_digest(path: Path) -> str:
+    """SHA-256 over every ``.npy`` file's name and SHA-256, in name order."""
+    h = hashlib.sha256()
+    for file in _npy_files(path):
+        h.update(f"{file.name}|{file_sha256(file)}|".encode())
+    return h.hexdigest()
+
+
 def _read_npy_dir(path: Path) -> tuple[dict[str, np.ndarray], str]:
-    files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
+    files = _npy_files(path)
     if not files:
         raise DataError(f"{path} holds no .npy files; save one array per file (image.npy, y.npy)")
-    out, h = {}, hashlib.sha256()
+    out = {}
     for file in files:
         with file.open("rb") as fh:
             _npy_header(fh, str(file))
@@ -239,8 +251,7 @@ def _read_npy_dir(path: Path) -> tuple[dict[str, np.ndarray], str]:
             out[file.stem] = np.load(file, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as err:
             raise DataError(f"{file} is not a readable .npy array ({err})") from None
-        h.update(f"{file.name}|{file_sha256(file)}|".encode())
-    return out, h.hexdigest()
+    return out, _read_npy_dir_digest(path)
 
 
 def read_feature_file(path: str | Path) -> FeatureFile:
@@ -702,6 +713,16 @@ class FeaturesSource(DatasetSource):
         "Files are read without pickle: object arrays and pickles are refused.",
     )
     train_defaults = {"optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 64}
+
+    def fingerprint(self) -> str | None:
+        """The SHA-256 of the file (of every ``.npy`` file of a directory)."""
+        p: FeaturesParams = self.params
+        path = Path(p.path).expanduser() if p.path else None
+        if path is None or not path.exists():
+            return None
+        if path.is_dir():
+            return _read_npy_dir_digest(path)
+        return file_sha256(path)
 
     def build(self) -> DatasetBundle:
         p: FeaturesParams = self.params

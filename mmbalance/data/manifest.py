@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,6 +218,18 @@ def _normalised(kind: str, array: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+@dataclass
+class _Scan:
+    table: Path
+    header: list[str]
+    rows: list[dict[str, str]]
+    columns: list[str]
+    kinds: dict[str, str]
+    files: list[dict[str, Path]]
+    table_hash: str
+    recipe: dict[str, Any]
+
+
 @DATASETS.register("manifest")
 class ManifestSource(DatasetSource):
     """Your image, audio and video files named by a CSV/TSV table with a label column."""
@@ -236,7 +249,8 @@ class ManifestSource(DatasetSource):
     )
     train_defaults = {"optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 32}
 
-    def build(self) -> Any:
+    def _scan(self) -> _Scan:
+        """The table, its files (checked to lie inside its directory) and the cache recipe."""
         p: ManifestParams = self.params
         if not p.path:
             raise DataError(
@@ -289,6 +303,22 @@ class ManifestSource(DatasetSource):
             "files": hashlib.sha256(repr(stats).encode()).hexdigest(),
             "options": options,
         }
+        return _Scan(table, header, rows, columns, kinds, files, table_hash, recipe)
+
+    def fingerprint(self) -> str | None:
+        """SHA-256 of the cache recipe: the table's SHA-256, every file's size and modification
+        time, and the decoding options (None when the table is not readable yet)."""
+        try:
+            recipe = self._scan().recipe
+        except DataError:
+            return None
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+    def build(self) -> Any:
+        p: ManifestParams = self.params
+        scan = self._scan()
+        table, header, rows, columns = scan.table, scan.header, scan.rows, scan.columns
+        kinds, files, table_hash, recipe = scan.kinds, scan.files, scan.table_hash, scan.recipe
 
         def decode_all() -> dict[str, torch.Tensor]:
             decoded: dict[str, list[np.ndarray]] = {c: [] for c in columns}
