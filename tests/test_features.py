@@ -293,3 +293,18 @@ def test_the_fingerprint_is_the_content_s_and_needs_no_build(tmp_path: Path, fmt
     else:
         save(changed, tmp_path / "feats", fmt)
     assert source().fingerprint() not in (None, before)
+
+
+def test_a_split_array_is_kept_and_validation_is_carved_from_train(tmp_path: Path) -> None:
+    arrays = feature_arrays(n=120)
+    given = np.array(["train"] * 90 + ["test"] * 30)
+    data = _bundle(save({**arrays, "split": given}, tmp_path / "split", "npz"))
+    sizes = data.record()["sizes"]
+    assert sizes["test"] == 30 and sizes["train"] + sizes["val"] == 90
+    assert abs(sizes["val"] - 90 * 0.15 / 0.85) <= 3  # stratified: rounded per class
+    assert "validation carved from train" in data.notes
+    codes = np.array([0] * 80 + [1] * 20 + [2] * 20)
+    data = _bundle(save({**arrays, "split": codes}, tmp_path / "codes", "npy"))
+    assert data.record()["sizes"] == {"train": 80, "val": 20, "test": 20}
+    test_rows = data.splits["test"].inputs["audio"].numpy()
+    assert np.array_equal(test_rows, arrays["audio"][100:])
