@@ -310,9 +310,10 @@ def plugin_specs(value: Any, where: str) -> list[str]:
         raise ConfigError(f"plugins in {where} must be a list of modules or .py files")
     out = []
     for entry in value:
-        if isinstance(entry, Mapping):
-            file = entry.get("file")
-            entry = file if file and Path(str(file)).is_file() else entry.get("module")
+        if isinstance(entry, Mapping):  # a run's record: its file, else its module
+            if entry.get("loaded_by") == "entry point":
+                continue  # installed: every command loads it
+            entry = entry.get("file") or entry.get("module")
         if not isinstance(entry, str) or not entry:
             raise ConfigError(f"plugins in {where} must be a list of modules or .py files")
         out.append(entry)
