@@ -178,17 +178,15 @@ def restore_registries():
     """Unregister whatever a test registers (plugins, or a user's objects given to the Python
     API), so that the registries of later tests hold the built-ins only."""
     from mmbalance import plugins
-    from mmbalance.registry import all_registries
+    from mmbalance.registry import BUILTIN, all_registries
 
-    before = {id(r): (dict(r._items), dict(r._origins)) for r in all_registries()}
+    before = {id(r): set(r.names()) for r in all_registries()}
     yield
     plugins.reset()
-    for registry in all_registries():
-        items, origins = before.get(id(registry), ({}, {}))
-        registry._items.clear()
-        registry._items.update(items)
-        registry._origins.clear()
-        registry._origins.update(origins)
+    for registry in all_registries():  # built-ins first loaded during the test stay
+        for name in set(registry.names()) - before.get(id(registry), set()):
+            if registry.origin(name) != BUILTIN:
+                registry.unregister(name)
 
 
 #: One quiet epoch, as command-line arguments, for the runs of the features dataset's tests.
