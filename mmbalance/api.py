@@ -171,10 +171,12 @@ _MODULE_FACTORIES: dict[int, Callable[..., Any]] = {}
 
 def encoder_overrides(encoders: Mapping[str, EncoderArg] | None) -> dict[str, Any]:
     """The ``encoder.<modality>`` keys of encoders given by name, factory or module."""
+    out: dict[str, Any] = {}
+    if not encoders:
+        return out  # the command line's path: no torch before a name is known to be valid
     from torch import nn
 
-    out: dict[str, Any] = {}
-    for modality, encoder in (encoders or {}).items():
+    for modality, encoder in encoders.items():
         if isinstance(encoder, str):
             out[f"encoder.{modality}"] = encoder
             continue
@@ -218,6 +220,7 @@ def compare(
     encoders: Mapping[str, EncoderArg] | None = None,
     plugins: Sequence[str] = (),
     report: bool = True,
+    metrics: str | Sequence[str] | None = None,
 ) -> Comparison:
     """``mmbalance compare`` from Python: train every method (names, ``NAME[KEY=V,...]``
     variants, named sets such as ``table1``) on ``seeds`` seeds, optionally after the
@@ -226,29 +229,39 @@ def compare(
     ``dataset`` is a name, a :class:`DatasetSource` instance or feature arrays (see the module
     docstring); ``overrides`` are ``key=value`` settings (a mapping or a list of strings);
     ``encoders`` maps modalities to encoder names, factories or modules; ``plugins`` are
-    imported first, as ``--plugin`` would. Errors are :class:`~mmbalance.errors.MMBalanceError`
+    imported first, as ``--plugin`` would; ``metrics`` picks the table's columns as
+    ``--metrics`` does (``"accuracy,ece"`` or a list). Errors are :class:`~mmbalance.errors.MMBalanceError`
     with the command's one-line messages; runs that did not finish are in ``failed``.
     """
-    out = Path(out)
-    specs = split_methods(methods if isinstance(methods, str) else ",".join(methods))
-    values = _prepare(dataset, encoders, overrides, plugins, out)
-    records = run_compare(specs, seeds, out, values, search=search)
     from mmbalance.report import (
         comparison_table,
         epoch_seconds,
+        expand_metrics,
         failed_runs,
         load_source,
+        metrics_table,
+        parse_metrics,
         plot_comparison,
         to_text,
         write_report,
     )
 
+    out = Path(out)
+    specs = split_methods(methods if isinstance(methods, str) else ",".join(methods))
+    if metrics is not None and not isinstance(metrics, str):
+        metrics = ",".join(metrics)
+    picked = parse_metrics(metrics) if metrics else None  # checked before anything trains
+    values = _prepare(dataset, encoders, overrides, plugins, out)
+    records = run_compare(specs, seeds, out, values, search=search)
     result = Comparison(records, out, out / "results.json", failed=list(failed_runs(records)))
     if report and len(result.failed) < len({(r["method"], r["seed"]) for r in records}):
         seconds = epoch_seconds(load_source(out).histories())
-        result.table = to_text(comparison_table(records, epoch_seconds=seconds))
+        compared = expand_metrics(picked, records)[0] if picked else None
+        result.table = to_text(comparison_table(records, epoch_seconds=seconds, compared=compared))
+        if picked:
+            result.table += f"\n\n{to_text(metrics_table(records, picked))}"
         result.figure = plot_comparison(records, out / "comparison.png")
-        result.report_md, result.report_html = write_report(out)
+        result.report_md, result.report_html = write_report(out, metrics=picked)
     return result
 
 

@@ -107,38 +107,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mmbalance.compare import run_compare, split_methods
-    from mmbalance.report import (
-        comparison_table,
-        epoch_seconds,
-        expand_metrics,
-        failed_runs,
-        load_source,
-        metrics_table,
-        parse_metrics,
-        plot_comparison,
-        to_text,
-        write_report,
-    )
+    from mmbalance.api import compare
 
-    methods = split_methods(args.methods)
-    metrics = parse_metrics(args.metrics) if args.metrics else None
     out = Path(args.out)
-    records = run_compare(methods, args.seeds, out, _overrides(args), search=args.search)
-    failed = failed_runs(records)
-    if len(failed) < len({(r["method"], r["seed"]) for r in records}):  # some run finished
+    result = compare(
+        args.methods,
+        out=out,
+        seeds=args.seeds,
+        search=args.search,
+        overrides=_overrides(args),
+        metrics=args.metrics,
+    )
+    failed = result.failed
+    if result.report_md is not None:  # some run finished
         # plain text that fits the terminal (80 columns in a log): never markup, never cut numbers
-        seconds = epoch_seconds(load_source(out).histories())
-        compared = expand_metrics(metrics, records)[0] if metrics else None
-        print(to_text(comparison_table(records, epoch_seconds=seconds, compared=compared)))
-        if metrics:
-            print(f"\n{to_text(metrics_table(records, metrics))}")
-        figure = plot_comparison(records, out / "comparison.png")
-        md, page = write_report(out, metrics=metrics)
-        print(f"results: {out / 'results.json'}")
-        if figure is not None:
-            print(f"plot: {figure}")
-        print(f"report: {md}\n        {page}")
+        print(result.table)
+        print(f"results: {result.results}")
+        if result.figure is not None:
+            print(f"plot: {result.figure}")
+        print(f"report: {result.report_md}\n        {result.report_html}")
     if failed:
         runs = ", ".join(f"{r['method']} seed {r['seed']} {r['value']}" for r in failed)
         raise MMBalanceError(
