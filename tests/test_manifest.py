@@ -137,3 +137,35 @@ def test_the_fingerprint_changes_with_a_file(tmp_path: Path) -> None:
     image.write_bytes(image.read_bytes() + b"\0")
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert ManifestSource(params, tmp_path).fingerprint() not in (None, before)
+
+
+def test_a_video_column_gives_sampled_frames(tmp_path: Path) -> None:
+    import av
+
+    table = make_table(tmp_path / "data", per_class=6)
+    (table.parent / "clips").mkdir()
+    lines = table.read_text().splitlines()
+    out_lines = [lines[0] + ",clip"]
+    for n, line in enumerate(lines[1:]):
+        name = f"clips/c{n}.mp4"
+        with av.open(str(table.parent / name), "w") as container:
+            stream = container.add_stream("mpeg4", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            for i in range(6):  # a grey level that rises frame by frame
+                frame = np.full((32, 32, 3), 40 * i, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        out_lines.append(f"{line},{name}")
+    table.write_text("\n".join(out_lines) + "\n")
+    cfg = resolve_config(
+        {"dataset": "manifest", "dataset.path": str(table), "dataset.image_size": 16,
+         "dataset.fbank_frames": 32, "dataset.frames": 3}
+    )  # fmt: skip
+    data = build_dataset(cfg)
+    assert data.details["kinds"]["clip"] == "video"
+    clip = data.splits["train"].inputs["clip"]
+    assert tuple(clip.shape[1:]) == (3, 3, 16, 16)
+    brightness = clip[:, 0].mean(dim=(0, 2, 3))  # per sampled frame: rising over time
+    assert bool((brightness[1:] > brightness[:-1]).all())
