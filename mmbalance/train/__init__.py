@@ -9,7 +9,7 @@ from __future__ import annotations
 from mmbalance.registry import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "Callback": "callbacks",
+    "Callback": "loop",
     "default_callbacks": "callbacks",
     "evaluate_run": "runner",
     "fit": "runner",

@@ -1,5 +1,5 @@
 """Observers of training: every log file, logger, progress display and per-epoch analysis is a
-:class:`Callback`.
+:class:`~mmbalance.train.loop.Callback` (the interface lives beside the trainer that calls it).
 
 The trainer calls each callback, on every process, at these points::
 
@@ -27,43 +27,14 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 from torch import Tensor
 
 from mmbalance.config import RunConfig
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.io import write_text_atomic
-
-if TYPE_CHECKING:
-    from mmbalance.train.loop import RunResult, Trainer
-
-
-class Callback:
-    """Base class: every hook does nothing (override the ones you need)."""
-
-    #: the validation pass keeps the pooled latents (``latent_<m>``) for :meth:`on_validation`
-    needs_latents: ClassVar[bool] = False
-
-    def on_run_start(self, trainer: Trainer) -> None:
-        """Once per invocation, before the first epoch it trains (after a resume is restored)."""
-
-    def on_train_batch_end(
-        self, trainer: Trainer, epoch: int, index: int, batches: int, loss: float
-    ) -> None:
-        """After training step ``index`` of ``batches`` in ``epoch`` (``loss``: its total)."""
-
-    def on_validation(self, trainer: Trainer, outputs: Mapping[str, Tensor]) -> dict[str, float]:
-        """Extra validation metrics of this epoch from the gathered validation ``outputs``
-        (``prediction``, ``logits``, ``targets``, ``index``, ``unimodal_<m>``, ``latent_<m>``);
-        they join the row as ``val_<name>``."""
-        return {}
-
-    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
-        """After the epoch: ``row`` is its line of ``metrics.csv``; checkpoints are written."""
-
-    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
-        """After the selected weights were evaluated and ``metrics.json`` written."""
+from mmbalance.train.loop import Callback, RunResult, Trainer
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

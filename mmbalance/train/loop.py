@@ -45,7 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.fabric import Fabric
@@ -72,7 +72,6 @@ from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
 from mmbalance.optim import OPTIMIZERS, build_optimizer, lr_factor
 from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
-from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import (
     BEST_KEYS,
     LAST_KEYS,
@@ -101,6 +100,33 @@ class RunResult:
             "epochs_run": self.epochs_run,
             "bayes_accuracy": self.bayes_accuracy,
         }
+
+
+class Callback:
+    """Base class: every hook does nothing (override the ones you need)."""
+
+    #: the validation pass keeps the pooled latents (``latent_<m>``) for :meth:`on_validation`
+    needs_latents: ClassVar[bool] = False
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        """Once per invocation, before the first epoch it trains (after a resume is restored)."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, epoch: int, index: int, batches: int, loss: float
+    ) -> None:
+        """After training step ``index`` of ``batches`` in ``epoch`` (``loss``: its total)."""
+
+    def on_validation(self, trainer: Trainer, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """Extra validation metrics of this epoch from the gathered validation ``outputs``
+        (``prediction``, ``logits``, ``targets``, ``index``, ``unimodal_<m>``, ``latent_<m>``);
+        they join the row as ``val_<name>``."""
+        return {}
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        """After the epoch: ``row`` is its line of ``metrics.csv``; checkpoints are written."""
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
+        """After the selected weights were evaluated and ``metrics.json`` written."""
 
 
 class TrainingModule(nn.Module):
@@ -132,7 +158,8 @@ class Trainer:
     ``method_module`` is what ``method.setup`` returned (optimised and checkpointed with the
     model). ``initial_encoder_state`` is the encoders' state as built, before any unimodal
     pre-training (``on_train_start`` receives it; without it, the encoders as they are at the
-    start). ``callbacks`` observe the run (default: :func:`default_callbacks` of ``cfg``).
+    start). ``callbacks`` observe the run (:func:`~mmbalance.train.runner.fit` passes
+    :func:`~mmbalance.train.callbacks.default_callbacks` of ``cfg``; none by default).
     """
 
     def __init__(
@@ -145,14 +172,14 @@ class Trainer:
         method_module: nn.Module | None,
         out_dir: Path,
         initial_encoder_state: Mapping[str, Tensor] | None = None,
-        callbacks: Sequence[Callback] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.fabric, self.cfg, self.data = fabric, cfg, data
         self.method, self.out_dir = method, out_dir
         self.model = model
         self.initial_encoder_state = initial_encoder_state
         t = cfg.train
-        self.callbacks = list(default_callbacks(cfg) if callbacks is None else callbacks)
+        self.callbacks = list(callbacks)
         module = TrainingModule(model, method, method_module)
         self.method_module = module.method_module
         # named parameter groups (see mmbalance.methods.base); parameters frozen before the

@@ -36,9 +36,9 @@ from mmbalance.config import NamedParams, RunConfig
 from mmbalance.errors import DataError, MMBalanceError
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.plugins import load_specs, loaded_specs
-from mmbalance.train.callbacks import Callback, default_callbacks
+from mmbalance.train.callbacks import default_callbacks
 from mmbalance.train.checkpoint import BEST_KEYS, load_checkpoint
-from mmbalance.train.loop import RunResult, Trainer, encoder_state, load_state
+from mmbalance.train.loop import Callback, RunResult, Trainer, encoder_state, load_state
 from mmbalance.train.rundir import (
     check_run_dir,
     saved_overrides,
@@ -178,7 +178,8 @@ def _fit_in_process(
         _unimodal_pretraining(fabric, cfg, out_dir / "pretrain", model, resume)
         if method.freezes_encoders:
             model.encoders.requires_grad_(False)
-    trainer = Trainer(fabric, cfg, data, model, method, method_module, out_dir, initial, callbacks)
+    observers = default_callbacks(cfg) if callbacks is None else callbacks
+    trainer = Trainer(fabric, cfg, data, model, method, method_module, out_dir, initial, observers)
     return trainer.run(resume)
 
 
