@@ -81,7 +81,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
-from mmbalance.build import build_components, build_dataset, resolve_config
+from mmbalance.builder import build_components, build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
 from mmbalance.methods.base import Method, StepContext, total_loss

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbalance.build import build_components, build_dataset, resolve_config
+from mmbalance.builder import build_components, build_dataset, resolve_config
 from mmbalance.train.batching import EpochBatchSampler, make_loader
 
 

@@ -51,7 +51,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from mmbalance.build import build_components, build_dataset, resolve_config  # noqa: E402
+from mmbalance.builder import build_components, build_dataset, resolve_config  # noqa: E402
 from mmbalance.eval.probe import latents_of  # noqa: E402
 from mmbalance.train.checkpoint import load_checkpoint  # noqa: E402
 from mmbalance.train.runner import fit  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import TrainingDiverged
 from mmbalance.train import fit
 

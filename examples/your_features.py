@@ -28,7 +28,7 @@ METHODS = "joint,ensemble,ogm_ge"
 
 def export_features(path: Path, dataset: str = "av-digits", **options: Any) -> Path:
     """Write the inputs of a built-in dataset, one flat vector per modality, to ``path``."""
-    from mmbalance.build import build_dataset, resolve_config
+    from mmbalance.builder import build_dataset, resolve_config
 
     data = build_dataset(resolve_config({"dataset": dataset, **options}))
     splits = [data.splits[s] for s in ("train", "val", "test")]

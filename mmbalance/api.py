@@ -277,7 +277,7 @@ def fit(
 ) -> RunResult:
     """``mmbalance train`` from Python, with the same objects as :func:`compare`: one run of
     ``method`` (a name) into ``out``; returns its :class:`~mmbalance.train.RunResult`."""
-    from mmbalance.build import resolve_config
+    from mmbalance.builder import resolve_config
     from mmbalance.train import fit as fit_config
 
     out = Path(out)

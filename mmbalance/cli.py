@@ -53,7 +53,7 @@ def _console() -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mmbalance.build import resolve_config
+    from mmbalance.builder import resolve_config
     from mmbalance.train.rundir import resume_overrides
 
     overrides = _overrides(args)

@@ -27,12 +27,14 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmbalance.build import build_dataset, check_engine, normalized_config, resolve_config
-from mmbalance.config import RunConfig, parse_value
+from mmbalance.builder.assemble import build_dataset
+from mmbalance.builder.engine import check_engine
+from mmbalance.builder.resolve import ResolvedConfig, resolve_config
+from mmbalance.config import parse_value
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
@@ -159,7 +161,7 @@ def _method_options(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
     return shared, scoped
 
 
-def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> list[RunConfig]:
+def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> list[ResolvedConfig]:
     """The validated configuration of every entry (seed from ``overrides``), refusing a
     method-scoped option that no compared method has and two entries that are the same run."""
     shared, scoped = _method_options(overrides)
@@ -180,7 +182,7 @@ def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> lis
         raise ConfigError(
             f"method.{unused[0]} is an option of none of the compared methods ({names})"
         )
-    keys = [normalized_config(c) for c in configs]
+    keys = [c.identity() for c in configs]
     for i, key in enumerate(keys):
         for j in range(i):
             if keys[j] == key:
@@ -198,28 +200,11 @@ class Candidate:
     label: str
     option: str
     value: float
-    config: RunConfig
+    config: ResolvedConfig
     run_dir: Path
 
 
-def with_option(cfg: RunConfig, option: str, value: Any) -> RunConfig:
-    """``cfg`` with one option set: ``method.KEY``, ``fusion.KEY`` or ``train.FIELD`` (validated
-    like any configuration)."""
-    from mmbalance.build import validate
-
-    section, _, key = option.partition(".")
-    if section in ("method", "fusion"):
-        named = getattr(cfg, section)
-        cfg = replace(cfg, **{section: replace(named, params={**named.params, key: value})})
-    elif section == "train" and hasattr(cfg.train, key):
-        cfg = replace(cfg, train=replace(cfg.train, **{key: value}))
-    else:
-        raise ConfigError(f"cannot search option {option!r}: not a method, fusion or train option")
-    validate(cfg)
-    return cfg
-
-
-def search_candidates(entry: Entry, cfg: RunConfig, out_dir: Path) -> list[Candidate]:
+def search_candidates(entry: Entry, cfg: ResolvedConfig, out_dir: Path) -> list[Candidate]:
     """The equal-budget search of one entry: three values of its method's main option
     (:attr:`Method.search_space`; without one, the learning rate at 0.5x, 1x and 2x), each one
     run on seed 0 under ``out_dir/search/LABEL/OPTION=V``. An option the entry fixes itself
@@ -230,7 +215,7 @@ def search_candidates(entry: Entry, cfg: RunConfig, out_dir: Path) -> list[Candi
     out = []
     for value in values:
         actual = value * cfg.train.lr if option == "train.lr" else value
-        config = with_option(replace(cfg, train=replace(cfg.train, seed=0)), option, actual)
+        config = cfg.with_train(seed=0).with_option(option, actual)
         run_dir = out_dir / "search" / entry.label / f"{option}={value:g}" / "seed0"
         out.append(Candidate(entry.label, option, value, config, run_dir))
     return out
@@ -289,7 +274,7 @@ def run_compare(
     runs = []
     for entry, cfg in zip(entries, configs, strict=True):
         for seed in range(seeds):
-            run_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+            run_cfg = cfg.with_train(seed=seed)
             run_dir = out_dir / entry.label / f"seed{seed}"
             check_same_run(run_cfg, run_dir)
             runs.append((entry.label, seed, run_cfg, run_dir))
@@ -305,7 +290,7 @@ def run_compare(
 
 
 def _train_all(
-    runs: Sequence[tuple[str, int, RunConfig, Path]], title: str = ""
+    runs: Sequence[tuple[str, int, ResolvedConfig, Path]], title: str = ""
 ) -> list[tuple[str, int, RunResult | dict[str, Any] | MMBalanceError]]:
     """Train (or reuse) every run in order, with a run counter and an estimate of the time
     left; a run that diverges or fails with a user-facing error gives that error as its result
@@ -343,8 +328,8 @@ def _reuse_search_run(source: Path, target: Path) -> None:
 
 
 def _search(
-    entries: Sequence[Entry], configs: Sequence[RunConfig], out_dir: Path, task: str
-) -> list[RunConfig]:
+    entries: Sequence[Entry], configs: Sequence[ResolvedConfig], out_dir: Path, task: str
+) -> list[ResolvedConfig]:
     """Run every entry's search (:func:`search_candidates`) and return the chosen configs."""
     from mmbalance.eval.metrics import selection_key
     from mmbalance.train.rundir import check_same_run
@@ -410,7 +395,7 @@ class RunClock:
 
 
 def run_or_reuse(
-    cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] | None = None
+    cfg: ResolvedConfig, run_dir: Path, callbacks: Sequence[Callback] | None = None
 ) -> RunResult | dict[str, Any]:
     """The saved ``metrics.json`` of a finished run, or train it (resuming what exists).
 

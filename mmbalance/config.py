@@ -5,7 +5,7 @@ A run (:class:`RunConfig`) is described by the sections ``dataset``, ``method``,
 (:class:`TrainConfig`). Users write either a YAML file or ``key=value`` pairs; both go through the
 same validation, which rejects unknown keys with the list of valid ones and invalid values with
 the allowed range, before anything trains (component names and options are checked against their
-registries by :func:`mmbalance.build.resolve_config`).
+registries, and built, by :func:`mmbalance.builder.resolve_config`).
 
 Keys of the command line and of flattened YAML files:
 
@@ -20,7 +20,9 @@ Keys of the command line and of flattened YAML files:
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -111,6 +113,31 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown {where} key {unknown[0]!r}; valid keys: {valid}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     return cls(**kwargs)
+
+
+@functools.cache
+def signature_dataclass(factory: Callable[..., Any], positional: int) -> type:
+    """A dataclass of the keyword options of ``factory`` (a class or a function): its parameters
+    after the first ``positional`` ones, with their annotations and defaults, so that
+    :func:`build_dataclass` checks an encoder's or a fusion head's options (whose builders
+    supply the positional ones: an input shape; latent sizes and a number of outputs) as it
+    checks a ``Params`` dataclass."""
+    init = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    hints = _hints(init)
+    fields: list[tuple[str, Any, Any]] = []
+    for p in list(inspect.signature(factory).parameters.values())[positional:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        annotation = hints.get(p.name, Any)
+        if isinstance(annotation, str):  # an annotation that does not resolve: accept any value
+            annotation = Any
+        if p.default is inspect.Parameter.empty:
+            fields.append((p.name, annotation, dataclasses.field()))
+        else:
+            default = functools.partial(copy.deepcopy, p.default)
+            fields.append((p.name, annotation, dataclasses.field(default_factory=default)))
+    name = f"{getattr(factory, '__name__', 'component')}Options"
+    return dataclasses.make_dataclass(name, fields, kw_only=True)
 
 
 def check(condition: bool, message: str) -> None:
@@ -217,7 +244,9 @@ class NamedParams:
 
 @dataclass
 class RunConfig:
-    """Everything that defines one training run."""
+    """A run's configuration as parsed from flat keys: each component's name and its options
+    as given, unchecked (:func:`mmbalance.builder.resolve_config` checks and builds them into a
+    :class:`~mmbalance.builder.ResolvedConfig`, which is what runs)."""
 
     dataset: NamedParams = field(default_factory=lambda: NamedParams("synthetic"))
     method: NamedParams = field(default_factory=lambda: NamedParams("joint"))
@@ -225,20 +254,6 @@ class RunConfig:
     encoders: dict[str, NamedParams] = field(default_factory=dict)
     unimodal_heads: bool | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The YAML-file form (sections with ``name`` plus parameters), readable by
-        :func:`load_yaml`, so a run's saved ``config.yaml`` can be trained again as it is."""
-        out: dict[str, Any] = {}
-        for section in ("dataset", "method", "fusion"):
-            named: NamedParams = getattr(self, section)
-            out[section] = {"name": named.name, **named.params}
-        if self.encoders:
-            out["encoders"] = {m: {"name": n.name, **n.params} for m, n in self.encoders.items()}
-        if self.unimodal_heads is not None:
-            out["unimodal_heads"] = self.unimodal_heads
-        out["train"] = dataclasses.asdict(self.train)
-        return out
 
 
 TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -353,8 +368,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(overrides: Mapping[str, Any]) -> RunConfig:
     """Build a validated :class:`RunConfig` from flat keys (later keys win).
 
-    Component parameters (``method.*`` etc.) are stored here and validated against the component
-    when it is built; see :func:`mmbalance.build.validate`.
+    Component options (``method.*`` etc.) are stored as given here; they are checked against
+    their components when the configuration is resolved (:func:`mmbalance.builder.resolve_config`).
     """
     cfg = RunConfig()
     train_values: dict[str, Any] = {}

@@ -124,7 +124,7 @@ def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.fixture
 def competition_metrics(tmp_path):
     """``run(overrides, seeds)``: test metrics averaged over ``train.seed`` in ``seeds``."""
-    from mmbalance.build import resolve_config
+    from mmbalance.builder import resolve_config
     from mmbalance.train import fit
 
     def run(overrides: dict[str, Any], seeds: tuple[int, ...] = (0, 1)) -> dict[str, float]:
@@ -161,7 +161,13 @@ HOOKS_BASE: dict[str, Any] = {
 def make_trainer(method: Any, out: Path, **overrides: Any) -> Any:
     """A real :class:`~mmbalance.train.Trainer` for ``method`` on :data:`HOOKS_BASE` (seeded as
     ``fit`` seeds it), without running it."""
-    from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+    from mmbalance.builder import (
+        build_dataset,
+        build_model,
+        make_fabric,
+        model_info,
+        resolve_config,
+    )
     from mmbalance.train import Trainer
 
     cfg = resolve_config({**HOOKS_BASE, **overrides})

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import LEARN, fit_killed_and_resumed
 from torch import nn
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.agm import (

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import COMPETITION_400, fit_killed_and_resumed
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method
 from mmbalance.methods.amco import (

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbalance.build import resolve_config
-from mmbalance.config import build_dataclass
+from mmbalance.builder import resolve_config
 from mmbalance.data import DATASETS, speech
 from mmbalance.data.av_fashion import AVFashionParams, AVFashionSource
 from mmbalance.data.av_fashion_cnn import (
@@ -52,9 +51,8 @@ def test_defaults_are_the_searched_setting() -> None:
     chosen = resolve_config(CANDIDATES[CHOSEN].overrides)
     ours = resolve_config({"dataset": "av-fashion-cnn"})
     assert chosen.dataset.name == "av-fashion"
-    assert asdict(build_dataclass(AVFashionParams, chosen.dataset.params, "d")) == asdict(
-        AVFashionCNNParams()
-    )
+    assert isinstance(chosen.dataset.params, AVFashionParams)
+    assert asdict(chosen.dataset.params) == asdict(AVFashionCNNParams())
     assert ours.train == chosen.train
     for m in ("audio", "image"):
         assert chosen.encoders[m].name == ENCODER

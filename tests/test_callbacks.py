@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.train import Callback, default_callbacks, fit
 from mmbalance.train.callbacks import (
     EpochCurves,

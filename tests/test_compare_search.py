@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.cli import main
 from mmbalance.compare import Candidate, Entry, choose, search_candidates
 

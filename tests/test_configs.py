@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.config import build_config, build_dataclass, load_yaml
 from mmbalance.data import DATASETS
 from mmbalance.methods import METHODS

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import SMALL
 
-from mmbalance.build import build_components, build_dataset, resolve_config
+from mmbalance.builder import build_components, build_dataset, resolve_config
 from mmbalance.cli import main
 from mmbalance.config import load_yaml
 from mmbalance.eval.contribution import shapley_contributions

@@ -149,7 +149,7 @@ def test_recipe_change_and_corruption_rebuild(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("modality", "floor"), [("audio", 0.3), ("image", 0.7)])
 def test_each_modality_alone_beats_chance(tmp_path: Path, monkeypatch, modality, floor) -> None:
     """A unimodal model on the default recipe (500 samples) clears chance (0.1) by a margin."""
-    from mmbalance.build import resolve_config
+    from mmbalance.builder import resolve_config
     from mmbalance.train import fit
 
     monkeypatch.setenv("MMBALANCE_CACHE", str(tmp_path / "cache"))

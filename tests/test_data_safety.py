@@ -18,7 +18,7 @@ import numpy.testing._private.utils as np_testing_utils
 import pytest
 import torch
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.config import check
 from mmbalance.data import DATASETS, DatasetSource, preparable_datasets
 from mmbalance.data.array_pickle import UnsafePickleError, load_arrays

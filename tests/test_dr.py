@@ -15,9 +15,9 @@ from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
 from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
-from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, build_method
+from mmbalance.methods import METHODS, EpochContext, ModelInfo, SplitFeatures, build_method
 from mmbalance.methods.dr import (
     DiagnosingRelearning,
     minmax_scale,
@@ -168,7 +168,7 @@ def _trainer(out: Path, **overrides: Any) -> Trainer:
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
+    method = METHODS.get(cfg.method.name)(cfg.method.params)
     model = build_model(cfg, data, method)
     extra = method.setup(model_info(model, data))
     return Trainer(fabric, cfg, data, model, method, extra, out)

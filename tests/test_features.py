@@ -15,7 +15,7 @@ import torch
 from conftest import FEATURES_TINY as TINY
 from conftest import feature_arrays
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.cli import main
 
 

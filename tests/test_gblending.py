@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, StepContext, build_method
 from mmbalance.methods.gblending import GradientBlending, blending_weights, head_losses

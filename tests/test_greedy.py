@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import COMPETITION
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.data.base import DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.errors import ConfigError
-from mmbalance.methods import ModelInfo, StepContext, build_method
+from mmbalance.methods import METHODS, ModelInfo, StepContext, build_method
 from mmbalance.methods.greedy import Greedy, cared_modality, learning_speed
 from mmbalance.models.encoders import MLPEncoder, ResNet18Encoder
 from mmbalance.models.fusion import LateSumFusion
@@ -233,7 +233,7 @@ def _trainer(out: Path, **overrides: Any) -> Trainer:
     cfg = resolve_config({**BASE, **overrides})
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
-    method = build_method(cfg.method.name, cfg.method.params)
+    method = METHODS.get(cfg.method.name)(cfg.method.params)
     model = build_model(cfg, data, method)
     return Trainer(fabric, cfg, data, model, method, method.setup(model_info(model, data)), out)
 

@@ -13,7 +13,7 @@ from conftest import HOOKS_BASE as BASE
 from conftest import make_trainer
 from torch import Tensor, nn
 
-from mmbalance.build import (
+from mmbalance.builder import (
     build_components,
     build_dataset,
     make_fabric,

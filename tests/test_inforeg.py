@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SMALL_COMPETITION
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method, total_loss
 from mmbalance.methods.inforeg import (

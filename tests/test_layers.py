@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("compare",),
     ("report",),
     ("train",),
-    ("build",),
+    ("builder",),
     ("eval",),
     ("methods",),
     ("models", "data", "optim"),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import COMPETITION_400, fit_killed_and_resumed
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.data.base import Batch
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, StepContext, build_method

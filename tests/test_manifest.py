@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FEATURES_TINY
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.cli import main
 
 pytestmark = pytest.mark.skipif(
@@ -67,10 +67,10 @@ def test_a_table_of_images_and_speech_trains_and_is_cached(tmp_path: Path, monke
         {"dataset": "manifest", "dataset.path": str(table), "dataset.image_size": 16,
          "dataset.fbank_frames": 64}
     )  # fmt: skip
-    import mmbalance.build
+    import mmbalance.builder.assemble
     from mmbalance.data import manifest
 
-    mmbalance.build._DATASET_CACHE.clear()
+    mmbalance.builder.assemble._DATASET_CACHE.clear()
 
     def never(*args: object) -> None:
         raise AssertionError("decoded again instead of read from the cache")

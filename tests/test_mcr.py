@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, ModelInfo, StepContext

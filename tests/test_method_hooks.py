@@ -12,7 +12,7 @@ import torch
 from conftest import HOOKS_BASE as BASE
 from conftest import make_trainer
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, EpochContext, Phase, StepContext
 from mmbalance.methods.baselines import MultiLoss

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import SMALL_COMPETITION
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
-from mmbalance.methods import ModelInfo, StepContext, build_method
+from mmbalance.methods import METHODS, ModelInfo, StepContext, build_method
 from mmbalance.methods.mla import (
     MLA,
     entropy_gates,
@@ -176,7 +176,7 @@ def _trainer(tmp_path: Path, **overrides: Any) -> Trainer:
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
+    method = METHODS.get(cfg.method.name)(cfg.method.params)
     model = build_model(cfg, data, method)
     return Trainer(
         fabric, cfg, data, model, method, method.setup(model_info(model, data)), tmp_path

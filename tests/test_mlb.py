@@ -13,7 +13,7 @@ import torch
 from conftest import LEARN as CONFTEST_LEARN
 from torch import nn
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.mlb import (

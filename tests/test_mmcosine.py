@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import LEARN
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import build_method
 from mmbalance.models import build_fusion

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from scipy.optimize import minimize
 from torch import Tensor, nn
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import StepContext

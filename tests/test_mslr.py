@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import LEARN, fit_killed_and_resumed
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
-from mmbalance.methods import EpochContext, ModelInfo, StepContext, build_method
+from mmbalance.methods import METHODS, EpochContext, ModelInfo, StepContext, build_method
 from mmbalance.methods.mslr import sliding_ratio
 from mmbalance.train import Trainer, fit
 
@@ -103,7 +103,7 @@ def test_trainer_sets_each_epochs_rates_from_the_previous_validation_accuracies(
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     data = build_dataset(cfg)
-    method = build_method("mslr", cfg.method.params)
+    method = METHODS.get("mslr")(cfg.method.params)
     model = build_model(cfg, data, method)
     trainer = Trainer(
         fabric, cfg, data, model, method, method.setup(model_info(model, data)), tmp_path

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import StepContext, build_method
 from mmbalance.methods.ogm import (

@@ -9,7 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.compare import parse_method_spec, split_methods
 
 README = Path(__file__).resolve().parents[1] / "README.md"

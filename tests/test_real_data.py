@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.data.clips import AudioVisualPrepareParams
 from mmbalance.data.cremad import CremadParams, CremadSource
 from mmbalance.errors import DataError

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import SCHEDULED_LEARN, fit_killed_and_resumed
 from torch import nn
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.builder import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
-from mmbalance.methods import ModelInfo, StepContext, build_method
+from mmbalance.methods import METHODS, ModelInfo, StepContext, build_method
 from mmbalance.methods.reconboost import ReconBoost, consolidation_loss, reconcile_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.shared_head import SharedBoostHead
@@ -238,7 +238,7 @@ def _trainer(out: Path, **overrides: Any) -> Trainer:
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
     data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
+    method = METHODS.get(cfg.method.name)(cfg.method.params)
     model = build_model(cfg, data, method)
     extra = method.setup(model_info(model, data))
     return Trainer(fabric, cfg, data, model, method, extra, out)

@@ -54,7 +54,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_the_command_line_and_the_registries_start_without_torch() -> None:
     loaded = _modules_after(
-        "import mmbalance, mmbalance.cli, mmbalance.build, mmbalance.compare\n"
+        "import mmbalance, mmbalance.cli, mmbalance.builder, mmbalance.compare\n"
         "from mmbalance.methods import METHODS\nMETHODS.names()\n"
         "from mmbalance.data import DATASETS\nDATASETS.names()\n"
         "from mmbalance.cli import build_parser\nbuild_parser()"
@@ -74,7 +74,7 @@ def test_the_command_line_and_the_registries_start_without_torch() -> None:
 )
 def test_an_unknown_name_fails_before_torch_is_imported(overrides: dict[str, str]) -> None:
     loaded = _modules_after(
-        "from mmbalance.build import resolve_config\nfrom mmbalance.errors import ConfigError\n"
+        "from mmbalance.builder import resolve_config\nfrom mmbalance.errors import ConfigError\n"
         f"try:\n    resolve_config({overrides!r})\nexcept ConfigError:\n    pass\n"
         "else:\n    raise SystemExit('no error')"
     )

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.cli import main
 from mmbalance.compare import run_compare
 from mmbalance.config import load_yaml
@@ -388,9 +388,9 @@ from pathlib import Path
 
 import torch
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.methods import METHODS
-from mmbalance.build import make_fabric
+from mmbalance.builder import make_fabric
 from mmbalance.methods.base import Method
 from mmbalance.train import runner
 

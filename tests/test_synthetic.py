@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.data.synthetic import SyntheticParams, SyntheticProcess
 from mmbalance.errors import ConfigError
 
@@ -47,7 +47,7 @@ def test_bayes_accuracy_matches_brute_force(num_modalities: int) -> None:
 
 def test_dataset_is_deterministic_and_standardised(small: dict) -> None:
     a = build_dataset(resolve_config(small))
-    from mmbalance.build import _DATASET_CACHE
+    from mmbalance.builder import _DATASET_CACHE
 
     _DATASET_CACHE.clear()
     b = build_dataset(resolve_config(small))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import MMBalanceError, TrainingDiverged
 from mmbalance.train import evaluate_run, fit
 from mmbalance.train.callbacks import MetricsFiles

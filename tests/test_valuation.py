@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SMALL_COMPETITION as CONFTEST_SMALL_COMPETITION
 
-from mmbalance.build import resolve_config
+from mmbalance.builder import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.valuation import (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.build import build_dataset, resolve_config
+from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.data.ave import AveSource
 from mmbalance.data.clips import AudioVisualPrepareParams
 from mmbalance.data.kinetics_sounds import KineticsSoundsSource

@@ -48,7 +48,7 @@ class Job:
         return (self.study, self.point.name, self.label, f"{self.option}={self.value:g}")
 
     def overrides(self) -> dict[str, Any]:
-        from mmbalance.build import resolve_config
+        from mmbalance.builder import resolve_config
 
         out: dict[str, Any] = {**self.point.overrides, "method": self.method}
         out |= {f"method.{k}": v for k, v in self.params}
@@ -87,7 +87,7 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
     """Train (or reuse) one run; returns its ``metrics.json`` content, or ``{"diverged": why}``
     when the loss became non-finite (a candidate that diverges loses the search, and a chosen
     setting that diverges on a seed is counted in the tables, not hidden)."""
-    from mmbalance.build import resolve_config
+    from mmbalance.builder import resolve_config
     from mmbalance.compare import run_or_reuse
     from mmbalance.errors import TrainingDiverged
 
@@ -172,7 +172,7 @@ def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[
 def _entries(
     study: Study, methods: Sequence[str] | None = None
 ) -> list[tuple[str, str, tuple[tuple[str, Any], ...]]]:
-    from mmbalance.build import build_dataset, resolve_config
+    from mmbalance.builder import build_dataset, resolve_config
     from mmbalance.compare import expand_methods
     from mmbalance.methods import METHODS
 
@@ -206,7 +206,7 @@ def run_accuracy(
             return _execute(jobs, runs, workers, title)
         return [load_job(job, runs) for job in jobs]
 
-    from mmbalance.build import build_dataset, resolve_config
+    from mmbalance.builder import build_dataset, resolve_config
     from mmbalance.methods import METHODS
 
     studies = list(studies)

@@ -514,6 +514,8 @@ def unimodal_losses(output: ModelOutput, ctx: StepContext, weight: float) -> dic
 
 
 def build_method(name: str, params: Mapping[str, Any]) -> Method:
-    """Build a registered method from its name and option mapping (validated)."""
+    """Build a registered method from its name and option mapping (validated), for a user's own
+    loop (a run's method is built from its resolved ``Params``:
+    :func:`mmbalance.builder.build_components`)."""
     cls = METHODS.get(name)
     return cls(build_dataclass(cls.Params, params, f"method.{name}"))

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mmbalance.config import RunConfig
+from mmbalance.builder.resolve import ResolvedConfig
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.io import write_text_atomic
 from mmbalance.train.loop import Callback, RunResult, Trainer
@@ -227,7 +227,7 @@ class Progress(Callback):
         self._close_bar()
 
 
-def default_callbacks(cfg: RunConfig, prefix: str = "") -> list[Callback]:
+def default_callbacks(cfg: ResolvedConfig, prefix: str = "") -> list[Callback]:
     """The callbacks a run's configuration asks for: the metrics files always, the per-epoch
     curves with ``train.epoch_analysis``, TensorBoard with ``train.tensorboard`` and progress
     with ``train.progress``."""

@@ -51,7 +51,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
-from mmbalance.config import RunConfig
+from mmbalance.builder.resolve import ResolvedConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
@@ -165,7 +165,7 @@ class Trainer:
     def __init__(
         self,
         fabric: Fabric,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         data: DatasetBundle,
         model: MultimodalModel,
         method: Method,

@@ -26,13 +26,8 @@ from typing import Any
 
 import yaml
 
-from mmbalance.build import (
-    config_differences,
-    normalized_config,
-    resolve_config,
-    with_defaults,
-)
-from mmbalance.config import PRESENTATION_KEYS, RunConfig, load_yaml
+from mmbalance.builder.resolve import ResolvedConfig, config_differences, resolve_config
+from mmbalance.config import PRESENTATION_KEYS, load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.io import (
     read_json,
@@ -88,13 +83,14 @@ def saved_overrides(run_dir: Path) -> dict[str, Any] | None:
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
-    """The :func:`~mmbalance.build.normalized_config` of a run directory's ``config.yaml``, or
-    None if it has none; a file that no longer builds a configuration is a one-line error."""
+    """The :meth:`~mmbalance.builder.ResolvedConfig.identity` of a run directory's
+    ``config.yaml``, or None if it has none; a file that no longer resolves is a one-line
+    error."""
     saved = saved_overrides(run_dir)
     if saved is None:
         return None
     try:
-        return normalized_config(resolve_config(saved))
+        return resolve_config(saved).identity()
     except ConfigError as err:
         raise ConfigError(
             f"{str(Path(run_dir) / 'config.yaml')!r} is not a usable configuration ({err})"
@@ -106,7 +102,7 @@ def holds_trained_state(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() or any(run_dir.rglob("*.ckpt"))
 
 
-def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+def check_run_dir(cfg: ResolvedConfig, run_dir: Path, resume: bool) -> None:
     """Refuse to train ``cfg`` into ``run_dir`` if that would mix configurations (see the module
     docstring); creates the directory. Writes nothing else."""
     run_dir = Path(run_dir)
@@ -126,7 +122,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
                 f"{str(run_dir)!r} holds checkpoints but no config.yaml, so it cannot be resumed"
             )
         return
-    new = normalized_config(cfg)
+    new = cfg.identity()
     differing = config_differences(old, new)
     refused = [k for k in differing if k not in RESUME_ALLOWED]
     if refused:
@@ -148,7 +144,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             )
 
 
-def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
+def check_same_run(cfg: ResolvedConfig, run_dir: Path) -> None:
     """Refuse to reuse or continue ``run_dir`` for ``cfg`` unless its saved configuration is the
     same run (equal up to :data:`~mmbalance.config.PRESENTATION_KEYS`)."""
     saved = saved_config(run_dir)
@@ -156,7 +152,7 @@ def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
         if holds_trained_state(run_dir):
             raise ConfigError(f"{str(run_dir)!r} holds checkpoints but no config.yaml")
         return
-    differing = config_differences(saved, normalized_config(cfg))
+    differing = config_differences(saved, cfg.identity())
     differing = [k for k in differing if k not in PRESENTATION_KEYS]
     if differing:
         raise ConfigError(
@@ -177,13 +173,14 @@ def resume_overrides(run_dir: Path, overrides: Mapping[str, Any]) -> dict[str, A
     return {**saved, **overrides}
 
 
-def write_run_config(cfg: RunConfig, run_dir: Path, resume: bool = False) -> None:
+def write_run_config(cfg: ResolvedConfig, run_dir: Path, resume: bool = False) -> None:
     """Start writing ``run_dir`` (from its single writer, rank 0): remove the temporaries a
     killed writer left there, write ``config.yaml`` (every option written out, see
-    :func:`~mmbalance.build.with_defaults`) and add this invocation to ``provenance.json``."""
+    :meth:`~mmbalance.builder.ResolvedConfig.to_dict`) and add this invocation to
+    ``provenance.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir, RUN_FILES)
-    full = with_defaults(cfg).to_dict()
+    full = cfg.to_dict()
     if records():  # which plugins the run had: `mmbalance train config.yaml` loads them again
         full["plugins"] = records()
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(full, sort_keys=False))

@@ -1,7 +1,7 @@
 """Running a run: :func:`fit` (with DDP workers and unimodal pre-training) and
 :func:`evaluate_run`.
 
-``fit(cfg, out_dir)`` builds everything through :mod:`mmbalance.build`, trains with a
+``fit(cfg, out_dir)`` builds everything through :mod:`mmbalance.builder`, trains with a
 :class:`~mmbalance.train.loop.Trainer` and returns its :class:`~mmbalance.train.loop.RunResult`;
 see :mod:`mmbalance.train.loop` for the files a run directory holds.
 """
@@ -25,14 +25,9 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from torch import Tensor
 
-from mmbalance.build import (
-    build_components,
-    build_dataset,
-    check_engine,
-    make_fabric,
-    resolve_config,
-)
-from mmbalance.config import NamedParams, RunConfig
+from mmbalance.builder.assemble import build_components, build_dataset
+from mmbalance.builder.engine import check_engine, make_fabric
+from mmbalance.builder.resolve import ResolvedConfig, resolve_config
 from mmbalance.errors import DataError, MMBalanceError
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.plugins import load_specs, loaded_specs
@@ -48,7 +43,7 @@ from mmbalance.train.rundir import (
 
 
 def fit(
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     out_dir: str | Path,
     resume: bool = False,
     callbacks: Sequence[Callback] | None = None,
@@ -80,7 +75,7 @@ def fit(
 
 def _fit_in_worker(
     fabric: Fabric,
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     out_dir: Path,
     resume: bool,
     parent: int,
@@ -156,7 +151,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _fit_in_process(
     fabric: Fabric,
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     out_dir: Path,
     resume: bool,
     callbacks: list[Callback] | None = None,
@@ -184,14 +179,13 @@ def _fit_in_process(
 
 
 def _unimodal_pretraining(
-    fabric: Fabric, cfg: RunConfig, out_dir: Path, model: MultimodalModel, resume: bool
+    fabric: Fabric, cfg: ResolvedConfig, out_dir: Path, model: MultimodalModel, resume: bool
 ) -> None:
     """Train each encoder with its unimodal head alone (the ``ensemble`` method), then copy the
     validation-selected encoders and heads into ``model``."""
     epochs = cfg.train.unimodal_pretrain_epochs or cfg.train.epochs
     pre_cfg = replace(
-        cfg,
-        method=NamedParams("ensemble"),
+        cfg.with_method("ensemble"),
         unimodal_heads=True,
         train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
     )
@@ -216,8 +210,8 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
     if not (run_dir / "config.yaml").is_file():
         raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = resolve_config(saved_overrides(run_dir) or {})
-    cfg.train = replace(cfg.train, devices=1, num_nodes=1, progress=False, tensorboard=False)
+    saved = resolve_config(saved_overrides(run_dir) or {})
+    cfg = saved.with_train(devices=1, num_nodes=1, progress=False, tensorboard=False)
     fabric = make_fabric(cfg)
     data = build_dataset(cfg)
     method, model, method_module = build_components(cfg, data)
