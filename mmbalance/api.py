@@ -238,7 +238,7 @@ def compare(
         epoch_seconds,
         expand_metrics,
         failed_runs,
-        load_source,
+        load_result_set,
         metrics_table,
         parse_metrics,
         plot_comparison,
@@ -255,7 +255,7 @@ def compare(
     records = run_compare(specs, seeds, out, values, search=search)
     result = Comparison(records, out, out / "results.json", failed=list(failed_runs(records)))
     if report and len(result.failed) < len({(r["method"], r["seed"]) for r in records}):
-        seconds = epoch_seconds(load_source(out).histories())
+        seconds = epoch_seconds(load_result_set(out).histories())
         compared = expand_metrics(picked, records)[0] if picked else None
         result.table = to_text(comparison_table(records, epoch_seconds=seconds, compared=compared))
         if picked:

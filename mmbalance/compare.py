@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Entry:
+class ComparedMethod:
     """One compared configuration: a label, a method name and its options."""
 
     label: str
@@ -133,18 +133,18 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any] | None]:
     return match["name"], options
 
 
-def expand_methods(names: Sequence[str], modalities: Sequence[str]) -> list[Entry]:
+def expand_methods(names: Sequence[str], modalities: Sequence[str]) -> list[ComparedMethod]:
     """Turn method names and variants into compared entries: a bare name through its
     :meth:`Method.variants`, ``NAME[KEY=V,...]`` as one entry labelled as spelled."""
-    entries: list[Entry] = []
+    entries: list[ComparedMethod] = []
     for spec in names:
         name, options = parse_method_spec(spec)
         cls = METHODS.get(name)  # unknown names fail here, before anything trains
         if options is None:
             for label, params in cls.variants(name, modalities):
-                entries.append(Entry(label, name, tuple(sorted(params.items()))))
+                entries.append(ComparedMethod(label, name, tuple(sorted(params.items()))))
         else:
-            entries.append(Entry(spec.strip(), name, tuple(options.items())))
+            entries.append(ComparedMethod(spec.strip(), name, tuple(options.items())))
     seen: set[str] = set()
     for e in entries:
         if e.label in seen:
@@ -161,7 +161,9 @@ def _method_options(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
     return shared, scoped
 
 
-def entry_configs(entries: Sequence[Entry], overrides: Mapping[str, Any]) -> list[ResolvedConfig]:
+def entry_configs(
+    entries: Sequence[ComparedMethod], overrides: Mapping[str, Any]
+) -> list[ResolvedConfig]:
     """The validated configuration of every entry (seed from ``overrides``), refusing a
     method-scoped option that no compared method has and two entries that are the same run."""
     shared, scoped = _method_options(overrides)
@@ -204,7 +206,7 @@ class Candidate:
     run_dir: Path
 
 
-def search_candidates(entry: Entry, cfg: ResolvedConfig, out_dir: Path) -> list[Candidate]:
+def search_candidates(entry: ComparedMethod, cfg: ResolvedConfig, out_dir: Path) -> list[Candidate]:
     """The equal-budget search of one entry: three values of its method's main option
     (:attr:`Method.search_space`; without one, the learning rate at 0.5x, 1x and 2x), each one
     run on seed 0 under ``out_dir/search/LABEL/OPTION=V``. An option the entry fixes itself
@@ -221,7 +223,9 @@ def search_candidates(entry: Entry, cfg: ResolvedConfig, out_dir: Path) -> list[
     return out
 
 
-def choose(candidates: Sequence[Candidate], scores: Sequence[tuple[float, float] | None]) -> int:
+def best_candidate(
+    candidates: Sequence[Candidate], scores: Sequence[tuple[float, float] | None]
+) -> int:
     """The candidate with the best validation selection key (:func:`selection_key`: the
     primary metric, then minus the loss); a failed run never wins; ties go to the middle value
     (the default-like one)."""
@@ -328,7 +332,7 @@ def _reuse_search_run(source: Path, target: Path) -> None:
 
 
 def _search(
-    entries: Sequence[Entry], configs: Sequence[ResolvedConfig], out_dir: Path, task: str
+    entries: Sequence[ComparedMethod], configs: Sequence[ResolvedConfig], out_dir: Path, task: str
 ) -> list[ResolvedConfig]:
     """Run every entry's search (:func:`search_candidates`) and return the chosen configs."""
     from mmbalance.eval.metrics import selection_key
@@ -353,7 +357,7 @@ def _search(
                 continue
             metrics = result["metrics"] if isinstance(result, dict) else result.metrics
             scores.append(selection_key(metrics["val"], task))
-        best = choose(plan, scores)
+        best = best_candidate(plan, scores)
         chosen.append(plan[best].config)  # seed 0, as every search run
         _reuse_search_run(plan[best].run_dir, out_dir / entry.label / "seed0")
         summary.append(

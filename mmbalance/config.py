@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -200,9 +200,11 @@ class TrainConfig:
             train.epochs).
         progress: show the training progress.
         tensorboard: write TensorBoard events to the run directory.
-        epoch_analysis: per-modality head/probe accuracy and Shapley curves after each
+        epoch_curves: per-modality head/probe accuracy and Shapley curves after each
             validation (:mod:`mmbalance.eval.curves`).
     """
+
+    renamed_options: ClassVar[dict[str, str]] = {"epoch_analysis": "epoch_curves"}
 
     epochs: int = 30
     batch_size: int = 64
@@ -227,7 +229,7 @@ class TrainConfig:
     unimodal_pretrain_epochs: int = 0
     progress: bool = True
     tensorboard: bool = True
-    epoch_analysis: bool = True
+    epoch_curves: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "momentum", "gamma", "grad_clip"):

@@ -86,7 +86,7 @@ LEARN: dict[str, Any] = {
     "dataset.n_test": 300,
     "dataset.n_bayes": 500,
     "train.epochs": 3,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 #: A slightly longer one (4 epochs) with the per-epoch curves on.
 SMALL_COMPETITION: dict[str, Any] = {
@@ -105,7 +105,7 @@ COMPETITION_400: dict[str, Any] = {
     "dataset.n_train": 400,
     "dataset.n_val": 200,
     "dataset.n_test": 1000,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 #: Sizes and length of the ``competition_metrics`` learning tests of the scheduled methods.
 SCHEDULED_LEARN: dict[str, Any] = {
@@ -154,7 +154,7 @@ HOOKS_BASE: dict[str, Any] = {
     "train.optimizer": "adam",
     "train.progress": False,
     "train.tensorboard": False,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 
 

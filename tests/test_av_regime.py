@@ -139,7 +139,7 @@ def test_each_modality_alone_beats_chance(tmp_path: Path, monkeypatch, modality,
             "train.batch_size": 32,
             "train.progress": False,
             "train.tensorboard": False,
-            "train.epoch_analysis": False,
+            "train.epoch_curves": False,
         }
     )
     acc = fit(cfg, tmp_path / "run").metrics["test"]["accuracy"]

@@ -79,7 +79,7 @@ def test_default_callbacks_follow_the_configuration() -> None:
         TensorBoard,
         Progress,
     }
-    off = resolve_config({**FAST, "train.epoch_analysis": False})
+    off = resolve_config({**FAST, "train.epoch_curves": False})
     assert {type(c) for c in default_callbacks(off)} == {MetricsFiles}
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from mmbalance.builder import resolve_config
 from mmbalance.cli import main
-from mmbalance.compare import Candidate, Entry, choose, search_candidates
+from mmbalance.compare import Candidate, ComparedMethod, best_candidate, search_candidates
 
 SMALL = ["train.epochs=1", "dataset.n_train=200", "dataset.n_val=200", "dataset.n_test=200"]
 
@@ -22,25 +22,30 @@ def _candidates(n: int) -> list[Candidate]:
 
 def test_choice_is_the_best_validation_key_failures_lose_ties_go_to_the_middle() -> None:
     three = _candidates(3)
-    assert choose(three, [(0.7, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 2
-    assert choose(three, [(0.9, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 0  # then minus the loss
-    assert choose(three, [(0.9, -1.0), (0.9, -1.0), (0.9, -1.0)]) == 1  # a tie: the middle
-    assert choose(three, [None, None, (0.1, -9.0)]) == 2  # failed runs never win
-    assert choose(_candidates(1), [None]) == 0
+    assert best_candidate(three, [(0.7, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 2
+    assert (
+        best_candidate(three, [(0.9, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 0
+    )  # then minus the loss
+    assert best_candidate(three, [(0.9, -1.0), (0.9, -1.0), (0.9, -1.0)]) == 1  # a tie: the middle
+    assert best_candidate(three, [None, None, (0.1, -9.0)]) == 2  # failed runs never win
+    assert best_candidate(_candidates(1), [None]) == 0
 
 
 def test_candidates_follow_the_search_space_and_an_entry_fixing_the_option(
     tmp_path: Path,
 ) -> None:
     cfg = resolve_config({"method": "mcr"})
-    plan = search_candidates(Entry("mcr", "mcr"), cfg, tmp_path)
+    plan = search_candidates(ComparedMethod("mcr", "mcr"), cfg, tmp_path)
     assert [c.config.method.params["lam"] for c in plan] == [0.01, 0.1, 1.0]
     assert all(c.config.train.seed == 0 for c in plan)
     assert plan[0].run_dir == tmp_path / "search" / "mcr" / "method.lam=0.01" / "seed0"
-    fixed = search_candidates(Entry("mcr[lam=1]", "mcr", (("lam", 1.0),)), cfg, tmp_path)
+    fixed = search_candidates(ComparedMethod("mcr[lam=1]", "mcr", (("lam", 1.0),)), cfg, tmp_path)
     assert [c.value for c in fixed] == [1.0]
     joint = resolve_config({"method": "joint", "train.lr": 0.01})
-    lrs = [c.config.train.lr for c in search_candidates(Entry("joint", "joint"), joint, tmp_path)]
+    lrs = [
+        c.config.train.lr
+        for c in search_candidates(ComparedMethod("joint", "joint"), joint, tmp_path)
+    ]
     assert lrs == [0.005, 0.01, 0.02]  # the configured rate at 0.5x, 1x, 2x
 
 

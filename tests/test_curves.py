@@ -1,4 +1,4 @@
-"""Per-epoch per-modality curves (``train.epoch_analysis``) and the analysis of regression runs."""
+"""Per-epoch per-modality curves (``train.epoch_curves``) and the analysis of regression runs."""
 
 from __future__ import annotations
 
@@ -80,10 +80,8 @@ def test_curves_in_metrics_csv_and_match_a_direct_computation(
     assert direct["coalitions"]["+".join(modalities)] == pytest.approx(rows[-1]["val_accuracy"])
 
 
-def test_epoch_analysis_switch_turns_the_curves_off(tmp_path: Path) -> None:
-    result = fit(
-        resolve_config({**TINY, "train.epochs": 1, "train.epoch_analysis": False}), tmp_path
-    )
+def test_epoch_curves_switch_turns_the_curves_off(tmp_path: Path) -> None:
+    result = fit(resolve_config({**TINY, "train.epochs": 1, "train.epoch_curves": False}), tmp_path)
     assert not [k for k in result.history[0] if "shapley" in k or "probe" in k]
     assert "val_accuracy" in _rows(tmp_path)[0]
 

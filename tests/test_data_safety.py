@@ -21,8 +21,8 @@ import torch
 from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.config import check
 from mmbalance.data import DATASETS, DatasetSource, preparable_datasets
-from mmbalance.data.array_pickle import UnsafePickleError, load_arrays
 from mmbalance.data.base import DatasetBundle, ModalitySpec, MultimodalTensorDataset
+from mmbalance.data.safe_unpickler import UnsafePickleError, load_arrays
 from mmbalance.errors import ConfigError, DataError
 
 FAST = {"train.epochs": 1, "train.progress": False, "train.tensorboard": False}
@@ -181,7 +181,7 @@ def test_allowed_names_misused_are_refused(misuse: str, tmp_path: Path) -> None:
 
 
 def test_build_on_an_allowed_global_is_refused() -> None:
-    from mmbalance.data.array_pickle import ALLOWED
+    from mmbalance.data.safe_unpickler import ALLOWED
 
     with pytest.raises(UnsafePickleError, match=r"setting the state of numpy\.ndarray"):
         load_arrays(BUILD_ON_GLOBAL)

@@ -33,7 +33,7 @@ SMALL: dict[str, Any] = {
     "train.batch_size": 32,
     "train.progress": False,
     "train.tensorboard": False,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 
 

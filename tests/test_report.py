@@ -30,7 +30,7 @@ from mmbalance.report import (
     describe,
     error_table,
     holm,
-    load_source,
+    load_result_set,
     options_table,
     paired_tests,
     run_records,
@@ -349,14 +349,14 @@ WIDE = {
 
 
 def test_single_modality_methods_are_left_out_where_their_numbers_mean_nothing(tmp_path) -> None:
-    source = load_source(fake_compare(tmp_path / "cmp", WIDE))
-    records = source.records
+    results = load_result_set(fake_compare(tmp_path / "cmp", WIDE))
+    records = results.records
     panels = dict(comparison_panels(records))
     assert panels["partial"] == ["unimodal[audio]", "unimodal[video]"]
     assert "joint" not in panels["delta"] and "mcr[strategy=independent]" in panels["delta"]
     assert "unimodal[video]" not in panels["probe:audio"]
     assert "unimodal[video]" in panels["probe:video"]
-    curves = modality_curves(source.histories(), {"unimodal[audio]": {"video"}})
+    curves = modality_curves(results.histories(), {"unimodal[audio]": {"video"}})
     assert "unimodal[audio]" not in curves[("shapley", "video")]
     assert "unimodal[audio]" in curves[("shapley", "audio")]
     table = contribution_table(records)
@@ -368,11 +368,11 @@ def test_single_modality_methods_are_left_out_where_their_numbers_mean_nothing(t
 
 
 def test_tables_show_intervals_p_values_counts_options_and_cost(tmp_path) -> None:
-    source = load_source(fake_compare(tmp_path / "cmp", WIDE))
+    results = load_result_set(fake_compare(tmp_path / "cmp", WIDE))
     from mmbalance.report import epoch_seconds
 
-    seconds = epoch_seconds(source.histories())
-    table = comparison_table(source.records, epoch_seconds=seconds)
+    seconds = epoch_seconds(results.histories())
+    table = comparison_table(results.records, epoch_seconds=seconds)
     header = [c.title for c in table.columns]
     assert header[:6] == [
         "method",
@@ -386,30 +386,30 @@ def test_tables_show_intervals_p_values_counts_options_and_cost(tmp_path) -> Non
     rows = {r[0]: dict(zip(header, r, strict=True)) for r in table.rows}
     acc = [
         r["value"]
-        for r in source.records
+        for r in results.records
         if r["method"] == "ensemble" and r["metric"] == "accuracy" and r["split"] == "test"
     ]
     stat = describe(acc)
     assert rows["ensemble"]["test accuracy"] == f"{stat.mean:.4f} ± {stat.half_width:.4f}"
-    test = paired_tests(source.records)["ensemble"]
+    test = paired_tests(results.records)["ensemble"]
     assert rows["ensemble"]["p (Holm)"] == f"{test.p_holm:.3f}"
     assert rows["joint"]["Δ accuracy vs joint"] == "(reference)"
     times = [
         sum(r["seconds"] for r in rows_) / len(rows_)
-        for (m, _), rows_ in source.histories().items()
+        for (m, _), rows_ in results.histories().items()
         if m == "opm"
     ]
     assert rows["opm"]["epoch time"] == f"{sum(times) / len(times):.2f} s"
 
-    errors = error_table({m: a for m, a in source.analyses().items() if "unimodal" not in m})
+    errors = error_table({m: a for m, a in results.analyses().items() if "unimodal" not in m})
     header = [c.title for c in errors.columns]
     row = dict(zip(header, errors.rows[0], strict=True))
-    counts = [a["errors"]["groups"]["none"]["count"] for a in source.analyses()[errors.rows[0][0]]]
+    counts = [a["errors"]["groups"]["none"]["count"] for a in results.analyses()[errors.rows[0][0]]]
     assert row["samples: all wrong"] == " / ".join(map(str, counts))
     assert row["synergy rate"].endswith("†")  # fewer than 30 samples
     assert any("†" in n for n in errors.notes)
 
-    options = options_table(source.configs(), source.histories())
+    options = options_table(results.configs(), results.histories())
     by = {r[0]: r[1] for r in options.rows}
     assert "**alpha=1.2**" in by["ogm_ge[alpha=1.2]"]  # not the default: bold
     assert "**strategy=independent**" in by["mcr[strategy=independent]"]
@@ -429,7 +429,7 @@ def test_metrics_pick_the_columns_and_the_report_shows_calibration_and_robustnes
     )
 
     root = fake_compare(tmp_path / "cmp", WIDE)
-    records = load_source(root).records
+    records = load_result_set(root).records
     picked = parse_metrics("robust_50,ece,missing_50,head")
     assert expand_metrics(picked, records) == [
         "robust_50",
@@ -517,8 +517,8 @@ def test_text_tables_fit_80_columns_without_cutting_numbers() -> None:
 
 
 def test_compare_table_in_an_80_column_log_fits(tmp_path) -> None:
-    source = load_source(fake_compare(tmp_path / "cmp", WIDE))
-    text = to_text(comparison_table(source.records), width=80)
+    results = load_result_set(fake_compare(tmp_path / "cmp", WIDE))
+    text = to_text(comparison_table(results.records), width=80)
     assert max(len(line) for line in text.splitlines()) <= 80
     for method in ("joint", "opm", "ensemble"):
         assert method in text

@@ -26,7 +26,7 @@ TINY: dict[str, Any] = {
     "train.batch_size": 32,
     "train.progress": False,
     "train.tensorboard": False,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 
 
@@ -98,3 +98,15 @@ def test_a_changed_run_is_checked_again() -> None:
         run.with_option("method.nope", 1)
     with pytest.raises(ConfigError, match="cannot set option"):
         run.with_option("unimodal_heads", True)
+
+
+@pytest.mark.parametrize("key", ["train.epoch_analysis", "epoch_analysis"])
+def test_the_old_name_of_the_curves_option_names_the_new_one(key: str, tmp_path: Path) -> None:
+    message = "train key 'epoch_analysis' was renamed: use 'epoch_curves' instead"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config({**TINY, key: False})
+    saved = tmp_path / "old.yaml"
+    saved.write_text("method: joint\ntrain:\n  epoch_analysis: false\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(load_yaml(saved))
+    assert resolve_config({**TINY, "train.epoch_curves": False}).train.epoch_curves is False

@@ -46,7 +46,7 @@ TINY: dict[str, Any] = {
     "train.batch_size": 32,
     "train.progress": False,
     "train.tensorboard": False,
-    "train.epoch_analysis": False,
+    "train.epoch_curves": False,
 }
 TINY_ARGS = [f"{k}={v}" for k, v in TINY.items() if k != "dataset"]
 

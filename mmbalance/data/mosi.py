@@ -7,7 +7,7 @@ MOSI has Dv 20 / Da 5, MOSEI 35 / 74. The task is regression (L1 loss by default
 binary accuracy on the sign. Audio features hold ``-inf`` (log of zero energy): every ``-inf``
 and NaN becomes 0, as the reference loaders do.
 
-The pickle is read by :func:`mmbalance.data.array_pickle.load_arrays`, which admits only NumPy
+The pickle is read by :func:`mmbalance.data.safe_unpickler.load_arrays`, which admits only NumPy
 arrays and plain containers, so a file from elsewhere cannot run code. ``dataset.modalities`` picks a subset (e.g. the V-T setting).
 """
 
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from mmbalance.config import check
-from mmbalance.data.array_pickle import UnsafePickleError, load_arrays
 from mmbalance.data.base import (
     DATASETS,
     DatasetBundle,
@@ -30,6 +29,7 @@ from mmbalance.data.base import (
     MultimodalTensorDataset,
     error_text,
 )
+from mmbalance.data.safe_unpickler import UnsafePickleError, load_arrays
 from mmbalance.errors import DataError
 
 MODALITIES = ("vision", "audio", "text")
@@ -41,7 +41,7 @@ FEATURE_DIMS = {
 
 
 def load_pickle(path: Path) -> Any:
-    """The pickle at ``path``, read by :func:`mmbalance.data.array_pickle.load_arrays` (arrays
+    """The pickle at ``path``, read by :func:`mmbalance.data.safe_unpickler.load_arrays` (arrays
     and plain containers only), or a one-line :class:`DataError`."""
     try:
         data = path.read_bytes()

@@ -1,7 +1,7 @@
 """End-of-run analysis: linear probes, Shapley contributions and error analysis on one split.
 
 The latents of both splits are computed once and shared by the three measurements. What counts as
-a right prediction comes from :mod:`mmbalance.eval.outcome`: the class for classification, the
+a right prediction comes from :mod:`mmbalance.eval.correctness`: the class for classification, the
 sign (non-zero targets only) for regression. For regression the Shapley values are those of the
 binary accuracy of the sign (``contribution``, on the same scale as classification accuracy) and,
 from the same forward passes, of minus the MAE (``contribution_neg_mae``).
@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.eval.contribution import Removal, coalition_scores, contributions_from_values
+from mmbalance.eval.correctness import OUTCOMES
 from mmbalance.eval.error_analysis import error_analysis
-from mmbalance.eval.outcome import OUTCOMES
 from mmbalance.eval.probe import latents_of, probe_predictions
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput

@@ -2,8 +2,8 @@
 
 The value of a coalition ``S`` of modalities is a score of the fused prediction when the
 modalities outside ``S`` are *removed* from the latents the heads see. The score is the task's
-accuracy by default (:mod:`mmbalance.eval.outcome`: class accuracy for classification, the
-binary accuracy of the sign for regression) or any other of ``outcome.SCORES`` (``neg_mae``).
+accuracy by default (:mod:`mmbalance.eval.correctness`: class accuracy for classification, the
+binary accuracy of the sign for regression) or any other of ``correctness.SCORES`` (``neg_mae``).
 Removal:
 
 * ``"permute"`` (default): each removed modality's latents are shuffled within the evaluation
@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmbalance.eval.outcome import SCORES
+from mmbalance.eval.correctness import SCORES
 from mmbalance.models.output import ModelOutput
 
 Removal = Literal["permute", "zero"]

@@ -1,6 +1,6 @@
 """Per-epoch, per-modality curves computed from the validation pass the loop already makes.
 
-After each epoch's validation the trainer (``train.epoch_analysis``, on by default) hands this
+After each epoch's validation the trainer (``train.epoch_curves``, on by default) hands this
 module the gathered validation predictions, targets and pooled latents, and gets back, per
 modality ``m``:
 
@@ -11,7 +11,7 @@ modality ``m``:
   modalities permuted within the validation set (:mod:`~mmbalance.eval.contribution`);
 
 plus ``imbalance_degree`` of those Shapley values. "Accuracy" is that of
-:mod:`~mmbalance.eval.outcome`: the class accuracy, or for regression the binary accuracy of the
+:mod:`~mmbalance.eval.correctness`: the class accuracy, or for regression the binary accuracy of the
 sign, so the three quantities share one scale whatever the task.
 
 Nothing here runs an encoder: the probe and the Shapley values reuse the latents of the
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mmbalance.eval.contribution import coalition_values, imbalance_degree, shapley_from_values
-from mmbalance.eval.outcome import OUTCOMES
+from mmbalance.eval.correctness import OUTCOMES
 from mmbalance.eval.probe import split_half_probe_accuracy
 from mmbalance.models.output import ModelOutput
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.data.base import Batch
-from mmbalance.eval.outcome import OUTCOMES
+from mmbalance.eval.correctness import OUTCOMES
 from mmbalance.models.multimodal import MultimodalModel
 
 
@@ -99,7 +99,7 @@ def probe_accuracy(
     max_iter: int = 500,
     task: str = "classification",
 ) -> dict[str, float]:
-    """Accuracy on ``evaluate`` (:mod:`~mmbalance.eval.outcome`: the binary accuracy of the
+    """Accuracy on ``evaluate`` (:mod:`~mmbalance.eval.correctness`: the binary accuracy of the
     sign for regression) of a probe per modality fitted on ``train``."""
     z_train, y_train = latents_of(model, train)
     z_eval, y_eval = latents_of(model, evaluate)

@@ -8,14 +8,27 @@ Layout (each module imports only the ones above it, and nothing above ``eval`` i
   with Holm correction;
 * :mod:`~mmbalance.report.tables`: the one table writer (Markdown, HTML, text that fits 80
   columns);
-* :mod:`~mmbalance.report.comparison`: the tables of a comparison built from records;
+* :mod:`~mmbalance.report.result_tables`: the tables of a comparison built from records;
 * :mod:`~mmbalance.report.plots`: the figures;
 * :mod:`~mmbalance.report.page`: ``report.md`` and a self-contained ``report.html``.
 
 The names below are the public API, used by the CLI, ``compare`` and the benchmarks.
 """
 
-from mmbalance.report.comparison import (
+from mmbalance.report.page import write_report
+from mmbalance.report.plots import plot_comparison, plot_modality_curves, plot_shapley
+from mmbalance.report.records import (
+    DIVERGED,
+    STATUS_METRIC,
+    STATUS_SPLIT,
+    ResultSet,
+    failed_runs,
+    load_result_set,
+    run_records,
+    status_record,
+    unused_modalities,
+)
+from mmbalance.report.result_tables import (
     REFERENCE,
     calibration_table,
     comparison_table,
@@ -31,19 +44,6 @@ from mmbalance.report.comparison import (
     parse_metrics,
     robustness_table,
 )
-from mmbalance.report.page import write_report
-from mmbalance.report.plots import plot_comparison, plot_modality_curves, plot_shapley
-from mmbalance.report.records import (
-    DIVERGED,
-    STATUS_METRIC,
-    STATUS_SPLIT,
-    Source,
-    failed_runs,
-    load_source,
-    run_records,
-    status_record,
-    unused_modalities,
-)
 from mmbalance.report.stats import PairedTest, Stat, describe, holm, paired_tests, summarize
 from mmbalance.report.tables import Column, Table, terminal_width, to_html, to_markdown, to_text
 
@@ -54,7 +54,7 @@ __all__ = [
     "STATUS_SPLIT",
     "Column",
     "PairedTest",
-    "Source",
+    "ResultSet",
     "Stat",
     "Table",
     "calibration_table",
@@ -68,7 +68,7 @@ __all__ = [
     "fmt_p",
     "fmt_stat",
     "holm",
-    "load_source",
+    "load_result_set",
     "metric_title",
     "metrics_table",
     "options_table",

@@ -23,7 +23,16 @@ from pathlib import Path
 import yaml
 
 from mmbalance.io import write_text_atomic
-from mmbalance.report.comparison import (
+from mmbalance.report.plots import (
+    plot_comparison,
+    plot_curves,
+    plot_errors,
+    plot_method_scalars,
+    plot_modality_curves,
+    plot_shapley,
+)
+from mmbalance.report.records import ResultSet, load_result_set, methods_of, unused_modalities
+from mmbalance.report.result_tables import (
     REFERENCE,
     bayes_accuracy,
     calibration_table,
@@ -39,15 +48,6 @@ from mmbalance.report.comparison import (
     robustness_table,
     shared_config,
 )
-from mmbalance.report.plots import (
-    plot_comparison,
-    plot_curves,
-    plot_errors,
-    plot_method_scalars,
-    plot_modality_curves,
-    plot_shapley,
-)
-from mmbalance.report.records import Source, load_source, methods_of, unused_modalities
 from mmbalance.report.tables import HTML_STYLE, Table, inline_html, to_html, to_markdown
 
 #: Styles of the page (the tables' own come from :data:`~mmbalance.report.tables.HTML_STYLE`).
@@ -80,16 +80,16 @@ class Section:
 
 
 def build_sections(
-    source: Source, reference: str = REFERENCE, metrics: Sequence[str] | None = None
+    results: ResultSet, reference: str = REFERENCE, metrics: Sequence[str] | None = None
 ) -> list[Section]:
-    """Every section of the report of ``source`` (figures are written into its root);
+    """Every section of the report of ``results`` (figures are written into its root);
     ``metrics`` (``--metrics``) adds the table of the picked metrics, the first of which the
     comparison table compares with the reference."""
-    root, records = source.root, source.records
+    root, records = results.root, results.records
     order = methods_of(records)
-    histories = source.histories()
-    configs = source.configs()
-    analyses = source.analyses()
+    histories = results.histories()
+    configs = results.configs()
+    analyses = results.analyses()
     unused = unused_modalities(records)
     partial = [m for m in order if unused.get(m)]
     seconds = epoch_seconds(histories)
@@ -163,7 +163,7 @@ def build_sections(
     modality = plot_modality_curves(histories, root / "report_modality_curves.png", unused, order)
     if modality is not None:
         note = (
-            "After every epoch, on the validation split (`train.epoch_analysis`): accuracy of "
+            "After every epoch, on the validation split (`train.epoch_curves`): accuracy of "
             "each modality's unimodal head (models with heads), of a ridge probe fitted on a "
             "fixed half of the validation latents and scored on the other half (every model), "
             "and each modality's Shapley value for the fused validation accuracy (absent "
@@ -172,7 +172,7 @@ def build_sections(
         if partial:
             note += " Modalities a method does not use (untrained heads and encoders) are left out."
         sections.append(Section("Per-modality curves over epochs", [note], plots=[modality]))
-    scalars = plot_method_scalars(source.step_logs(), root / "report_method_scalars.png", order)
+    scalars = plot_method_scalars(results.step_logs(), root / "report_method_scalars.png", order)
     if scalars is not None:
         note = (
             "What each method computes at every step and logs (`steps.csv`, TensorBoard "
@@ -181,7 +181,7 @@ def build_sections(
             "over seeds with its 95 % band."
         )
         sections.append(Section("Method scalars over training", [note], plots=[scalars]))
-    data = data_section(source.data_records())
+    data = data_section(results.data_records())
     if data is not None:
         sections.append(data)
     shared, differ = shared_config(configs)
@@ -239,8 +239,8 @@ def _untitled(table: Table, heading: str) -> Table:
     return dataclasses.replace(table, title="") if table.title == heading else table
 
 
-def render_markdown(source: Source, sections: list[Section], intro: list[str]) -> str:
-    md = ["# mmbalance report", "", f"Source: `{source.root}`", ""]
+def render_markdown(results: ResultSet, sections: list[Section], intro: list[str]) -> str:
+    md = ["# mmbalance report", "", f"Source: `{results.root}`", ""]
     md += [n + "\n" for n in intro]
     for sec in sections:
         md += [f"## {sec.title}", ""]
@@ -255,14 +255,14 @@ def render_markdown(source: Source, sections: list[Section], intro: list[str]) -
     return "\n".join(md).rstrip() + "\n"
 
 
-def render_html(source: Source, sections: list[Section], intro: list[str]) -> str:
+def render_html(results: ResultSet, sections: list[Section], intro: list[str]) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>mmbalance report</title><style>{PAGE_STYLE}{HTML_STYLE}</style></head><body>",
         "<h1>mmbalance report</h1>",
-        f"<p>Source: <code>{e(str(source.root))}</code></p>",
+        f"<p>Source: <code>{e(str(results.root))}</code></p>",
     ]
     parts += [f"<p>{inline_html(n)}</p>" for n in intro]
     for sec in sections:
@@ -288,18 +288,18 @@ def write_report(
     compare directory or a run directory); returns the two pages. ``metrics`` (names of
     :func:`~mmbalance.report.comparison.parse_metrics`) adds the table of the picked metrics
     and makes the first of them the one compared with ``reference``."""
-    source = load_source(path)
-    sections = build_sections(source, reference, metrics)
-    seeds = len({r["seed"] for r in source.records})
+    results = load_result_set(path)
+    sections = build_sections(results, reference, metrics)
+    seeds = len({r["seed"] for r in results.records})
     intro = [
-        f"{len(methods_of(source.records))} method(s), {seeds} seed(s). Every ± is a 95 % "
+        f"{len(methods_of(results.records))} method(s), {seeds} seed(s). Every ± is a 95 % "
         "confidence interval of the mean over seeds (Student's t); differences between methods "
         "are paired t-tests on shared seeds, Holm-corrected over the methods compared."
     ]
-    bayes = bayes_accuracy(source.records)
+    bayes = bayes_accuracy(results.records)
     if bayes is not None:
         intro.append(f"Bayes accuracy of the dataset: **{bayes:.4f}**.")
-    md_path, html_path = source.root / "report.md", source.root / "report.html"
-    write_text_atomic(md_path, render_markdown(source, sections, intro))
-    write_text_atomic(html_path, render_html(source, sections, intro))
+    md_path, html_path = results.root / "report.md", results.root / "report.html"
+    write_text_atomic(md_path, render_markdown(results, sections, intro))
+    write_text_atomic(html_path, render_html(results, sections, intro))
     return md_path, html_path

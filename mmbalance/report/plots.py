@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmbalance.report.comparison import (
+from mmbalance.report.records import methods_of, modalities_of, unused_modalities
+from mmbalance.report.result_tables import (
     REFERENCE,
     REGRESSION,
     bayes_accuracy,
@@ -30,7 +31,6 @@ from mmbalance.report.comparison import (
     headline_metrics,
     metric_title,
 )
-from mmbalance.report.records import methods_of, modalities_of, unused_modalities
 from mmbalance.report.stats import Stat, describe, paired_tests, summarize
 from mmbalance.report.tables import wrap_text
 

@@ -2,7 +2,7 @@
 
 A *record* is one number: ``{"method", "seed", "split", "metric", "value"}`` (the benchmarks add
 their own keys, such as ``study``). :func:`run_records` turns the summary of one run (its
-``metrics.json``) into records; :func:`load_source` reads a compare directory (``results.json``
+``metrics.json``) into records; :func:`load_result_set` reads a compare directory (``results.json``
 plus one run directory per method and seed) or a single run directory.
 
 Everything read from disk goes through :func:`read_json` and friends, which turn a truncated or
@@ -155,8 +155,9 @@ def check_records(records: Any, where: str) -> list[dict[str, Any]]:
 
 
 @dataclass
-class Source:
-    """What a report is made of: the records and the run directory of each (method, seed)."""
+class ResultSet:
+    """The results a report is made of: the records of a comparison (or of one run) and the run
+    directory of each (method, seed)."""
 
     root: Path
     records: list[dict[str, Any]]
@@ -214,7 +215,7 @@ class Source:
         }
 
 
-def load_source(path: str | Path) -> Source:
+def load_result_set(path: str | Path) -> ResultSet:
     """Read a compare directory (``results.json``) or a single run directory (``metrics.json``)."""
     root = Path(path)
     if (root / "results.json").is_file():
@@ -225,7 +226,7 @@ def load_source(path: str | Path) -> Source:
             run_dir = root / str(r["method"]) / f"seed{r['seed']}"
             if (r["method"], int(r["seed"])) not in runs and run_dir.is_dir():
                 runs[(r["method"], int(r["seed"]))] = run_dir
-        return Source(root, records, runs)
+        return ResultSet(root, records, runs)
     if (root / "metrics.json").is_file():
         summary = read_json(root / "metrics.json")
         if not isinstance(summary, dict):
@@ -239,7 +240,7 @@ def load_source(path: str | Path) -> Source:
             records = run_records(label, seed, summary)
         except DataError as err:
             raise DataError(f"{str(root / 'metrics.json')!r}: {err}") from None
-        return Source(root, records, {(label, seed): root})
+        return ResultSet(root, records, {(label, seed): root})
     raise DataError(
         f"{str(root)!r} is neither a compare directory (results.json) nor a run (metrics.json)"
     )

@@ -229,10 +229,10 @@ class Progress(Callback):
 
 def default_callbacks(cfg: ResolvedConfig, prefix: str = "") -> list[Callback]:
     """The callbacks a run's configuration asks for: the metrics files always, the per-epoch
-    curves with ``train.epoch_analysis``, TensorBoard with ``train.tensorboard`` and progress
+    curves with ``train.epoch_curves``, TensorBoard with ``train.tensorboard`` and progress
     with ``train.progress``."""
     callbacks: list[Callback] = [MetricsFiles()]
-    if cfg.train.epoch_analysis:
+    if cfg.train.epoch_curves:
         callbacks.append(EpochCurves())
     if cfg.train.tensorboard:
         callbacks.append(TensorBoard())

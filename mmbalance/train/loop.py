@@ -9,7 +9,7 @@ directory holds::
     out_dir/best.ckpt       the weights selected on the validation split (the model's and those
                             of the method's own module)
     out_dir/metrics.csv     one row per epoch (train loss terms, validation metrics, lr and,
-                            with ``train.epoch_analysis``, per-modality curves: see
+                            with ``train.epoch_curves``, per-modality curves: see
                             :mod:`mmbalance.eval.curves`)
     out_dir/steps.csv       per-step scalars logged by the method (tidy: step, epoch, name, value)
     out_dir/tb/             TensorBoard events
