@@ -11,8 +11,10 @@ Stages:
   interleaved, medians; peak memory) -> ``benchmarks/results/cost_cpu.json``.
 * ``accuracy``: every registered method on every study of
   :mod:`benchmarks.results_page.studies`, hyperparameters chosen on the validation split by the
-  same small search for every method, then 5 seeds of the chosen setting
-  (:mod:`benchmarks.results_page.runner`) -> ``benchmarks/results/accuracy.json`` (tidy records)
+  same small search for every method, then 5 seeds of the chosen setting, each study one
+  comparison per setting through :func:`mmbalance.compare.run_comparison` (the search and its
+  choosing rule of ``mmbalance compare --search``; :mod:`benchmarks.results_page.runner`) ->
+  ``benchmarks/results/accuracy.json`` (tidy records)
   and the run directories under ``--runs`` (resumable: finished runs are reused, so a killed
   regeneration continues; ``--collect-only`` trains nothing and collects the runs that exist).
 * ``docs``: ``docs/results.md`` and its figures under ``docs/figures/``

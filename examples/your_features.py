@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             "train.epochs=1",
             "train.progress=false",
             "train.tensorboard=false",
-            "train.epoch_analysis=false",
+            "train.epoch_curves=false",
         )
     else:
         features = export_features(out / "features.npz")

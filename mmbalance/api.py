@@ -28,11 +28,10 @@ import copy
 import dataclasses
 import io
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmbalance.compare import run_compare, split_methods
+from mmbalance.compare import Comparison, run_comparison, split_methods
 from mmbalance.config import parse_overrides
 from mmbalance.data import DATASETS
 from mmbalance.errors import ConfigError, MMBalanceError
@@ -47,32 +46,6 @@ if TYPE_CHECKING:
 DatasetArg = Any
 #: What they accept as one modality's encoder.
 EncoderArg = Any
-
-
-@dataclass
-class Comparison:
-    """What :func:`compare` returns.
-
-    Attributes:
-        records: the tidy records of ``results.json`` (``method``, ``seed``, ``split``,
-            ``metric``, ``value``; status records for runs that did not finish).
-        out: the comparison's directory.
-        results: ``OUT/results.json``.
-        report_md: ``OUT/report.md`` (None when no run finished).
-        report_html: ``OUT/report.html`` (None when no run finished).
-        figure: ``OUT/comparison.png`` (None without one).
-        table: the comparison table as plain text (what the command prints).
-        failed: the status records of the runs that did not finish.
-    """
-
-    records: list[dict[str, Any]]
-    out: Path
-    results: Path
-    report_md: Path | None = None
-    report_html: Path | None = None
-    figure: Path | None = None
-    table: str = ""
-    failed: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _as_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
@@ -224,7 +197,9 @@ def compare(
 ) -> Comparison:
     """``mmbalance compare`` from Python: train every method (names, ``NAME[KEY=V,...]``
     variants, named sets such as ``table1``) on ``seeds`` seeds, optionally after the
-    equal-budget validation ``search``, into ``out``; then the table, figure and report.
+    equal-budget validation ``search``, into ``out``; then the table and the report
+    (:func:`mmbalance.compare.run_comparison` with the command's arguments and your objects;
+    it returns its :class:`~mmbalance.compare.Comparison`).
 
     ``dataset`` is a name, a :class:`DatasetSource` instance or feature arrays (see the module
     docstring); ``overrides`` are ``key=value`` settings (a mapping or a list of strings);
@@ -233,18 +208,7 @@ def compare(
     ``--metrics`` does (``"accuracy,ece"`` or a list). Errors are :class:`~mmbalance.errors.MMBalanceError`
     with the command's one-line messages; runs that did not finish are in ``failed``.
     """
-    from mmbalance.report import (
-        comparison_table,
-        epoch_seconds,
-        expand_metrics,
-        failed_runs,
-        load_result_set,
-        metrics_table,
-        parse_metrics,
-        plot_comparison,
-        to_text,
-        write_report,
-    )
+    from mmbalance.report import parse_metrics
 
     out = Path(out)
     specs = split_methods(methods if isinstance(methods, str) else ",".join(methods))
@@ -252,17 +216,9 @@ def compare(
         metrics = ",".join(metrics)
     picked = parse_metrics(metrics) if metrics else None  # checked before anything trains
     values = _prepare(dataset, encoders, overrides, plugins, out)
-    records = run_compare(specs, seeds, out, values, search=search)
-    result = Comparison(records, out, out / "results.json", failed=list(failed_runs(records)))
-    if report and len(result.failed) < len({(r["method"], r["seed"]) for r in records}):
-        seconds = epoch_seconds(load_result_set(out).histories())
-        compared = expand_metrics(picked, records)[0] if picked else None
-        result.table = to_text(comparison_table(records, epoch_seconds=seconds, compared=compared))
-        if picked:
-            result.table += f"\n\n{to_text(metrics_table(records, picked))}"
-        result.figure = plot_comparison(records, out / "comparison.png")
-        result.report_md, result.report_html = write_report(out, metrics=picked)
-    return result
+    return run_comparison(
+        specs, values, out, seeds=seeds, search=search, report=report, metrics=picked
+    )
 
 
 def fit(

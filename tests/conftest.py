@@ -19,6 +19,20 @@ SMALL: dict[str, Any] = {
     "train.tensorboard": False,
 }
 
+#: The tiniest synthetic run (one epoch, no curves, nothing shown): for tests of plumbing.
+TINY: dict[str, Any] = {
+    "dataset": "synthetic",
+    "dataset.n_train": 96,
+    "dataset.n_val": 64,
+    "dataset.n_test": 64,
+    "dataset.n_bayes": 100,
+    "train.epochs": 1,
+    "train.batch_size": 32,
+    "train.progress": False,
+    "train.tensorboard": False,
+    "train.epoch_curves": False,
+}
+
 #: The same small synthetic run as command-line ``key=value`` arguments (two epochs).
 FAST_ARGS: list[str] = [
     "dataset.n_train=240",
@@ -199,7 +213,7 @@ def restore_registries():
 FEATURES_TINY: list[str] = [
     "train.progress=false",
     "train.tensorboard=false",
-    "train.epoch_analysis=false",
+    "train.epoch_curves=false",
     "train.epochs=1",
     "train.batch_size=32",
 ]

@@ -114,7 +114,7 @@ def test_results_page_regenerates_the_committed_accuracy_section(tmp_path: Path)
 
 
 def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path) -> None:
-    from benchmarks.results_page.runner import Selection, run_accuracy
+    from benchmarks.results_page.runner import run_accuracy
     from benchmarks.results_page.studies import Point, Study
 
     tiny = {
@@ -137,9 +137,8 @@ def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path
     assert json.loads((tmp_path / "results" / "accuracy.json").read_text()) == saved
     (search,) = saved["search"]
     assert search["method"] == "joint" and search["option"] == "train.lr"
-    # the chosen candidate is the best on validation (ties: the middle one)
+    # the chosen candidate is the best on validation (the rule of compare --search)
     scores = {float(k): v for k, v in search["scores"].items()}
-    assert search["chosen"] == Selection("train.lr", scores).best()
     assert scores[search["chosen"]] == max(scores.values())
     test = [r for r in saved["records"] if r["split"] == "test" and r["metric"] == "accuracy"]
     assert sorted(r["seed"] for r in test) == [0, 1]
@@ -159,13 +158,6 @@ def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path
     )
     assert collected["records"] == saved["records"] and collected["missing"] == 0
     assert collected["search"] == saved["search"]
-
-
-def test_selection_breaks_ties_towards_the_middle_candidate() -> None:
-    from benchmarks.results_page.runner import Selection
-
-    assert Selection("train.lr", {0.5: 0.9, 1.0: 0.9, 2.0: 0.8}).best() == 1.0
-    assert Selection("train.lr", {0.5: 0.95, 1.0: 0.9, 2.0: -1.0}).best() == 0.5
 
 
 def test_regenerating_some_studies_keeps_the_others() -> None:

@@ -122,7 +122,7 @@ def test_compare_writes_tidy_records(capsys, tmp_path: Path) -> None:
     assert {"accuracy", "macro_f1", "bayes_accuracy"} <= metrics
     assert {"balanced_accuracy", "ece", "missing_m1_50", "noisy_m2_20", "robust_50"} <= metrics
     assert len([r for r in records if r["metric"] == "accuracy" and r["split"] == "test"]) == 6
-    assert (out / "comparison.png").stat().st_size > 1000
+    assert (out / "report_comparison.png").stat().st_size > 1000
     # re-running reuses finished runs; --metrics picks the columns, the first is compared
     picked = "robust_50,accuracy,ece,head"
     args = ["compare", "--methods", "joint", "--seeds", "2", "--metrics", picked]

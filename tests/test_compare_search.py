@@ -10,25 +10,25 @@ import yaml
 
 from mmbalance.builder import resolve_config
 from mmbalance.cli import main
-from mmbalance.compare import Candidate, ComparedMethod, best_candidate, search_candidates
+from mmbalance.compare import ComparedMethod, SearchOutcome, best_candidate, search_candidates
 
 SMALL = ["train.epochs=1", "dataset.n_train=200", "dataset.n_val=200", "dataset.n_test=200"]
 
 
-def _candidates(n: int) -> list[Candidate]:
-    cfg = resolve_config({})
-    return [Candidate("x", "train.lr", float(i), cfg, Path(".")) for i in range(n)]
-
-
 def test_choice_is_the_best_validation_key_failures_lose_ties_go_to_the_middle() -> None:
-    three = _candidates(3)
-    assert best_candidate(three, [(0.7, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 2
-    assert (
-        best_candidate(three, [(0.9, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 0
-    )  # then minus the loss
-    assert best_candidate(three, [(0.9, -1.0), (0.9, -1.0), (0.9, -1.0)]) == 1  # a tie: the middle
-    assert best_candidate(three, [None, None, (0.1, -9.0)]) == 2  # failed runs never win
-    assert best_candidate(_candidates(1), [None]) == 0
+    assert best_candidate([(0.7, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 2
+    assert best_candidate([(0.9, -1.0), (0.8, -1.0), (0.9, -2.0)]) == 0  # then minus the loss
+    assert best_candidate([(0.9, -1.0), (0.9, -1.0), (0.9, -1.0)]) == 1  # a tie: the middle
+    assert best_candidate([None, None, (0.1, -9.0)]) == 2  # failed runs never win
+    assert best_candidate([None]) == 0
+    outcome = SearchOutcome("m", "train.lr", (0.5, 1.0, 2.0), ((0.8, -1.0), (0.8, -0.5), None))
+    assert outcome.chosen == 1.0
+    assert outcome.to_json() == {
+        "method": "m",
+        "option": "train.lr",
+        "scores": {"0.5": 0.8, "1": 0.8, "2": None},
+        "chosen": 1.0,
+    }
 
 
 def test_candidates_follow_the_search_space_and_an_entry_fixing_the_option(
@@ -36,7 +36,7 @@ def test_candidates_follow_the_search_space_and_an_entry_fixing_the_option(
 ) -> None:
     cfg = resolve_config({"method": "mcr"})
     plan = search_candidates(ComparedMethod("mcr", "mcr"), cfg, tmp_path)
-    assert [c.config.method.params["lam"] for c in plan] == [0.01, 0.1, 1.0]
+    assert [c.config.method.params.lam for c in plan] == [0.01, 0.1, 1.0]
     assert all(c.config.train.seed == 0 for c in plan)
     assert plan[0].run_dir == tmp_path / "search" / "mcr" / "method.lam=0.01" / "seed0"
     fixed = search_candidates(ComparedMethod("mcr[lam=1]", "mcr", (("lam", 1.0),)), cfg, tmp_path)

@@ -19,7 +19,7 @@ from mmbalance.cli import main
 from mmbalance.data import DATASETS
 from mmbalance.models import ENCODERS
 
-QUIET = ["train.progress=false", "train.tensorboard=false", "train.epoch_analysis=false"]
+QUIET = ["train.progress=false", "train.tensorboard=false", "train.epoch_curves=false"]
 TINY = [*QUIET, "train.epochs=1", "train.batch_size=16"]
 
 #: A plugin with an encoder and a dataset of its own; importing it appends a line to the file

@@ -10,24 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY
 
 from mmbalance.builder import ResolvedConfig, resolve_config
 from mmbalance.config import flatten_yaml, load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods.mcr import MCRParams
-
-TINY: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.n_train": 96,
-    "dataset.n_val": 64,
-    "dataset.n_test": 64,
-    "dataset.n_bayes": 100,
-    "train.epochs": 1,
-    "train.batch_size": 32,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_curves": False,
-}
 
 
 def test_the_resolved_configuration_holds_built_options() -> None:

@@ -25,32 +25,21 @@ import numpy.testing._private.utils as numpy_test_utils
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 from mmbalance.builder import resolve_config
 from mmbalance.cli import main
-from mmbalance.compare import run_compare
+from mmbalance.compare import run_comparison
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError, DataError, TrainingDiverged
 from mmbalance.methods import METHODS
 from mmbalance.train import fit
 from mmbalance.train.checkpoint import load_checkpoint, rng_state, set_rng_state
 
-#: a synthetic run of three steps per epoch that trains in well under a second
-TINY: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.n_train": 96,
-    "dataset.n_val": 64,
-    "dataset.n_test": 64,
-    "dataset.n_bayes": 100,
-    "train.epochs": 1,
-    "train.batch_size": 32,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.epoch_curves": False,
-}
+#: the tiny synthetic run (three steps per epoch) as command-line ``key=value`` arguments
 TINY_ARGS = [f"{k}={v}" for k, v in TINY.items() if k != "dataset"]
 
-# Behaviour tests read files and drive the CLI, ``fit`` and ``run_compare`` only, so that each
+# Behaviour tests read files and drive the CLI, ``fit`` and ``run_comparison`` only, so that each
 # also runs (and fails) against the code before its fix; helpers added by the fixes are imported
 # inside the tests that exercise them.
 
@@ -239,7 +228,7 @@ def test_fresh_run_refuses_a_directory_holding_a_pretraining_stage(tmp_path: Pat
 # --- item 5: compare reuses only identical runs --------------------------------------------------
 def test_compare_refuses_runs_of_another_configuration(capsys, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    run_compare(["joint"], 1, out, TINY)
+    run_comparison(["joint"], TINY, out, seeds=1, report=False)
     for change, key in (("train.lr=0.5", "train.lr"), ("dataset.n_train=128", "dataset.n_train")):
         argv = ["compare", "--methods", "joint", "--seeds", "2", "--out", str(out)]
         err = _error(capsys, [*argv, *TINY_ARGS, change])
@@ -249,10 +238,12 @@ def test_compare_refuses_runs_of_another_configuration(capsys, tmp_path: Path) -
 
 def test_compare_reuses_a_run_that_differs_only_in_presentation(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    first = run_compare(["joint"], 1, out, TINY)
+    first = run_comparison(["joint"], TINY, out, seeds=1, report=False).records
     metrics = out / "joint" / "seed0" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
-    again = run_compare(["joint"], 1, out, {**TINY, "train.progress": True})
+    again = run_comparison(
+        ["joint"], {**TINY, "train.progress": True}, out, seeds=1, report=False
+    ).records
     assert again == first and metrics.stat().st_mtime_ns == stamp
 
 
@@ -474,7 +465,7 @@ def test_every_output_is_renamed_into_place(monkeypatch, tmp_path: Path) -> None
         original(src, dst)
 
     monkeypatch.setattr(os, "replace", recording_replace)
-    run_compare(["joint"], 1, tmp_path / "cmp", TINY)
+    run_comparison(["joint"], TINY, tmp_path / "cmp", seeds=1, report=False)
     expected = {"config.yaml", "metrics.json", "analysis.json", "metrics.csv"}
     assert expected | {"last.ckpt", "best.ckpt", "results.json"} <= set(renamed)
     leftovers = [p for p in (tmp_path / "cmp").rglob("*.tmp")]
@@ -608,7 +599,9 @@ def test_compare_goes_on_after_a_diverged_run(monkeypatch, tmp_path: Path) -> No
                 p.grad.fill_(math.nan)
 
     monkeypatch.setattr(METHODS.get("multiloss"), "rewrite_gradients", poison)
-    records = run_compare(["multiloss", "joint"], 2, tmp_path / "cmp", TINY)
+    records = run_comparison(
+        ["multiloss", "joint"], TINY, tmp_path / "cmp", seeds=2, report=False
+    ).records
     status = [(r["method"], r["seed"], r["value"]) for r in records if r["split"] == "run"]
     assert status == [("multiloss", 0, "diverged"), ("multiloss", 1, "diverged")]
     finished = {(r["method"], r["seed"]) for r in records if r["metric"] == "accuracy"}
@@ -619,7 +612,9 @@ def test_compare_goes_on_after_a_diverged_run(monkeypatch, tmp_path: Path) -> No
 def test_compare_method_variants_and_scoped_options(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     methods = ["joint", "ogm_ge", "ogm_ge[alpha=1.2]"]
-    records = run_compare(methods, 1, out, {**TINY, "method.alpha": 0.5})
+    records = run_comparison(
+        methods, {**TINY, "method.alpha": 0.5}, out, seeds=1, report=False
+    ).records
     assert {r["method"] for r in records} == {"joint", "ogm_ge", "ogm_ge[alpha=1.2]"}
 
     def method_section(label: str) -> dict[str, Any]:

@@ -105,10 +105,12 @@ def test_compare_resumes_a_run_killed_in_its_pretraining_stage(
 ) -> None:
     """A kill during unimodal pre-training leaves ``pretrain/last.ckpt`` but nothing at the run's
     top level; re-running ``compare`` must resume that stage, not refuse the directory."""
-    from mmbalance.compare import run_compare
+    from mmbalance.compare import run_comparison
 
     overrides = {**small, "train.epochs": 3}
-    reference = run_compare(["unipre_frozen"], 1, tmp_path / "reference", overrides)
+    reference = run_comparison(
+        ["unipre_frozen"], overrides, tmp_path / "reference", seeds=1, report=False
+    ).records
     original = MetricsFiles.on_epoch_end
 
     def crash_in_pretraining(self, trainer, row):
@@ -118,12 +120,14 @@ def test_compare_resumes_a_run_killed_in_its_pretraining_stage(
 
     monkeypatch.setattr(MetricsFiles, "on_epoch_end", crash_in_pretraining)
     with pytest.raises(KeyboardInterrupt):
-        run_compare(["unipre_frozen"], 1, tmp_path / "killed", overrides)
+        run_comparison(["unipre_frozen"], overrides, tmp_path / "killed", seeds=1, report=False)
     monkeypatch.setattr(MetricsFiles, "on_epoch_end", original)
     run_dir = tmp_path / "killed" / "unipre_frozen" / "seed0"
     assert (run_dir / "pretrain" / "last.ckpt").is_file()
     assert not (run_dir / "last.ckpt").exists()
-    resumed = run_compare(["unipre_frozen"], 1, tmp_path / "killed", overrides)
+    resumed = run_comparison(
+        ["unipre_frozen"], overrides, tmp_path / "killed", seeds=1, report=False
+    ).records
     assert resumed == reference
 
 

@@ -2,8 +2,9 @@
 
 * :mod:`~benchmarks.results_page.studies`: the studies (dataset settings), the method order and
   each method's search space;
-* :mod:`~benchmarks.results_page.runner`: the validation search and the seeded runs on a process
-  pool (resumable), saved as tidy records in ``benchmarks/results/accuracy.json``;
+* :mod:`~benchmarks.results_page.runner`: each study run through the comparison engine
+  (:func:`mmbalance.compare.run_comparison`: the validation search, then the seeded runs, on a
+  process pool, resumable), saved as tidy records in ``benchmarks/results/accuracy.json``;
 * :mod:`~benchmarks.results_page.page`: the page and its figures, written with the public
   :mod:`mmbalance.report` API (tables, statistics, comparison figure).
 

@@ -644,7 +644,8 @@ def search_table(saved: Mapping[str, Any]) -> Table:
     rows = []
     for s in saved["search"]:
         scores = ", ".join(
-            f"{k}: {v:.4f}" if v >= 0 else f"{k}: diverged" for k, v in s["scores"].items()
+            f"{k}: {v:.4f}" if v is not None and v >= 0 else f"{k}: diverged"
+            for k, v in s["scores"].items()
         )
         rows.append([s["study"], f"`{s['method']}`", s["option"], scores, f"{s['chosen']:g}"])
     return Table(columns, rows)

@@ -1,106 +1,28 @@
-"""Running the accuracy benchmark: the search on the validation split, then every method on
-every seed of every study point, on a pool of processes (one torch thread each).
+"""Running the accuracy benchmark through the comparison engine: for every study, one
+comparison (:func:`mmbalance.compare.run_comparison`) with the validation search at the study's
+search point, then one comparison per other point with the choices of that search; the runs go
+to a pool of processes (one torch thread each).
 
-Runs are resumable: a run directory under ``runs`` that holds ``metrics.json`` (or
+Runs are resumable: a run directory under ``runs/STUDY/POINT`` that holds ``metrics.json`` (or
 ``diverged.json``) is reused, so a killed regeneration continues where it stopped. With
 ``train=False`` nothing is trained and the results are collected from the runs that exist.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from benchmarks.results_page import RESULTS
-from benchmarks.results_page.studies import ORDER, Point, Study
-from mmbalance.io import read_json, write_text_atomic
+from benchmarks.results_page.studies import ORDER, Study
+from mmbalance.io import read_json, write_json_atomic
 from mmbalance.report import DIVERGED, run_records
 from mmbalance.report.records import read_history
 
 #: the ``metrics.csv`` columns kept as per-modality curves (validation probes and Shapley values)
 CURVE_PREFIXES = ("val_probe_acc_", "val_shapley_", "val_head_acc_")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training run: a study point, a compared entry, one candidate value and a seed."""
-
-    study: str
-    point: Point
-    label: str
-    method: str
-    params: tuple[tuple[str, Any], ...]
-    option: str
-    value: float
-    seed: int
-
-    @property
-    def run_dir_parts(self) -> tuple[str, ...]:
-        return (self.study, self.point.name, self.label, f"{self.option}={self.value:g}")
-
-    def overrides(self) -> dict[str, Any]:
-        from mmbalance.builder import resolve_config
-
-        out: dict[str, Any] = {**self.point.overrides, "method": self.method}
-        out |= {f"method.{k}": v for k, v in self.params}
-        if self.option == "train.lr":
-            out["train.lr"] = self.value * resolve_config(out).train.lr
-        else:
-            out[self.option] = self.value
-        return out | {"train.seed": self.seed, "train.progress": False}
-
-
-@dataclass
-class Selection:
-    """The search outcome of one (study, entry): validation accuracy of every candidate, in
-    the order of the candidates (a failed run scores -1)."""
-
-    option: str
-    scores: dict[float, float] = field(default_factory=dict)
-
-    def best(self) -> float:
-        candidates = list(self.scores)
-        middle = candidates[len(candidates) // 2]
-        # highest validation accuracy; ties go to the middle (default-like) value
-        return max(candidates, key=lambda v: (self.scores[v], v == middle))
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
-def run_job(job: Job, runs: Path) -> dict[str, Any]:
-    """Train (or reuse) one run; returns its ``metrics.json`` content, or ``{"diverged": why}``
-    when the loss became non-finite (a candidate that diverges loses the search, and a chosen
-    setting that diverges on a seed is counted in the tables, not hidden)."""
-    from mmbalance.builder import resolve_config
-    from mmbalance.compare import run_or_reuse
-    from mmbalance.errors import TrainingDiverged
-
-    run_dir = runs.joinpath(*job.run_dir_parts, f"seed{job.seed}")
-    failed = run_dir / "diverged.json"
-    if failed.is_file():
-        return read_json(failed)
-    try:
-        result = run_or_reuse(resolve_config(job.overrides()), run_dir)
-    except TrainingDiverged as err:
-        write_text_atomic(failed, json.dumps({"diverged": str(err)}))
-        return {"diverged": str(err)}
-    return with_sample_counts(result if isinstance(result, dict) else result.to_json(), run_dir)
 
 
 def with_sample_counts(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -120,60 +42,10 @@ def with_sample_counts(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]
     return {**summary, "metrics": {**summary["metrics"], "test": test}}
 
 
-def load_job(job: Job, runs: Path) -> dict[str, Any]:
-    """The saved outcome of a finished run, or ``{"error": "not run"}`` (nothing is trained)."""
-    run_dir = runs.joinpath(*job.run_dir_parts, f"seed{job.seed}")
-    if (run_dir / "diverged.json").is_file():
-        return read_json(run_dir / "diverged.json")
-    if (run_dir / "metrics.json").is_file():
-        return with_sample_counts(read_json(run_dir / "metrics.json"), run_dir)
-    return {"error": "not run"}
-
-
-def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[dict[str, Any]]:
-    """Run ``jobs`` on ``workers`` processes (one torch thread each), reporting progress (a bar
-    on a terminal, one line per finished run otherwise, e.g. in a log file)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    started = time.perf_counter()
-    with Progress(*columns, disable=not sys.stdout.isatty()) as bar:
-        task = bar.add_task(title, total=len(jobs))
-
-        def done(i: int, result: dict[str, Any]) -> None:
-            results[i] = result
-            bar.advance(task)
-            if not sys.stdout.isatty():
-                finished = sum(r is not None for r in results)
-                minutes = (time.perf_counter() - started) / 60
-                where = "/".join(jobs[i].run_dir_parts)
-                print(f"{title}: {finished}/{len(jobs)} {minutes:.1f} min {where}", flush=True)
-
-        if workers <= 1:
-            _init_worker()
-            for i, job in enumerate(jobs):
-                done(i, run_job(job, runs))
-        else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = {pool.submit(run_job, job, runs): i for i, job in enumerate(jobs)}
-                for future in as_completed(futures):
-                    error = future.exception()
-                    # one broken run must not stop the other hundreds: it is reported, it loses
-                    # the search, and it is missing from the seeds of its table row
-                    result = {"error": repr(error)} if error else future.result()
-                    if error:
-                        print(f"FAILED {'/'.join(jobs[futures[future]].run_dir_parts)}: {error!r}")
-                    done(futures[future], result)
-    return [r for r in results if r is not None]
-
-
-def _entries(
-    study: Study, methods: Sequence[str] | None = None
-) -> list[tuple[str, str, tuple[tuple[str, Any], ...]]]:
-    from mmbalance.builder import build_dataset, resolve_config
-    from mmbalance.compare import expand_methods
+def study_methods(study: Study, methods: Sequence[str] | None = None) -> list[str]:
+    """The methods a study compares, as ``--methods`` names them: every registered method (or
+    the study's own list, or ``methods``) in the order of the tables, a study's variants
+    (``opm[warmup_epochs=1]``) in place of their methods."""
     from mmbalance.methods import METHODS
 
     registered = list(METHODS.names())
@@ -182,9 +54,46 @@ def _entries(
         names = [m for m in names if m in study.methods]
     if methods is not None:
         names = [m for m in names if m in methods]
-    names = [study.variants.get(m, m) for m in names]
-    data = build_dataset(resolve_config(dict(study.points[0].overrides)))
-    return [(e.label, e.method, e.params) for e in expand_methods(names, list(data.modalities))]
+    return [study.variants.get(m, m) for m in names]
+
+
+def point_records(study: Study, point_index: int, comparison: Any) -> list[dict[str, Any]]:
+    """The page's records of one point's runs: the test metrics and the validation accuracy,
+    whether each run diverged (0 or 1), and the test samples behind the routing and synergy
+    rates; a run that failed or was not run has none."""
+    point = study.points[point_index]
+    base = {"study": study.name, "point": point.name, "x": point.x}
+    out: list[dict[str, Any]] = []
+    for run in comparison.runs:
+        if run.status == "finished":
+            rows = run_records(run.label, run.seed, with_sample_counts(run.to_json(), run.run_dir))
+            ok = {"method": run.label, "seed": run.seed, "split": "test", "metric": DIVERGED}
+            rows.insert(0, {**ok, "value": 0.0})
+        elif run.status == "diverged":
+            rows = run_records(run.label, run.seed, {DIVERGED: run.message})
+        else:
+            continue
+        # the validation split only for the accuracy the search used
+        out += [{**base, **r} for r in rows if r["split"] == "test" or r["metric"] == "accuracy"]
+    return out
+
+
+def run_curves(comparison: Any) -> dict[str, list[dict[str, float]]]:
+    """The per-epoch per-modality validation curves of every run, ``{"LABEL|SEED": rows}``."""
+    curves: dict[str, list[dict[str, float]]] = {}
+    for run in comparison.runs:
+        rows = read_history(run.run_dir / "metrics.csv")
+        kept = [
+            {
+                k: v
+                for k, v in r.items()
+                if k in ("epoch", "seconds") or k.startswith(CURVE_PREFIXES)
+            }
+            for r in rows
+        ]
+        if kept:
+            curves[f"{run.label}|{run.seed}"] = kept
+    return curves
 
 
 def run_accuracy(
@@ -196,111 +105,59 @@ def run_accuracy(
     train: bool = True,
     results: Path = RESULTS,
 ) -> dict[str, Any]:
-    """Search, then run every method (or ``methods``) on ``seeds`` seeds; saves the results to
-    ``results/accuracy.json`` and returns them. With ``train=False`` nothing is trained: the results are collected from the runs
-    that exist (to publish a partial regeneration; the page then says how many runs are missing).
-    """
+    """Search, then run every method (or ``methods``) on ``seeds`` seeds of every point of
+    every study; saves the results to ``results/accuracy.json`` and returns them. With
+    ``train=False`` nothing is trained: the results are collected from the runs that exist (to
+    publish a partial regeneration; the page then says how many runs are missing)."""
+    from mmbalance.compare import CollectOnly, ProcessPool, run_comparison
 
-    def gather(jobs: Sequence[Job], title: str) -> list[dict[str, Any]]:
-        if train:
-            return _execute(jobs, runs, workers, title)
-        return [load_job(job, runs) for job in jobs]
-
-    from mmbalance.builder import build_dataset, resolve_config
-    from mmbalance.methods import METHODS
-
-    studies = list(studies)
-    for study in studies:  # build every dataset cache once, before the workers start
-        for point in study.points:
-            build_dataset(resolve_config(dict(point.overrides)))
-    entries = {s.name: _entries(s, methods) for s in studies}
-
-    search_jobs: list[Job] = []
-    for study in studies:
-        for label, method, params in entries[study.name]:
-            option, candidates = METHODS.get(method).searched_option()
-            point = study.points[study.search]
-            for value in candidates:
-                search_jobs.append(
-                    Job(study.name, point, label, method, params, option, value, seed=0)
-                )
+    executor = ProcessPool(workers) if train else CollectOnly()
     started = time.perf_counter()
-    searched = gather(search_jobs, "search (validation)")
-    selections: dict[tuple[str, str], Selection] = {}
-    for job, result in zip(search_jobs, searched, strict=True):
-        sel = selections.setdefault((job.study, job.label), Selection(job.option))
-        failed = "diverged" in result or "error" in result
-        sel.scores[job.value] = -1.0 if failed else float(result["metrics"]["val"]["accuracy"])
-
-    final_jobs: list[Job] = []
-    for study in studies:
-        for label, method, params in entries[study.name]:
-            option = selections[(study.name, label)].option
-            value = selections[(study.name, label)].best()
-            for point in study.points:
-                for seed in range(seeds):
-                    final_jobs.append(
-                        Job(study.name, point, label, method, params, option, value, seed)
-                    )
-    finals = gather(final_jobs, f"{seeds} seeds per method")
     records: list[dict[str, Any]] = []
-    for job, result in zip(final_jobs, finals, strict=True):
-        if "error" in result:
-            continue
-        base = {"study": job.study, "point": job.point.name, "x": job.point.x}
-        rows = run_records(job.label, job.seed, result)
-        if DIVERGED not in result:  # every finished run says whether it diverged
-            ok = {"method": job.label, "seed": job.seed, "split": "test", "metric": DIVERGED}
-            rows.insert(0, {**ok, "value": 0.0})
-        # the validation split only for the accuracy the search used
-        records += [
-            {**base, **r} for r in rows if r["split"] == "test" or r["metric"] == "accuracy"
-        ]
+    searches: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for job in final_jobs:  # per-epoch per-modality validation curves of the headline setting
-        study = next(st for st in studies if st.name == job.study)
-        if job.point != study.points[study.search]:
-            continue
-        rows = read_history(runs.joinpath(*job.run_dir_parts, f"seed{job.seed}", "metrics.csv"))
-        kept = [
-            {
-                k: v
-                for k, v in r.items()
-                if k in ("epoch", "seconds") or k.startswith(CURVE_PREFIXES)
-            }
-            for r in rows
-        ]
-        if kept:
-            curves.setdefault(job.study, {})[f"{job.label}|{job.seed}"] = kept
+    trained, missing = 0, 0
+    for study in studies:
+        names = study_methods(study, methods)
+        order = [study.search, *(i for i in range(len(study.points)) if i != study.search)]
+        choices: Sequence[Any] = ()
+        for i in order:
+            point = study.points[i]
+            done = run_comparison(
+                names,
+                {**point.overrides, "train.progress": False},
+                runs / study.name / point.name,
+                seeds=seeds,
+                search=i == study.search,
+                choices=choices,
+                executor=executor,
+                report=False,
+            )
+            records += point_records(study, i, done)
+            summaries = list(done.runs)
+            if i == study.search:
+                choices = done.search
+                searches += [{"study": study.name, **o.to_json()} for o in done.search]
+                curves[study.name] = run_curves(done)
+                # each method's seed 0 is its chosen candidate's run, counted once
+                summaries = [r for r in summaries if r.seed != 0]
+                summaries += done.search_runs
+            trained += len(summaries)
+            missing += sum(r.status in ("failed", "missing") for r in summaries)
     saved = {
         "seeds": seeds,
-        "runs": len({(*j.run_dir_parts, j.seed) for j in [*search_jobs, *final_jobs]}),
-        "missing": len(
-            {
-                (*j.run_dir_parts, j.seed)
-                for j, r in zip([*search_jobs, *final_jobs], [*searched, *finals], strict=True)
-                if "error" in r
-            }
-        ),
+        "runs": trained,
+        "missing": missing,
         "workers": workers,
         "minutes": (time.perf_counter() - started) / 60 if train else None,
-        "search": [
-            {
-                "study": study,
-                "method": label,
-                "option": sel.option,
-                "scores": {f"{v:g}": s for v, s in sel.scores.items()},
-                "chosen": sel.best(),
-            }
-            for (study, label), sel in selections.items()
-        ],
+        "search": searches,
         "records": records,
         "curves": curves,
     }
-    results.mkdir(parents=True, exist_ok=True)
     path = results / "accuracy.json"
+    results.mkdir(parents=True, exist_ok=True)
     saved = merge_saved(read_json(path) if path.is_file() else None, saved)
-    write_text_atomic(path, json.dumps(saved, indent=0))
+    write_json_atomic(path, saved, indent=0)
     return saved
 
 

@@ -4,8 +4,9 @@ tables and the hyperparameter search space of every method.
 The search (same budget for every method): three candidate values of the method's main
 hyperparameter (``Method.searched_option``: its ``search_space``, or the learning rate at 0.5x,
 1x and 2x the dataset's default), each trained once (seed 0) on the study's search point, and
-the candidate with the highest validation accuracy (ties: the middle value) is kept for every
-point and seed of the study. The test split is never looked at before the choice is made.
+the candidate that ``mmbalance compare --search``'s rule chooses (the highest validation
+accuracy, then the lower validation loss; exact ties: the middle value) is kept for every point
+and seed of the study. The test split is never looked at before the choice is made.
 """
 
 from __future__ import annotations

@@ -7,29 +7,32 @@
 * :mod:`~mmbalance.builder.engine`: the devices and processes it trains on (:func:`check_engine`,
   :func:`make_fabric`).
 
-``fit``, ``evaluate_run``, ``compare`` and the benchmarks all build through these functions. The
-public names are imported on first use.
+``fit``, ``evaluate_run``, ``compare`` and the benchmarks all build through these functions;
+none of them imports torch before it is called.
 """
 
 from __future__ import annotations
 
-from mmbalance.registry import lazy_exports
+from mmbalance.builder.assemble import (
+    build_components,
+    build_dataset,
+    build_model,
+    cache_dir,
+    model_info,
+)
+from mmbalance.builder.engine import check_engine, make_fabric
+from mmbalance.builder.resolve import Choice, ResolvedConfig, config_differences, resolve_config
 
-_EXPORTS: dict[str, str] = {
-    "Choice": "resolve",
-    "ResolvedConfig": "resolve",
-    "config_differences": "resolve",
-    "resolve_config": "resolve",
-    "build_components": "assemble",
-    "build_dataset": "assemble",
-    "build_model": "assemble",
-    "cache_dir": "assemble",
-    "model_info": "assemble",
-    "check_engine": "engine",
-    "make_fabric": "engine",
-}
-
-__all__ = list(_EXPORTS)
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "Choice",
+    "ResolvedConfig",
+    "build_components",
+    "build_dataset",
+    "build_model",
+    "cache_dir",
+    "check_engine",
+    "config_differences",
+    "make_fabric",
+    "model_info",
+    "resolve_config",
+]

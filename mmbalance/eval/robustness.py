@@ -2,7 +2,7 @@
 
 For every modality ``m`` and every rate ``r`` of :data:`RATES` (20 %, 50 % and 100 % of the test
 samples), the accuracy of the method's prediction (the task's accuracy of
-:mod:`mmbalance.eval.outcome`: classes, or the sign for regression) when ``m`` is
+:mod:`mmbalance.eval.correctness`: classes, or the sign for regression) when ``m`` is
 
 * ``missing``: absent from those samples, following the method's own convention
   (:meth:`~mmbalance.methods.Method.predict_missing`; by default its latent is zero before the
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.data.base import Batch
-from mmbalance.eval.outcome import OUTCOMES
+from mmbalance.eval.correctness import OUTCOMES
 from mmbalance.models.output import ModelOutput
 
 #: Shares of the test samples from which a modality is removed or replaced by noise.

@@ -50,6 +50,9 @@ from mmbalance.report.result_tables import (
 )
 from mmbalance.report.tables import HTML_STYLE, Table, inline_html, to_html, to_markdown
 
+#: The file name of the report's comparison figure, in the report's directory.
+COMPARISON_FIGURE = "report_comparison.png"
+
 #: Styles of the page (the tables' own come from :data:`~mmbalance.report.tables.HTML_STYLE`).
 PAGE_STYLE = (
     "body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 1.5em;max-width:1220px;"
@@ -100,7 +103,7 @@ def build_sections(
     comparison.tables.append(("comparison", table))
     if metrics:
         comparison.tables.append(("metrics", metrics_table(records, metrics)))
-    figure = plot_comparison(records, root / "report_comparison.png", reference)
+    figure = plot_comparison(records, root / COMPARISON_FIGURE, reference)
     comparison.plots += [figure] if figure is not None else []
     figure_note = (
         f"The figure shows each method's test score minus `{reference}`'s on the same seeds (the "
@@ -282,13 +285,18 @@ def render_html(results: ResultSet, sections: list[Section], intro: list[str]) -
 
 
 def write_report(
-    path: str | Path, reference: str = REFERENCE, metrics: Sequence[str] | None = None
+    results: ResultSet | str | Path,
+    reference: str = REFERENCE,
+    metrics: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``report.md``, ``report.html`` and the ``report_*.png`` figures into ``path`` (a
-    compare directory or a run directory); returns the two pages. ``metrics`` (names of
-    :func:`~mmbalance.report.comparison.parse_metrics`) adds the table of the picked metrics
-    and makes the first of them the one compared with ``reference``."""
-    results = load_result_set(path)
+    """Write ``report.md``, ``report.html`` and the ``report_*.png`` figures into the root of
+    ``results`` (a :class:`~mmbalance.report.records.ResultSet` in memory, or a compare or run
+    directory, read with :func:`~mmbalance.report.records.load_result_set`); returns the two
+    pages. ``metrics`` (names of :func:`~mmbalance.report.result_tables.parse_metrics`) adds the
+    table of the picked metrics and makes the first of them the one compared with
+    ``reference``."""
+    if not isinstance(results, ResultSet):
+        results = load_result_set(results)
     sections = build_sections(results, reference, metrics)
     seeds = len({r["seed"] for r in results.records})
     intro = [

@@ -1,0 +1,62 @@
+"""Comparisons of methods over seeds, with an equal-budget validation search: one engine for
+``mmbalance compare``, the accuracy benchmark and any program that compares methods.
+
+* :mod:`~mmbalance.compare.methods`: what is compared (method names, variants, named sets, their
+  resolved configurations);
+* :mod:`~mmbalance.compare.search`: the search's candidates and the one rule that chooses;
+* :mod:`~mmbalance.compare.execute`: how runs are executed (executors), trained, resumed or
+  reused, and summed up (:class:`RunSummary`);
+* :mod:`~mmbalance.compare.engine`: :func:`run_comparison`, the entry point, which plans,
+  searches, executes, records and reports.
+
+Example::
+
+    from mmbalance.compare import run_comparison
+
+    done = run_comparison(["joint", "ogm_ge", "mcr"], {"dataset": "av-digits"}, "runs/cmp")
+    print([(r.label, r.seed, r.metrics["test"]["accuracy"]) for r in done.runs if r.finished])
+"""
+
+from __future__ import annotations
+
+from mmbalance.compare.engine import Comparison, run_comparison
+from mmbalance.compare.execute import (
+    CollectOnly,
+    Executor,
+    PlannedRun,
+    ProcessPool,
+    RunSummary,
+    Sequential,
+    run_or_reuse,
+)
+from mmbalance.compare.methods import (
+    METHOD_SETS,
+    ComparedMethod,
+    expand_methods,
+    method_configs,
+    parse_method_spec,
+    split_methods,
+)
+from mmbalance.compare.search import Candidate, SearchOutcome, best_candidate, search_candidates
+
+__all__ = [
+    "METHOD_SETS",
+    "Candidate",
+    "CollectOnly",
+    "ComparedMethod",
+    "Comparison",
+    "Executor",
+    "PlannedRun",
+    "ProcessPool",
+    "RunSummary",
+    "SearchOutcome",
+    "Sequential",
+    "best_candidate",
+    "expand_methods",
+    "method_configs",
+    "parse_method_spec",
+    "run_comparison",
+    "run_or_reuse",
+    "search_candidates",
+    "split_methods",
+]
