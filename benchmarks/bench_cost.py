@@ -53,6 +53,10 @@ Settings:
 Targets: :data:`TARGETS` per method, overridden per setting (``Setting.targets``; mcr: 1.05 on
 the ResNets, 1.5 on the small model at batch 32, 2.0 at batch 256, 4 at M = 5).
 
+This module is the command; its parts live in :mod:`benchmarks.cost`: the settings and the
+trainer built for each method (``settings``), timing (``timing``), peak memory (``memory``), the
+records and tables (``tables``).
+
 Output: ``cost_cpu.json`` (tidy records) and ``cost_cpu.md`` in ``--out-dir``; on a GPU
 ``cost_<gpu-name>.json`` / ``.md`` (``--stem`` renames them). Run::
 
@@ -63,498 +67,30 @@ Output: ``cost_cpu.json`` (tidy records) and ``cost_cpu.md`` in ``--out-dir``; o
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import multiprocessing as mp
-import platform
-import random
-import re
-import statistics
-import tempfile
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric import Fabric
-from torch import Tensor
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` and ``mmbalance`` importable
+    sys.path.insert(0, str(ROOT))
 
-from mmbalance.builder import build_components, build_dataset, resolve_config
-from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
-from mmbalance.methods import METHODS
-from mmbalance.methods.base import Method, StepContext, total_loss
-from mmbalance.methods.mmpareto import MMPareto
-from mmbalance.report import Column, Table, to_markdown, to_text
-from mmbalance.train import Trainer
+import torch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.cost.memory import memory_setting  # noqa: E402
+from benchmarks.cost.settings import make_settings  # noqa: E402
+from benchmarks.cost.tables import (  # noqa: E402
+    cost_markdown,
+    cost_text,
+    results_stem,
+    setting_records,
+)
+from benchmarks.cost.timing import CLOCKS, print_flushed, time_setting  # noqa: E402
+from mmbalance.io import write_json_atomic, write_text_atomic  # noqa: E402
 
-#: Epoch passed to ``train_step``: late enough that every method's modulation is active.
-EPOCH = 10
-#: Targets of the benchmark issues: a method's step time over joint's must not exceed these
-#: (``Setting.targets`` overrides them per setting; mcr's depend on the setting).
-TARGETS = {"ogm": 1.05, "ogm_ge": 1.05, "opm": 1.05, "mmpareto": 1.6}
-#: MMPareto (exact) against its floor (``mmpareto[floor]``), measured in the same run.
-FLOOR_TARGET = 1.05
-#: Methods of the sweeps (joint is the reference).
-BALANCING = ("mcr", "ogm", "ogm_ge", "opm", "mmpareto")
-
-NOTES = {
-    "unimodal": "first modality only",
-    "unipre_frozen": "main stage; adds a unimodal pre-training stage; encoders frozen",
-    "unipre_finetuned": "main stage; adds a unimodal pre-training stage",
-    "mmpareto[latent]": "method.variant=latent",
-    "mmpareto[floor]": "floor of exact MMPareto: its summed-loss step + 1 backward through encoders",
-}
-
-
-class MMParetoFloor(MMPareto):
-    """The floor of exact MMPareto: the least any exact per-loss encoder gradient needs.
-
-    The step of MMPareto's model and losses (fused plus unimodal heads) with their summed
-    gradient, plus one extra backward pass of the fused loss through the encoders (which
-    ``torch.autograd.grad`` computes and this discards). What exact MMPareto adds on top is the
-    combination of the two gradients per encoder. Not registered: a benchmark entry only.
-    """
-
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
-        params = [p for ps in ctx.encoder_params.values() for p in ps]
-        if params:
-            torch.autograd.grad(losses["task"], params, retain_graph=True, allow_unused=True)
-        ctx.backward(total_loss(losses))
-
-
-@dataclass(frozen=True)
-class TimedMethod:
-    """One timed configuration: a registered method with options, under a label.
-
-    ``method_class`` (optional) replaces the built method by an instance of this class with the
-    same options, after the model has been built for ``method`` (the MMPareto floor).
-    """
-
-    label: str
-    method: str
-    params: tuple[tuple[str, Any], ...] = ()
-    method_class: type[Method] | None = None
-
-
-@dataclass
-class Setting:
-    """A model, data and batch on which methods are compared."""
-
-    name: str
-    batch: int
-    modalities: int
-    entries: list[TimedMethod]
-    overrides: dict[str, Any] = field(default_factory=dict)
-    #: per-modality input shapes of a random-tensor dataset (None: build the configured dataset)
-    shapes: dict[str, tuple[int, ...]] | None = None
-    classes: int = 6
-    rounds: int = 15
-    steps: int = 10
-    warmup: int = 3
-    mem_steps: int = 3
-    #: seconds for the whole setting: rounds are cut so that it fits (at least ``min_rounds``)
-    budget_s: float | None = None
-    min_rounds: int = 2
-    #: targets of this setting, overriding :data:`TARGETS`
-    targets: dict[str, float] = field(default_factory=dict)
-
-
-FLOOR = TimedMethod("mmpareto[floor]", "mmpareto", method_class=MMParetoFloor)
-
-
-def all_entries() -> list[TimedMethod]:
-    """Every registered method (joint first) plus MMPareto's latent variant and its floor."""
-    names = ["joint", *(n for n in METHODS.names() if n != "joint")]
-    entries = [TimedMethod(n, n) for n in names]
-    if "mmpareto" in names:
-        entries += [TimedMethod("mmpareto[latent]", "mmpareto", (("variant", "latent"),)), FLOOR]
-    return entries
-
-
-def sweep_entries() -> list[TimedMethod]:
-    entries = [
-        TimedMethod("joint", "joint"),
-        *(TimedMethod(n, n) for n in BALANCING if n in METHODS),
-    ]
-    return entries + ([FLOOR] if "mmpareto" in METHODS else [])
-
-
-def mcr_k_entries(ks: Sequence[int] = (1, 8, 32, 128)) -> list[TimedMethod]:
-    """joint and mcr with ``K`` permutations per step, for how its cost scales with K."""
-    mcr = [TimedMethod(f"mcr[K={k}]", "mcr", (("num_permutations", k),)) for k in ks]
-    return [TimedMethod("joint", "joint"), *mcr]
-
-
-def _synthetic(modalities: int | None, quick: bool) -> dict[str, Any]:
-    """Overrides of the synthetic dataset: ``None`` = the competition preset (small model)."""
-    sizes = {"dataset.n_val": 64, "dataset.n_test": 64, "dataset.n_bayes": 256}
-    if quick:
-        sizes["dataset.n_train"] = 256
-    if modalities is None:
-        return {"dataset": "synthetic", "dataset.preset": "competition", **sizes}
-    m = modalities
-    return {
-        "dataset": "synthetic",
-        "dataset.num_modalities": m,
-        "dataset.shares": [0.5] + [0.5 / m] * m,
-        "dataset.signal": [3.0] + [1.0] * (m - 1),
-        "dataset.depth": [1] + [4] * (m - 1),
-        **sizes,
-    }
-
-
-def make_settings(
-    quick: bool, device: str, resnet_batch: int | None = None, resnet_budget: float = 480.0
-) -> list[Setting]:
-    """The settings of a run (``quick``: tiny versions of each, for tests)."""
-    cuda = device.startswith("cuda")
-    # the CREMA-D train settings (the data are random tensors of its shapes); mcr's K is 32
-    resnet_overrides = {"dataset": "cremad", "dataset.frames": 3, "fusion": "late_sum"}
-    if quick:
-        resnet = Setting(
-            "resnet",
-            batch=4,
-            modalities=2,
-            entries=all_entries(),
-            overrides={**resnet_overrides, "encoder.audio.width": 4, "encoder.video.width": 4},
-            targets={"mcr": 1.05},
-            shapes={"audio": (1, 32, 32), "video": (3, 2, 32, 32)},
-            rounds=2,
-            steps=1,
-            warmup=1,
-            mem_steps=1,
-        )
-        small = Setting("small", 32, 2, all_entries(), _synthetic(None, True), rounds=2, steps=2)
-        small.warmup, small.mem_steps = 1, 1
-        small.targets = {"mcr": 1.5}
-        sweeps = [
-            Setting("sweep_batch", 16, 2, sweep_entries(), _synthetic(None, True)),
-            Setting("sweep_modalities", 32, 3, sweep_entries(), _synthetic(3, True)),
-            Setting("sweep_mcr_k", 32, 2, mcr_k_entries((1, 4)), _synthetic(None, True)),
-        ]
-        for s in sweeps:
-            s.rounds, s.steps, s.warmup, s.mem_steps = 2, 2, 1, 1
-        return [resnet, small, *sweeps]
-    batch = resnet_batch or (32 if cuda else 4)
-    resnet = Setting(
-        "resnet",
-        batch=batch,
-        modalities=2,
-        entries=all_entries(),
-        overrides=resnet_overrides,
-        shapes={"audio": (1, 257, 188), "video": (3, 3, 224, 224)},
-        rounds=15 if cuda else 10,
-        steps=5 if cuda else 1,
-        warmup=3 if cuda else 1,
-        mem_steps=3 if cuda else 1,
-        budget_s=None if cuda else resnet_budget,
-        targets={"mcr": 1.05},
-    )
-    small = Setting(
-        "small",
-        32,
-        2,
-        all_entries(),
-        _synthetic(None, False),
-        rounds=15,
-        steps=20,
-        targets={"mcr": 1.5},
-    )
-    batch_targets = {256: {"mcr": 2.0}}
-    sweeps = [
-        Setting(
-            "sweep_batch",
-            b,
-            2,
-            sweep_entries(),
-            _synthetic(None, False),
-            steps=20,
-            targets=batch_targets.get(b, {}),
-        )
-        for b in (16, 64, 256)
-    ]
-    modality_targets = {5: {"mcr": 4.0}}
-    sweeps += [
-        Setting(
-            "sweep_modalities",
-            32,
-            m,
-            sweep_entries(),
-            _synthetic(m, False),
-            steps=20,
-            targets=modality_targets.get(m, {}),
-        )
-        for m in (2, 3, 4, 5)
-    ]
-    sweeps += [
-        Setting("sweep_mcr_k", b, 2, mcr_k_entries(), _synthetic(None, False), steps=10)
-        for b in (32, 256)
-    ]
-    return [resnet, small, *sweeps]
-
-
-# --- building one method's trainer ----------------------------------------------------------------
-_BUNDLES: dict[tuple[Any, ...], DatasetBundle] = {}
-
-
-def random_bundle(shapes: dict[str, tuple[int, ...]], classes: int, n: int) -> DatasetBundle:
-    """Random inputs of the given shapes (ResNet-18 encoders), ``n`` training samples."""
-    key = (tuple(sorted(shapes.items())), classes, n)
-    if key not in _BUNDLES:
-        gen = torch.Generator().manual_seed(0)
-
-        def split(k: int) -> MultimodalTensorDataset:
-            x = {m: torch.randn(k, *s, generator=gen) for m, s in shapes.items()}
-            return MultimodalTensorDataset(x, torch.randint(0, classes, (k,), generator=gen))
-
-        _BUNDLES[key] = DatasetBundle(
-            name="random",
-            task="classification",
-            num_outputs=classes,
-            modalities={m: ModalitySpec(m, s, "resnet18", {}) for m, s in shapes.items()},
-            splits={"train": split(n), "val": split(2), "test": split(2)},
-        )
-    return _BUNDLES[key]
-
-
-def build_run(
-    setting: Setting, entry: TimedMethod, device: str, workdir: Path
-) -> tuple[Trainer, Batch]:
-    """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it) and the fixed batch."""
-    accelerator = "cuda" if device.startswith("cuda") else "cpu"
-    shared = dict(setting.overrides)
-    if METHODS.get(entry.method).fusion is not None:  # a method defined on its own head keeps it
-        shared = {k: v for k, v in shared.items() if k != "fusion" and not k.startswith("fusion.")}
-    overrides = {
-        **shared,
-        "method": entry.method,
-        **{f"method.{k}": v for k, v in entry.params},
-        "train.batch_size": setting.batch,
-        "train.accelerator": accelerator,
-        "train.progress": False,
-        "train.tensorboard": False,
-    }
-    cfg = resolve_config(overrides)
-    fabric = Fabric(accelerator=accelerator, devices=1, precision=cfg.train.precision)
-    fabric.seed_everything(cfg.train.seed, verbose=False)  # the same weights for every method
-    if setting.shapes is not None:
-        # enough samples for a method that holds out a stratified part of the training split
-        # (G-Blending 10 %, LFM 2 %); the timed batch is the first ``batch`` of them
-        data = random_bundle(
-            setting.shapes, setting.classes, max(setting.batch, 60 * setting.classes)
-        )
-    else:
-        data = build_dataset(cfg)
-    method, model, method_module = build_components(cfg, data)
-    if entry.method_class is not None:
-        assert method.info is not None
-        replaced = entry.method_class(method.params)
-        method_module = replaced.setup(method.info)
-        method = replaced
-    if method.freezes_encoders:  # as after the pre-training stage in ``fit``
-        model.encoders.requires_grad_(False)
-    trainer = Trainer(fabric, cfg, data, model, method, method_module, workdir)
-    trainer.train_mode()
-    method.on_epoch_start(trainer.epoch_context(EPOCH))
-    batch = data.splits["train"].__getitems__(list(range(setting.batch)))
-    return trainer, batch.to(fabric.device)
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# --- timing --------------------------------------------------------------------------------------
-#: ``wall``: elapsed time (what a user waits for); ``thread``: CPU time of the timing thread
-#: (``time.thread_time``), which does not count waiting for a core on a shared machine; with
-#: ``--threads 1`` it is the whole compute of the step (with more threads it misses the
-#: intra-op workers' share), so it measures cost robustly under load.
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
-
-
-def time_setting(
-    setting: Setting, device: str, log: Callable[[str], None] = _log, clock: str = "wall"
-) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Interleaved timing: seconds per step of every round, per label; and the input shapes."""
-    now = CLOCKS[clock]
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = {e.label: build_run(setting, e, device, Path(tmp)) for e in setting.entries}
-
-        def timed(label: str, steps: int) -> float:
-            trainer, batch = runs[label]
-            _sync(device)
-            t0 = now()
-            for _ in range(steps):
-                trainer.train_step(batch, EPOCH)
-            _sync(device)
-            return (now() - t0) / steps
-
-        data = next(iter(runs.values()))[0].data
-        shapes = {m: list(spec.shape) for m, spec in data.modalities.items()}
-        warm = {label: timed(label, setting.warmup) for label in runs}
-        rounds = setting.rounds
-        if setting.budget_s is not None:
-            per_round = sum(warm.values()) * setting.steps
-            # memory: a build (a few seconds) plus ``mem_steps`` steps per method
-            memory = sum(warm.values()) * setting.mem_steps + 5.0 * len(runs)
-            left = setting.budget_s - (time.perf_counter() - started) - memory
-            rounds = max(setting.min_rounds, min(rounds, int(left // per_round)))
-            log(
-                f"  {setting.name}: warm-up steps took {sum(warm.values()):.1f} s in all; "
-                f"{rounds} rounds fit the {setting.budget_s:.0f} s budget"
-            )
-        times: dict[str, list[float]] = {label: [] for label in runs}
-        labels = list(runs)
-        for r in range(rounds):
-            random.Random(r).shuffle(labels)
-            for label in labels:
-                times[label].append(timed(label, setting.steps))
-        runs.clear()
-    gc.collect()
-    return times, shapes
-
-
-# --- memory --------------------------------------------------------------------------------------
-def _status_kb(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def _memory_child(
-    setting: Setting, entry: TimedMethod, device: str, threads: int
-) -> tuple[float, float]:
-    """In a fresh process: (baseline MB, peak MB above the baseline) of ``mem_steps`` steps."""
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, batch = build_run(setting, entry, device, Path(tmp))
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current
-            base = 1024 * _status_kb("VmRSS")
-        for _ in range(setting.mem_steps):
-            trainer.train_step(batch, EPOCH)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = 1024 * _status_kb("VmHWM")
-    return base / 2**20, (peak - base) / 2**20
-
-
-def memory_setting(setting: Setting, device: str, threads: int) -> dict[str, tuple[float, float]]:
-    """Peak memory of each entry, each in its own fresh process."""
-    # children fork from a server that has imported the libraries (no effect once it runs)
-    mp.set_forkserver_preload(["torch", "lightning.fabric", "mmbalance.train.loop", __name__])
-    ctx = mp.get_context("forkserver")
-    out = {}
-    for entry in setting.entries:
-        with ctx.Pool(1, maxtasksperchild=1) as pool:
-            out[entry.label] = pool.apply(_memory_child, (setting, entry, device, threads))
-    return out
-
-
-# --- records and tables ----------------------------------------------------------------------------
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
-
-
-def results_stem(device: str) -> str:
-    """``cost_cpu`` or ``cost_<gpu name slug>``."""
-    if not device.startswith("cuda"):
-        return "cost_cpu"
-    return "cost_" + re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
-
-
-def _quartiles(values: Sequence[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def setting_records(
-    setting: Setting,
-    times: dict[str, list[float]],
-    shapes: dict[str, list[int]],
-    memory: dict[str, tuple[float, float]] | None,
-    device: str,
-    threads: int,
-    seconds: float,
-) -> list[dict[str, Any]]:
-    joint = statistics.median(times["joint"])
-    floor = times.get(FLOOR.label)
-    records = []
-    for entry in setting.entries:
-        t = times[entry.label]
-        med = statistics.median(t)
-        per_round = [a / b for a, b in zip(t, times["joint"], strict=True)]
-        q25, q75 = _quartiles(per_round)
-        target = None
-        if entry.method_class is None:
-            target = setting.targets.get(entry.method, TARGETS.get(entry.method))
-        ratio = med / joint
-        base, peak = memory[entry.label] if memory else (None, None)
-        to_floor: dict[str, Any] = {}
-        if floor is not None and entry.label in ("mmpareto", FLOOR.label):
-            floor_rounds = [a / b for a, b in zip(t, floor, strict=True)]
-            f25, f75 = _quartiles(floor_rounds)
-            floor_ratio = med / statistics.median(floor)
-            to_floor = {
-                "ratio_to_floor": floor_ratio,
-                "floor_q25": f25,
-                "floor_q75": f75,
-                "floor_target": FLOOR_TARGET if entry.label == "mmpareto" else None,
-                "floor_target_met": bool(floor_ratio <= FLOOR_TARGET)
-                if entry.label == "mmpareto"
-                else None,
-            }
-        records.append(
-            {
-                "setting": setting.name,
-                "method": entry.label,
-                "device": "cuda" if device.startswith("cuda") else "cpu",
-                "device_name": device_name(device),
-                "batch": setting.batch,
-                "modalities": setting.modalities,
-                "input_shapes": shapes,
-                "ms_per_step": 1e3 * med,
-                "ratio_to_joint": ratio,
-                "ratio_q25": q25,
-                "ratio_q75": q75,
-                "peak_mem_mb": peak,
-                "base_mem_mb": base,
-                "rounds": len(t),
-                "steps_per_round": setting.steps,
-                "epoch": EPOCH,
-                "threads": threads,
-                "torch": torch.__version__,
-                "method_options": dict(entry.params),
-                "target": target,
-                "target_met": None if target is None else bool(ratio <= target),
-                "note": NOTES.get(entry.label, ""),
-                "setting_seconds": seconds,
-                **to_floor,
-            }
-        )
-    return records
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_cost(
@@ -570,7 +106,7 @@ def run_cost(
     methods: Sequence[str] | None = None,
     stem: str | None = None,
     clock: str = "wall",
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = print_flushed,
 ) -> list[dict[str, Any]]:
     """Run the cost benchmark, write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, return
     the records. ``settings`` selects settings by name (default: all), ``methods`` entries by
@@ -605,163 +141,9 @@ def run_cost(
             f"{new[0]['ms_per_step']:.1f} ms; {slow} ({seconds:.0f} s)"
         )
         # written after every setting, so that an interrupted run keeps what it measured
-        (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=2) + "\n")
-        (out_dir / f"{stem}.md").write_text(cost_markdown(records))
+        write_json_atomic(out_dir / f"{stem}.json", records, indent=2)
+        write_text_atomic(out_dir / f"{stem}.md", cost_markdown(records))
     return records
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _target_cell(r: dict[str, Any]) -> str:
-    if r["target"] is None:
-        return ""
-    return f"≤ {r['target']:.2f}: {'met' if r['target_met'] else '**missed**'}"
-
-
-#: The main settings' tables, by setting name: what the setting is.
-SETTING_TITLES = {
-    "resnet": "two ResNet-18 encoders, late_sum, random data",
-    "small": "the accuracy benchmark's model (synthetic, preset=competition, MLP encoders)",
-}
-#: The sweeps' pivot tables: setting name, record key, column label.
-SWEEPS = (("sweep_batch", "batch", "batch"), ("sweep_modalities", "modalities", "M"))
-
-
-def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target."""
-    columns = [
-        Column("method", "left", essential=True),
-        Column("ms / step"),
-        Column("ratio to joint", essential=True),
-        Column("IQR", "left"),
-        Column("peak mem MB"),
-        Column("target", "left", essential=True),
-        Column("note", "left", wrap=True),
-    ]
-    cells = [
-        [
-            r["method"],
-            f"{r['ms_per_step']:.2f}",
-            f"{r['ratio_to_joint']:.3f}",
-            f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
-            _fmt(r["peak_mem_mb"], ".0f"),
-            _target_cell(r),
-            r["note"],
-        ]
-        for r in rows
-    ]
-    return Table(columns, cells)
-
-
-def sweep_table(rows: Sequence[dict[str, Any]], key: str, label: str) -> Table:
-    """A sweep as a pivot: one row per method, one column per value of ``key``; cells are the
-    ratio to joint (peak memory MB), joint's row gives its ms / step."""
-    values = sorted({r[key] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r[key]): r for r in rows}
-    columns = [Column("method", "left", essential=True)]
-    columns += [Column(f"{label} = {v}") for v in values]
-    columns.append(Column("target", "left"))
-    cells = []
-    for m in methods:
-        row = [m]
-        for v in values:
-            r = cell.get((m, v))
-            if r is None:
-                row.append("")
-            elif m == "joint":
-                row.append(f"{r['ms_per_step']:.2f} ms ({_fmt(r['peak_mem_mb'], '.1f')})")
-            else:
-                mark = "" if r["target_met"] in (None, True) else " ✗"
-                row.append(f"{r['ratio_to_joint']:.2f}{mark} ({_fmt(r['peak_mem_mb'], '.1f')})")
-        target = TARGETS.get(m)
-        cells.append([*row, "" if target is None else f"{target:g}"])
-    return Table(columns, cells)
-
-
-def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """Markdown tables of the records: one per main setting, pivots for the sweeps."""
-    if not records:
-        return "No cost records.\n"
-    first = records[0]
-    lines = [
-        f"# Step cost relative to joint ({first['device']}: {first['device_name']}, "
-        f"{first['threads']} threads, torch {first['torch']})",
-        "",
-        "Ratio = median step time (`Trainer.train_step`, epoch "
-        f"{first['epoch']}) / joint's median, methods interleaved in rounds on the same model "
-        "and batch; IQR = quartiles of the per-round ratios. Peak memory = peak during a few "
-        "steps above the memory in use once model and batch are built (CPU: resident set "
-        "size; CUDA: allocated), each method in a fresh process. Generated by "
-        "`benchmarks/bench_cost.py`.",
-        "",
-    ]
-    for name in [n for n in SETTING_TITLES if any(r["setting"] == n for r in records)]:
-        rows = [r for r in records if r["setting"] == name]
-        r0 = rows[0]
-        inputs = " + ".join(
-            f"{m} {'x'.join(map(str, s))}" for m, s in r0.get("input_shapes", {}).items()
-        )
-        lines += [
-            f"## {name}: {SETTING_TITLES[name]}; inputs {inputs}; batch {r0['batch']}",
-            "",
-            f"{r0['rounds']} rounds of {r0['steps_per_round']} step(s) per method; "
-            f"{r0['setting_seconds']:.0f} s.",
-            "",
-            to_markdown(setting_table(rows)),
-            "",
-        ]
-    for name, key, label in SWEEPS:
-        rows = [r for r in records if r["setting"] == name]
-        if not rows:
-            continue
-        what = "M = 2 (competition preset)" if key == "batch" else "batch 32"
-        lines += [
-            f"## Ratio to joint against {label} (small model, {what})",
-            "",
-            "Cells: ratio (peak memory MB); the joint row gives its ms / step.",
-            "",
-            to_markdown(sweep_table(rows, key, label)),
-            "",
-        ]
-    lines.append("✗: above the target.")
-    return "\n".join(lines) + "\n"
-
-
-def cost_text(records: Sequence[dict[str, Any]], width: int | None = None) -> str:
-    """The records as one text table that fits the terminal (80 columns in a log)."""
-    columns = [
-        Column("setting", "left", essential=True),
-        Column("method", "left", essential=True),
-        Column("B"),
-        Column("M"),
-        Column("ms/step"),
-        Column("ratio", essential=True),
-        Column("IQR", "left"),
-        Column("peak MB"),
-        Column("target", "left", essential=True),
-    ]
-    rows = [
-        [
-            r["setting"],
-            r["method"],
-            str(r["batch"]),
-            str(r["modalities"]),
-            f"{r['ms_per_step']:.2f}",
-            f"{r['ratio_to_joint']:.3f}",
-            f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
-            _fmt(r["peak_mem_mb"], ".1f"),
-            _target_cell(r),
-        ]
-        for r in records
-    ]
-    return to_text(Table(columns, rows, "Step cost relative to joint"), width)
-
-
-def print_table(records: Sequence[dict[str, Any]]) -> None:
-    print(cost_text(records))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -792,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stem=args.stem,
         clock=args.clock,
     )
-    print_table(records)
+    print(cost_text(records))
     stem = args.stem or results_stem(args.device)
     print(
         f"wrote {Path(args.out_dir) / stem}.json and .md in {time.perf_counter() - started:.0f} s"
@@ -800,10 +182,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # run as the importable module so that the memory processes can unpickle its functions
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import bench_cost
-
-    bench_cost.main()
+    main()

@@ -13,12 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is a package of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_cost import (  # noqa: E402
-    TimedMethod,
-    make_settings,
-    memory_setting,
-    run_cost,
-)
+from benchmarks.bench_cost import run_cost  # noqa: E402
+from benchmarks.cost.memory import memory_setting  # noqa: E402
+from benchmarks.cost.settings import TimedMethod, make_settings  # noqa: E402
 from mmbalance.methods import METHODS  # noqa: E402
 
 
@@ -67,7 +64,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def test_cost_tables_render_the_committed_records_as_committed() -> None:
     """The table writer renders ``cost_cpu.json`` exactly as the committed ``cost_cpu.md``."""
-    from benchmarks.bench_cost import cost_markdown, cost_text
+    from benchmarks.cost.tables import cost_markdown, cost_text
 
     records = json.loads((RESULTS / "cost_cpu.json").read_text())
     assert cost_markdown(records) == (RESULTS / "cost_cpu.md").read_text()

@@ -601,7 +601,7 @@ def _cost_section(cost: Sequence[Mapping[str, Any]] | None, results: Path) -> li
             "No cost results yet: run `python3 benchmarks/run_results.py --stage cost`.",
             "",
         ]
-    from benchmarks.bench_cost import cost_markdown
+    from benchmarks.cost.tables import cost_markdown
 
     out += [
         "Step time of each method divided by `joint`'s on the same model, batch and data, "
