@@ -65,7 +65,7 @@ def test_collecting_trains_nothing_and_names_the_missing_runs(tmp_path: Path) ->
     done = run_comparison(["joint"], TINY, tmp_path, seeds=1, executor=CollectOnly())
     (run,) = done.runs
     assert (run.status, run.message) == ("missing", "not run")
-    assert not (tmp_path / "joint" / "seed0").exists() and done.report is None
+    assert not (tmp_path / "joint" / "seed0").exists() and done.report_md is None
     assert done.records == [
         {
             "method": "joint",
@@ -99,7 +99,7 @@ def test_a_search_hands_its_candidates_first_and_its_choice_serves_another_setti
     second = run_comparison(["joint"], other, tmp_path / "b", seeds=1, choices=first.search)
     saved = yaml.safe_load((tmp_path / "b" / "joint" / "seed0" / "config.yaml").read_text())
     assert saved["train"]["lr"] == outcome.chosen * TINY_LR
-    assert not (tmp_path / "b" / "search").exists() and second.report is not None
+    assert not (tmp_path / "b" / "search").exists() and second.report_md is not None
     with pytest.raises(ConfigError, match="either searches or takes the choices"):
         run_comparison(["joint"], TINY, tmp_path / "c", search=True, choices=first.search)
     wrong = [SearchOutcome("mcr", "method.lam", (1.0,), (None,))]
