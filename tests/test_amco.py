@@ -23,7 +23,7 @@ from mmbalance.methods.amco import (
     dependence_shares,
     mask_ratio,
 )
-from mmbalance.methods.mbsd import modality_logits
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit

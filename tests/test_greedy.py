@@ -176,9 +176,9 @@ def test_cared_modality_rule() -> None:
 
 def test_speeds_accumulate_and_the_bdr_is_logged() -> None:
     method = Greedy(alpha=0.5, start_epoch=0)
-    blocks = method.setup(ModelInfo(("a", "b"), {"a": 32, "b": 32}, 3))
     main = {k: [torch.nn.Parameter(torch.full((3,), 2.0))] for k in ("a", "b")}
-    method._main = main
+    groups = {f"encoder.{k}": params for k, params in main.items()}
+    blocks = method.setup(ModelInfo(("a", "b"), {"a": 32, "b": 32}, 3, parameter_groups=groups))
     gen = torch.Generator().manual_seed(4)
     expected = {k: [0.0, 0.0] for k in ("a", "b")}
     for step in range(2):
@@ -198,7 +198,6 @@ def test_speeds_accumulate_and_the_bdr_is_logged() -> None:
             w = main[k][0].detach()
             expected[k][1] += float((main[k][0].grad ** 2).sum() / (w**2).sum())
         ctx = StepContext.standalone(torch.zeros(2, dtype=torch.long))
-        method._unlocked = True
         method.rewrite_gradients(ctx)
         if method.curation_steps:
             break

@@ -18,7 +18,7 @@ from mmbalance.data.base import Batch
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, StepContext, build_method
 from mmbalance.methods.lfm import LFM, alignment, alpha_gradient, alpha_step
-from mmbalance.methods.mbsd import modality_logits
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel

@@ -83,6 +83,7 @@ from mmbalance.methods.base import (
     StepContext,
     Task,
     build_method,
+    parameter_groups,
 )
 from mmbalance.models.fusion import FUSION_HEADS, FusionHead
 from mmbalance.models.multimodal import MultimodalModel
@@ -300,6 +301,7 @@ class MethodAdapter:
             num_outputs=self._num_outputs(num_outputs, head),
             task=task,
             additive_fusion=bool(getattr(head, "additive", False)),
+            parameter_groups=parameter_groups(self.model),
         )
         #: the module the method's ``setup`` returned (trainable; None for most methods)
         self.method_module: nn.Module | None = method.setup(self.info)
