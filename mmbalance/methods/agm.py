@@ -87,8 +87,7 @@ Logged per step: ``score_<m>``, ``ratio_<m>``, ``target_<m>``, ``coeff_<m>``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -99,6 +98,7 @@ from mmbalance.config import check
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import METHODS, Method, StepContext
 from mmbalance.methods.ops.gradients import scale_grad
+from mmbalance.methods.ops.modes import eval_mode
 from mmbalance.models.output import ModelOutput
 
 _FLOOR = 1e-8
@@ -166,21 +166,6 @@ def route(responses: Sequence[Tensor], coefficients: Tensor) -> Tensor:
     for i in range(1, len(responses)):
         out = out + scale_grad(responses[i], coefficients[i])
     return out
-
-
-@contextmanager
-def eval_mode(module: Any) -> Iterator[None]:
-    """Run ``module`` (if it is a module) in eval mode, restoring every submodule's mode after."""
-    if not isinstance(module, nn.Module):
-        yield
-        return
-    flags = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, flag in flags:
-            sub.training = flag
 
 
 # --- the method ----------------------------------------------------------------------------------

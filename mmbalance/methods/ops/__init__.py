@@ -10,6 +10,8 @@
 - :mod:`~mmbalance.methods.ops.mcr_game`: MCR's sets, donors, game weights and routing;
 - :mod:`~mmbalance.methods.ops.gradients`: identity forward, scaled backward (MLB, AGM, MCR);
 - :mod:`~mmbalance.methods.ops.min_norm`: the MGDA min-norm solver (MMPareto);
+- :mod:`~mmbalance.methods.ops.modes`: eval mode for a while (AGM's masked passes, the feature
+  pass of :mod:`mmbalance.methods.protocol`);
 - :mod:`~mmbalance.methods.ops.precision`: the arithmetic precision of the hand-differentiated
   losses.
 
