@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import COMPETITION
+from conftest import COMPETITION, build_trainer
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.build import build_dataset, resolve_config
 from mmbalance.data.base import DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
@@ -23,7 +23,6 @@ from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.mmtm import MMTM, latent_forward, stage_channels, staged_forward
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import Trainer, fit
-from mmbalance.train.checkpoint import load_checkpoint
 
 BASE: dict[str, Any] = {
     **COMPETITION,
@@ -228,13 +227,8 @@ def _bundle(n_train: int = 100) -> tuple[Any, DatasetBundle]:
 
 
 def _trainer(out: Path, **overrides: Any) -> Trainer:
-    cfg, data = _bundle()
-    cfg = resolve_config({**BASE, **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    method = build_method(cfg.method.name, cfg.method.params)
-    model = build_model(cfg, data, method)
-    return Trainer(fabric, cfg, data, model, method, method.setup(model_info(model, data)), out)
+    _, data = _bundle()
+    return build_trainer(resolve_config({**BASE, **overrides}), out, data=data)
 
 
 def test_curation_runs_window_steps_for_the_largest_bdr(tmp_path: Path) -> None:
@@ -293,18 +287,6 @@ def test_greedy_learns_the_competition_preset(tmp_path: Path) -> None:
     assert result.metrics["test"]["accuracy"] > 0.7  # chance is 0.2 (5 classes)
     steps = (tmp_path / "steps.csv").read_text()
     assert "curation" in steps and "bdr_m2" in steps
-
-
-def test_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
-    over = {**BASE, "method.alpha": 0.001, "train.epochs": 3}
-    fit(resolve_config(over), tmp_path / "full")
-    fit(resolve_config({**over, "train.epochs": 2}), tmp_path / "part")
-    fit(resolve_config(over), tmp_path / "part", resume=True)
-    a, b = (load_checkpoint(tmp_path / d / "last.ckpt") for d in ("full", "part"))
-    for key in a["module"]:
-        assert torch.equal(a["module"][key], b["module"][key]), key
-    assert a["method"] == b["method"]
-    assert int(a["module"]["method_module.4.count"]) > 0  # the running means are checkpointed
 
 
 def test_bad_settings_raise_config_error() -> None:

@@ -356,6 +356,8 @@ class Method:
       when the user names none; ``None`` for any head;
     - ``tasks``: the tasks the method is defined for (:meth:`setup` refuses another), e.g.
       ``("classification",)`` for methods whose scores are softmax probabilities;
+    - ``max_modalities``: the most modalities the method is defined for (``None``: any number;
+      :meth:`setup` refuses more);
     - ``scales_gradients``: the method acts by scaling whole gradients or learning rates, which
       adaptive optimizers (Adam, AdamW) largely undo, so the trainer warns when it runs under one;
     - ``search_space``: the main option and three candidate values that an equal-budget
@@ -372,6 +374,7 @@ class Method:
     freezes_encoders: ClassVar[bool] = False
     fusion: ClassVar[str | None] = None
     tasks: ClassVar[tuple[Task, ...]] = ("classification", "regression")
+    max_modalities: ClassVar[int | None] = None
     scales_gradients: ClassVar[bool] = False
     search_space: ClassVar[tuple[str, tuple[float, ...]] | None] = None
     missing_modality: ClassVar[str] = "its latent set to zero before the heads"
@@ -426,12 +429,17 @@ class Method:
         """Check the model and create trainable modules the method owns (returned, or None).
 
         The trainer optimises, checkpoints and moves the returned module with the model. The base
-        records ``info`` and refuses a task the method is not defined for (:attr:`tasks`);
-        subclasses call it first.
+        records ``info`` and refuses a task or a number of modalities the method is not defined
+        for (:attr:`tasks`, :attr:`max_modalities`); subclasses call it first.
         """
         if info.task not in self.tasks:
             raise ConfigError(
                 f"method {self.name!r} needs a {' or '.join(self.tasks)} task, got {info.task!r}"
+            )
+        if self.max_modalities is not None and len(info.modalities) > self.max_modalities:
+            raise ConfigError(
+                f"method {self.name!r} is defined for at most {self.max_modalities} modalities, "
+                f"got {len(info.modalities)}"
             )
         self.info = info
         return None
