@@ -58,9 +58,20 @@ def _no_analysis(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, f
     return {}, {}
 
 
+def _no_robustness(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """The end-of-run robustness metrics are the eval layer's too."""
+    return {}
+
+
+def _skip_the_end_of_run_evaluation() -> None:
+    loop.analyze_model = _no_analysis  # type: ignore[assignment]
+    loop.robustness_metrics = _no_robustness  # type: ignore[assignment]
+
+
 @pytest.fixture(autouse=True)
 def _runs_without_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "analyze_model", _no_analysis)
+    monkeypatch.setattr(loop, "robustness_metrics", _no_robustness)
 
 
 def contract_config(name: str, modalities: int = 2, epochs: int = 2, **extra: Any) -> Any:
@@ -345,7 +356,7 @@ def _ddp_every_method(fabric: Any, names: list[str], root: str) -> dict[str, Any
 
     import torch.distributed as dist
 
-    loop.analyze_model = _no_analysis  # type: ignore[assignment]
+    _skip_the_end_of_run_evaluation()  # in this worker process
     out: dict[str, Any] = {}
     for name in names:
         cfg = contract_config(name, 2, contract_epochs(name), **{"train.devices": 2})
