@@ -28,6 +28,7 @@ method's hooks and the caller's, nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Literal
@@ -101,8 +102,28 @@ class StepModule(nn.Module):
     def forward(
         self, inputs: Mapping[str, Tensor], ctx: StepContext
     ) -> tuple[ModelOutput, dict[str, Tensor]]:
+        """The step's output and the method's losses; the output comes back detached, because
+        DDP (``find_unused_parameters``) counts as used every parameter that a returned tensor
+        depends on, and would wait for the gradient of a head that no loss uses (ensemble's and
+        unimodal's fusion head) instead of reducing it as unused."""
         output = self.output(inputs, ctx)
-        return output, self._method[0].losses(output, ctx)
+        return detached_output(output), self._method[0].losses(output, ctx)
+
+
+def detached_output(output: ModelOutput) -> ModelOutput:
+    """``output`` with every tensor detached from the graph."""
+
+    def tensors(group: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: t.detach() for m, t in group.items()}
+
+    contributions = output.contributions
+    return dataclasses.replace(
+        output,
+        logits=output.logits.detach(),
+        latents=tensors(output.latents),
+        unimodal_logits=tensors(output.unimodal_logits),
+        contributions=None if contributions is None else tensors(contributions),
+    )
 
 
 class TrainingProtocol:
