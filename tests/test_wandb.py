@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_callbacks import FAST as CALLBACKS_RUN
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -20,18 +21,8 @@ from mmbalance.train.callbacks import WandB
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as wandb_pb  # noqa: E402
 
-FAST: dict[str, Any] = {
-    "dataset": "synthetic",
-    "dataset.n_train": 240,
-    "dataset.n_val": 120,
-    "dataset.n_test": 200,
-    "dataset.n_bayes": 1000,
-    "method": "ogm_ge",  # logs per-step scalars (its modulation coefficients)
-    "train.epochs": 2,
-    "train.progress": False,
-    "train.tensorboard": False,
-    "train.wandb": "mmbalance-test",
-}
+#: the callbacks tests' short run (its method, ``ogm_ge``, logs per-step scalars), logged to W&B
+FAST: dict[str, Any] = {**CALLBACKS_RUN, "train.epochs": 2, "train.wandb": "mmbalance-test"}
 
 
 def offline_records(run_file: Path) -> list[Any]:
