@@ -402,7 +402,7 @@ def version_text() -> str:
     version and those of the packages a run depends on, read without importing them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from mmbalance import __version__
+    import mmbalance
 
     found = []
     for package in ("torch", "lightning"):
@@ -411,7 +411,7 @@ def version_text() -> str:
         except PackageNotFoundError:
             found.append(f"{package} not installed")
     found.append(f"Python {sys.version.split()[0]}")
-    return f"mmbalance {__version__} ({', '.join(found)})"
+    return f"mmbalance {mmbalance.__version__} ({', '.join(found)})"
 
 
 class _VersionAction(argparse.Action):

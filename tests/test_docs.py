@@ -77,7 +77,7 @@ def test_site_builds_strict_with_a_page_per_method_and_the_parsers_help(tmp_path
     assert (site / "your-data" / "index.html").is_file()
 
 
-def test_a_newly_registered_method_gets_its_page(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_newly_registered_method_gets_its_page() -> None:
     @dataclass
     class ScaledParams:
         """Options.
@@ -93,8 +93,11 @@ def test_a_newly_registered_method_gets_its_page(monkeypatch: pytest.MonkeyPatch
 
         Params = ScaledParams
 
-    monkeypatch.setitem(METHODS._items, "scaled_test", Scaled)
-    pages = _docs_site().method_pages()
+    METHODS.register("scaled_test")(Scaled)
+    try:
+        pages = _docs_site().method_pages()
+    finally:
+        METHODS.unregister("scaled_test")
     page = pages["methods/scaled_test.md"]
     assert f"::: {Scaled.__module__}.{Scaled.__qualname__}" in page
     assert re.search(r"\| `gain` \| float \| `2.0` \| the factor every loss is multiplied by", page)
