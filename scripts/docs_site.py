@@ -250,7 +250,7 @@ def site_nav(pages: Iterable[str]) -> list[Any]:
     return [
         {"Home": "index.md"},
         {"Getting started": "getting-started.md"},
-        {"Your data": "your-data.md"},
+        {"Your data": "your_data.md"},
         {"The command line": "command-line.md"},
         {"How a method plugs in": "hooks.md"},
         {"Methods": ["methods/index.md", *methods]},

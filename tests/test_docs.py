@@ -74,7 +74,7 @@ def test_site_builds_strict_with_a_page_per_method_and_the_parsers_help(tmp_path
     main_command = re.search(r"<!-- main-command -->\s*```\s*\n(.*?)\n```", readme, re.S)
     assert " ".join(main_command.group(1).split()) in start
     assert (site / "results" / "index.html").is_file()
-    assert (site / "your-data" / "index.html").is_file()
+    assert (site / "your_data" / "index.html").is_file()
 
 
 def test_a_newly_registered_method_gets_its_page() -> None:
