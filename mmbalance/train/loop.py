@@ -480,6 +480,26 @@ class Trainer:
                 metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
+    def robustness(self) -> dict[str, float]:
+        """The robustness metrics of the current weights on the test split
+        (:mod:`mmbalance.eval.robustness`), in eval mode (restored afterwards)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return robustness_metrics(
+                self.model.heads,
+                self.data.splits["test"],
+                self.method.predict_missing,
+                lambda inputs: self.method.encode_eval(self.model, inputs),
+                self.model.modalities,
+                task=self.data.task,
+                device=self.fabric.device,
+                batch_size=2 * self.cfg.train.batch_size,
+            )
+        finally:
+            if was_training:
+                self.train_mode()
+
     def _finish(self) -> RunResult:
         best_epoch = -1
         if self.best is not None:
@@ -502,16 +522,7 @@ class Trainer:
                 encode=lambda inputs: self.method.encode_eval(self.model, inputs),
             )
             metrics["test"] |= scalars
-            metrics["test"] |= robustness_metrics(
-                self.model.heads,
-                splits["test"],
-                self.method.predict_missing,
-                lambda inputs: self.method.encode_eval(self.model, inputs),
-                self.model.modalities,
-                task=self.data.task,
-                device=self.fabric.device,
-                batch_size=2 * self.cfg.train.batch_size,
-            )
+            metrics["test"] |= self.robustness()
             write_json_atomic(self.out_dir / "analysis.json", analysis)
         result = RunResult(
             self.out_dir,
