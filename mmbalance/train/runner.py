@@ -205,12 +205,16 @@ def _unimodal_pretraining(
         model.load_state_dict({k: v for k, v in keep.items() if k.startswith("encoders.")}, False)
 
 
-def run_robustness(run_dir: str | Path) -> dict[str, float]:
-    """The robustness metrics (:mod:`mmbalance.eval.robustness`) of a finished run's selected
-    weights (``best.ckpt``), for a run trained before every run recorded them; the run's
-    ``config.yaml`` rebuilds data, model and method."""
+def beyond_accuracy_metrics(run_dir: str | Path) -> dict[str, float]:
+    """The test metrics a run records beyond accuracy (balanced accuracy and calibration,
+    :mod:`mmbalance.eval.metrics`; robustness, :mod:`mmbalance.eval.robustness`) of a finished
+    run's selected weights (``best.ckpt``), for a run trained before runs recorded them; the
+    run's ``config.yaml`` rebuilds data, model and method."""
     trainer = load_run(Path(run_dir) / "best.ckpt")
-    return trainer.robustness()
+    test = trainer.evaluate("test")
+    calibration = ("balanced_accuracy", "ece")
+    out = {k: v for k, v in test.items() if k in calibration or k.startswith("unimodal_ece_")}
+    return out | trainer.robustness()
 
 
 def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
