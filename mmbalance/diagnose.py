@@ -39,7 +39,16 @@ from mmbalance.errors import ConfigError, MMBalanceError
 from mmbalance.eval.outcome import OUTCOMES
 from mmbalance.eval.probe import latents_of, stacked_probe_accuracy
 from mmbalance.io import write_json_atomic, write_text_atomic
-from mmbalance.report import Column, Stat, Table, describe, failed_runs, to_markdown, to_text
+from mmbalance.report import (
+    Column,
+    Stat,
+    Table,
+    describe,
+    failed_runs,
+    fmt_stat,
+    to_markdown,
+    to_text,
+)
 from mmbalance.report.plots import plot_modality_curves
 from mmbalance.report.records import read_history
 from mmbalance.report.regime import (
@@ -50,7 +59,9 @@ from mmbalance.report.regime import (
     RegimeEvidence,
     SeedNumbers,
     Verdict,
+    points_interval,
     regime_evidence,
+    regime_stat,
     verdict,
 )
 from mmbalance.report.stats import seeds_for_significance
@@ -128,8 +139,8 @@ class Diagnosis:
     seeds: int
     evidence: RegimeEvidence
     verdict: Verdict
-    imbalance_degree: Stat
-    confidence: dict[str, Stat]  # each unimodal head's mean probability of the true class
+    imbalance_degree: Stat | None
+    confidence: dict[str, Stat | None]  # each unimodal head's mean probability of the true class
     confidence_ratio: Stat | None  # strongest over weakest head (classification)
     fused_gain: Stat  # per seed: the better of ensemble and stacked probe - best alone
     curves: dict[str, Any]  # per modality: joint's and the ensemble's probe per epoch
@@ -292,11 +303,11 @@ def diagnose(
         gains.append(fused - best_alone)
     evidence = regime_evidence(numbers)
     found = verdict(evidence)
-    degree = _describe([_value(records, "joint", s, "imbalance_degree") for s in range(seeds)])
-    conf = {m: _describe([c[m] for c in confidence]) for m in confidence[0]}
+    degree = describe([_value(records, "joint", s, "imbalance_degree") for s in range(seeds)])
+    conf = {m: describe([c[m] for c in confidence]) for m in confidence[0]}
     ratio = None
     if conf:
-        ratio = _describe([max(c.values()) / max(min(c.values()), 1e-12) for c in confidence])
+        ratio = describe([max(c.values()) / max(min(c.values()), 1e-12) for c in confidence])
     curves = modality_curves(out_dir, seeds)
     advice = advice_for(found.kind, cfg.train.optimizer)
     command = compare_command(overrides, advice, evidence, out_dir, command_options)
@@ -309,7 +320,7 @@ def diagnose(
         imbalance_degree=degree,
         confidence=conf,
         confidence_ratio=ratio,
-        fused_gain=_describe(gains),
+        fused_gain=regime_stat(gains),
         curves=curves,
         advice=advice,
         command=command,
@@ -322,11 +333,6 @@ def diagnose(
     write_json_atomic(out_dir / "diagnosis.json", result.to_json(), indent=1)
     write_text_atomic(out_dir / "diagnosis.md", render_markdown(result, figure))
     return result
-
-
-def _describe(values: Sequence[float | None]) -> Stat:
-    stat = describe(values)
-    return stat if stat is not None else Stat(math.nan, math.nan, 0, math.nan)
 
 
 def _value(records: Sequence[Mapping[str, Any]], method: str, seed: int, metric: str) -> float:
@@ -476,32 +482,21 @@ def compare_command(
 
 
 # --- output ------------------------------------------------------------------------------------------
-def _fmt(stat: Stat | None, digits: int = 3) -> str:
-    if stat is None or stat.n == 0:
-        return "–"
-    if stat.n < 2:
-        return f"{stat.mean:.{digits}f}"
-    return f"{stat.mean:.{digits}f} ± {stat.half_width:.{digits}f}"
-
-
-def _fmt_points(stat: Stat) -> str:
-    if stat.n < 2:
-        return f"{100 * stat.mean:+.1f} points"
-    return f"{100 * stat.mean:+.1f} ± {100 * stat.half_width:.1f} points"
-
-
 def numbers_table(d: Diagnosis) -> Table:
     """The measured numbers, each with its 95 % interval over seeds."""
     ev = d.evidence
-    rows = [[f"{m} alone", _fmt(s)] for m, s in ev.alone.items()]
-    rows += [["joint", _fmt(ev.joint)], ["ensemble of the unimodal models", _fmt(ev.ensemble)]]
-    gap = _fmt_points(ev.gap)
+    rows = [[f"{m} alone", fmt_stat(s, 3)] for m, s in ev.alone.items()]
+    rows += [
+        ["joint", fmt_stat(ev.joint, 3)],
+        ["ensemble of the unimodal models", fmt_stat(ev.ensemble, 3)],
+    ]
+    gap = points_interval(ev.gap)
     if not math.isnan(ev.gap_p):
         gap += f", paired p = {ev.gap_p:.2g}"
     rows.append(["ensemble − joint (paired)", gap])
     if ev.stacked_probe is not None:
         rows.append(["stacked probe on the unimodal encoders", f"{ev.stacked_probe:.3f}"])
-    rows.append(["fused gain over the best modality alone", _fmt_points(d.fused_gain)])
+    rows.append(["fused gain over the best modality alone", points_interval(d.fused_gain)])
     for m in ev.modalities:
         rows.append(
             [
@@ -509,12 +504,12 @@ def numbers_table(d: Diagnosis) -> Table:
                 f"{ev.probe_alone[m].mean:.3f} / {ev.probe_joint[m].mean:.3f}",
             ]
         )
-        rows.append([f"{m} probe deficit inside joint", _fmt_points(ev.probe_deficit[m])])
-    rows += [[f"Shapley {m} in joint", _fmt(s)] for m, s in ev.shapley_joint.items()]
-    rows.append(["imbalance degree of joint", _fmt(d.imbalance_degree)])
+        rows.append([f"{m} probe deficit inside joint", points_interval(ev.probe_deficit[m])])
+    rows += [[f"Shapley {m} in joint", fmt_stat(s, 3)] for m, s in ev.shapley_joint.items()]
+    rows.append(["imbalance degree of joint", fmt_stat(d.imbalance_degree, 3)])
     if d.confidence:
-        rows += [[f"{m} head confidence (alone)", _fmt(s)] for m, s in d.confidence.items()]
-        rows.append(["confidence ratio, strongest / weakest", _fmt(d.confidence_ratio, 2)])
+        rows += [[f"{m} head confidence (alone)", fmt_stat(s, 3)] for m, s in d.confidence.items()]
+        rows.append(["confidence ratio, strongest / weakest", fmt_stat(d.confidence_ratio, 2)])
     for m, curve in d.curves.items():
         joint_at, alone_at = curve.get("joint_stalls_at"), curve.get("alone_stalls_at")
         if joint_at is None or not curve.get("joint"):

@@ -113,20 +113,23 @@ def test_results_page_regenerates_the_committed_accuracy_section(tmp_path: Path)
     assert f"{sum(diffs) / len(diffs):+.4f} ± {half:.4f}" in cells[5]
 
 
+#: A one-epoch synthetic run of a few hundred samples.
+TINY = {
+    "dataset": "synthetic",
+    "dataset.n_train": 120,
+    "dataset.n_val": 100,
+    "dataset.n_test": 200,
+    "dataset.n_bayes": 500,
+    "train.epochs": 1,
+    "train.tensorboard": False,
+}
+
+
 def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path) -> None:
     from benchmarks.results_page.runner import Selection, run_accuracy
     from benchmarks.results_page.studies import Point, Study
 
-    tiny = {
-        "dataset": "synthetic",
-        "dataset.n_train": 120,
-        "dataset.n_val": 100,
-        "dataset.n_test": 200,
-        "dataset.n_bayes": 500,
-        "train.epochs": 1,
-        "train.tensorboard": False,
-    }
-    study = Study("tiny", "Tiny", "a tiny synthetic setting", (Point("default", tiny),))
+    study = Study("tiny", "Tiny", "a tiny synthetic setting", (Point("default", TINY),))
     threads = torch.get_num_threads()  # one worker in this process: it sets one thread
     try:
         saved = run_accuracy(
@@ -282,17 +285,7 @@ def test_runs_trained_before_the_metrics_beyond_accuracy_get_them_once(tmp_path:
     from mmbalance.build import resolve_config
     from mmbalance.train import fit
 
-    cfg = {
-        "dataset": "synthetic",
-        "dataset.n_train": 120,
-        "dataset.n_val": 100,
-        "dataset.n_test": 200,
-        "dataset.n_bayes": 500,
-        "train.epochs": 1,
-        "train.progress": False,
-        "train.tensorboard": False,
-    }
-    result = fit(resolve_config(cfg), tmp_path / "run")
+    result = fit(resolve_config({**TINY, "train.progress": False}), tmp_path / "run")
     test = result.metrics["test"]
     later = ("missing_", "noisy_", "robust_", "balanced_accuracy", "ece")
     old = {k: v for k, v in test.items() if not k.startswith(later)}

@@ -90,9 +90,11 @@ class RegimeEvidence:
     met: dict[str, bool] = field(default_factory=dict)
 
 
-def _stat(values: Sequence[float]) -> Stat:
+def regime_stat(values: Sequence[float]) -> Stat:
+    """Mean and 95 % interval of at least one value."""
     stat = describe(values)
-    assert stat is not None, "no values"
+    if stat is None:
+        raise ValueError("no finite value to describe")
     return stat
 
 
@@ -102,23 +104,23 @@ def regime_evidence(seeds: Sequence[SeedNumbers]) -> RegimeEvidence:
         raise ValueError("no seed to judge")
     mods = list(seeds[0].alone)
     diffs = [s.ensemble - s.joint for s in seeds]
-    gap = _stat(diffs)
+    gap = regime_stat(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    alone = {m: _stat([s.alone[m] for s in seeds]) for m in mods}
-    shapley = {m: _stat([s.shapley_joint[m] for s in seeds]) for m in mods}
+    alone = {m: regime_stat([s.alone[m] for s in seeds]) for m in mods}
+    shapley = {m: regime_stat([s.shapley_joint[m] for s in seeds]) for m in mods}
     weak = min(mods, key=lambda m: shapley[m].mean)
-    probe_alone = {m: _stat([s.probe_alone[m] for s in seeds]) for m in mods}
-    probe_joint = {m: _stat([s.probe_joint[m] for s in seeds]) for m in mods}
-    deficit = {m: _stat([s.probe_alone[m] - s.probe_joint[m] for s in seeds]) for m in mods}
+    probe_alone = {m: regime_stat([s.probe_alone[m] for s in seeds]) for m in mods}
+    probe_joint = {m: regime_stat([s.probe_joint[m] for s in seeds]) for m in mods}
+    deficit = {m: regime_stat([s.probe_alone[m] - s.probe_joint[m] for s in seeds]) for m in mods}
     stacked_values = [s.stacked_probe for s in seeds if s.stacked_probe is not None]
     stacked = statistics.fmean(stacked_values) if stacked_values else None
-    ensemble = _stat([s.ensemble for s in seeds])
+    ensemble = regime_stat([s.ensemble for s in seeds])
     fused = max(stacked, ensemble.mean) if stacked is not None else ensemble.mean
     best_alone = max(a.mean for a in alone.values())
     evidence = RegimeEvidence(
         seeds=len(seeds),
         modalities=mods,
-        joint=_stat([s.joint for s in seeds]),
+        joint=regime_stat([s.joint for s in seeds]),
         ensemble=ensemble,
         gap=gap,
         gap_se=se,
@@ -161,8 +163,8 @@ def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
-def _interval(stat: Stat) -> str:
-    """``+0.3 ± 0.8 points`` (the 95 % interval of a difference, in points)."""
+def points_interval(stat: Stat) -> str:
+    """``+0.3 ± 0.8 points``: a difference and its 95 % interval, in points (hundredths)."""
     if stat.n < 2:
         return f"{_points(stat.mean)} points"
     return f"{_points(stat.mean)} ± {100 * stat.half_width:.1f} points"
@@ -188,7 +190,7 @@ def verdict(evidence: RegimeEvidence) -> Verdict:
                 f"the {weak} encoder reaches {evidence.probe_joint[weak].mean:.2f} inside joint "
                 f"against {evidence.probe_alone[weak].mean:.2f} alone (linear probes)"
             )
-        gap = f"joint {_interval(_negated(evidence.gap))} against the ensemble"
+        gap = f"joint {points_interval(_negated(evidence.gap))} against the ensemble"
         if not math.isnan(evidence.gap_p):
             gap += f" (paired p = {evidence.gap_p:.2g})"
         parts.append(gap if met["gap"] else f"{gap}, not beyond the seed noise")
@@ -196,7 +198,7 @@ def verdict(evidence: RegimeEvidence) -> Verdict:
     return Verdict(
         "no_competition",
         "no competition: joint already matches the ensemble "
-        f"({_interval(_negated(evidence.gap))}), and the {weak} encoder learns as much inside "
+        f"({points_interval(_negated(evidence.gap))}), and the {weak} encoder learns as much inside "
         f"joint as alone (probe {evidence.probe_joint[weak].mean:.2f} against "
         f"{evidence.probe_alone[weak].mean:.2f})",
     )

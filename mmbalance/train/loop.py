@@ -56,7 +56,7 @@ from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.eval.robustness import robustness_metrics
+from mmbalance.eval.robustness import RATES, robustness_metrics
 from mmbalance.io import write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
@@ -480,9 +480,9 @@ class Trainer:
                 metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
-    def robustness(self) -> dict[str, float]:
+    def robustness(self, rates: Sequence[float] = RATES) -> dict[str, float]:
         """The robustness metrics of the current weights on the test split
-        (:mod:`mmbalance.eval.robustness`), in eval mode (restored afterwards)."""
+        (:mod:`mmbalance.eval.robustness`, at ``rates``), in eval mode (restored afterwards)."""
         was_training = self.module.training
         self.module.eval()
         try:
@@ -493,6 +493,7 @@ class Trainer:
                 lambda inputs: self.method.encode_eval(self.model, inputs),
                 self.model.modalities,
                 task=self.data.task,
+                rates=rates,
                 device=self.fabric.device,
                 batch_size=2 * self.cfg.train.batch_size,
             )
