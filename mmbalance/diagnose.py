@@ -196,7 +196,7 @@ class Diagnosis:
         }
 
 
-# --- running ----------------------------------------------------------------------------------------
+# --- running --------------------------------------------------------------------------------------
 def _train(seeds: int, out_dir: Path, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The runs of the diagnosis, through the comparison engine (reused and resumed as
     ``compare`` does); the one call to move when the engine moves."""
@@ -433,7 +433,7 @@ def modality_curves(out_dir: Path, seeds: int) -> dict[str, Any]:
     return out
 
 
-# --- advice ------------------------------------------------------------------------------------------
+# --- advice ---------------------------------------------------------------------------------------
 def advice_for(kind: str, optimizer: str) -> list[Advice]:
     """The steps of :data:`ADVICE` for a verdict; SGD-only steps only when training with SGD."""
     return [a for a in ADVICE[kind] if not a.sgd_only or optimizer == "sgd"]
@@ -481,7 +481,7 @@ def compare_command(
     return " ".join(shlex.quote(p) for p in parts)
 
 
-# --- output ------------------------------------------------------------------------------------------
+# --- output ---------------------------------------------------------------------------------------
 def numbers_table(d: Diagnosis) -> Table:
     """The measured numbers, each with its 95 % interval over seeds."""
     ev = d.evidence
@@ -523,9 +523,10 @@ def numbers_table(d: Diagnosis) -> Table:
         Column("value (mean ± 95 % CI over seeds)", "left", essential=True, wrap=True),
     ]
     notes = [
-        f"{d.seeds} seed(s) of joint and of the ensemble (test split). Alone: the ensemble's "
-        "head and encoder of that modality; probes: linear probes on each frozen encoder; "
-        f"weak modality: the smaller Shapley value in joint ({ev.weak}). Epochs count from 0."
+        f"{d.seeds} seed{'s' if d.seeds > 1 else ''} of joint and of the ensemble (test "
+        "split). Alone: the ensemble's head and encoder of that modality; probes: linear "
+        "probes on each frozen encoder; weak modality: the smaller Shapley value in joint "
+        f"({ev.weak}). Epochs count from 0."
     ]
     if d.task == "regression":
         notes.append("Accuracy: the binary accuracy of the sign of the prediction (Acc-2).")
@@ -565,7 +566,8 @@ def render_text(d: Diagnosis, width: int | None = None) -> str:
     out += ["Criteria (mmbalance.report.regime):", *(f"  {line}" for line in criteria_lines(d))]
     seeds = d.seeds
     caution = (
-        f" ({seeds} seeds: a screening; the regime search confirmed its settings on 5)"
+        f" ({seeds} seed{'s' if seeds > 1 else ''}: a screening; the regime search "
+        "confirmed its settings on 5)"
         if seeds < 5
         else ""
     )

@@ -48,7 +48,7 @@ def _seeds(gaps: list[float], **kwargs: Any) -> list[SeedNumbers]:
     return [_seed(joint=0.87, ensemble=0.87 + g, **kwargs) for g in gaps]
 
 
-# --- each threshold on hand-made numbers -------------------------------------------------------------
+# --- each threshold on hand-made numbers ----------------------------------------------------------
 def test_gap_needs_two_points_and_two_standard_errors() -> None:
     assert (MIN_GAP, GAP_SE_FACTOR) == (0.02, 2.0)
     assert regime_evidence(_seeds([0.021, 0.022, 0.020])).met["gap"]
@@ -124,7 +124,7 @@ def test_find_av_regime_uses_the_library_criteria() -> None:
     assert find_av_regime.markdown(results) == find_av_regime.MD_PATH.read_text()
 
 
-# --- pieces of the diagnosis --------------------------------------------------------------------------
+# --- pieces of the diagnosis ----------------------------------------------------------------------
 def test_the_weak_modality_stops_rising_where_it_never_gains_a_point_again() -> None:
     from mmbalance.diagnose import stall_epoch
 
@@ -203,7 +203,7 @@ def test_the_advice_says_what_docs_results_measured() -> None:
     assert "Against `joint`: significantly better: none; significantly worse:" in digits
 
 
-# --- the diagnosis, end to end ------------------------------------------------------------------------
+# --- the diagnosis, end to end --------------------------------------------------------------------
 #: Two equally easy modalities, each carrying the label alone in a quarter of the samples: a
 #: fusion gains over either, and neither dominates the other's learning.
 NO_COMPETITION = {
@@ -287,17 +287,31 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
+#: AV-Fashion-CNN's data and encoders on a CI budget: a third of the training samples, three
+#: epochs of batch 32 (the default trains on 3000 for six epochs of batch 128).
+AV_FASHION_CNN_SMALL = {
+    "dataset": "av-fashion-cnn",
+    "dataset.n_train": 1000,
+    "dataset.n_val": 300,
+    "dataset.n_test": 600,
+    "train.batch_size": 32,
+    "train.epochs": 3,
+    "train.progress": False,
+    "train.tensorboard": False,
+}
+
+
 @needs_fashion
 def test_competition_present_on_av_fashion_cnn(tmp_path) -> None:
-    """AV-Fashion-CNN's default data and recipe, one seed (about 25 s of CPU time on one
-    thread): the speech encoder is starved inside joint, as the regime search measured."""
+    """One seed of joint and the ensemble (about 30 s of CPU time on one thread, the dataset
+    build included): the speech encoder is starved inside joint, as the regime search measured
+    at the full budget (probe 0.49 inside joint against 0.77 alone)."""
     from mmbalance.diagnose import diagnose
 
-    quiet = {"train.progress": False, "train.tensorboard": False}
-    result = diagnose({"dataset": "av-fashion-cnn", **quiet}, tmp_path / "d", seeds=1)
+    result = diagnose(AV_FASHION_CNN_SMALL, tmp_path / "d", seeds=1)
     ev = result.evidence
     assert result.verdict.kind == "competition", result.verdict.sentence
     assert ev.weak == "audio" and ev.met["probe"] and ev.met["complementary"]
-    assert ev.probe_deficit["audio"].mean > 0.1  # measured 0.31 over 2 seeds
+    assert ev.probe_deficit["audio"].mean > 0.06  # measured 0.13 (seed 0)
     assert result.verdict.sentence.startswith("competition present: the audio encoder reaches")
     assert result.command.startswith("mmbalance compare --dataset av-fashion-cnn --methods joint,")

@@ -35,7 +35,7 @@ from typing import Literal
 
 from mmbalance.report.stats import Stat, _paired_p, describe
 
-# --- the criteria (fixed before the regime search) -------------------------------------------------
+# --- the criteria (fixed before the regime search) ------------------------------------------------
 MIN_GAP = 0.02  # ensemble - joint, test accuracy
 GAP_SE_FACTOR = 2.0  # the mean paired difference must exceed this many standard errors
 UNIMODAL_RANGE = (0.45, 0.85)
@@ -198,8 +198,8 @@ def verdict(evidence: RegimeEvidence) -> Verdict:
     return Verdict(
         "no_competition",
         "no competition: joint already matches the ensemble "
-        f"({points_interval(_negated(evidence.gap))}), and the {weak} encoder learns as much inside "
-        f"joint as alone (probe {evidence.probe_joint[weak].mean:.2f} against "
+        f"({points_interval(_negated(evidence.gap))}), and the {weak} encoder learns as much "
+        f"inside joint as alone (probe {evidence.probe_joint[weak].mean:.2f} against "
         f"{evidence.probe_alone[weak].mean:.2f})",
     )
 
