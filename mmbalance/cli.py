@@ -409,10 +409,43 @@ METRICS_HELP = (
 )
 
 
+def version_text() -> str:
+    """``mmbalance 0.1.0 (torch 2.13.0+cpu, lightning 2.6.6, Python 3.11.7)``: the library's
+    version and those of the packages a run depends on, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mmbalance
+
+    found = []
+    for package in ("torch", "lightning"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    found.append(f"Python {sys.version.split()[0]}")
+    return f"mmbalance {mmbalance.__version__} ({', '.join(found)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_text` and exit (computed only when asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmbalance",
         description="Balanced multimodal training: methods, datasets, comparisons.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of mmbalance, torch and lightning and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     plugin = argparse.ArgumentParser(add_help=False)
