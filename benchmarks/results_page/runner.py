@@ -42,6 +42,28 @@ def with_sample_counts(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]
     return {**summary, "metrics": {**summary["metrics"], "test": test}}
 
 
+def with_beyond_accuracy(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``summary`` with the metrics runs record beyond accuracy (balanced accuracy, ECE,
+    robustness to a missing or noisy modality): a run trained before runs recorded them gets
+    them from its selected weights (:func:`mmbalance.train.runner.beyond_accuracy_metrics`),
+    kept in ``beyond_accuracy.json`` next to its ``metrics.json`` so that they are computed
+    once; metrics the run recorded itself are never replaced."""
+    from mmbalance.eval.robustness import summary_key
+
+    if "metrics" not in summary or summary_key(0.5) in summary["metrics"]["test"]:
+        return summary
+    saved = run_dir / "beyond_accuracy.json"
+    if saved.is_file():
+        extra = read_json(saved)
+    else:
+        from mmbalance.train.runner import beyond_accuracy_metrics
+
+        extra = beyond_accuracy_metrics(run_dir)
+        write_json_atomic(saved, extra)
+    test = {**extra, **summary["metrics"]["test"]}
+    return {**summary, "metrics": {**summary["metrics"], "test": test}}
+
+
 def study_methods(study: Study, methods: Sequence[str] | None = None) -> list[str]:
     """The methods a study compares, as ``--methods`` names them: every registered method (or
     the study's own list, or ``methods``) in the order of the tables, a study's variants
@@ -59,14 +81,17 @@ def study_methods(study: Study, methods: Sequence[str] | None = None) -> list[st
 
 def point_records(study: Study, point_index: int, comparison: Any) -> list[dict[str, Any]]:
     """The page's records of one point's runs: the test metrics and the validation accuracy,
-    whether each run diverged (0 or 1), and the test samples behind the routing and synergy
-    rates; a run that failed or was not run has none."""
+    whether each run diverged (0 or 1), the test samples behind the routing and synergy rates,
+    and the metrics beyond accuracy of a run trained before runs recorded them
+    (:func:`with_beyond_accuracy`); a run that failed or was not run has none."""
     point = study.points[point_index]
     base = {"study": study.name, "point": point.name, "x": point.x}
     out: list[dict[str, Any]] = []
     for run in comparison.runs:
         if run.status == "finished":
-            rows = run_records(run.label, run.seed, with_sample_counts(run.to_json(), run.run_dir))
+            summary = with_sample_counts(run.to_json(), run.run_dir)
+            summary = with_beyond_accuracy(summary, run.run_dir)
+            rows = run_records(run.label, run.seed, summary)
             ok = {"method": run.label, "seed": run.seed, "split": "test", "metric": DIVERGED}
             rows.insert(0, {**ok, "value": 0.0})
         elif run.status == "diverged":

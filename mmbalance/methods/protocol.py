@@ -28,7 +28,6 @@ method's hooks and the caller's, nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Literal
@@ -83,7 +82,10 @@ class StepModule(nn.Module):
 
     Its forward is the whole differentiable computation of a step (encoders through the method,
     the method's latent transform, the heads, the method's losses), so every parameter a loss
-    uses is inside the DDP forward.
+    uses is inside the DDP forward. It returns the losses alone: DDP looks for the parameters a
+    step leaves unused from what the forward returns, and an output that the losses skip (the
+    fusion head in MIDAS's warm-up) would count as used, so the gradient reduction would wait
+    for a gradient that never comes.
     """
 
     def __init__(self, model: nn.Module, method: Method, method_module: nn.Module | None) -> None:
@@ -99,31 +101,8 @@ class StepModule(nn.Module):
         latents = method.transform_latents(latents, ctx)
         return self.model.heads(latents)  # type: ignore[operator]
 
-    def forward(
-        self, inputs: Mapping[str, Tensor], ctx: StepContext
-    ) -> tuple[ModelOutput, dict[str, Tensor]]:
-        """The step's output and the method's losses; the output comes back detached, because
-        DDP (``find_unused_parameters``) counts as used every parameter that a returned tensor
-        depends on, and would wait for the gradient of a head that no loss uses (ensemble's and
-        unimodal's fusion head) instead of reducing it as unused."""
-        output = self.output(inputs, ctx)
-        return detached_output(output), self._method[0].losses(output, ctx)
-
-
-def detached_output(output: ModelOutput) -> ModelOutput:
-    """``output`` with every tensor detached from the graph."""
-
-    def tensors(group: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {m: t.detach() for m, t in group.items()}
-
-    contributions = output.contributions
-    return dataclasses.replace(
-        output,
-        logits=output.logits.detach(),
-        latents=tensors(output.latents),
-        unimodal_logits=tensors(output.unimodal_logits),
-        contributions=None if contributions is None else tensors(contributions),
-    )
+    def forward(self, inputs: Mapping[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        return self._method[0].losses(self.output(inputs, ctx), ctx)
 
 
 class TrainingProtocol:
@@ -143,7 +122,7 @@ class TrainingProtocol:
             too (a user's model whose fusion function uses its layers).
 
     Attributes:
-        forward: the forward of a step, ``forward(inputs, ctx) -> (output, losses)``:
+        forward: the forward of a step, ``forward(inputs, ctx) -> losses``:
             :attr:`module` itself unless the caller wraps it (our trainer: Fabric's wrapper, for
             DDP and precision; a compiled step: ``torch.compile(module)``).
         backward, all_reduce, world_size, gather, autocast: the engine: how a loss is
@@ -172,7 +151,7 @@ class TrainingProtocol:
         self.method = method
         self.model = model
         self.module = StepModule(model, method, method_module)
-        self.forward: Callable[..., tuple[ModelOutput, dict[str, Tensor]]] = self.module
+        self.forward: Callable[..., dict[str, Tensor]] = self.module
         self.task: Task = task
         self.regression_loss = regression_loss
         self.seed = seed
@@ -244,7 +223,7 @@ class TrainingProtocol:
         for part in self.method.step_parts(ctx):
             ctx.part = part
             optimizer.zero_grad(set_to_none=True)
-            _, losses = self.forward(ctx.inputs, ctx)
+            losses = self.forward(ctx.inputs, ctx)
             self.method.backward(losses, ctx)
             self.method.rewrite_gradients(ctx)
             part_terms = before_step(losses)
