@@ -206,6 +206,7 @@ def api_pages() -> dict[str, str]:
     """The hooks a method implements and the Python entry points, by the objects' own paths (so
     a module that moves keeps its page)."""
     from mmbalance.builder import resolve_config
+    from mmbalance.compare import Comparison, RunSummary, run_comparison
     from mmbalance.methods import EpochContext, Method, MethodAdapter, ModelInfo, StepContext
     from mmbalance.train import Callback, fit
     from mmbalance.train.loop import RunResult, Trainer
@@ -224,7 +225,16 @@ def api_pages() -> dict[str, str]:
     api = ["# Python API\n"]
     api += [
         f"\n{_directive(_object_path(obj), members_order='source')}"
-        for obj in (resolve_config, fit, RunResult, Trainer, Callback)
+        for obj in (
+            resolve_config,
+            fit,
+            RunResult,
+            run_comparison,
+            Comparison,
+            RunSummary,
+            Trainer,
+            Callback,
+        )
     ]
     callbacks = Callback.__module__.rsplit(".", 1)[0] + ".callbacks"
     api.append(f"\n{_directive(callbacks, members_order='source', show_root_heading=True)}")

@@ -143,8 +143,8 @@ def run_comparison(
             train the seeds with the chosen value; ``search.json`` records the choices.
         choices: the search outcomes of another comparison of the same methods (another
             setting of the same study) to train with, instead of searching here.
-        executor: how the runs are executed (default: :class:`~mmbalance.compare.execute.
-            Sequential`, one after another in this process).
+        executor: how the runs are executed (default:
+            :class:`~mmbalance.compare.execute.Sequential`, one after another in this process).
         report: write ``report.md`` and ``report.html`` (and the terminal table,
             :attr:`Comparison.table`) when some run finished.
         metrics: the columns of the report and the table (``--metrics``, parsed by
