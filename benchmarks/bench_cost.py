@@ -323,8 +323,10 @@ def random_bundle(shapes: dict[str, tuple[int, ...]], classes: int, n: int) -> D
 
 def build_run(
     setting: Setting, entry: TimedMethod, device: str, workdir: Path
-) -> tuple[Trainer, Batch]:
-    """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it) and the fixed batch."""
+) -> tuple[Trainer, Batch, str | None]:
+    """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it), the fixed batch and
+    the epoch subset its steps are timed as (the first of ``Method.epoch_subsets``, for a method
+    that re-samples its epochs; its pass at the epoch's start is not timed)."""
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     shared = dict(setting.overrides)
     if METHODS.get(entry.method).fusion is not None:  # a method defined on its own head keeps it
@@ -359,9 +361,11 @@ def build_run(
         model.encoders.requires_grad_(False)
     trainer = Trainer(fabric, cfg, data, model, method, method_module, workdir)
     trainer.train_mode()
-    method.on_epoch_start(trainer.epoch_context(EPOCH))
+    ctx = trainer.epoch_context(EPOCH)
+    method.on_epoch_start(ctx)
+    subsets = method.epoch_subsets(ctx)
     batch = data.splits["train"].__getitems__(list(range(setting.batch)))
-    return trainer, batch.to(fabric.device)
+    return trainer, batch.to(fabric.device), subsets[0].name if subsets else None
 
 
 def _log(message: str) -> None:
@@ -391,11 +395,11 @@ def time_setting(
         runs = {e.label: build_run(setting, e, device, Path(tmp)) for e in setting.entries}
 
         def timed(label: str, steps: int) -> float:
-            trainer, batch = runs[label]
+            trainer, batch, subset = runs[label]
             _sync(device)
             t0 = now()
             for _ in range(steps):
-                trainer.train_step(batch, EPOCH)
+                trainer.train_step(batch, EPOCH, subset=subset)
             _sync(device)
             return (now() - t0) / steps
 
@@ -438,7 +442,7 @@ def _memory_child(
     """In a fresh process: (baseline MB, peak MB above the baseline) of ``mem_steps`` steps."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, batch = build_run(setting, entry, device, Path(tmp))
+        trainer, batch, subset = build_run(setting, entry, device, Path(tmp))
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -448,7 +452,7 @@ def _memory_child(
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current
             base = 1024 * _status_kb("VmRSS")
         for _ in range(setting.mem_steps):
-            trainer.train_step(batch, EPOCH)
+            trainer.train_step(batch, EPOCH, subset=subset)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()

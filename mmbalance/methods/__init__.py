@@ -50,6 +50,7 @@ METHODS: Registry[type[Method]] = Registry("method", __name__, BUILTIN_METHODS)
 
 _EXPORTS: dict[str, str] = {
     "EpochContext": "base",
+    "EpochSubset": "base",
     "Method": "base",
     "ModelInfo": "base",
     "Phase": "base",

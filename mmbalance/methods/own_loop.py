@@ -60,6 +60,18 @@ What stays yours: the data, the schedule, evaluation, checkpoints (save ``method
 and ``adapter.method_module`` with your model), and unimodal pre-training for the methods that
 declare ``needs_unimodal_pretraining`` (pre-train your encoders with their unimodal heads first).
 Single process only: ``backward`` is ``loss.backward()`` and ``all_reduce`` the identity.
+
+Two methods need a little more of your loop:
+
+- a method that re-samples the epoch (``remix``) returns subsets from
+  ``method.epoch_subsets(ctx)`` (``ctx`` is what :meth:`MethodAdapter.begin_epoch` returned):
+  train on each subset's samples in turn (indices into the order of your ``splits["train"]``
+  batches), giving each step its subset's name, ``adapter.context(..., subset=name)`` or
+  ``adapter.train_step(..., subset=name)``;
+- a method whose module grows (``aug``) adds parameters at an epoch's end:
+  :meth:`MethodAdapter.begin_epoch` gives them to the optimizer you pass it, and before you
+  load a saved optimizer state call ``method.restore_module_layout(layout)`` with the
+  ``method.module_layout()`` you saved, then :meth:`MethodAdapter.adopt_new_parameters`.
 """
 
 from __future__ import annotations
@@ -409,10 +421,13 @@ class MethodAdapter:
         targets: Tensor,
         optimizer: torch.optim.Optimizer,
         epoch: int = 0,
+        subset: str | None = None,
     ) -> StepResult:
         """One whole training step: for each part of the method's step, zero the gradients,
-        forward, losses, the method's backward and gradient rewriting, then ``optimizer.step``."""
-        ctx = self.context(targets, inputs, epoch)
+        forward, losses, the method's backward and gradient rewriting, then ``optimizer.step``
+        (``subset``: the epoch subset the batch comes from, for methods that re-sample the
+        epoch)."""
+        ctx = self.context(targets, inputs, epoch, subset=subset)
         totals: dict[str, float] = {}
         for part in self.method.step_parts(ctx):
             ctx.part = part
@@ -475,8 +490,28 @@ class MethodAdapter:
         ctx = self.epoch_context(epoch)
         self.method.on_epoch_start(ctx)
         if optimizer is not None:
+            self.adopt_new_parameters(optimizer)
             self._set_lr(optimizer)
         return ctx
+
+    def adopt_new_parameters(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+        """Give ``optimizer`` the parameters the method's module gained since it was set up or
+        last adopted (methods that ``grows_module``): they join its group named ``method``, or a
+        new group of that name. Returns them (none for most methods)."""
+        module = self.method_module
+        if module is None:
+            return []
+        known = {id(p) for params in self.groups.values() for p in params}
+        new = [p for p in module.parameters() if id(p) not in known]
+        if not new:
+            return []
+        self.groups["method"].extend(new)
+        group = next((g for g in optimizer.param_groups if g.get("name") == "method"), None)
+        if group is None:
+            optimizer.add_param_group({"params": new, "name": "method"})
+        else:
+            group["params"].extend(new)
+        return new
 
     def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> EpochContext:
         """After ``epoch``'s validation: ``on_epoch_end`` with its metrics (keys as the

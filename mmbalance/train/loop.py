@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from mmbalance.config import RunConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
-from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
+from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
 from mmbalance.eval.robustness import robustness_metrics
@@ -61,6 +61,7 @@ from mmbalance.io import write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
+    EpochSubset,
     Method,
     Phase,
     SplitFeatures,
@@ -71,7 +72,12 @@ from mmbalance.methods.base import (
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import ModelOutput
 from mmbalance.optim import OPTIMIZERS, build_optimizer, lr_factor
-from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
+from mmbalance.train.batching import (
+    EpochBatchSampler,
+    ShardBatchSampler,
+    SubsetBatchSampler,
+    make_loader,
+)
 from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import (
     BEST_KEYS,
@@ -147,6 +153,11 @@ class Trainer:
         initial_encoder_state: Mapping[str, Tensor] | None = None,
         callbacks: Sequence[Callback] | None = None,
     ) -> None:
+        if method.grows_module and fabric.world_size > 1:
+            raise ConfigError(
+                f"method {method.name!r} adds parameters while it trains, which a model wrapped "
+                "for several processes cannot take: run it with train.devices=1"
+            )
         self.fabric, self.cfg, self.data = fabric, cfg, data
         self.method, self.out_dir = method, out_dir
         self.model = model
@@ -203,6 +214,7 @@ class Trainer:
                 self.model
             )
             self.method.on_train_start(start_ctx)
+            self._adopt_new_parameters()
         self.initial_encoder_state = None  # read once: do not hold a copy of the encoders
         for callback in self.callbacks:
             callback.on_run_start(self)
@@ -214,8 +226,10 @@ class Trainer:
             self._enter_phase(epoch)
             start_ctx = self.epoch_context(epoch)
             self.method.on_epoch_start(start_ctx)
+            subsets = self._epoch_subsets(start_ctx)
+            self._adopt_new_parameters()
             lr, lr_scales = self._set_lr(epoch)
-            train_stats = self._train_epoch(epoch)
+            train_stats = self._train_epoch(epoch, subsets)
             # the loss is checked at every step, but the weights after an epoch's last step only
             # here: never evaluate, select or save non-finite weights
             if not self._weights_finite():
@@ -231,6 +245,7 @@ class Trainer:
                 best = {
                     "model": self.model.state_dict(),
                     "method_module": self.method_module.state_dict(),
+                    "method_layout": self.method.module_layout(),
                     "epoch": epoch,
                 }
                 self._save("best.ckpt", best)
@@ -238,6 +253,7 @@ class Trainer:
                 self.bad_epochs += 1
             end_ctx = self.epoch_context(epoch, val)
             self.method.on_epoch_end(end_ctx)
+            self._adopt_new_parameters()
             row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
             row |= {f"val_{k}": v for k, v in val.items()}
             row |= {f"method_{k}": v for k, v in {**start_ctx.logs, **end_ctx.logs}.items()}
@@ -250,16 +266,30 @@ class Trainer:
                 callback.on_epoch_end(self, row)
         return self._finish()
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def _train_epoch(
+        self, epoch: int, subsets: list[tuple[str, Tensor]] | None = None
+    ) -> dict[str, float]:
+        """One epoch of steps: over the whole training split, or over the method's subsets (see
+        :meth:`~mmbalance.methods.base.Method.epoch_subsets`) in turn."""
         fabric = self.fabric
         self.train_mode()
-        self.train_sampler.set_epoch(epoch)
+        names: list[str | None]
+        if subsets is None:
+            self.train_sampler.set_epoch(epoch)
+            loader = self.loaders["train"]
+            names = [None] * len(loader)
+        else:
+            t = self.cfg.train
+            sampler = SubsetBatchSampler(
+                subsets, t.batch_size, t.seed, epoch, fabric.global_rank, fabric.world_size
+            )
+            loader = make_loader(self.data.splits["train"], sampler, t.num_workers)
+            names = list(sampler.names)
         sums: dict[str, float] = {}
         count = 0
-        loader = self.loaders["train"]
-        batches = len(loader)
+        batches = len(names)
         for batch in loader:
-            terms = self.train_step(batch.to(fabric.device), epoch, count / batches)
+            terms = self.train_step(batch.to(fabric.device), epoch, count / batches, names[count])
             value = sum(terms.values())
             sums["train_loss"] = sums.get("train_loss", 0.0) + value
             for name, term_value in terms.items():
@@ -275,13 +305,17 @@ class Trainer:
         if self.method.freezes_encoders:
             self.model.encoders.eval()
 
-    def train_step(self, batch: Batch, epoch: int, progress: float = 0.0) -> dict[str, float]:
+    def train_step(
+        self, batch: Batch, epoch: int, progress: float = 0.0, subset: str | None = None
+    ) -> dict[str, float]:
         """One optimisation step on ``batch`` (already on the device): the method's forward
         transformation and losses, its backward and gradient rewrite, clipping, the optimizer
-        step. ``progress`` is the fraction of the epoch's batches before this one. Returns the
-        loss terms as floats. The cost benchmark times exactly this call.
+        step. ``progress`` is the fraction of the epoch's batches before this one, ``subset``
+        the epoch subset the batch comes from (``None`` in the usual epoch). Returns the loss
+        terms as floats. The cost benchmark times exactly this call.
         """
         ctx = self._context(batch, epoch, progress)
+        ctx.subset = subset
         terms: dict[str, float] = {}
         for part in self.method.step_parts(ctx):
             ctx.part = part
@@ -312,6 +346,44 @@ class Trainer:
             self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
         self.step += 1
         return terms
+
+    def _epoch_subsets(self, ctx: EpochContext) -> list[tuple[str, Tensor]] | None:
+        """The method's subsets of the coming epoch, checked: training samples only."""
+        subsets = self.method.epoch_subsets(ctx)
+        if subsets is None:
+            return None
+        allowed = self.split_index["train"]
+        checked = []
+        for subset in subsets:
+            index = subset.index if isinstance(subset, EpochSubset) else None
+            if (
+                index is None
+                or index.dim() != 1
+                or index.is_floating_point()
+                or not bool(torch.isin(index.cpu(), allowed).all())
+            ):
+                raise MMBalanceError(
+                    f"method {self.method.name!r} returned an epoch subset that is not a 1-D "
+                    "index of samples it trains on"
+                )
+            checked.append((str(subset.name), index.cpu().long()))
+        return checked
+
+    def _adopt_new_parameters(self) -> None:
+        """Give the optimizer the parameters that the method's module gained (see
+        ``Method.grows_module``): they join the ``method`` group, trainable unless the current
+        phase freezes that group."""
+        known = {id(p) for params in self.groups.values() for p in params}
+        new = [p for p in self.method_module.parameters() if id(p) not in known]
+        if not new:
+            return
+        phase = self.phase
+        trainable = phase is None or phase.trainable is None or "method" in phase.trainable
+        for p in new:
+            p.requires_grad_(trainable)
+        self.groups["method"].extend(new)
+        group = next(g for g in self.optimizer.param_groups if g["name"] == "method")
+        group["params"].extend(new)
 
     def _weights_finite(self) -> bool:
         """Whether every floating-point parameter and buffer is finite (one synchronisation)."""
@@ -487,6 +559,7 @@ class Trainer:
             state = load_checkpoint(best, BEST_KEYS)
             load_state(self.model, state["model"], best)
             if "method_module" in state:  # methods whose own module shapes the prediction
+                self.restore_layout(state, best)
                 load_state(self.method_module, state["method_module"], best)
             best_epoch = int(state["epoch"])
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
@@ -551,6 +624,7 @@ class Trainer:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "phase": None if self.phase is None else self.phase.name,
+            "method_layout": self.method.module_layout(),
         }
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
@@ -561,6 +635,7 @@ class Trainer:
                 f"{len(rngs) if isinstance(rngs, list) else 'no list of'} processes, this run "
                 f"has {world}"
             )
+        self.restore_layout(ckpt, path)
         load_state(self.module, ckpt["module"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -582,6 +657,20 @@ class Trainer:
             # the phase the last epoch ran in: the next epoch resets the optimizer exactly when
             # an uninterrupted run would
             self.phase = replace(self.method.phase(self.start_epoch - 1), name=str(phase_name))
+
+    def restore_layout(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Rebuild the method's module to the layout a checkpoint's weights have (methods that
+        grow it), and give any new parameters to the optimizer."""
+        layout = ckpt.get("method_layout") or {}
+        if not isinstance(layout, Mapping):
+            raise DataError(f"checkpoint {str(path)!r} does not match this run (method_layout)")
+        try:
+            self.method.restore_module_layout(layout)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
+            ) from None
+        self._adopt_new_parameters()
 
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:

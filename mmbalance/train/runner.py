@@ -225,8 +225,10 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     if "model" in ckpt:
         load_state(model, ckpt["model"], ckpt_path)
         if "method_module" in ckpt:
+            trainer.restore_layout(ckpt, ckpt_path)
             load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
     elif "module" in ckpt:
+        trainer.restore_layout(ckpt, ckpt_path)
         load_state(trainer.module, ckpt["module"], ckpt_path)
     else:
         raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")
