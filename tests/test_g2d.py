@@ -158,10 +158,10 @@ def test_g2d_learns_and_resumes_exactly_with_its_teachers(
     pretrained = load_checkpoint(tmp_path / "reference" / "pretrain" / "best.ckpt")["model"]
     teachers = load_checkpoint(tmp_path / "reference" / "last.ckpt")["method"]["teachers"]
     for m, state in teachers.items():  # frozen all along: still the pre-trained weights
-        for k, v in state["encoder"].items():
-            assert torch.equal(v, pretrained[f"encoders.{m}.{k}"]), (m, k)
-        for k, v in state["head"].items():
-            assert torch.equal(v, pretrained[f"unimodal_heads.{m}.{k}"]), (m, k)
+        for k, v in state.items():  # "encoder.<key>" and "head.<key>"
+            part, key = k.split(".", 1)
+            where = {"encoder": "encoders", "head": "unimodal_heads"}[part]
+            assert torch.equal(v, pretrained[f"{where}.{m}.{key}"]), (m, k)
     resumed = fit_killed_and_resumed(cfg, tmp_path / "killed", monkeypatch, after_epoch=1)
     assert without_time(resumed.history) == without_time(reference.history)
     assert resumed.metrics == reference.metrics

@@ -75,7 +75,8 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, EpochContext, ModelInfo, StepContext
+from mmbalance.methods.ops.alternation import OneModalityPerPart
 from mmbalance.models.output import ModelOutput
 
 
@@ -195,7 +196,7 @@ class AUGParams:
 
 
 @METHODS.register("aug")
-class AUG(Method):
+class AUG(OneModalityPerPart):
     """Sustained boosting: alternating unimodal steps through classifiers that grow for the
     modality whose training confidence lags."""
 
@@ -236,31 +237,7 @@ class AUG(Method):
             raise RuntimeError("call setup() before training or evaluating AUG")
         return self.head
 
-    # --- the alternating step --------------------------------------------------------------------
-    def step_parts(self, ctx: StepContext) -> Sequence[str | None]:
-        if self.info is None:
-            raise RuntimeError("call setup() before training AUG")
-        return self.info.modalities
-
-    def encode(
-        self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
-    ) -> dict[str, Tensor]:
-        if ctx.part is None:
-            raise ConfigError(
-                "AUG trains one modality per part: run each part of method.step_parts(ctx) "
-                "with ctx.part set to it"
-            )
-        return model.encode(inputs, only=[ctx.part])  # type: ignore[operator]
-
-    def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        # the other modalities' latents are zeros only so that the model's own heads can run
-        assert self.info is not None
-        present = next(iter(latents.values()))
-        return {
-            m: latents[m] if m in latents else present.new_zeros(present.shape[0], d)
-            for m, d in self.info.latent_dims.items()
-        }
-
+    # --- the alternating step (its parts and encoding: OneModalityPerPart) --------------------
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         head = self._require_head()
         m = ctx.part

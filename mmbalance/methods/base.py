@@ -394,13 +394,14 @@ class Method:
         )
 
     @classmethod
-    def refuse_late_start(cls, start: int, epochs: int) -> None:
-        """:meth:`check_schedule` of a method whose window opens at epoch ``start``."""
+    def refuse_late_start(cls, start: int, epochs: int, option: str = "start") -> None:
+        """:meth:`check_schedule` of a method whose window opens at epoch ``start``, the value
+        of its option ``option`` (a window's start or a warm-up's length)."""
         if start >= epochs:
             cls.refuse_idle_schedule(
-                f"in epoch {start} (0-based; start={start})",
+                f"in epoch {start} (0-based; {option}={start})",
                 epochs,
-                "lower method.start or raise train.epochs",
+                f"lower method.{option} or raise train.epochs",
             )
 
     @classmethod

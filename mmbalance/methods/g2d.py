@@ -53,7 +53,6 @@ StepLR(200, 0.1), batch 16, 300 epochs (teachers and student alike), late fusion
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,6 +64,7 @@ from torch import Tensor, nn
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
+from mmbalance.methods.ops.teachers import FrozenTeachers
 from mmbalance.models.output import ModelOutput
 
 FrozenTensors = Literal["weights", "all"]
@@ -166,19 +166,11 @@ class G2D(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        if params.start_epoch >= epochs:
-            cls.refuse_idle_schedule(
-                f"in epoch {params.start_epoch} (0-based; start_epoch={params.start_epoch})",
-                epochs,
-                "lower method.start_epoch or raise train.epochs",
-            )
+        cls.refuse_late_start(params.start_epoch, epochs, "start_epoch")
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        # the teachers' weights until the teacher modules are built from the model (first step)
-        self._teacher_state: dict[str, dict[str, dict[str, Tensor]]] | None = None
-        # not registered in any module: never optimised, never put in training mode
-        self._teachers: dict[str, Teacher] | None = None
+        self._teachers = FrozenTeachers()
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
@@ -187,22 +179,18 @@ class G2D(Method):
         return None
 
     # --- teachers ------------------------------------------------------------------------------
+    @staticmethod
+    def _unimodal_models(model: Any) -> dict[str, Teacher]:
+        """Every modality's encoder and unimodal head of ``model``, as teachers (references)."""
+        if not len(model.unimodal_heads):
+            raise ConfigError("method 'g2d' needs unimodal heads (its teachers' classifiers)")
+        return {m: Teacher(enc, model.unimodal_heads[m]) for m, enc in model.encoders.items()}
+
     def on_train_start(self, ctx: EpochContext) -> None:
         if ctx.model is None:
             raise RuntimeError("g2d's on_train_start needs the model (EpochContext.model)")
         model: Any = ctx.model
-        if not len(model.unimodal_heads):
-            raise ConfigError("method 'g2d' needs unimodal heads (its teachers' classifiers)")
-        self._teacher_state = {
-            m: {
-                "encoder": {k: v.detach().clone() for k, v in enc.state_dict().items()},
-                "head": {
-                    k: v.detach().clone() for k, v in model.unimodal_heads[m].state_dict().items()
-                },
-            }
-            for m, enc in model.encoders.items()
-        }
-        self._teachers = None
+        self._teachers.capture(self._unimodal_models(model))
         if not ctx.initial_encoder_state:
             raise RuntimeError("g2d needs EpochContext.initial_encoder_state (the students' start)")
         model.encoders.load_state_dict(ctx.initial_encoder_state)
@@ -210,23 +198,10 @@ class G2D(Method):
             if hasattr(head, "reset_parameters"):
                 head.reset_parameters()
 
-    def teachers(self, model: nn.Module) -> dict[str, Teacher]:
+    def teachers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The frozen teachers, built on first use from ``model``'s encoders and unimodal heads
         (for their architecture and device) and the saved teacher weights."""
-        if self._teachers is None:
-            encoders: Any = model.encoders
-            heads: Any = model.unimodal_heads
-            built = {}
-            for m in encoders:
-                teacher = Teacher(copy.deepcopy(encoders[m]), copy.deepcopy(heads[m]))
-                if self._teacher_state is not None:
-                    teacher.encoder.load_state_dict(self._teacher_state[m]["encoder"])
-                    teacher.head.load_state_dict(self._teacher_state[m]["head"])
-                teacher.requires_grad_(False)
-                built[m] = teacher.eval()
-            self._teachers = built
-            self._teacher_state = None  # the modules hold the weights from now on
-        return self._teachers
+        return self._teachers.modules(lambda: self._unimodal_models(model))
 
     def encode(
         self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
@@ -237,11 +212,12 @@ class G2D(Method):
 
     # --- the step ---------------------------------------------------------------------------------
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
-        if self._teachers is None or ctx.inputs is None:
+        teachers = self._teachers.built
+        if teachers is None or ctx.inputs is None:
             raise RuntimeError("g2d's losses need its encode hook to run first, with ctx.inputs")
         p = self.params
         with torch.no_grad():
-            taught = {m: t(ctx.inputs[m]) for m, t in self._teachers.items()}
+            taught = {m: t(ctx.inputs[m]) for m, t in teachers.items()}
         scores = teacher_scores({m: t[1] for m, t in taught.items()}, ctx.targets)
         if ctx.world_size > 1:
             scores = ctx.all_reduce(scores)
@@ -280,22 +256,8 @@ class G2D(Method):
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._teachers is not None:
-            return {
-                "teachers": {
-                    m: {"encoder": dict(t.encoder.state_dict()), "head": dict(t.head.state_dict())}
-                    for m, t in self._teachers.items()
-                }
-            }
-        if self._teacher_state is not None:
-            return {"teachers": self._teacher_state}
-        return {}
+        state = self._teachers.state_dict()
+        return {} if state is None else {"teachers": state}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        teachers = state.get("teachers")
-        self._teacher_state = (
-            None
-            if teachers is None
-            else {m: {k: dict(v) for k, v in t.items()} for m, t in teachers.items()}
-        )
-        self._teachers = None
+        self._teachers.load_state_dict(state.get("teachers"))

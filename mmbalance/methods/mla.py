@@ -71,7 +71,8 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, ModelInfo, StepContext
+from mmbalance.methods.ops.alternation import OneModalityPerPart
 from mmbalance.models.output import ModelOutput
 
 
@@ -146,7 +147,7 @@ class MLAParams:
 
 
 @METHODS.register("mla")
-class MLA(Method):
+class MLA(OneModalityPerPart):
     """Alternating unimodal steps through a shared head with OWM projection; entropy gating."""
 
     name = "mla"
@@ -176,30 +177,7 @@ class MLA(Method):
             raise RuntimeError("call setup() before training or evaluating MLA")
         return self.head
 
-    # --- the alternating step -------------------------------------------------------------------
-    def step_parts(self, ctx: StepContext) -> Sequence[str | None]:
-        if self.info is None:
-            raise RuntimeError("call setup() before training MLA")
-        return self.info.modalities
-
-    def encode(
-        self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
-    ) -> dict[str, Tensor]:
-        if ctx.part is None:
-            raise ConfigError(
-                "MLA trains one modality per part: run each part of method.step_parts(ctx) "
-                "with ctx.part set to it"
-            )
-        return model.encode(inputs, only=[ctx.part])
-
-    def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        assert self.info is not None
-        present = next(iter(latents.values()))
-        return {
-            m: latents[m] if m in latents else present.new_zeros(present.shape[0], d)
-            for m, d in self.info.latent_dims.items()
-        }
-
+    # --- the alternating step (its parts and encoding: OneModalityPerPart) --------------------
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         head = self._require_head()
         m = ctx.part

@@ -124,12 +124,7 @@ class Remix(Method):
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
-        if params.warmup_epochs >= epochs:
-            cls.refuse_idle_schedule(
-                f"in epoch {params.warmup_epochs} (0-based; warmup_epochs={params.warmup_epochs})",
-                epochs,
-                "lower method.warmup_epochs or raise train.epochs",
-            )
+        cls.refuse_late_start(params.warmup_epochs, epochs, "warmup_epochs")
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
