@@ -54,8 +54,10 @@ class Entry:
 #: Named sets of methods, usable in ``--methods`` (``--methods table1`` or ``table1,umt``).
 #: ``table1``: the rows of the MCR paper's Table 1 (Kontras et al., NeurIPS 2025): the unimodal
 #: models, their ensemble, joint training, multi-loss, the unimodal pre-training baselines, the
-#: eight published methods (OGM as the OGM-GE its code runs) and MCR. ``references``: what
-#: every balancing method is judged against. ``all``: every registered method.
+#: eight published methods (OGM as the OGM-GE its code runs) and MCR. ``recent``: the 2025
+#: methods that later papers compare against (AUG, DGL, G2D, Data Remixing, MIDAS).
+#: ``references``: what every balancing method is judged against. ``all``: every registered
+#: method.
 METHOD_SETS: dict[str, tuple[str, ...]] = {
     "table1": (
         "unimodal",
@@ -74,6 +76,7 @@ METHOD_SETS: dict[str, tuple[str, ...]] = {
         "dr",
         "mcr",
     ),
+    "recent": ("aug", "dgl", "g2d", "remix", "midas"),
     "references": ("joint", "ensemble", "unimodal"),
 }
 
