@@ -228,3 +228,15 @@ def test_weak_probe_sentence_reads_the_last_epoch_of_the_curves() -> None:
     sentence = _weak_probe_sentence(curves)
     assert "joint's audio encoder has a validation probe of 0.55" in sentence
     assert "1 of the 2 balancing methods end with a higher one (median 0.70)" in sentence
+
+
+def test_the_recent_set_expands_and_runs_in_both_arms_of_the_regime() -> None:
+    from benchmarks.results_page.studies import RECENT, SGD_ARM, STUDIES
+    from mmbalance.compare import METHOD_SETS, split_methods
+
+    assert METHOD_SETS["recent"] == RECENT == ("aug", "dgl", "g2d", "remix", "midas")
+    assert all(m in METHODS for m in RECENT)
+    assert split_methods("joint,ensemble,mcr,recent") == ["joint", "ensemble", "mcr", *RECENT]
+    regime = {s.name: s for s in STUDIES}
+    assert regime["av-fashion-cnn"].methods is None  # every registered method
+    assert set(RECENT) <= set(SGD_ARM) == set(regime["av-fashion-cnn-sgd"].methods or ())
