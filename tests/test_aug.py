@@ -76,6 +76,19 @@ def test_prediction_is_the_weighted_sum_of_each_modalitys_classifiers() -> None:
     torch.testing.assert_close(prediction, 0.4 * out_a + 0.6 * out_b)
 
 
+def test_a_missing_modality_leaves_its_classifiers_out() -> None:
+    info = ModelInfo(("a", "b"), {"a": 3, "b": 5}, 4)
+    method = AUG(modality_weights=[0.4, 0.6], hidden_dim=6)
+    head = method.setup(info)
+    z = {"a": torch.randn(3, 3), "b": torch.randn(3, 5)}
+    out_a = head.out(F.relu(head.base["a"](z["a"])))
+    out_b = head.out(F.relu(head.base["b"](z["b"])))
+    missing = {"b": torch.tensor([True, False, True])}
+    prediction = method.predict_missing(lambda lat: ModelOutput(torch.zeros(3, 4), lat), z, missing)
+    expected = 0.4 * out_a + 0.6 * out_b * (~missing["b"]).unsqueeze(1)
+    torch.testing.assert_close(prediction, expected)
+
+
 def test_bad_settings_are_refused_before_training() -> None:
     with pytest.raises(ConfigError, match="modality_weights"):
         AUG(modality_weights=[1.0]).setup(ModelInfo(("a", "b"), {"a": 3, "b": 3}, 4))

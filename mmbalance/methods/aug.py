@@ -65,7 +65,7 @@ Logged per step: nothing; per epoch: ``score_<m>`` and ``classifiers_<m>`` (afte
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +203,7 @@ class AUG(OneModalityPerPart):
     name = "aug"
     Params = AUGParams
     grows_module = True
+    missing_modality = "its classifiers' logits left out of the weighted sum"
     search_space = ("method.residual_weight", (0.25, 0.5, 1.0))
 
     @classmethod
@@ -280,11 +281,29 @@ class AUG(OneModalityPerPart):
         return {m: torch.stack(head.terms(m, z)).sum(0) for m, z in latents.items()}
 
     def predict(self, output: ModelOutput) -> Tensor:
-        logits = self.modality_logits(output.latents)
+        return self._weighted(self.modality_logits(output.latents), {})
+
+    def predict_missing(
+        self,
+        heads: Callable[[Mapping[str, Tensor]], ModelOutput],
+        latents: Mapping[str, Tensor],
+        missing: Mapping[str, Tensor],
+    ) -> Tensor:
+        """A missing modality's classifiers are left out of the weighted sum for the samples
+        that lack it (the others keep their weights)."""
+        return self._weighted(self.modality_logits(latents), missing)
+
+    def _weighted(self, logits: Mapping[str, Tensor], missing: Mapping[str, Tensor]) -> Tensor:
         weights = self.params.modality_weights
         if weights is None:
             weights = [1.0 / len(logits)] * len(logits)
-        return torch.stack([w * o for w, o in zip(weights, logits.values(), strict=True)]).sum(0)
+        terms = []
+        for w, (m, o) in zip(weights, logits.items(), strict=True):
+            term = w * o
+            if m in missing:
+                term = term.masked_fill(missing[m].reshape(-1, 1), 0.0)
+            terms.append(term)
+        return torch.stack(terms).sum(0)
 
     # --- the growing module -------------------------------------------------------------------------
     def module_layout(self) -> dict[str, Any]:
