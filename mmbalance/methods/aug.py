@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import METHODS, EpochContext, ModelInfo, StepContext
-from mmbalance.methods.ops.alternation import OneModalityPerPart
+from mmbalance.methods.ops.one_modality_per_part import OneModalityPerPart
 from mmbalance.models.output import ModelOutput
 
 

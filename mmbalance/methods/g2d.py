@@ -64,7 +64,8 @@ from torch import Tensor, nn
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
-from mmbalance.methods.ops.teachers import FrozenTeachers
+from mmbalance.methods.ops.discrepancy import score_sums
+from mmbalance.methods.ops.frozen_teachers import FrozenTeachers
 from mmbalance.models.output import ModelOutput
 
 FrozenTensors = Literal["weights", "all"]
@@ -76,14 +77,6 @@ def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> 
     log_p = F.log_softmax(student / temperature, dim=-1)
     q = F.softmax(teacher.detach() / temperature, dim=-1)
     return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
-
-
-def teacher_scores(teacher_logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
-    """``(M,)`` batch sums of the teachers' ``softmax(l_m)[y]``."""
-    idx = targets.long().unsqueeze(1)
-    return torch.stack(
-        [t.detach().float().softmax(-1).gather(1, idx).sum() for t in teacher_logits.values()]
-    )
 
 
 def frozen_modality(scores: Tensor) -> int | None:
@@ -218,7 +211,7 @@ class G2D(Method):
         p = self.params
         with torch.no_grad():
             taught = {m: t(ctx.inputs[m]) for m, t in teachers.items()}
-        scores = teacher_scores({m: t[1] for m, t in taught.items()}, ctx.targets)
+        scores = score_sums({m: t[1] for m, t in taught.items()}, ctx.targets)
         if ctx.world_size > 1:
             scores = ctx.all_reduce(scores)
         modalities = list(taught)

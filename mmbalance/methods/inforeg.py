@@ -76,6 +76,8 @@ from mmbalance.methods.base import (
     ModelInfo,
     StepContext,
 )
+from mmbalance.methods.ops.discrepancy import score_sums
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.output import ModelOutput
 
 
@@ -111,16 +113,6 @@ def leader_and_gap(scores: Tensor) -> tuple[int, float] | None:
 Rule = Literal["ea7b9d5", "41d887f"]
 #: the window threshold of each official rule
 THRESHOLDS: dict[str, float] = {"ea7b9d5": 0.05, "41d887f": 0.04}
-
-
-def slice_logits(output: ModelOutput) -> dict[str, Tensor]:
-    """Each modality's slice of an additive fused head plus an equal share of its bias,
-    ``z_m W_m^T + b / M`` (the bias is what the fused logits hold beyond the contributions)."""
-    if output.contributions is None:
-        raise ConfigError("method 'inforeg' (rule ea7b9d5) needs an additive fusion head")
-    contributions = output.contributions
-    bias = output.logits - torch.stack(list(contributions.values())).sum(0)
-    return {m: c + bias / len(contributions) for m, c in contributions.items()}
 
 
 @dataclass
@@ -173,6 +165,7 @@ class InfoReg(Method):
     """Proximal regulation of the leading modality's encoder inside its prime learning window."""
 
     name = "inforeg"
+    tasks = ("classification",)
     Params = InfoRegParams
     search_space = ("method.beta", (0.3, 0.95, 3.0))
 
@@ -190,8 +183,6 @@ class InfoReg(Method):
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'inforeg' needs a classification task, got {info.task!r}")
         if self.params.rule == "ea7b9d5" and not info.additive_fusion:
             raise ConfigError(
                 "method 'inforeg' with rule ea7b9d5 reads the fused head's per-modality slices: "
@@ -225,7 +216,7 @@ class InfoReg(Method):
         """Each modality's own logits ``u_m`` under the rule: the fused head's slices plus
         ``b / M`` (``ea7b9d5``) or the unimodal heads (``41d887f``)."""
         if self.params.rule == "ea7b9d5":
-            return slice_logits(output)
+            return modality_logits(output, None)
         if not output.unimodal_logits:
             raise ConfigError("method 'inforeg' with rule 41d887f needs unimodal_heads=true")
         return dict(output.unimodal_logits)
@@ -233,13 +224,9 @@ class InfoReg(Method):
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         own = self.unimodal_logits(output)
         modalities = list(own)
-        with torch.no_grad():
-            idx = ctx.targets.long().unsqueeze(1)
-            scores = torch.stack(
-                [own[m].detach().float().softmax(-1).gather(1, idx).sum() for m in modalities]
-            )
-            if ctx.world_size > 1:
-                scores = ctx.all_reduce(scores)
+        scores = score_sums(own, ctx.targets)
+        if ctx.world_size > 1:
+            scores = ctx.all_reduce(scores)
         beta: tuple[str, float] | None = None
         lead = leader_and_gap(scores)
         if lead is not None:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.methods.base import METHODS, EpochContext, Method, StepContext
-from mmbalance.methods.ops.teachers import FrozenTeachers
+from mmbalance.methods.ops.frozen_teachers import FrozenTeachers
 from mmbalance.models.output import ModelOutput
 
 StudentInit = Literal["scratch", "pretrained"]
