@@ -403,6 +403,7 @@ class MethodAdapter:
         terms = self.protocol.run_step(ctx, optimizer)
         return StepResult(terms, {k: float(v) for k, v in ctx.logs.items()})
 
+    @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """What the method predicts for ``inputs`` (eval mode, every module's mode restored)."""
         with self.protocol.evaluating():

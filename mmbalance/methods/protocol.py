@@ -423,6 +423,7 @@ class TrainingProtocol:
         with self.autocast():
             return self.model.heads(self.method.encode_eval(self.model, inputs))  # type: ignore[operator]
 
+    @torch.no_grad()
     def outputs(self, batches: Iterable[Batch], latents: bool = False) -> dict[str, Tensor]:
         """A no-grad, eval-mode pass over ``batches`` (on the model's device), gathered over
         processes in dataset order: ``prediction`` (what the method predicts), ``logits`` (the
