@@ -106,7 +106,10 @@ class StepModule(nn.Module):
 
     Its forward is the whole differentiable computation of a step (encoders through the method,
     the method's latent transform, the heads, the method's losses), so every parameter a loss
-    uses is inside the DDP forward.
+    uses is inside the DDP forward. It returns the losses alone: DDP looks for the parameters a
+    step leaves unused from what the forward returns, and an output that the losses skip (the
+    fusion head in MIDAS's warm-up) would count as used, so the gradient reduction would wait
+    for a gradient that never comes.
     """
 
     def __init__(self, model: nn.Module, method: Method, method_module: nn.Module | None) -> None:
@@ -122,11 +125,8 @@ class StepModule(nn.Module):
         latents = method.transform_latents(latents, ctx)
         return self.model.heads(latents)  # type: ignore[operator]
 
-    def forward(
-        self, inputs: Mapping[str, Tensor], ctx: StepContext
-    ) -> tuple[ModelOutput, dict[str, Tensor]]:
-        output = self.output(inputs, ctx)
-        return output, self._method[0].losses(output, ctx)
+    def forward(self, inputs: Mapping[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        return self._method[0].losses(self.output(inputs, ctx), ctx)
 
 
 class TrainingProtocol:
@@ -146,7 +146,7 @@ class TrainingProtocol:
             too (a user's model whose fusion function uses its layers).
 
     Attributes:
-        forward: the forward of a step, ``forward(inputs, ctx) -> (output, losses)``:
+        forward: the forward of a step, ``forward(inputs, ctx) -> losses``:
             :attr:`module` itself unless the caller wraps it (our trainer: Fabric's wrapper, for
             DDP and precision; a compiled step: ``torch.compile(module)``).
         backward, all_reduce, world_size, gather, autocast: the engine: how a loss is
@@ -175,7 +175,7 @@ class TrainingProtocol:
         self.method = method
         self.model = model
         self.module = StepModule(model, method, method_module)
-        self.forward: Callable[..., tuple[ModelOutput, dict[str, Tensor]]] = self.module
+        self.forward: Callable[..., dict[str, Tensor]] = self.module
         self.task: Task = task
         self.regression_loss = regression_loss
         self.seed = seed
@@ -247,7 +247,7 @@ class TrainingProtocol:
         for part in self.method.step_parts(ctx):
             ctx.part = part
             optimizer.zero_grad(set_to_none=True)
-            _, losses = self.forward(ctx.inputs, ctx)
+            losses = self.forward(ctx.inputs, ctx)
             self.method.backward(losses, ctx)
             self.method.rewrite_gradients(ctx)
             part_terms = before_step(losses)
