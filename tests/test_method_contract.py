@@ -12,8 +12,8 @@ options, on a tiny synthetic task long enough for its schedule to act (the fewes
 - our trainer and :class:`~mmbalance.methods.MethodAdapter` in a user's loop over the same model,
   seed and batches end in the same weights and method state, to rounding;
 - two DDP processes at global batch B give the validation metrics of one process at batch B, as
-  the README says, except for ``mcr`` and ``opm``, whose per-process permutations and drop masks
-  the README names (the processes are started once for every method); a method whose module
+  the README says, except for ``mcr``, ``midas`` and ``opm``, whose per-process permutations,
+  partners and drop masks the README names (the processes are started once for every method); a method whose module
   grows (:attr:`~mmbalance.methods.base.Method.grows_module`) refuses two processes in one line;
 - ``check_schedule`` refuses every run too short for the method to act, in one line;
 - every option is documented, the searched option exists, renamed options name real ones.
@@ -54,8 +54,8 @@ from mmbalance.train.loop import RunResult, Trainer, _hold_out, encoder_state
 
 NAMES = METHODS.names()
 #: The methods whose two-process runs the README says differ from one process (per-process
-#: permutations and contrastive pairs; per-process drop masks).
-DDP_DIFFERS = {"mcr", "opm"}
+#: permutations and contrastive pairs; per-process misaligned partners; per-process drop masks).
+DDP_DIFFERS = {"mcr", "midas", "opm"}
 
 
 def _no_analysis(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
