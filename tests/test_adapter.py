@@ -86,7 +86,7 @@ def _reference_run(model: MultimodalModel, method: Method, batches: list, lr: fl
             step=step,
         )
         optimizer.zero_grad(set_to_none=True)
-        _, losses = module(x, ctx)
+        losses = module(x, ctx)
         method.backward(losses, ctx)
         method.rewrite_gradients(ctx)
         optimizer.step()
