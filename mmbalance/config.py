@@ -173,6 +173,8 @@ class TrainConfig:
             train.epochs).
         progress: show the training progress.
         tensorboard: write TensorBoard events to the run directory.
+        wandb: log to Weights & Biases under this project name (null: no W&B; needs
+            ``pip install 'mmbalance[wandb]'``; ``WANDB_MODE=offline`` logs without an account).
         epoch_analysis: per-modality head/probe accuracy and Shapley curves after each
             validation (:mod:`mmbalance.eval.curves`).
     """
@@ -200,6 +202,7 @@ class TrainConfig:
     unimodal_pretrain_epochs: int = 0
     progress: bool = True
     tensorboard: bool = True
+    wandb: str | None = None
     epoch_analysis: bool = True
 
     def __post_init__(self) -> None:
@@ -266,7 +269,7 @@ TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 #: batches are a function of the seed and epoch, and datasets draw no randomness per item, so
 #: the number of loader processes does not matter). Runs that differ only in these are the same
 #: run: ``compare`` reuses such a run and ``--resume`` accepts new values for them.
-PRESENTATION_KEYS = ("train.progress", "train.tensorboard", "train.num_workers")
+PRESENTATION_KEYS = ("train.progress", "train.tensorboard", "train.wandb", "train.num_workers")
 KEY_HELP = (
     "dataset, dataset.PARAM, method, method.PARAM, fusion, fusion.PARAM, encoder.MODALITY, "
     "encoder.MODALITY.PARAM, unimodal_heads, train.FIELD (or FIELD) with FIELD in: "

@@ -55,7 +55,7 @@ from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.eval.robustness import robustness_metrics
+from mmbalance.eval.robustness import RATES, robustness_metrics
 from mmbalance.io import write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
@@ -452,6 +452,27 @@ class Trainer:
                 metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
+    def robustness(self, rates: Sequence[float] = RATES) -> dict[str, float]:
+        """The robustness metrics of the current weights on the test split
+        (:mod:`mmbalance.eval.robustness`, at ``rates``), in eval mode (restored afterwards)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return robustness_metrics(
+                self.model.heads,
+                self.data.splits["test"],
+                self.method.predict_missing,
+                lambda inputs: self.method.encode_eval(self.model, inputs),
+                self.model.modalities,
+                task=self.data.task,
+                rates=rates,
+                device=self.fabric.device,
+                batch_size=2 * self.cfg.train.batch_size,
+            )
+        finally:
+            if was_training:
+                self.train_mode()
+
     def _finish(self) -> RunResult:
         best_epoch = -1
         if self.best is not None:
@@ -475,16 +496,7 @@ class Trainer:
                 encode=lambda inputs: self.method.encode_eval(self.model, inputs),
             )
             metrics["test"] |= scalars
-            metrics["test"] |= robustness_metrics(
-                self.model.heads,
-                splits["test"],
-                self.method.predict_missing,
-                lambda inputs: self.method.encode_eval(self.model, inputs),
-                self.model.modalities,
-                task=self.data.task,
-                device=self.fabric.device,
-                batch_size=2 * self.cfg.train.batch_size,
-            )
+            metrics["test"] |= self.robustness()
             write_json_atomic(self.out_dir / "analysis.json", analysis)
         result = RunResult(
             self.out_dir,
