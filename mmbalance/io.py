@@ -356,9 +356,10 @@ def open_regular(path: Path, follow: bool = True) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def read_text(path: Path, limit: int = 64 << 20, what: str = "") -> str:
+def read_text(path: Path, limit: int = 64 << 20, what: str = "", errors: str = "strict") -> str:
     """The UTF-8 text of the regular file ``path`` (at most ``limit`` bytes), or a one-line
-    :class:`~mmbalance.errors.DataError` naming it."""
+    :class:`~mmbalance.errors.DataError` naming it (``errors="replace"``: undecodable bytes
+    are replaced instead)."""
     name = what or repr(str(path))
     with open_regular(Path(path)) as f:
         data = f.read(limit + 1)
@@ -367,7 +368,7 @@ def read_text(path: Path, limit: int = 64 << 20, what: str = "") -> str:
             f"{name} is larger than {limit >> 20} MiB; it is not a file mmbalance wrote"
         )
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError:
         raise DataError(f"{name} is not a UTF-8 text file") from None
 

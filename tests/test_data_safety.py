@@ -4,11 +4,14 @@ directory, malformed feature files, preparations that produced nothing, degenera
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import pickle
+import signal
 import struct
 import subprocess
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,6 +461,91 @@ def test_ucf_list_entry_with_a_class_outside(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         DATASETS.get("ucf101").prepare(raw, tmp_path / "out", progress=False)
     one_line_error(err, "trainlist01.txt:1: clip name '..' is not a plain file name")
+
+
+# --------------------------------------------------------------------------- FIFOs
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 30) -> Iterator[None]:
+    """Fail instead of hanging: a blocking read is interrupted after ``seconds``."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def replace_with_fifo(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+#: dataset -> its release's split list (as ``raw_with_hostile_list`` writes it)
+RELEASE_LISTS = {
+    "cremad": "train.csv",
+    "ave": "trainSet.txt",
+    "kinetics_sounds": "my_train.txt",
+    "ucf101": "ucfTrainTestlist/trainlist01.txt",
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(RELEASE_LISTS))
+def test_a_fifo_as_a_release_list_is_one_line(dataset: str, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    raw_with_hostile_list(dataset, raw, "ok_clip2")
+    fifo = replace_with_fifo(raw / RELEASE_LISTS[dataset])
+    with no_hang(), pytest.raises(DataError) as err:
+        DATASETS.get(dataset).prepare(raw, tmp_path / "out", progress=False)
+    one_line_error(err, f"{str(fifo)!r} is not a regular file")
+
+
+def _fifo_features(tmp_path: Path, fmt: str) -> Path:
+    if fmt == "npy directory":
+        (tmp_path / "feats").mkdir()
+        np.save(tmp_path / "feats" / "y.npy", np.zeros(4, np.int64))
+        replace_with_fifo(tmp_path / "feats" / "x.npy")
+        return tmp_path / "feats"
+    return replace_with_fifo(tmp_path / f"feats.{fmt}")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "npy directory"])
+def test_a_fifo_as_a_features_file_is_one_line(fmt: str, tmp_path: Path) -> None:
+    path = _fifo_features(tmp_path, fmt)
+    cfg = resolve_config({"dataset": "features", "dataset.path": str(path), **FAST})
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, "is not a regular file")
+
+
+def test_a_fifo_as_a_manifest_table_or_one_of_its_files_is_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ["image,label"]
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(root / f"i{i}.png")
+        rows.append(f"i{i}.png,{i % 2}")
+    table = root / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    replace_with_fifo(root / "i2.png")
+    cfg = resolve_config({"dataset": "manifest", "dataset.path": str(table), **FAST})
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, f"{table}:4 (column image): 'i2.png' is not a regular file")
+    replace_with_fifo(table)
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, f"{str(table)!r} is not a regular file")
 
 
 # --------------------------------------------------------------------------- prepare

@@ -39,6 +39,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -62,6 +63,7 @@ from mmbalance.data.clips import (
 )
 from mmbalance.data.features import FeatureFile, FeaturesParams, build_features
 from mmbalance.errors import DataError
+from mmbalance.io import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +139,11 @@ def _kind(suffix: str) -> str | None:
 
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header and rows of a CSV or TSV table, or a one-line :class:`DataError`."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; set dataset.path to your CSV or TSV table")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist; set dataset.path to your CSV or TSV table"
-        ) from None
+        with open_regular(path) as fh:  # a FIFO would hang the read
+            text = fh.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is unreadable ({type(err).__name__})") from None
     first = text.splitlines()[0] if text.strip() else ""
@@ -286,15 +287,22 @@ class ManifestSource(DatasetSource):
                     raise DataError(f"{where}: a {kind} file in a column of {kinds[column]} files")
                 resolved[column] = resolve_file(root, row[column], where)
             files.append(resolved)
-        table_hash = hashlib.sha256(table.read_bytes()).hexdigest()
+        with open_regular(table) as fh:
+            table_hash = hashlib.sha256(fh.read()).hexdigest()
         stats = []
-        for resolved in files:
+        for n, resolved in enumerate(files, 2):
             for column in columns:
                 try:
                     st = resolved[column].stat()
-                    stats.append([st.st_size, st.st_mtime_ns])
                 except OSError:
                     stats.append(None)
+                    continue
+                if not S_ISREG(st.st_mode):  # a FIFO would hang the decoder
+                    raise DataError(
+                        f"{table}:{n} (column {column}): {rows[n - 2][column]!r} is not a "
+                        "regular file; mmbalance reads only files"
+                    )
+                stats.append([st.st_size, st.st_mtime_ns])
         options = {k: v for k, v in asdict(p).items() if k not in ("path", "val_fraction",
                    "test_fraction", "split_seed", "task")}  # fmt: skip
         recipe = {
