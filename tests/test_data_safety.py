@@ -548,6 +548,38 @@ def test_a_fifo_as_a_manifest_table_or_one_of_its_files_is_one_line(tmp_path: Pa
     one_line_error(err, f"{str(table)!r} is not a regular file")
 
 
+def test_a_manifest_table_with_one_sample_in_two_splits_is_refused(tmp_path: Path) -> None:
+    """The split column puts the same files, or copies of them, in train and in test."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    splits = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    rows = ["image,photo,label,split"]
+    for i, split in enumerate(splits):
+        Image.new("RGB", (8, 8), (30 * i, 255 - 30 * i, 0)).save(root / f"i{i}.png")
+        Image.new("RGB", (8, 8), (0, 30 * i, 255 - 30 * i)).save(root / f"p{i}.png")
+        rows.append(f"i{i}.png,p{i}.png,{i % 2},{split}")
+    table = root / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    cfg = resolve_config({"dataset": "manifest", "dataset.path": str(table), **FAST})
+    assert len(build_dataset(cfg).splits["test"]) == 2  # disjoint: fine
+    table.write_text("\n".join([*rows, "./i1.png,p1.png,1,test"]) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, "1 clip(s) are listed in two splits (e.g. 'i1.png + p1.png' in train and")
+    for name in ("i0", "p0"):
+        (root / f"{name}_copy.png").write_bytes((root / f"{name}.png").read_bytes())
+    table.write_text("\n".join([*rows, "i0_copy.png,p0_copy.png,0,2"]) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(
+        err,
+        "1 clip(s) have the same content",
+        "'i0_copy.png + p0_copy.png' in test and 'i0.png + p0.png' in train",
+    )
+
+
 # --------------------------------------------------------------------------- prepare
 
 

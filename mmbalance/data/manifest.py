@@ -8,8 +8,9 @@
 * the label column (``dataset.label_column``, default ``label``): integer or text classes, or
   numbers for regression (``dataset.task``), mapped as the ``features`` dataset maps ``y``;
 * optionally a split column (``dataset.split_column``, default ``split``): ``train``/``val``/
-  ``test`` or 0/1/2; without it, the stratified split of the ``features`` dataset
-  (``val_fraction``, ``test_fraction``, ``split_seed``), recorded in ``data.json``.
+  ``test`` or 0/1/2 (one sample in two splits, by its files or by their decoded content, is
+  refused); without it, the stratified split of the ``features`` dataset (``val_fraction``,
+  ``test_fraction``, ``split_seed``), recorded in ``data.json``.
 
 Files decode through the prepared clip datasets' pipeline (:mod:`mmbalance.data.clips`): audio
 (a WAV directly, other formats through PyAV) becomes the Kaldi-style fbank of Kinetics-Sounds
@@ -53,6 +54,8 @@ from mmbalance.data.clips import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIDEO_SUFFIXES,
+    check_disjoint_splits,
+    content_ids,
     decode_frames_at,
     fbank_features,
     inside,
@@ -61,7 +64,13 @@ from mmbalance.data.clips import (
     read_wav,
     stft_features,
 )
-from mmbalance.data.features import FeatureFile, FeaturesParams, build_features
+from mmbalance.data.features import (
+    SPLIT_VALUES,
+    SPLITS,
+    FeatureFile,
+    FeaturesParams,
+    build_features,
+)
 from mmbalance.errors import DataError
 from mmbalance.io import open_regular
 
@@ -189,6 +198,30 @@ def resolve_file(root: Path, value: str, where: str) -> Path:
             f"{where}: {value!r} resolves to {(root / value).resolve()}, outside the table's "
             f"directory {root}; a table may name only files under its own directory"
         ) from None
+
+
+def _check_disjoint(
+    table: Path,
+    root: Path,
+    columns: list[str],
+    files: list[dict[str, Path]],
+    decoded: dict[str, torch.Tensor],
+    feature_arrays: dict[str, Any],
+) -> None:
+    """Refuse, in one line, a table whose split column puts one sample in two splits: the same
+    files (resolved paths) or the same decoded content on rows of different splits."""
+    values = {**SPLIT_VALUES, "0": 0, "1": 1, "2": 2}
+    codes = np.array([values.get(str(w).lower(), -1) for w in feature_arrays["split"]])
+    index = {}
+    for code, name in enumerate(SPLITS):  # (other values are refused by build_features)
+        positions = np.flatnonzero(codes == code)
+        if len(positions):
+            index[name] = torch.from_numpy(positions)
+    samples = [
+        {"clip": " + ".join(str(f[c].resolve().relative_to(root)) for c in columns)} for f in files
+    ]
+    ids = content_ids({c: decoded[f"x_{c}"].numpy() for c in columns})
+    check_disjoint_splits(samples, index, ids, str(table))
 
 
 def _decode(kind: str, path: Path, p: ManifestParams) -> np.ndarray:
@@ -376,6 +409,14 @@ class ManifestSource(DatasetSource):
                 s.isdigit() for s in feature_arrays["split"]
             ):
                 feature_arrays["split"] = feature_arrays["split"].astype(np.int64)
+            _check_disjoint(
+                table,
+                table.parent.resolve(),
+                columns,
+                [files[i] for i in kept],
+                arrays,
+                feature_arrays,
+            )
         fingerprint = hashlib.sha256(
             (table_hash + content_hash({k: v for k, v in arrays.items()})).encode()
         ).hexdigest()
