@@ -39,10 +39,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from mmbalance.errors import ConfigError, DataError, NoSpaceLeft
+from mmbalance.errors import ConfigError, DataError, NoSpaceLeft, shown
 
 __all__ = [
     "OWNER_MARK",
+    "check_path_usable",
     "check_zip_archive",
     "claim_output",
     "is_written_file",
@@ -337,6 +338,18 @@ def output_lock(path: Path, what: str = "--out") -> Iterator[None]:
 
 
 # --- reading ---------------------------------------------------------------------------------
+def check_path_usable(path: Path) -> None:
+    """A one-line :class:`~mmbalance.errors.DataError` if ``path`` cannot even be looked up (a
+    name too long, a NUL character); a path that does not exist yet passes."""
+    try:
+        Path(path).stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise DataError(f"{shown(str(path), 100)} cannot be read ({reason})") from None
+
+
 def open_regular(path: Path, follow: bool = True) -> BinaryIO:
     """``path`` opened for binary reading if it is a regular file, else a one-line
     :class:`~mmbalance.errors.DataError` (a FIFO, socket or device would hang or never end; it

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +266,32 @@ KS_CLIPS: dict[str, tuple[int, str]] = {
 }
 #: ``mmbalance prepare kinetics_sounds`` options for :func:`write_ks_release` releases.
 KS_PREPARE_ARGS: list[str] = ["--image-size", "16", "--fbank-frames", "16", "--no-progress"]
+
+
+def cli_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the command line in-process on ``argv``: it must exit 2 with one line on stderr
+    (``mmbalance: error: ...``) and no traceback; returns that line."""
+    from mmbalance.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and err.startswith("mmbalance: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 30) -> Iterator[None]:
+    """Fail instead of hanging: a blocking call is interrupted after ``seconds``."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

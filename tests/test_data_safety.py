@@ -4,14 +4,11 @@ directory, malformed feature files, preparations that produced nothing, degenera
 from __future__ import annotations
 
 import codecs
-import contextlib
 import os
 import pickle
-import signal
 import struct
 import subprocess
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import numpy as np
 import numpy.testing._private.utils as np_testing_utils
 import pytest
 import torch
+from conftest import no_hang
 
 from mmbalance.build import build_dataset, resolve_config
 from mmbalance.config import check
@@ -464,22 +462,6 @@ def test_ucf_list_entry_with_a_class_outside(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- FIFOs
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 30) -> Iterator[None]:
-    """Fail instead of hanging: a blocking read is interrupted after ``seconds``."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def replace_with_fifo(path: Path) -> Path:

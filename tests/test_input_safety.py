@@ -15,10 +15,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import typing
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import KS_CLIPS, KS_PREPARE_ARGS, TINY_RUN_ARGS, write_ks_release
+from conftest import (
+    KS_CLIPS,
+    KS_PREPARE_ARGS,
+    TINY_RUN_ARGS,
+    cli_one_line,
+    no_hang,
+    write_ks_release,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -51,15 +57,6 @@ KS_TRAIN = [
 ]
 
 
-def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and err.startswith("mmbalance: error: "), err
-    assert "Traceback" not in err
-    return err
-
-
 @pytest.fixture(scope="module")
 def ks_prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared Kinetics-Sounds directory of six clips (prepared once; tests copy it)."""
@@ -80,22 +77,6 @@ def _ks_config(root: Path) -> Any:
 
     args = parse_overrides(a for a in KS_TRAIN if "=" in a)
     return resolve_config({"dataset": "kinetics_sounds", "dataset.root": str(root), **args})
-
-
-@contextlib.contextmanager
-def _no_hang(seconds: int = 30) -> Iterator[None]:
-    """Fail instead of hanging: a blocking call is interrupted after ``seconds``."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --- item 3: caches and reuse keyed on content ---------------------------------------------------
@@ -133,7 +114,7 @@ def test_compare_never_reuses_a_run_trained_on_other_data(
     write_ks_release(raw, more)
     assert main([*prepare, *KS_PREPARE_ARGS]) == 0
     capsys.readouterr()
-    err = _one_line(capsys, [*argv, "--seeds", "2"])
+    err = cli_one_line(capsys, [*argv, "--seeds", "2"])
     assert "holds a run trained on other data" in err and "seed0" in err
     assert not (out / "joint" / "seed1").exists()
 
@@ -143,7 +124,7 @@ def test_prepare_with_other_options_is_refused(capsys, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     argv = ["prepare", "kinetics_sounds", "--raw", str(raw), "--out", str(out), "--no-progress"]
     assert main([*argv, "--image-size", "16", "--fbank-frames", "16"]) == 0
-    err = _one_line(capsys, [*argv, "--image-size", "32", "--fbank-frames", "16"])
+    err = cli_one_line(capsys, [*argv, "--image-size", "32", "--fbank-frames", "16"])
     assert "was prepared with --image-size 16 (now 32)" in err
     assert np.load(out / "frames" / "a0.npy").shape[1] == 16
 
@@ -173,12 +154,12 @@ ALIAS_BOMB = (
 
 
 def test_a_yaml_alias_bomb_is_refused_in_one_short_line(capsys, tmp_path: Path) -> None:
-    err = _one_line(capsys, ["train", "--out", str(tmp_path / "r"), f"train.lr={ALIAS_BOMB}"])
+    err = cli_one_line(capsys, ["train", "--out", str(tmp_path / "r"), f"train.lr={ALIAS_BOMB}"])
     assert "aliases (*name) are not accepted" in err and len(err) < 200
     run = tmp_path / "planted"
     run.mkdir()
     (run / "config.yaml").write_text(f"train:\n  lr: {ALIAS_BOMB}\n")
-    err = _one_line(capsys, ["evaluate", str(run)])
+    err = cli_one_line(capsys, ["evaluate", str(run)])
     assert "aliases (*name) are not accepted" in err and len(err) < 300
 
 
@@ -207,12 +188,12 @@ def test_compressed_or_oversized_checkpoints_are_refused_before_reading(
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
     assert (run / "best.ckpt").stat().st_size < 1 << 20
-    err = _one_line(capsys, ["evaluate", str(run)])
+    err = cli_one_line(capsys, ["evaluate", str(run)])
     assert "holds compressed entries" in err and loads == []
     # stored as torch writes it, but larger than this configuration's weights can be
     ckpt["padding"] = torch.zeros(80 << 20, dtype=torch.uint8)
     torch.save(ckpt, run / "best.ckpt")
-    err = _one_line(capsys, ["evaluate", str(run)])
+    err = cli_one_line(capsys, ["evaluate", str(run)])
     assert "more than this configuration can need" in err and loads == []
 
 
@@ -220,7 +201,7 @@ def test_a_fifo_in_a_prepared_directory_does_not_hang(prepared: Path) -> None:
     path = prepared / "frames" / "a0.npy"
     path.unlink()
     os.mkfifo(path)
-    with _no_hang(), pytest.raises(DataError) as err:
+    with no_hang(), pytest.raises(DataError) as err:
         build_dataset(_ks_config(prepared))
     assert "a0.npy' is not a regular file" in str(err.value) and "\n" not in str(err.value)
 
@@ -245,19 +226,19 @@ COMMAND_LINES: dict[str, tuple[list[str], str]] = {
 @pytest.mark.parametrize("case", sorted(COMMAND_LINES))
 def test_bad_command_line_values_are_one_line(capsys, tmp_path: Path, case: str) -> None:
     args, message = COMMAND_LINES[case]
-    err = _one_line(capsys, ["train", "--out", str(tmp_path / "r"), *TINY_RUN_ARGS, *args])
+    err = cli_one_line(capsys, ["train", "--out", str(tmp_path / "r"), *TINY_RUN_ARGS, *args])
     assert message in err and len(err) < 400
 
 
 def test_a_deep_yaml_file_a_long_out_and_a_long_label_are_one_line(capsys, tmp_path) -> None:
     deep = tmp_path / "deep.yaml"
     deep.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
-    assert "nested more than" in _one_line(capsys, ["train", str(deep)])
+    assert "nested more than" in cli_one_line(capsys, ["train", str(deep)])
     long_out = tmp_path / ("x" * 300)
-    assert "File name too long" in _one_line(capsys, ["train", "--out", str(long_out)])
+    assert "File name too long" in cli_one_line(capsys, ["train", "--out", str(long_out)])
     argv = ["compare", "--out", str(tmp_path / "c"), "--methods"]
     label = "joint,ogm_ge[alpha=0.1" + "0" * 300 + "]"
-    assert "longer than 120 bytes" in _one_line(capsys, [*argv, label, *TINY_RUN_ARGS])
+    assert "longer than 120 bytes" in cli_one_line(capsys, [*argv, label, *TINY_RUN_ARGS])
 
 
 def test_a_label_with_mathtext_still_gets_its_report(tmp_path: Path) -> None:
@@ -292,7 +273,7 @@ def test_damaged_prepared_data_is_one_line(capsys, prepared: Path, tmp_path, dam
     edit, message = PREPARED_DAMAGE[damage]
     edit(prepared)
     argv = ["train", "--out", str(tmp_path / "r"), *KS_TRAIN, f"dataset.root={prepared}"]
-    assert message in _one_line(capsys, argv)
+    assert message in cli_one_line(capsys, argv)
 
 
 @pytest.mark.parametrize(
@@ -325,7 +306,7 @@ def test_a_damaged_fashion_mnist_file_is_one_line(capsys, tmp_path, name, conten
                 packed = gzip.compress(b"this is not Fashion-MNIST" * 100)
         (data / file).write_bytes(packed)
     argv = ["train", "--dataset", "av-fashion", f"dataset.data_dir={data}", "--out"]
-    err = _one_line(capsys, [*argv, str(tmp_path / "r"), "train.epochs=1"])
+    err = cli_one_line(capsys, [*argv, str(tmp_path / "r"), "train.epochs=1"])
     assert "Fashion-MNIST file" in err and message in err
 
 
@@ -427,7 +408,7 @@ def test_report_on_damaged_files_is_one_line(
     out = Path(shutil.copytree(finished_comparison, tmp_path / "cmp"))
     change, message = REFUSED_EDITS[edit]
     change(out)
-    assert message in _one_line(capsys, ["report", str(out)])
+    assert message in cli_one_line(capsys, ["report", str(out)])
 
 
 # --- the property test: random values for every option ------------------------------------------

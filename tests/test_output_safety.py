@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import KS_CLIPS, KS_PREPARE_ARGS, TINY_RUN_ARGS, write_ks_release
+from conftest import KS_CLIPS, KS_PREPARE_ARGS, TINY_RUN_ARGS, cli_one_line, write_ks_release
 
 from mmbalance.cli import main
 
@@ -30,14 +30,6 @@ OWNER_MARK = ".mmbalance"  # the mark a command writes first into a directory it
 
 def _ok(argv: list[str]) -> None:
     assert main(argv) == 0
-
-
-def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and err.startswith("mmbalance: error: "), err
-    return err
 
 
 def _written_files(root: Path) -> list[Path]:
@@ -152,7 +144,7 @@ def test_out_holding_user_files_is_refused(capsys, tmp_path: Path, command: str)
         argv += TINY_RUN_ARGS
     else:
         argv = ["train", "--out", str(out), *TINY_RUN_ARGS]
-    err = _one_line(capsys, argv)
+    err = cli_one_line(capsys, argv)
     assert "holds files mmbalance did not write" in err
     assert {p.name: p.read_text() for p in out.iterdir()} == mine
 
@@ -165,7 +157,7 @@ def test_empty_out_is_refused(capsys, tmp_path: Path, monkeypatch, command: str)
         "compare": ["compare", "--methods", "joint", "--out", "", *TINY_RUN_ARGS],
         "prepare": ["prepare", "cremad", "--raw", str(tmp_path), "--out", ""],
     }[command]
-    assert '--out "" names no directory' in _one_line(capsys, argv)
+    assert '--out "" names no directory' in cli_one_line(capsys, argv)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,7 +165,7 @@ def test_a_run_directory_is_not_a_comparison(capsys, tmp_path: Path) -> None:
     out = tmp_path / "run"
     _ok(["train", "--out", str(out), *TINY_RUN_ARGS])
     argv = ["compare", "--methods", "joint", "--seeds", "1", "--out", str(out), *TINY_RUN_ARGS]
-    assert "not a comparison directory" in _one_line(capsys, argv)
+    assert "not a comparison directory" in cli_one_line(capsys, argv)
 
 
 # --- item 6 (faults): one writer per output directory -----------------------------------------
@@ -194,7 +186,7 @@ def test_a_second_compare_on_one_out_is_refused(capsys, tmp_path: Path) -> None:
             assert first.poll() is None, "the first comparison stopped"
             time.sleep(0.1)
         # (one epoch: were it not refused, it could not train on for ever here)
-        err = _one_line(capsys, [*argv, *TINY_RUN_ARGS[2:]])
+        err = cli_one_line(capsys, [*argv, *TINY_RUN_ARGS[2:]])
         assert f"another mmbalance process is writing {str(out)!r}" in err
         assert first.poll() is None  # the first one goes on, its files untouched
     finally:
@@ -238,7 +230,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(os, "fdopen", fdopen)
     out = tmp_path / "run"
-    err = _one_line(capsys, ["train", "--out", str(out), *TINY_RUN_ARGS, "train.epochs=3"])
+    err = cli_one_line(capsys, ["train", "--out", str(out), *TINY_RUN_ARGS, "train.epochs=3"])
     assert "no space left on the device" in err
     assert f"the last good checkpoint is {out / 'last.ckpt'} (end of epoch 0)" in err
     monkeypatch.setattr(os, "fdopen", real_fdopen)
@@ -261,7 +253,7 @@ def test_a_killed_ddp_worker_is_one_line_naming_its_rank(capsys, tmp_path, monke
     monkeypatch.setattr(Fabric, "launch", killed)
     out = tmp_path / "run"
     argv = ["train", "--out", str(out), *TINY_RUN_ARGS, "train.devices=2"]
-    err = _one_line(capsys, [*argv, "train.accelerator=cpu"])
+    err = cli_one_line(capsys, [*argv, "train.accelerator=cpu"])
     assert "rank 1 (pid 4242) was killed by SIGKILL" in err
     assert "can be resumed with --resume" in err
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN_ARGS
+from conftest import TINY_RUN_ARGS, cli_one_line
 
 import mmbalance
 from mmbalance.cli import main
@@ -44,14 +44,6 @@ def _resume(run: Path) -> list[str]:
     return ["train", "--out", str(run), "--resume", *RESUME]
 
 
-def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and err.startswith("mmbalance: error: "), err
-    return err
-
-
 def _edit_checkpoint(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     ckpt = torch.load(path, weights_only=True)
     edit(ckpt)
@@ -64,7 +56,7 @@ def test_resume_compares_with_the_checkpoint_not_an_edited_config_yaml(capsys, r
     edited = path.read_text().replace("lr: 0.02", "lr: 0.5")
     assert edited != path.read_text()
     path.write_text(edited)
-    err = _one_line(capsys, ["train", "--out", str(run), "--resume", "train.epochs=2"])
+    err = cli_one_line(capsys, ["train", "--out", str(run), "--resume", "train.epochs=2"])
     assert "differs from the configuration" in err and "train.lr" in err
     assert path.read_text() == edited  # nothing was written
     assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 0
@@ -115,7 +107,7 @@ def test_a_damaged_last_ckpt_is_refused_in_one_line(capsys, run, damage: str) ->
     edit, message = DAMAGES[damage]
     _edit_checkpoint(run / "last.ckpt", edit)
     before = (run / "metrics.csv").read_bytes()
-    err = _one_line(capsys, _resume(run))
+    err = cli_one_line(capsys, _resume(run))
     assert "is damaged" in err and message in err
     assert (run / "metrics.csv").read_bytes() == before  # nothing trained
 
@@ -137,5 +129,5 @@ def test_a_checkpoint_recording_another_configuration_is_refused(capsys, run) ->
         run / "last.ckpt",
         lambda c: c.update(config=c["config"].replace('"train.lr": 0.02', '"train.lr": 0.5')),
     )
-    err = _one_line(capsys, _resume(run))
+    err = cli_one_line(capsys, _resume(run))
     assert "differs from the configuration" in err and "train.lr" in err

@@ -21,7 +21,7 @@ from typing import Any
 
 from mmbalance.config import load_config_yaml
 from mmbalance.errors import ConfigError, DataError, shown
-from mmbalance.io import read_json, read_text
+from mmbalance.io import check_path_usable, read_json, read_text
 
 #: The keys of every record.
 RECORD_KEYS = ("method", "seed", "split", "metric", "value")
@@ -254,13 +254,7 @@ def is_analysis(analysis: Any) -> bool:
 def load_source(path: str | Path) -> Source:
     """Read a compare directory (``results.json``) or a single run directory (``metrics.json``)."""
     root = Path(path)
-    try:
-        root.stat()
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as err:  # a name too long, a NUL character
-        reason = getattr(err, "strerror", None) or str(err)
-        raise DataError(f"{shown(str(path), 100)} cannot be read ({reason})") from None
+    check_path_usable(root)
     if (root / "results.json").is_file():
         where = str(root / "results.json")
         records = check_records(read_json(root / "results.json"), repr(where))

@@ -35,8 +35,8 @@ from mmbalance.build import (
     resolve_config,
 )
 from mmbalance.config import NamedParams, RunConfig
-from mmbalance.errors import DataError, MMBalanceError, shown
-from mmbalance.io import is_written_file, make_dir, output_lock
+from mmbalance.errors import DataError, MMBalanceError
+from mmbalance.io import check_path_usable, is_written_file, make_dir, output_lock
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.plugins import load_specs, loaded_specs
 from mmbalance.train.callbacks import Callback, default_callbacks
@@ -242,13 +242,7 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     (``best.ckpt`` or ``last.ckpt``); the run's ``config.yaml`` rebuilds data, model and method.
     """
     path = Path(path)
-    try:
-        path.stat()
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as err:  # a name too long, a NUL character
-        reason = getattr(err, "strerror", None) or str(err)
-        raise DataError(f"{shown(str(path), 100)} cannot be read ({reason})") from None
+    check_path_usable(path)
     run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
     if not is_written_file(run_dir / "config.yaml"):
         raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
