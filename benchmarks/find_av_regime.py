@@ -4,8 +4,9 @@ Each candidate is a dataset setting with its encoders and training recipe. For e
 trains four runs that involve no balancing method: ``unimodal`` on each modality, ``joint`` and
 ``ensemble`` (independently trained unimodal models, logits averaged); on the ensemble's encoders
 it then fits a *stacked probe*, a logistic regression on both encoders' concatenated latents
-(fitted on the training split, scored on test). The criteria below were fixed before any
-candidate was run and never look at a balancing method:
+(fitted on the training split, scored on test). The criteria, fixed before any candidate was run
+and never looking at a balancing method, are the library's (:mod:`mmbalance.report.regime`,
+which ``mmbalance diagnose`` uses too):
 
 1. ``gap``: joint training is below the ensemble by >= 2 points on test accuracy, and the mean
    paired difference (ensemble - joint, same seed) exceeds twice its standard error;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -47,12 +47,11 @@ if str(ROOT) not in sys.path:  # run as a script: make ``mmbalance`` importable
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from mmbalance.build import build_components, build_dataset, resolve_config  # noqa: E402
-from mmbalance.eval.probe import latents_of  # noqa: E402
+from mmbalance.eval.probe import latents_of, stacked_probe_accuracy  # noqa: E402
+from mmbalance.report.regime import SeedNumbers, regime_evidence  # noqa: E402
 from mmbalance.train.checkpoint import load_checkpoint  # noqa: E402
 from mmbalance.train.runner import fit  # noqa: E402
 
@@ -60,12 +59,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "av_regime_search.json"
 MD_PATH = RESULTS / "av_regime_search.md"
 
-# --- the criteria (fixed before the search) -------------------------------------------------------
-MIN_GAP = 0.02  # ensemble - joint, test accuracy
-GAP_SE_FACTOR = 2.0  # the mean paired difference must exceed this many standard errors
-UNIMODAL_RANGE = (0.45, 0.85)
-MIN_PROBE_DEFICIT = 0.03  # weak modality: probe alone - probe inside joint
-MIN_FUSION_GAIN = 0.03  # fused upper estimate - best unimodal
+#: Finalists run this many seeds; a candidate meets the criteria only on that many.
 FINAL_SEEDS = 5
 
 QUIET = {"train.progress": False, "train.tensorboard": False}
@@ -161,11 +155,7 @@ def stacked_probe(cfg: Any, run_dir: Path) -> float:
     model.load_state_dict(load_checkpoint(run_dir / "best.ckpt")["model"])
     z_train, y_train = latents_of(model, data.splits["train"])
     z_test, y_test = latents_of(model, data.splits["test"])
-    x_train = torch.cat([z_train[m] for m in model.modalities], 1).numpy()
-    x_test = torch.cat([z_test[m] for m in model.modalities], 1).numpy()
-    scaler = StandardScaler().fit(x_train)
-    probe = LogisticRegression(max_iter=500).fit(scaler.transform(x_train), y_train.numpy())
-    return float((probe.predict(scaler.transform(x_test)) == y_test.numpy()).mean())
+    return stacked_probe_accuracy(z_train, y_train, z_test, y_test)
 
 
 def run_seed(candidate: Candidate, seed: int, work: Path) -> dict[str, Any]:
@@ -193,58 +183,47 @@ def run_seed(candidate: Candidate, seed: int, work: Path) -> dict[str, Any]:
 
 
 # --- criteria -------------------------------------------------------------------------------------
-def _mean(xs: list[float]) -> float:
-    return statistics.fmean(xs)
-
-
-def _se(xs: list[float]) -> float:
-    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+def seed_numbers(row: Mapping[str, Any]) -> SeedNumbers:
+    """One seed of the saved search as the criteria's numbers."""
+    runs, mods = row["runs"], row["modalities"]
+    return SeedNumbers(
+        joint=runs["joint"]["accuracy"],
+        ensemble=runs["ensemble"]["accuracy"],
+        alone={m: runs[f"unimodal_{m}"]["accuracy"] for m in mods},
+        probe_alone={m: runs[f"unimodal_{m}"][f"probe_accuracy_{m}"] for m in mods},
+        probe_joint={m: runs["joint"][f"probe_accuracy_{m}"] for m in mods},
+        shapley_joint={m: runs["joint"][f"shapley_{m}"] for m in mods},
+        stacked_probe=row["stacked_probe"],
+    )
 
 
 def evaluate(seeds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The criteria on the seeds run so far (means over seeds; paired ensemble - joint)."""
+    """The criteria (:func:`mmbalance.report.regime.regime_evidence`) on the seeds run so far."""
     rows = [seeds[k] for k in sorted(seeds, key=int)]
-    mods: list[str] = rows[0]["modalities"]
-
-    def col(role: str, key: str = "accuracy") -> list[float]:
-        return [r["runs"][role][key] for r in rows]
-
-    diffs = [e - j for e, j in zip(col("ensemble"), col("joint"), strict=True)]
-    uni = {m: _mean(col(f"unimodal_{m}")) for m in mods}
-    shapley = {m: _mean(col("joint", f"shapley_{m}")) for m in mods}
-    weak = min(mods, key=lambda m: shapley[m])
-    probe_alone = {m: _mean(col(f"unimodal_{m}", f"probe_accuracy_{m}")) for m in mods}
-    probe_joint = {m: _mean(col("joint", f"probe_accuracy_{m}")) for m in mods}
-    deficit = {m: probe_alone[m] - probe_joint[m] for m in mods}
-    stacked = _mean([r["stacked_probe"] for r in rows])
-    ensemble = _mean(col("ensemble"))
-    fused = max(stacked, ensemble)
-    gap, se = _mean(diffs), _se(diffs)
-    met = {
-        "gap": gap >= MIN_GAP and (len(diffs) > 1 and gap > GAP_SE_FACTOR * se),
-        "unimodal": all(UNIMODAL_RANGE[0] <= uni[m] <= UNIMODAL_RANGE[1] for m in mods),
-        "probe": deficit[weak] >= MIN_PROBE_DEFICIT,
-        "complementary": fused - max(uni.values()) >= MIN_FUSION_GAIN,
-    }
+    ev = regime_evidence([seed_numbers(r) for r in rows])
+    joint = [r["runs"]["joint"]["accuracy"] for r in rows]
     return {
-        "seeds": len(rows),
-        "joint": _mean(col("joint")),
-        "joint_sd": statistics.stdev(col("joint")) if len(rows) > 1 else float("nan"),
-        "ensemble": ensemble,
-        "gap": gap,
-        "gap_se": se,
-        "unimodal": uni,
-        "weak": weak,
-        "shapley_joint": shapley,
-        "probe_alone": probe_alone,
-        "probe_joint": probe_joint,
-        "probe_deficit": deficit,
-        "stacked_probe": stacked,
-        "fused_estimate": fused,
-        "fusion_gain": fused - max(uni.values()),
-        "cpu_s": {role: _mean(col(role, "cpu_s")) for role in rows[0]["runs"]},
-        "met": met,
-        "all_met": all(met.values()) and len(rows) >= FINAL_SEEDS,
+        "seeds": ev.seeds,
+        "joint": ev.joint.mean,
+        "joint_sd": statistics.stdev(joint) if len(rows) > 1 else float("nan"),
+        "ensemble": ev.ensemble.mean,
+        "gap": ev.gap.mean,
+        "gap_se": ev.gap_se,
+        "unimodal": {m: s.mean for m, s in ev.alone.items()},
+        "weak": ev.weak,
+        "shapley_joint": {m: s.mean for m, s in ev.shapley_joint.items()},
+        "probe_alone": {m: s.mean for m, s in ev.probe_alone.items()},
+        "probe_joint": {m: s.mean for m, s in ev.probe_joint.items()},
+        "probe_deficit": {m: s.mean for m, s in ev.probe_deficit.items()},
+        "stacked_probe": ev.stacked_probe,
+        "fused_estimate": ev.fused_estimate,
+        "fusion_gain": ev.fusion_gain,
+        "cpu_s": {
+            role: statistics.fmean(r["runs"][role]["cpu_s"] for r in rows)
+            for role in rows[0]["runs"]
+        },
+        "met": ev.met,
+        "all_met": all(ev.met.values()) and len(rows) >= FINAL_SEEDS,
     }
 
 

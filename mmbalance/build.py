@@ -223,7 +223,7 @@ def build_model(cfg: RunConfig, data: DatasetBundle, method: Method) -> Multimod
 
 def model_info(model: MultimodalModel, data: DatasetBundle) -> ModelInfo:
     """What a method may know about the model when it is set up."""
-    from mmbalance.methods.base import ModelInfo
+    from mmbalance.methods.base import ModelInfo, parameter_groups
 
     return ModelInfo(
         modalities=model.modalities,
@@ -231,6 +231,7 @@ def model_info(model: MultimodalModel, data: DatasetBundle) -> ModelInfo:
         num_outputs=data.num_outputs,
         task=data.task,
         additive_fusion=model.fusion.additive,
+        parameter_groups=parameter_groups(model),
     )
 
 

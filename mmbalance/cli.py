@@ -149,6 +149,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from mmbalance.diagnose import diagnose, render_text
+
+    plugins = [part for p in args.plugin for part in ("--plugin", p)]
+    result = diagnose(_overrides(args), Path(args.out), seeds=args.seeds, command_options=plugins)
+    print(render_text(result))
+    print(
+        f"diagnosis: {Path(args.out) / 'diagnosis.md'}\n           {Path(args.out) / 'diagnosis.json'}"
+    )
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from mmbalance.report import parse_metrics, write_report
 
@@ -420,10 +432,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def version_text() -> str:
+    """``mmbalance 0.1.0 (torch 2.13.0+cpu, lightning 2.6.6, Python 3.11.7)``: the library's
+    version and those of the packages a run depends on, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mmbalance
+
+    found = []
+    for package in ("torch", "lightning"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    found.append(f"Python {sys.version.split()[0]}")
+    return f"mmbalance {mmbalance.__version__} ({', '.join(found)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_text` and exit (computed only when asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mmbalance",
         description="Balanced multimodal training: methods, datasets, comparisons.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of mmbalance, torch and lightning and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     plugin = argparse.ArgumentParser(add_help=False)
@@ -496,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output directory")
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
+
+    diag = sub.add_parser(
+        "diagnose",
+        parents=[plugin],
+        help="do the modalities compete? joint, the ensemble and each modality alone",
+        description="Train joint and the ensemble of unimodal models with the dataset's recipe\n"
+        "on a few seeds (reused like compare's runs), then say whether the modalities\n"
+        "compete, with the numbers behind it, what to try next and the compare command.",
+        epilog=_KEY_FORMS
+        + "\nexample:\n  mmbalance diagnose --dataset av-fashion-cnn --out diag\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    diag.add_argument("--dataset", help="dataset name (as dataset=NAME)")
+    diag.add_argument(
+        "--seeds", type=int, default=3, help="seeds of joint and of the ensemble (default 3)"
+    )
+    diag.add_argument("--out", required=True, help="output directory (runs and diagnosis)")
+    diag.add_argument("overrides", nargs="*", help=over_help)
+    diag.set_defaults(func=_cmd_diagnose)
 
     prep = sub.add_parser(
         "prepare", parents=[plugin], help="turn a raw dataset release into a prepared directory"

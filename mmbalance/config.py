@@ -112,17 +112,36 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def renamed_options(cls: type) -> dict[str, str]:
+    """The options of dataclass ``cls`` that were renamed, ``{old name: new name}``.
+
+    A class declares its renamed options once, in a class attribute ``renamed_options``
+    (a ``ClassVar`` mapping, inherited and extended by subclasses); every path that turns user
+    keys into options (YAML files, ``key=value`` pairs, comparison variants) goes through
+    :func:`build_dataclass`, which answers an old name with one line naming the new one.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(klass.__dict__.get("renamed_options", {}))
+    return out
+
+
 def build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
     """Instantiate dataclass ``cls`` from ``values``, checking keys and types.
 
-    Unknown keys raise :class:`ConfigError` listing the valid keys; values are coerced to the
-    annotated types (ints become floats where a float is expected, ``Literal`` fields are checked
-    against their choices). Range checks live in each dataclass's ``__post_init__``.
+    Unknown keys raise :class:`ConfigError` listing the valid keys, and a renamed key (see
+    :func:`renamed_options`) one naming its new name; values are coerced to the annotated types
+    (ints become floats where a float is expected, ``Literal`` fields are checked against their
+    choices). Range checks live in each dataclass's ``__post_init__``.
     """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in values if k not in names]
     if unknown:
+        renamed = renamed_options(cls)
+        old = next((k for k in unknown if k in renamed), None)
+        if old is not None:
+            raise ConfigError(f"{where} key {old!r} was renamed: use {renamed[old]!r} instead")
         valid = ", ".join(names) if names else "(none)"
         raise ConfigError(f"unknown {where} key {unknown[0]!r}; valid keys: {valid}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
@@ -174,6 +193,8 @@ class TrainConfig:
             train.epochs).
         progress: show the training progress.
         tensorboard: write TensorBoard events to the run directory.
+        wandb: log to Weights & Biases under this project name (null: no W&B; needs
+            ``pip install 'mmbalance[wandb]'``; ``WANDB_MODE=offline`` logs without an account).
         epoch_analysis: per-modality head/probe accuracy and Shapley curves after each
             validation (:mod:`mmbalance.eval.curves`).
     """
@@ -201,6 +222,7 @@ class TrainConfig:
     unimodal_pretrain_epochs: int = 0
     progress: bool = True
     tensorboard: bool = True
+    wandb: str | None = None
     epoch_analysis: bool = True
 
     def __post_init__(self) -> None:
@@ -270,7 +292,7 @@ TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 #: batches are a function of the seed and epoch, and datasets draw no randomness per item, so
 #: the number of loader processes does not matter). Runs that differ only in these are the same
 #: run: ``compare`` reuses such a run and ``--resume`` accepts new values for them.
-PRESENTATION_KEYS = ("train.progress", "train.tensorboard", "train.num_workers")
+PRESENTATION_KEYS = ("train.progress", "train.tensorboard", "train.wandb", "train.num_workers")
 KEY_HELP = (
     "dataset, dataset.PARAM, method, method.PARAM, fusion, fusion.PARAM, encoder.MODALITY, "
     "encoder.MODALITY.PARAM, unimodal_heads, train.FIELD (or FIELD) with FIELD in: "
@@ -446,7 +468,7 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
             cfg.unimodal_heads = _coerce(value, bool | None, key)
         elif head == "train" and rest:
             train_values[rest] = value
-        elif key in TRAIN_KEYS:
+        elif key in TRAIN_KEYS or key in renamed_options(TrainConfig):
             train_values[key] = value
         elif key == "plugins":
             raise ConfigError(

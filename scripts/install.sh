@@ -2,7 +2,8 @@
 # Install mmbalance and what it needs on a fresh Debian/Ubuntu machine.
 #   bash scripts/install.sh        the library and its system packages
 #   bash scripts/install.sh --dev  also the test and lint tools
-# torch is pinned to 2.13.0 in pyproject.toml: on CPU machines that is the small CPU build.
+# The package asks for any torch in a range (pyproject.toml); this script, and so CI, installs
+# the exact build the tests run on: torch 2.13.0, the small CPU build on machines without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -161,19 +161,33 @@ HOOKS_BASE: dict[str, Any] = {
 }
 
 
-def make_trainer(method: Any, out: Path, **overrides: Any) -> Any:
-    """A real :class:`~mmbalance.train.Trainer` for ``method`` on :data:`HOOKS_BASE` (seeded as
-    ``fit`` seeds it), without running it."""
-    from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+def build_trainer(
+    cfg: Any, out: Path, method: Any = None, callbacks: Any = None, data: Any = None
+) -> Any:
+    """A real :class:`~mmbalance.train.Trainer` of the resolved config ``cfg`` (seeded as ``fit``
+    seeds it; no unimodal pre-training), for ``method`` (default: the config's) and ``data``
+    (default: the config's dataset), without running it."""
+    from mmbalance.build import build_dataset, build_model, make_fabric, model_info
+    from mmbalance.methods import build_method
     from mmbalance.train import Trainer
 
-    cfg = resolve_config({**HOOKS_BASE, **overrides})
     fabric = make_fabric(cfg)
     fabric.seed_everything(cfg.train.seed, verbose=False)
-    data = build_dataset(cfg)
+    if data is None:
+        data = build_dataset(cfg)
+    if method is None:
+        method = build_method(cfg.method.name, cfg.method.params)
     model = build_model(cfg, data, method)
     method_module = method.setup(model_info(model, data))
-    return Trainer(fabric, cfg, data, model, method, method_module, out)
+    return Trainer(fabric, cfg, data, model, method, method_module, out, callbacks=callbacks)
+
+
+def make_trainer(method: Any, out: Path, **overrides: Any) -> Any:
+    """A real :class:`~mmbalance.train.Trainer` for ``method`` on :data:`HOOKS_BASE`, without
+    running it."""
+    from mmbalance.build import resolve_config
+
+    return build_trainer(resolve_config({**HOOKS_BASE, **overrides}), out, method)
 
 
 @pytest.fixture

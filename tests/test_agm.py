@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LEARN, fit_killed_and_resumed
+from conftest import LEARN
 from torch import nn
 
 from mmbalance.build import resolve_config
@@ -403,18 +403,6 @@ def test_clipping_triggers_on_a_large_fusion_weight_gradient_only() -> None:
 
 
 # --- training: resume and learning ------------------------------------------------------------------------
-def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = {**LEARN, "method": "agm", "method.space": "latent", "train.epochs": 3}
-    reference = fit(resolve_config(overrides), tmp_path / "reference")
-    resumed = fit_killed_and_resumed(
-        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=1
-    )
-    assert resumed.metrics == reference.metrics
-    assert [r["train_loss"] for r in resumed.history] == [
-        r["train_loss"] for r in reference.history
-    ]
-
-
 def test_agm_learns_the_competition_preset(tmp_path: Path) -> None:
     result = fit(resolve_config({**LEARN, "method": "agm"}), tmp_path / "agm")
     assert result.metrics["test"]["accuracy"] >= 0.8  # chance is 0.2 (5 classes)

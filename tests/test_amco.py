@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COMPETITION_400, fit_killed_and_resumed
+from conftest import COMPETITION_400
 
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
@@ -23,7 +23,7 @@ from mmbalance.methods.amco import (
     dependence_shares,
     mask_ratio,
 )
-from mmbalance.methods.mbsd import modality_logits
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit
@@ -152,16 +152,6 @@ BASE: dict[str, Any] = {
     "method": "amco",
     "train.epochs": 4,
 }
-
-
-def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = resolve_config(BASE)
-    reference = fit(cfg, tmp_path / "reference")
-    resumed = fit_killed_and_resumed(cfg, tmp_path / "killed", monkeypatch, after_epoch=1)
-    assert resumed.metrics == reference.metrics
-    assert [r["train_loss"] for r in resumed.history] == [
-        r["train_loss"] for r in reference.history
-    ]
 
 
 def test_amco_learns_the_competition_task(tmp_path: Path) -> None:

@@ -113,20 +113,23 @@ def test_results_page_regenerates_the_committed_accuracy_section(tmp_path: Path)
     assert f"{sum(diffs) / len(diffs):+.4f} ± {half:.4f}" in cells[5]
 
 
+#: A one-epoch synthetic run of a few hundred samples.
+TINY = {
+    "dataset": "synthetic",
+    "dataset.n_train": 120,
+    "dataset.n_val": 100,
+    "dataset.n_test": 200,
+    "dataset.n_bayes": 500,
+    "train.epochs": 1,
+    "train.tensorboard": False,
+}
+
+
 def test_accuracy_runner_searches_on_validation_and_records_seeds(tmp_path: Path) -> None:
     from benchmarks.results_page.runner import Selection, run_accuracy
     from benchmarks.results_page.studies import Point, Study
 
-    tiny = {
-        "dataset": "synthetic",
-        "dataset.n_train": 120,
-        "dataset.n_val": 100,
-        "dataset.n_test": 200,
-        "dataset.n_bayes": 500,
-        "train.epochs": 1,
-        "train.tensorboard": False,
-    }
-    study = Study("tiny", "Tiny", "a tiny synthetic setting", (Point("default", tiny),))
+    study = Study("tiny", "Tiny", "a tiny synthetic setting", (Point("default", TINY),))
     threads = torch.get_num_threads()  # one worker in this process: it sets one thread
     try:
         saved = run_accuracy(
@@ -228,3 +231,67 @@ def test_weak_probe_sentence_reads_the_last_epoch_of_the_curves() -> None:
     sentence = _weak_probe_sentence(curves)
     assert "joint's audio encoder has a validation probe of 0.55" in sentence
     assert "1 of the 2 balancing methods end with a higher one (median 0.70)" in sentence
+
+
+def test_robustness_study_says_which_methods_depend_less_on_the_dominant_modality() -> None:
+    from benchmarks.results_page.page import robustness_study
+    from mmbalance.report import describe
+
+    # joint leans on the image (Shapley 0.6); mcr keeps more without it, ogm less
+    means = {
+        "joint": (0.90, 0.60, 0.88),
+        "ensemble": (0.93, 0.80, 0.90),
+        "mcr": (0.91, 0.70, 0.89),
+        "ogm": (0.88, 0.55, 0.87),
+        "mla": (0.90, 0.61, 0.88),
+    }
+    records = []
+    for i, (m, (acc, no_image, no_audio)) in enumerate(means.items()):
+        for seed in range(3):
+            noise = ((7 * i + 3 * seed) % 5 - 2) * 0.004  # differs between methods
+            for metric, v in (
+                ("accuracy", acc),
+                ("missing_image_50", no_image + noise),
+                ("missing_audio_50", no_audio - noise),
+                ("shapley_image", 0.6),
+                ("shapley_audio", 0.2),
+            ):
+                records.append(
+                    {"method": m, "seed": seed, "split": "test", "metric": metric, "value": v}
+                )
+    table, text = robustness_study(records)
+    header = [c.title for c in table.columns]
+    assert header[:4] == ["method", "missing modality means", "test accuracy", "image missing 50 %"]
+    rows = {r[0]: dict(zip(header, r, strict=False)) for r in table.rows}
+    assert rows["`ensemble`"]["missing modality means"] == (
+        "the average over the heads of the modalities present"
+    )
+    joint = describe(
+        r["value"] for r in records if r["method"] == "joint" and r["metric"] == "missing_image_50"
+    )
+    assert rows["`joint`"]["image missing 50 %"] == f"{joint.mean:.3f} ± {joint.half_width:.3f}"
+    assert "Joint depends most on the image (Shapley value 0.60, audio 0.20)" in text
+    assert f"joint falls from 0.900 to {joint.mean:.3f}" in text
+    assert "1 of the 3 balancing methods keep significantly more accuracy than joint" in text
+    assert "keep significantly more accuracy than joint (`mcr`)" in text
+    assert "significantly less (`ogm`)" in text
+    assert "the highest accuracy without the image is `mcr`'s, 0.70" in text
+    assert "The ensemble, which without a modality averages the heads present, keeps 0.7" in text
+    assert robustness_study([r for r in records if "missing" not in r["metric"]]) is None
+
+
+def test_runs_trained_before_the_metrics_beyond_accuracy_get_them_once(tmp_path: Path) -> None:
+    from benchmarks.results_page.runner import with_beyond_accuracy
+    from mmbalance.build import resolve_config
+    from mmbalance.train import fit
+
+    result = fit(resolve_config({**TINY, "train.progress": False}), tmp_path / "run")
+    test = result.metrics["test"]
+    later = ("missing_", "noisy_", "robust_", "balanced_accuracy", "ece")
+    old = {k: v for k, v in test.items() if not k.startswith(later)}
+    assert "ece" not in old and "robust_50" not in old and "accuracy" in old
+    summary = {**result.to_json(), "metrics": {**result.metrics, "test": old}}
+    again = with_beyond_accuracy(summary, tmp_path / "run")
+    assert again["metrics"]["test"] == test  # the same weights give the same numbers
+    assert (tmp_path / "run" / "beyond_accuracy.json").is_file()
+    assert with_beyond_accuracy(summary, tmp_path / "run") == again  # read back

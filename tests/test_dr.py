@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
+from conftest import SCHEDULED_LEARN, build_trainer
 from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, build_method
 from mmbalance.methods.dr import (
@@ -26,7 +26,7 @@ from mmbalance.methods.dr import (
     reinit_strength,
     soft_reinit,
 )
-from mmbalance.train import Trainer, fit
+from mmbalance.train import Trainer
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
@@ -164,14 +164,7 @@ def test_diagnosis_reads_only_train_and_validation() -> None:
 
 # --- through the trainer -------------------------------------------------------------------------
 def _trainer(out: Path, **overrides: Any) -> Trainer:
-    cfg = resolve_config({**SMALL, **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
-    return Trainer(fabric, cfg, data, model, method, extra, out)
+    return build_trainer(resolve_config({**SMALL, **overrides}), out)
 
 
 def test_trainer_relearns_towards_the_initial_weights(tmp_path: Path) -> None:
@@ -202,24 +195,6 @@ def test_trainer_relearns_towards_the_initial_weights(tmp_path: Path) -> None:
         assert w == pytest.approx(math.tanh(3.0 * gap))
         for p, p0, p1 in zip(ps, initial[m], before[m], strict=True):
             assert torch.equal(p.detach(), w * p0 + (1 - w) * p1)
-
-
-def test_a_run_killed_between_relearnings_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    overrides = {**SMALL, "method.reinit_epoch": 1, "method.reinit_num": 3, "train.epochs": 4}
-    reference = fit(resolve_config(overrides), tmp_path / "reference")
-    assert any("method_reinit_weight_m1" in r for r in reference.history)
-    resumed = fit_killed_and_resumed(
-        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
-    )
-    a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
-    b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
-    for name, value in a["module"].items():
-        assert torch.equal(value, b["module"][name]), name
-    for m, ps in a["method"]["initial"].items():
-        assert all(torch.equal(x, y) for x, y in zip(ps, b["method"]["initial"][m], strict=True))
-    assert resumed.metrics == reference.metrics
-
-    assert without_time(resumed.history) == without_time(reference.history)
 
 
 def test_dr_learns_the_competition_preset(competition_metrics) -> None:

@@ -51,7 +51,15 @@ def test_your_features_example_compares_on_the_command_line_and_in_python(tmp_pa
     example.main(["--tiny", "--out", str(tmp_path)])
     by_command = json.loads((tmp_path / "command_line" / "results.json").read_text())
     in_python = json.loads((tmp_path / "python" / "results.json").read_text())
-    assert by_command == in_python
+    # The same runs by both routes: identical records and counts. Continuous
+    # metrics (ECE) are sums of float32 products whose order may differ with the
+    # process's thread count, so values are compared to 1e-6, not bit for bit.
+    assert [{k: v for k, v in r.items() if k != "value"} for r in by_command] == [
+        {k: v for k, v in r.items() if k != "value"} for r in in_python
+    ]
+    assert [r["value"] for r in by_command] == pytest.approx(
+        [r["value"] for r in in_python], rel=1e-6, abs=1e-6
+    )
     assert {r["method"] for r in by_command} == {"joint", "ensemble", "ogm_ge"}
     with np.load(tmp_path / "features.npz") as saved:
         assert {"m1", "m2", "y"} <= set(saved.files)

@@ -4,21 +4,17 @@ learning on the competition preset."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCHEDULED_LEARN, fit_killed_and_resumed, without_time
+from conftest import SCHEDULED_LEARN
 
-from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import EpochContext, ModelInfo, SplitFeatures, StepContext, build_method
 from mmbalance.methods.gblending import GradientBlending, blending_weights, head_losses
 from mmbalance.models.output import ModelOutput
-from mmbalance.train import fit
-from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
     "dataset": "synthetic",
@@ -176,24 +172,6 @@ def test_options_are_checked() -> None:
 
 
 # --- through the trainer -------------------------------------------------------------------------
-def test_a_run_killed_mid_super_epoch_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    overrides = {**SMALL, "method.super_epoch": 2, "train.epochs": 5}
-    reference = fit(resolve_config(overrides), tmp_path / "reference")
-    weights = [r["method_weight_fused"] for r in reference.history]
-    assert weights[0] == weights[1] == pytest.approx(1 / 3) and weights[2] != weights[1]
-    resumed = fit_killed_and_resumed(
-        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
-    )
-    a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
-    b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
-    for name, value in a["module"].items():
-        assert torch.equal(value, b["module"][name]), name
-    assert a["method"] == b["method"]
-    assert resumed.metrics == reference.metrics
-
-    assert without_time(resumed.history) == without_time(reference.history)
-
-
 def test_gblending_learns_the_competition_preset(competition_metrics) -> None:
     """Well above chance (5 classes: 0.2) with two weight estimates in six epochs."""
     metrics = competition_metrics(

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import COMPETITION
+from conftest import COMPETITION, build_trainer
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.build import build_dataset, resolve_config
 from mmbalance.data.base import DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
@@ -23,7 +23,6 @@ from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.mmtm import MMTM, latent_forward, stage_channels, staged_forward
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import Trainer, fit
-from mmbalance.train.checkpoint import load_checkpoint
 
 BASE: dict[str, Any] = {
     **COMPETITION,
@@ -176,9 +175,9 @@ def test_cared_modality_rule() -> None:
 
 def test_speeds_accumulate_and_the_bdr_is_logged() -> None:
     method = Greedy(alpha=0.5, start_epoch=0)
-    blocks = method.setup(ModelInfo(("a", "b"), {"a": 32, "b": 32}, 3))
     main = {k: [torch.nn.Parameter(torch.full((3,), 2.0))] for k in ("a", "b")}
-    method._main = main
+    groups = {f"encoder.{k}": params for k, params in main.items()}
+    blocks = method.setup(ModelInfo(("a", "b"), {"a": 32, "b": 32}, 3, parameter_groups=groups))
     gen = torch.Generator().manual_seed(4)
     expected = {k: [0.0, 0.0] for k in ("a", "b")}
     for step in range(2):
@@ -198,7 +197,6 @@ def test_speeds_accumulate_and_the_bdr_is_logged() -> None:
             w = main[k][0].detach()
             expected[k][1] += float((main[k][0].grad ** 2).sum() / (w**2).sum())
         ctx = StepContext.standalone(torch.zeros(2, dtype=torch.long))
-        method._unlocked = True
         method.rewrite_gradients(ctx)
         if method.curation_steps:
             break
@@ -229,13 +227,8 @@ def _bundle(n_train: int = 100) -> tuple[Any, DatasetBundle]:
 
 
 def _trainer(out: Path, **overrides: Any) -> Trainer:
-    cfg, data = _bundle()
-    cfg = resolve_config({**BASE, **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    method = build_method(cfg.method.name, cfg.method.params)
-    model = build_model(cfg, data, method)
-    return Trainer(fabric, cfg, data, model, method, method.setup(model_info(model, data)), out)
+    _, data = _bundle()
+    return build_trainer(resolve_config({**BASE, **overrides}), out, data=data)
 
 
 def test_curation_runs_window_steps_for_the_largest_bdr(tmp_path: Path) -> None:
@@ -294,18 +287,6 @@ def test_greedy_learns_the_competition_preset(tmp_path: Path) -> None:
     assert result.metrics["test"]["accuracy"] > 0.7  # chance is 0.2 (5 classes)
     steps = (tmp_path / "steps.csv").read_text()
     assert "curation" in steps and "bdr_m2" in steps
-
-
-def test_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
-    over = {**BASE, "method.alpha": 0.001, "train.epochs": 3}
-    fit(resolve_config(over), tmp_path / "full")
-    fit(resolve_config({**over, "train.epochs": 2}), tmp_path / "part")
-    fit(resolve_config(over), tmp_path / "part", resume=True)
-    a, b = (load_checkpoint(tmp_path / d / "last.ckpt") for d in ("full", "part"))
-    for key in a["module"]:
-        assert torch.equal(a["module"][key], b["module"][key]), key
-    assert a["method"] == b["method"]
-    assert int(a["module"]["method_module.4.count"]) > 0  # the running means are checkpointed
 
 
 def test_bad_settings_raise_config_error() -> None:

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmbalance"
 
 #: Layers from the top; a module may import modules of its own layer and of every layer below.
 LAYERS: list[tuple[str, ...]] = [
-    ("cli", "api"),
-    ("compare",),
+    ("cli", "api", "__main__"),
+    ("compare", "diagnose"),
     ("report",),
     ("train",),
     ("build",),
@@ -45,6 +45,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def is_module(name: str) -> bool:
+    """Whether ``name`` (``mmbalance.methods.mlb``) is a module or package of ours."""
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imported_modules(path: Path) -> list[tuple[str, int]]:
     """Every ``mmbalance`` module ``path`` imports, anywhere in the file, with its line."""
     tree = ast.parse(path.read_text())
@@ -61,9 +67,13 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             found.append((base, node.lineno))
-            # ``from mmbalance import data`` imports the subpackage
-            if base == "mmbalance":
-                found += [(f"mmbalance.{a.name}", node.lineno) for a in node.names]
+            # ``from mmbalance import data`` imports the subpackage, ``from mmbalance.methods
+            # import mlb`` the module
+            found += [
+                (f"{base}.{a.name}", node.lineno)
+                for a in node.names
+                if is_module(f"{base}.{a.name}")
+            ]
     return [(m, line) for m, line in found if m == "mmbalance" or m.startswith("mmbalance.")]
 
 
@@ -105,3 +115,31 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path: Path) ->
     finally:
         fake.unlink()
     assert sorted(found) == ["mmbalance.cli", "mmbalance.compare"]
+
+
+def method_file_imports() -> list[str]:
+    """Imports of one method file by another (methods share pieces through methods/ops/)."""
+    from mmbalance.methods import BUILTIN_METHODS
+
+    modules = {f"mmbalance.methods.{name}" for name in BUILTIN_METHODS.values()}
+    out = []
+    for module in sorted(modules):
+        path = PACKAGE / "methods" / f"{module.rpartition('.')[2]}.py"
+        for target, line in imported_modules(path):
+            if target in modules and target != module:
+                out.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
+    return out
+
+
+def test_no_method_file_imports_another_method_file() -> None:
+    assert method_file_imports() == []
+
+
+def test_the_method_file_check_sees_an_import_of_another_method(tmp_path: Path) -> None:
+    fake = PACKAGE / "methods" / "_method_probe.py"
+    fake.write_text("from mmbalance.methods import mlb\nfrom mmbalance.methods.ogm import OGM\n")
+    try:
+        found = [m for m, _ in imported_modules(fake)]
+    finally:
+        fake.unlink()
+    assert {"mmbalance.methods.mlb", "mmbalance.methods.ogm"} <= set(found)

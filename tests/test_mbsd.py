@@ -15,7 +15,8 @@ from conftest import COMPETITION_400
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import StepContext, build_method
-from mmbalance.methods.mbsd import modality_logits, pair_terms, self_distillation
+from mmbalance.methods.mbsd import pair_terms, self_distillation
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.fusion import ConcatMLPFusion, LateSumFusion
 from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit

@@ -23,18 +23,12 @@ from mmbalance.build import resolve_config
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, ModelInfo, StepContext
-from mmbalance.methods import mcr as mcr_module
 from mmbalance.methods.base import total_loss
-from mmbalance.methods.mcr import (
-    MCR,
-    draw_donors,
-    jsd,
-    jsd_rows,
-    nt_xent,
-    nt_xent_autograd,
-    subsets,
-    uniform_permutations,
-)
+from mmbalance.methods.mcr import MCR
+from mmbalance.methods.ops import mcr_game
+from mmbalance.methods.ops.contrastive import nt_xent, nt_xent_autograd
+from mmbalance.methods.ops.divergence import jsd, jsd_rows
+from mmbalance.methods.ops.mcr_game import draw_donors, subsets, uniform_permutations
 from mmbalance.models import MultimodalModel, build_fusion
 from mmbalance.train import fit
 
@@ -394,7 +388,7 @@ def test_donor_kinds() -> None:
 def test_both_permutation_samplers_are_uniform(loop_from: int, monkeypatch) -> None:
     """``k`` torch.randperm calls (CPU, large batches) and the argsort of random keys: every row
     is a permutation, and the 24 permutations of 4 rows are equally likely."""
-    monkeypatch.setattr(mcr_module, "RANDPERM_LOOP_MIN_BATCH", loop_from)
+    monkeypatch.setattr(mcr_game, "RANDPERM_LOOP_MIN_BATCH", loop_from)
     g = torch.Generator().manual_seed(0)
     draws = uniform_permutations(4800, 4, g, torch.device("cpu"))
     assert torch.equal(draws.sort(1).values, torch.arange(4).expand(4800, 4))

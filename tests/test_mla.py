@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SMALL_COMPETITION
+from conftest import SMALL_COMPETITION, build_trainer
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.mla import (
@@ -26,7 +26,6 @@ from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import Trainer, fit
-from mmbalance.train.checkpoint import load_checkpoint
 
 
 # --- the projector ------------------------------------------------------------------------------
@@ -172,14 +171,8 @@ def model_info_of(model: MultimodalModel) -> ModelInfo:
 
 
 def _trainer(tmp_path: Path, **overrides: Any) -> Trainer:
-    cfg = resolve_config({**SMALL_COMPETITION, "method": "mla", **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
-    model = build_model(cfg, data, method)
-    return Trainer(
-        fabric, cfg, data, model, method, method.setup(model_info(model, data)), tmp_path
+    return build_trainer(
+        resolve_config({**SMALL_COMPETITION, "method": "mla", **overrides}), tmp_path
     )
 
 
@@ -220,16 +213,3 @@ def test_mla_learns_the_competition_preset(tmp_path: Path) -> None:
     result = fit(resolve_config({**SMALL_COMPETITION, "method": "mla"}), tmp_path)
     assert result.metrics["test"]["accuracy"] > 0.7  # chance is 0.2 (5 classes)
     assert "mla_alpha" in (tmp_path / "steps.csv").read_text()
-
-
-def test_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
-    over = {**SMALL_COMPETITION, "method": "mla", "train.epochs": 3}
-    full = fit(resolve_config(over), tmp_path / "full")
-    fit(resolve_config({**over, "train.epochs": 1}), tmp_path / "part")
-    resumed = fit(resolve_config(over), tmp_path / "part", resume=True)
-    a = load_checkpoint(tmp_path / "full" / "last.ckpt")["module"]
-    b = load_checkpoint(tmp_path / "part" / "last.ckpt")["module"]
-    assert "method_module.projector" in a
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert full.metrics["test"]["accuracy"] == resumed.metrics["test"]["accuracy"]

@@ -16,12 +16,8 @@ from torch import nn
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
-from mmbalance.methods.mlb import (
-    mlb_coefficients,
-    mlb_ratios,
-    scale_grad,
-    true_class_confidence,
-)
+from mmbalance.methods.mlb import confidence_scores, mlb_coefficients, mlb_ratios
+from mmbalance.methods.ops.gradients import scale_grad
 from mmbalance.models import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
@@ -34,7 +30,7 @@ def test_confidence_is_the_batch_mean_true_class_probability() -> None:
     u = {"a": torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]), "b": torch.zeros(2, 2)}
     y = torch.tensor([1, 0])
     # a: p = 3/4 and 1/2; b: 1/2 and 1/2
-    torch.testing.assert_close(true_class_confidence(u, y), torch.tensor([0.625, 0.5]))
+    torch.testing.assert_close(confidence_scores(u, y), torch.tensor([0.625, 0.5]))
 
 
 def test_two_modality_coefficients_match_the_formula() -> None:

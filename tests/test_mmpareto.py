@@ -21,12 +21,12 @@ from mmbalance.build import resolve_config
 from mmbalance.config import load_yaml
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import StepContext
-from mmbalance.methods.min_norm import min_norm_2, min_norm_weights
 from mmbalance.methods.mmpareto import (
     MMPareto,
     MMParetoParams,
     combine_encoder_gradients,
 )
+from mmbalance.methods.ops.min_norm import min_norm_2, min_norm_weights
 from mmbalance.models.fusion import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LEARN, fit_killed_and_resumed
+from conftest import LEARN
 
 from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
 from mmbalance.errors import ConfigError
@@ -145,18 +145,6 @@ def test_encoders_get_the_fused_gradient_only_and_heads_learn_as_probes() -> Non
         else:  # unimodal heads: trained by their own loss on detached latents
             assert p.grad is None and grads[name].abs().sum() > 0, name
     assert set(losses) == {"task", "uni_m1", "uni_m2"}
-
-
-def test_kill_and_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = {**LEARN, "method": "mslr", "method.window": 1, "train.epochs": 4}
-    reference = fit(resolve_config(overrides), tmp_path / "reference")
-    resumed = fit_killed_and_resumed(
-        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=2
-    )
-    assert resumed.metrics == reference.metrics
-    assert [r["lr_scale_encoder.m1"] for r in resumed.history] == [
-        r["lr_scale_encoder.m1"] for r in reference.history
-    ]
 
 
 def test_mslr_learns_the_competition_preset(tmp_path: Path) -> None:

@@ -16,15 +16,13 @@ from torch import nn
 from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import StepContext, build_method
-from mmbalance.methods.ogm import (
-    OGM,
-    add_ge_noise,
+from mmbalance.methods.ogm import OGM, add_ge_noise, ogm_coefficients
+from mmbalance.methods.opm import OPM, drop_latents, opm_drop_probabilities
+from mmbalance.methods.ops.discrepancy import (
     discrepancy_ratios,
-    ogm_coefficients,
     score_sums,
     unimodal_score_logits,
 )
-from mmbalance.methods.opm import OPM, drop_latents, opm_drop_probabilities
 from mmbalance.models.fusion import FiLMFusion, LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.train import fit
@@ -278,17 +276,18 @@ def test_opm_removes_samples_with_every_modality_dropped() -> None:
     assert torch.equal(keep, ~both) and abs(float(both.float().mean()) - 0.25) < 0.03
     # the loss is taken over kept samples only
     method = OPM(q_base=0.5, warmup_epochs=0, p_exe=1.0)
-    method._keep = keep[:8].clone()
-    method._keep[0] = False
+    mask = keep[:8].clone()
+    mask[0] = False
     logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
     from mmbalance.models.output import ModelOutput
 
-    loss = method.losses(ModelOutput(logits, {}), StepContext.standalone(y))["task"]
-    k = method._keep if method._keep is not None else None
-    assert k is None  # consumed by the step
-    mask = keep[:8].clone()
-    mask[0] = False
+    ctx = StepContext.standalone(y)
+    ctx.scratch["keep"] = mask  # what transform_latents hands to losses in the same step
+    loss = method.losses(ModelOutput(logits, {}), ctx)["task"]
     torch.testing.assert_close(loss, F.cross_entropy(logits[mask], y[mask]))
+    # a later step has a fresh context: nothing of this one's mask is left on the method
+    fresh = method.losses(ModelOutput(logits, {}), StepContext.standalone(y))["task"]
+    torch.testing.assert_close(fresh, F.cross_entropy(logits, y))
 
 
 def test_opm_step_drops_dominant_rate_over_many_batches() -> None:

@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCHEDULED_LEARN, fit_killed_and_resumed
+from conftest import SCHEDULED_LEARN, build_trainer
 from torch import nn
 
-from mmbalance.build import build_dataset, build_model, make_fabric, model_info, resolve_config
+from mmbalance.build import resolve_config
 from mmbalance.errors import ConfigError
 from mmbalance.methods import ModelInfo, StepContext, build_method
 from mmbalance.methods.reconboost import ReconBoost, consolidation_loss, reconcile_loss
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.shared_head import SharedBoostHead
-from mmbalance.train import Trainer, fit
+from mmbalance.train import Trainer
 from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL: dict[str, Any] = {
@@ -234,14 +234,7 @@ def test_options_are_checked_and_the_head_is_required() -> None:
 
 # --- through the trainer -------------------------------------------------------------------------
 def _trainer(out: Path, **overrides: Any) -> Trainer:
-    cfg = resolve_config({**SMALL, **overrides})
-    fabric = make_fabric(cfg)
-    fabric.seed_everything(cfg.train.seed, verbose=False)
-    data = build_dataset(cfg)
-    method = build_method(cfg.method.name, cfg.method.params)
-    model = build_model(cfg, data, method)
-    extra = method.setup(model_info(model, data))
-    return Trainer(fabric, cfg, data, model, method, extra, out)
+    return build_trainer(resolve_config({**SMALL, **overrides}), out)
 
 
 def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -272,29 +265,6 @@ def test_what_trains_in_each_phase(tmp_path: Path) -> None:
     assert _changed(*rect, "fusion.boost_rate")  # the boost rate trains in rectification
     assert _changed(*learner2, "encoders.m2") and not _changed(*learner2, "encoders.m1")
     assert not _changed(*learner2, "fusion.boost_rate")
-
-
-def test_a_run_killed_mid_stage_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    overrides = {
-        **SMALL,
-        "method.epochs_per_stage": 2,
-        "method.correct_epochs": 1,
-        "train.epochs": 5,
-        "train.optimizer": "sgd",
-    }
-    reference = fit(resolve_config(overrides), tmp_path / "reference")
-    resumed = fit_killed_and_resumed(
-        resolve_config(overrides), tmp_path / "killed", monkeypatch, after_epoch=0
-    )
-    a = load_checkpoint(tmp_path / "reference" / "last.ckpt")
-    b = load_checkpoint(tmp_path / "killed" / "last.ckpt")
-    for name, value in a["module"].items():
-        assert torch.equal(value, b["module"][name]), name
-    assert a["phase"] == b["phase"] == "stage1.learner.m2"
-    assert resumed.metrics == reference.metrics
-    assert [r["train_loss"] for r in resumed.history] == [
-        r["train_loss"] for r in reference.history
-    ]
 
 
 def test_reconboost_learns_the_competition_preset(competition_metrics) -> None:

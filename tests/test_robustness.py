@@ -28,23 +28,12 @@ def _trained(method: str, tmp_path: Any, **overrides: Any) -> tuple[Any, dict[st
     return trainer, result.metrics["test"]
 
 
-def _robustness(trainer: Any, **kwargs: Any) -> dict[str, float]:
-    return robustness_metrics(
-        trainer.model.heads,
-        trainer.data.splits["test"],
-        trainer.method.predict_missing,
-        lambda inputs: trainer.method.encode_eval(trainer.model, inputs),
-        trainer.model.modalities,
-        **kwargs,
-    )
-
-
 def test_robustness_at_zero_rate_is_the_plain_accuracy_and_absence_of_the_only_signal_is_chance(
     tmp_path,
 ) -> None:
     trainer, test = _trained("joint", tmp_path)
     assert test["accuracy"] > 0.7  # m1 carries every label and is easy
-    at_zero = _robustness(trainer, rates=(0.0,), batch_size=64)
+    at_zero = trainer.robustness(rates=(0.0,))
     for kind in ("missing", "noisy"):
         for m in ("m1", "m2"):
             assert at_zero[rate_key(kind, m, 0.0)] == test["accuracy"]

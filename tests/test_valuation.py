@@ -27,7 +27,6 @@ from mmbalance.methods.valuation import (
 )
 from mmbalance.models.output import FusionOutput, ModelOutput
 from mmbalance.train import fit
-from mmbalance.train.checkpoint import load_checkpoint
 
 SMALL_COMPETITION: dict[str, Any] = {
     **CONFTEST_SMALL_COMPETITION,
@@ -167,15 +166,3 @@ def test_valuation_learns_the_competition_preset(tmp_path: Path, level: str) -> 
     assert rows[0]["method_shapley_m1"] > rows[0]["method_shapley_m2"]  # m1 dominates
     assert "train_copy_m2" in rows[1] and rows[1]["train_copy_m2"] > 0
     assert math.isclose(rows[0]["train_loss"], rows[0]["train_task"])  # no copies in epoch 0
-
-
-def test_a_killed_run_resumes_exactly(tmp_path: Path) -> None:
-    over = {**SMALL_COMPETITION, "method.level": "modality"}
-    over["train.epochs"] = 3
-    fit(resolve_config(over), tmp_path / "full")
-    fit(resolve_config({**over, "train.epochs": 2}), tmp_path / "part")
-    fit(resolve_config(over), tmp_path / "part", resume=True)
-    a, b = (load_checkpoint(tmp_path / d / "last.ckpt") for d in ("full", "part"))
-    for key in a["module"]:
-        assert torch.equal(a["module"][key], b["module"][key]), key
-    assert torch.equal(a["method"]["copies"], b["method"]["copies"])

@@ -100,7 +100,8 @@ def run_job(job: Job, runs: Path) -> dict[str, Any]:
     except TrainingDiverged as err:
         write_text_atomic(failed, json.dumps({"diverged": str(err)}))
         return {"diverged": str(err)}
-    return with_sample_counts(result if isinstance(result, dict) else result.to_json(), run_dir)
+    summary = result if isinstance(result, dict) else result.to_json()
+    return with_beyond_accuracy(with_sample_counts(summary, run_dir), run_dir)
 
 
 def with_sample_counts(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -126,8 +127,32 @@ def load_job(job: Job, runs: Path) -> dict[str, Any]:
     if (run_dir / "diverged.json").is_file():
         return read_json(run_dir / "diverged.json")
     if (run_dir / "metrics.json").is_file():
-        return with_sample_counts(read_json(run_dir / "metrics.json"), run_dir)
+        summary = with_sample_counts(read_json(run_dir / "metrics.json"), run_dir)
+        return with_beyond_accuracy(summary, run_dir)
     return {"error": "not run"}
+
+
+def with_beyond_accuracy(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``summary`` with the metrics runs record beyond accuracy (balanced accuracy, ECE,
+    robustness to a missing or noisy modality): a run trained before runs recorded them gets
+    them from its selected weights (:func:`mmbalance.train.runner.beyond_accuracy_metrics`),
+    kept in ``beyond_accuracy.json`` next to its ``metrics.json`` so that they are computed
+    once; metrics the run recorded itself are never replaced."""
+    from mmbalance.eval.robustness import summary_key
+    from mmbalance.io import write_json_atomic
+
+    if "metrics" not in summary or summary_key(0.5) in summary["metrics"]["test"]:
+        return summary
+    saved = run_dir / "beyond_accuracy.json"
+    if saved.is_file():
+        extra = read_json(saved)
+    else:
+        from mmbalance.train.runner import beyond_accuracy_metrics
+
+        extra = beyond_accuracy_metrics(run_dir)
+        write_json_atomic(saved, extra)
+    test = {**extra, **summary["metrics"]["test"]}
+    return {**summary, "metrics": {**summary["metrics"], "test": test}}
 
 
 def _execute(jobs: Sequence[Job], runs: Path, workers: int, title: str) -> list[dict[str, Any]]:

@@ -4,10 +4,12 @@ A method can leave a modality's encoder fine while the fusion head ignores it, o
 encoder itself; the unimodal heads cannot tell these apart, a probe trained afresh on the frozen
 features can.
 
-Two probes:
+Three probes:
 
 * :func:`probe_predictions` (end of run): fitted on the training split's latents and scored on
   another split; a logistic regression for classification, a ridge regression for regression.
+* :func:`stacked_probe_accuracy`: one probe on every encoder's latents together (what a linear
+  fusion of them can reach).
 * :func:`split_half_probe_accuracy` (every epoch, cheap): a closed-form ridge regression onto the
   one-hot targets (or onto the regression target) fitted on a fixed random half of the validation
   latents and scored on the other half. It needs no second encoder pass and costs one ``d x d``
@@ -106,6 +108,25 @@ def probe_accuracy(
     preds = probe_predictions(z_train, y_train, z_eval, max_iter, task)
     outcome = OUTCOMES.get(task)
     return {m: outcome.accuracy(p, y_eval) for m, p in preds.items()}
+
+
+def stacked_probe_accuracy(
+    z_train: Mapping[str, Tensor],
+    y_train: Tensor,
+    z_eval: Mapping[str, Tensor],
+    y_eval: Tensor,
+    max_iter: int = 500,
+    task: str = "classification",
+) -> float:
+    """Accuracy on ``(z_eval, y_eval)`` of one probe on every modality's latents concatenated
+    (fitted on ``z_train``): what a linear fusion of these encoders can reach. On the encoders of
+    independently trained unimodal models it estimates the fused accuracy that competition-free
+    training could aim for (the regime criteria's *stacked probe*)."""
+    order = list(z_train)
+    both_train = torch.cat([z_train[m].reshape(len(y_train), -1) for m in order], 1)
+    both_eval = torch.cat([z_eval[m].reshape(len(y_eval), -1) for m in order], 1)
+    pred = probe_predictions({"all": both_train}, y_train, {"all": both_eval}, max_iter, task)
+    return OUTCOMES.get(task).accuracy(pred["all"], y_eval)
 
 
 def split_half_probe_accuracy(

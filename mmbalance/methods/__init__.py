@@ -58,9 +58,9 @@ _EXPORTS: dict[str, str] = {
     "build_method": "base",
     "task_loss": "base",
     "total_loss": "base",
-    "MethodAdapter": "own_loop",
-    "OwnModel": "own_loop",
-    "StepResult": "own_loop",
+    "MethodAdapter": "adapter",
+    "StepResult": "adapter",
+    "TrainingProtocol": "protocol",
 }
 
 __all__ = ["BUILTIN_METHODS", "METHODS", *_EXPORTS]

@@ -66,7 +66,7 @@ and the masked passes ``P_v``, ``P_a`` receive ``+-(kappa_a - kappa_v)/2 * g``: 
 passes carry gradient into the surviving encoder and the fusion head whenever the coefficients
 differ. This changes the gradient's direction, not only its scale, so it survives Adam (hence
 ``scales_gradients`` is False: no notice under Adam). Here ``h_m`` is
-:func:`~mmbalance.methods.mlb.scale_grad`.
+:func:`~mmbalance.methods.ops.gradients.scale_grad`.
 
 After backward, if any entry of the fusion head's weight gradients lies outside
 ``[-clip_threshold, clip_threshold]`` (official: 1, checked on ``fc_out.weight``; here on every
@@ -87,8 +87,7 @@ Logged per step: ``score_<m>``, ``ratio_<m>``, ``target_<m>``, ``coeff_<m>``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,8 +96,9 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
-from mmbalance.methods.mlb import scale_grad
+from mmbalance.methods.base import METHODS, Method, StepContext
+from mmbalance.methods.ops.gradients import scale_grad
+from mmbalance.methods.ops.modes import eval_mode
 from mmbalance.models.output import ModelOutput
 
 _FLOOR = 1e-8
@@ -168,21 +168,6 @@ def route(responses: Sequence[Tensor], coefficients: Tensor) -> Tensor:
     return out
 
 
-@contextmanager
-def eval_mode(module: Any) -> Iterator[None]:
-    """Run ``module`` (if it is a module) in eval mode, restoring every submodule's mode after."""
-    if not isinstance(module, nn.Module):
-        yield
-        return
-    flags = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, flag in flags:
-            sub.training = flag
-
-
 # --- the method ----------------------------------------------------------------------------------
 @dataclass
 class AGMParams:
@@ -240,6 +225,7 @@ class AGM(Method):
     responses."""
 
     name = "agm"
+    tasks = ("classification",)
     Params = AGMParams
 
     @classmethod
@@ -255,13 +241,6 @@ class AGM(Method):
         super().__init__(params, **kwargs)
         self._history: Tensor | None = None  # running mean of the scores, float64 (M,)
         self._count = 0  # steps seen since the start of training
-        self._masked: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'agm' needs a classification task, got {info.task!r}")
-        return None
 
     # --- masked passes ---------------------------------------------------------------------------
     def _permutation(self, n: int, ctx: StepContext, device: torch.device) -> Tensor:
@@ -272,7 +251,6 @@ class AGM(Method):
         self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
     ) -> dict[str, Tensor]:
         latents = model.encode(inputs)
-        self._masked = None
         if self.params.space == "input":
             grad = torch.enable_grad() if self.params.active(ctx.epoch) else torch.no_grad()
             with eval_mode(model), grad:
@@ -284,12 +262,12 @@ class AGM(Method):
                     n = next(iter(present.values())).shape[0]
                     perm = self._permutation(n, ctx, next(iter(present.values())).device)
                     absent = {m: z[perm] for m, z in present.items()}
-            self._masked = (present, absent)
+            ctx.scratch["masked"] = (present, absent)  # the coalitions' inputs (losses)
         return latents
 
     def _masked_latents(self, output: ModelOutput, ctx: StepContext) -> tuple[dict, dict]:
-        if self._masked is not None:
-            masked, self._masked = self._masked, None
+        masked = ctx.scratch.get("masked")
+        if masked is not None:
             return masked
         present = output.latents
         if self.params.mask == "zero":

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
 from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
-from mmbalance.methods.mbsd import modality_logits
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.output import ModelOutput
 
 
@@ -137,6 +137,7 @@ class AMCo(Method):
     """
 
     name = "amco"
+    tasks = ("classification",)
     Params = AMCoParams
     search_space = ("method.sigma", (0.5, 0.6, 0.7))
 
@@ -147,8 +148,6 @@ class AMCo(Method):
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'amco' needs a classification task, got {info.task!r}")
         if not info.additive_fusion:
             raise ConfigError(
                 "method 'amco' masks each modality's class logits in an additive fusion head: "

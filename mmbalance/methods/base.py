@@ -87,13 +87,26 @@ def _plain_backward(loss: Tensor) -> None:
 
 @dataclass
 class ModelInfo:
-    """What a method may know about the model when it is set up."""
+    """What a method may know about the model when it is set up.
+
+    Attributes:
+        modalities: the modalities, in the model's order.
+        latent_dims: each encoder's latent size.
+        num_outputs: classes (1 for regression).
+        task: ``classification`` or ``regression``.
+        additive_fusion: the fusion head's logits are a sum of per-modality contributions.
+        parameter_groups: the model's named parameter groups (``encoder.<m>``,
+            ``unimodal_head.<m>``, ``fusion``; see the module docstring), each holding the
+            parameters that train when the method is set up, for methods that watch a group's
+            gradients (Greedy's learning speeds); empty when the caller has no model at hand.
+    """
 
     modalities: tuple[str, ...]
     latent_dims: dict[str, int]
     num_outputs: int
     task: Task = "classification"
     additive_fusion: bool = False
+    parameter_groups: Mapping[str, Sequence[nn.Parameter]] = field(default_factory=dict)
 
 
 @dataclass
@@ -278,6 +291,37 @@ def parameter_group_names(modalities: Sequence[str], unimodal_heads: bool) -> li
     return [*names, "fusion", "method"]
 
 
+def parameter_groups(
+    model: nn.Module,
+    method_module: nn.Module | None = None,
+    others: Iterable[nn.Parameter] = (),
+) -> dict[str, list[nn.Parameter]]:
+    """The named parameter groups (see the module docstring) of ``model``, a
+    :class:`~mmbalance.models.MultimodalModel` or anything with its ``modalities``, ``encoders``,
+    ``unimodal_heads`` and ``fusion``, and of the method's module.
+
+    Each group holds the parameters that train now (``requires_grad``), each parameter once,
+    in the order of :func:`parameter_group_names`; ``others`` (the parameters of a user's model
+    outside its encoders and heads) join ``fusion``.
+    """
+    seen: set[int] = set()
+
+    def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        out = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    groups = {f"encoder.{m}": trainable(model.encoders[m].parameters()) for m in model.modalities}
+    for m, head in model.unimodal_heads.items():
+        groups[f"unimodal_head.{m}"] = trainable(head.parameters())
+    groups["fusion"] = trainable([*model.fusion.parameters(), *others])
+    groups["method"] = trainable(method_module.parameters() if method_module is not None else ())
+    return groups
+
+
 def task_loss(logits: Tensor, targets: Tensor, task: Task, regression_loss: str = "l1") -> Tensor:
     """The supervised loss of one prediction head."""
     if task == "classification":
@@ -310,6 +354,10 @@ class Method:
     - ``freezes_encoders``: after pre-training, encoders are frozen (eval mode, no gradient);
     - ``fusion``: the fusion head the method is defined on (e.g. a cosine or shared head), used
       when the user names none; ``None`` for any head;
+    - ``tasks``: the tasks the method is defined for (:meth:`setup` refuses another), e.g.
+      ``("classification",)`` for methods whose scores are softmax probabilities;
+    - ``max_modalities``: the most modalities the method is defined for (``None``: any number;
+      :meth:`setup` refuses more);
     - ``scales_gradients``: the method acts by scaling whole gradients or learning rates, which
       adaptive optimizers (Adam, AdamW) largely undo, so the trainer warns when it runs under one;
     - ``search_space``: the main option and three candidate values that an equal-budget
@@ -325,6 +373,8 @@ class Method:
     needs_unimodal_pretraining: ClassVar[bool] = False
     freezes_encoders: ClassVar[bool] = False
     fusion: ClassVar[str | None] = None
+    tasks: ClassVar[tuple[Task, ...]] = ("classification", "regression")
+    max_modalities: ClassVar[int | None] = None
     scales_gradients: ClassVar[bool] = False
     search_space: ClassVar[tuple[str, tuple[float, ...]] | None] = None
     missing_modality: ClassVar[str] = "its latent set to zero before the heads"
@@ -378,8 +428,19 @@ class Method:
     def setup(self, info: ModelInfo) -> nn.Module | None:
         """Check the model and create trainable modules the method owns (returned, or None).
 
-        The trainer optimises, checkpoints and moves the returned module with the model.
+        The trainer optimises, checkpoints and moves the returned module with the model. The base
+        records ``info`` and refuses a task or a number of modalities the method is not defined
+        for (:attr:`tasks`, :attr:`max_modalities`); subclasses call it first.
         """
+        if info.task not in self.tasks:
+            raise ConfigError(
+                f"method {self.name!r} needs a {' or '.join(self.tasks)} task, got {info.task!r}"
+            )
+        if self.max_modalities is not None and len(info.modalities) > self.max_modalities:
+            raise ConfigError(
+                f"method {self.name!r} is defined for at most {self.max_modalities} modalities, "
+                f"got {len(info.modalities)}"
+            )
         self.info = info
         return None
 

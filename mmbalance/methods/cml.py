@@ -47,11 +47,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, Method, StepContext
 from mmbalance.models.output import ModelOutput
 
 Hinge = Literal["batch", "sample"]
@@ -140,14 +140,9 @@ class CML(Method):
     """
 
     name = "cml"
+    tasks = ("classification",)
     Params = CMLParams
     search_space = ("method.lam", (0.03, 0.1, 0.3))
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'cml' needs a classification task, got {info.task!r}")
-        return None
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         order = removal_order(output.modalities, self.params.seed, ctx.epoch)

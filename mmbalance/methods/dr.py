@@ -66,8 +66,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from mmbalance.config import check
-from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo
+from mmbalance.methods.base import METHODS, EpochContext, Method
 
 
 @dataclass
@@ -162,6 +161,7 @@ class DiagnosingRelearning(Method):
     """D&R (ECCV 2024): re-initialise each encoder softly by its train/val k-means purity gap."""
 
     name = "dr"
+    tasks = ("classification",)
     Params = DRParams
     search_space = ("method.move_lambda", (1.0, 3.0, 6.0))
 
@@ -179,12 +179,6 @@ class DiagnosingRelearning(Method):
     def __init__(self, params: DRParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self._initial: dict[str, list[Tensor]] | None = None
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError("dr needs a classification task (purity compares clusters to labels)")
-        return None
 
     def relearns_before(self, epoch: int) -> bool:
         """Whether re-learning happens before ``epoch`` (after epoch ``epoch - 1``)."""

@@ -135,6 +135,7 @@ class GradientBlending(Method):
     """Gradient-Blending (CVPR 2020): per-head loss weights from held-out overfitting/generalisation."""
 
     name = "gblending"
+    tasks = ("classification",)
     Params = GBlendingParams
     needs_unimodal_heads = True
     search_space = ("method.super_epoch", (2, 5, 10))
@@ -162,8 +163,6 @@ class GradientBlending(Method):
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError("gblending needs a classification task (its weights use CE losses)")
         heads = [FUSED, *info.modalities]
         self.weights = {k: 1.0 / len(heads) for k in heads}
         return None

@@ -158,8 +158,7 @@ class Greedy(Method):
         self.speeds: dict[str, list[float]] = {}  # m -> [M_bypass, M_main]
         self.curation_steps = 0  # steps of the current curation window still to run
         self.cared: str | None = None
-        self._main: dict[str, list[nn.Parameter]] = {}
-        self._unlocked = False
+        self._main: dict[str, list[nn.Parameter]] = {}  # each modality's main parameters
         self._active: list[int] = []  # the stages whose blocks are in use
 
     def setup(self, info: ModelInfo) -> nn.Module:
@@ -167,6 +166,11 @@ class Greedy(Method):
         self.blocks = greedy_blocks(info.latent_dims, self.params.stages, self.params.ratio)
         self.speeds = {m: [0.0, 0.0] for m in info.modalities}
         self._active = [int(s) for s in self.blocks]
+        groups = info.parameter_groups
+        main = ["encoder"] + (["unimodal_head"] if self.params.objective == "unimodal" else [])
+        self._main = {
+            m: [p for kind in main for p in groups.get(f"{kind}.{m}", ())] for m in info.modalities
+        }
         return self.blocks
 
     def _forward(
@@ -193,15 +197,6 @@ class Greedy(Method):
     def encode(
         self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
     ) -> dict[str, Tensor]:
-        if not self._main:
-            self._main = {
-                m: [p for p in model.encoders[m].parameters() if p.requires_grad]  # type: ignore[index]
-                for m in model.modalities  # type: ignore[attr-defined]
-            }
-            if self.params.objective == "unimodal":
-                for m, head in model.unimodal_heads.items():  # type: ignore[attr-defined]
-                    self._main[m] += [p for p in head.parameters() if p.requires_grad]
-        self._unlocked = ctx.epoch >= self.params.start_epoch
         replaced = self.cared if self.curation_steps > 0 else None
         ctx.log("curation", float(replaced is not None))
         return self._forward(model, inputs, update=True, replaced=replaced)
@@ -250,6 +245,11 @@ class Greedy(Method):
             if self.curation_steps == 0:
                 self.cared = None
             return
+        if not any(self._main.values()):
+            raise ConfigError(
+                "method 'greedy' measures its modalities' learning speeds on their encoders: set "
+                "it up with the model's parameter groups (ModelInfo.parameter_groups)"
+            )
         bypass = self.bypass_parameters()
         modalities = self.info.modalities
         ratios = torch.stack(
@@ -264,7 +264,7 @@ class Greedy(Method):
             bdr.append(value)
             ctx.log(f"bdr_{m}", value)
         ctx.log("cared", -1.0)
-        if self._unlocked:
+        if ctx.epoch >= self.params.start_epoch:
             chosen = cared_modality(bdr, self.params.alpha)
             if chosen is not None:
                 self.cared = self.info.modalities[chosen]

@@ -55,7 +55,6 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.config import check
-from mmbalance.errors import ConfigError
 from mmbalance.methods.base import (
     METHODS,
     EpochContext,
@@ -124,6 +123,7 @@ class InfoReg(Method):
     """Proximal regulation of the leading modality's encoder inside its prime learning window."""
 
     name = "inforeg"
+    tasks = ("classification",)
     Params = InfoRegParams
     needs_unimodal_heads = True
     search_space = ("method.beta", (0.3, 0.95, 3.0))
@@ -134,12 +134,9 @@ class InfoReg(Method):
         self.k: dict[str, float] = {}
         self._start: dict[str, list[Tensor]] = {}
         self._fisher: dict[str, list[Tensor]] = {}
-        self._beta: tuple[str, float] | None = None
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'inforeg' needs a classification task, got {info.task!r}")
         self.traces = {m: [] for m in info.modalities}
         return None
 
@@ -176,20 +173,21 @@ class InfoReg(Method):
             )
             if ctx.world_size > 1:
                 scores = ctx.all_reduce(scores)
-        self._beta = None
+        regulated: tuple[str, float] | None = None
         lead = leader_and_gap(scores)
         if lead is not None:
             m = modalities[lead[0]]
             if self.k.get(m, 1.0) > self.params.threshold:
-                self._beta = (m, proximal_coefficient(lead[1], self.params.beta))
+                regulated = (m, proximal_coefficient(lead[1], self.params.beta))
+        ctx.scratch["regulated"] = regulated  # the proximal term of rewrite_gradients
         for m in modalities:
-            ctx.log(f"beta_{m}", self._beta[1] if self._beta and self._beta[0] == m else 0.0)
+            ctx.log(f"beta_{m}", regulated[1] if regulated and regulated[0] == m else 0.0)
         return {"task": ctx.task_loss(output.logits)} | unimodal_losses(
             output, ctx, self.params.lam_uni
         )
 
     def rewrite_gradients(self, ctx: StepContext) -> None:
-        regulated, self._beta = self._beta, None
+        regulated = ctx.scratch.get("regulated")
         with torch.no_grad():
             if regulated is not None:
                 m, beta = regulated

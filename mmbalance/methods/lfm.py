@@ -67,10 +67,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.config import check
-from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
-from mmbalance.methods.mbsd import modality_logits
-from mmbalance.methods.mcr import jsd
+from mmbalance.methods.base import METHODS, EpochContext, Method, StepContext
+from mmbalance.methods.ops.divergence import jsd
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.output import ModelOutput
 
 if TYPE_CHECKING:
@@ -183,18 +182,13 @@ class LFM(Method):
     """
 
     name = "lfm"
+    tasks = ("classification",)
     Params = LFMParams
     search_space = ("method.alpha_init", (0.05, 0.5, 0.95))
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.alpha = self.params.alpha_init
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'lfm' needs a classification task, got {info.task!r}")
-        return None
 
     @property
     def held_out_fraction(self) -> float:

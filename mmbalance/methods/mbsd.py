@@ -8,7 +8,7 @@ faults fixed as listed.
 Loss
 ----
 ``L = CE(fused) + sum_m CE(z_m) + mean over pairs (a, b) of L_ab``, with ``z_m`` modality ``m``'s
-own logits (see :func:`modality_logits`) and, per sample ``i`` of the batch,
+own logits (see :func:`~mmbalance.methods.ops.modality_logits.modality_logits`) and, per sample ``i`` of the batch,
 
 - ``q_m,i = softmax(z_m,i)[y_i]``, the true-class confidence of modality ``m``;
 - ``w_i = |q_a,i - q_b,i|`` if modality ``a`` or ``b`` predicts ``y_i`` (argmax), else 0;
@@ -48,37 +48,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, Method, StepContext
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.output import ModelOutput
 
 _TINY = 1e-12
-
-
-def modality_logits(output: ModelOutput, fusion: object) -> dict[str, Tensor]:
-    """Each modality's own class logits ``z_m``, with gradient.
-
-    Additive heads (``late_sum``, ``concat_linear``): the modality's contribution plus the shared
-    bias divided by the number of modalities, ``W_m h_m + b / M``: the slice of the fused linear
-    layer that BalanceBenchmark's models and the official codes of MBSD, LFM and AMCo use, so
-    that the fused logits are the sum of the modalities' own. Other heads: the unimodal heads
-    (the model needs ``unimodal_heads=true``).
-    """
-    if output.contributions is not None:
-        modalities = list(output.contributions)
-        bias = getattr(fusion, "bias", None)
-        if bias is None:  # a head without a bias attribute: logits = sum of contributions + bias
-            bias = output.logits - torch.stack(list(output.contributions.values())).sum(0)
-        share = bias / len(modalities)
-        return {m: output.contributions[m] + share for m in modalities}
-    if not output.unimodal_logits:
-        raise ConfigError(
-            "this method needs each modality's own logits: use an additive fusion head "
-            "(late_sum, concat_linear) or set unimodal_heads=true"
-        )
-    return dict(output.unimodal_logits)
 
 
 def true_class_confidence(logits: Tensor, targets: Tensor) -> Tensor:
@@ -128,12 +104,7 @@ class MBSD(Method):
     """
 
     name = "mbsd"
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'mbsd' needs a classification task, got {info.task!r}")
-        return None
+    tasks = ("classification",)
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         logits = modality_logits(output, ctx.fusion)

@@ -50,12 +50,13 @@ Permuting in latent space is what makes MCR cheap: for additive heads (``late_su
 ``concat_linear``) the per-modality logit contributions are permuted and recombined, so the extra
 cost is a gather and a sum over ``K * B`` rows of ``C`` logits per set; other heads are
 re-evaluated on ``K * B`` rows per set, in one call for all sets (two when greedy play with an
-even number of modalities has sets with ``W_S = 0``, see :func:`_head_set_logits`). Neither
-re-runs an encoder. On CPU the divergence is
-computed class-major (``(C, rows)`` memory order) with a hand-written backward pass: PyTorch's
-row-wise ``log_softmax`` over few classes is several times slower than the same reduction over
-the leading dimension, and the hand-written backward replaces some twenty autograd nodes by a
-few fused expressions (fewer, larger kernels, which is also what a GPU wants).
+even number of modalities has sets with ``W_S = 0``). Neither re-runs an encoder.
+
+Where the pieces live: this module is the method (its options, its loss terms, its steps);
+:mod:`mmbalance.methods.ops.mcr_game` holds the sets, the donors, the game's weights and their
+routing through the backward pass, :mod:`mmbalance.methods.ops.divergence` the divergences
+(computed class-major with a hand-written backward pass on CPU, where that is several times
+faster) and :mod:`mmbalance.methods.ops.contrastive` the NT-Xent loss.
 
 Distributed training: every process permutes within its own share of the global batch, and the
 contrastive loss pairs rows within that share too; the gradients are then averaged as usual. So
@@ -76,8 +77,6 @@ the last) is detached in the masked evaluations for any number of modalities.
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -85,7 +84,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
@@ -94,708 +92,27 @@ from mmbalance.methods.base import (
     Method,
     ModelInfo,
     StepContext,
-    Task,
     unimodal_losses,
 )
+from mmbalance.methods.ops.contrastive import nt_xent
+from mmbalance.methods.ops.divergence import divergence_rows, set_divergences
+from mmbalance.methods.ops.mcr_game import (
+    AdditiveMIPD,
+    AdditiveSpec,
+    Perturbation,
+    RoutingTensors,
+    SetRouting,
+    Strategy,
+    draw_donors,
+    game_weights,
+    head_set_logits,
+    set_routing,
+    subsets,
+)
+from mmbalance.methods.ops.precision import compute_dtype
 from mmbalance.models.output import ModelOutput
 
-Strategy = Literal["greedy", "independent", "collaborative"]
-STRATEGY_K: dict[str, float] = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
-_LN2 = math.log(2.0)
 
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """At least float32: half-precision logits are upcast for the divergence arithmetic."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-# --- divergences ---------------------------------------------------------------------------------
-def jsd_rows(u: Tensor, v: Tensor) -> Tensor:
-    """Row-wise Jensen-Shannon divergence (natural log) between ``softmax(u)`` and ``softmax(v)``.
-
-    Computed in log space (``log m = logaddexp(log p, log q) - ln 2``) so that it stays finite and
-    differentiable for saturated predictions; the value lies in ``[0, ln 2]``. This is the plain
-    autograd formulation, used by the ``per_mask`` evaluation; ``per_set`` uses
-    :func:`set_divergences`.
-    """
-    logp = F.log_softmax(u, dim=-1)
-    logq = F.log_softmax(v, dim=-1)
-    logm = torch.logaddexp(logp, logq) - _LN2
-    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
-    kl_qm = (logq.exp() * (logq - logm)).sum(-1)
-    return 0.5 * (kl_pm + kl_qm)
-
-
-def jsd(u: Tensor, v: Tensor) -> Tensor:
-    """Mean over rows of :func:`jsd_rows` (the reference code's "batchmean")."""
-    return jsd_rows(u, v).mean()
-
-
-def divergence_rows(u: Tensor, v: Tensor, task: Task) -> Tensor:
-    """JSD for classification, the mean squared difference of the outputs for regression."""
-    if task == "classification":
-        return jsd_rows(u, v)
-    return (u - v).pow(2).mean(-1)
-
-
-def _set_divergence_forward(
-    u: Tensor, v: Tensor, regression: bool, keep_v: bool = True
-) -> tuple[Tensor, list[Tensor]]:
-    """Per-set mean divergences ``D`` ``(S,)`` of class-major logits, and what the backward needs.
-
-    ``u`` ``(S, C, R, B)`` (set, class, permutation, row), ``v`` ``(S or 1, C, 1, B)``; ``D_S`` is
-    the mean over the ``R * B`` rows of the row divergence: the JSD of the softmax over ``C``
-    (natural log), or the mean squared difference for regression. No autograd.
-
-    JSD: with ``L = log(p + q)``, ``a = log p - L`` and ``b = log q - L``, ``KL(p||m) = sum_c p a +
-    ln 2`` (``sum p = 1``), so ``JSD = (sum p a + sum q b) / 2 + ln 2``, and
-    ``dJSD/du = p (a - sum_c p a) / 2`` (the ``ln 2`` cancels; likewise for ``v``). ``L`` is
-    ``log(max(p + q, tiny))``: where ``p + q`` underflows both terms carry a factor ``p`` or ``q``
-    below ``tiny``, so the clamp changes the value by less than ``1e-36`` and avoids the
-    ``0 * inf`` of ``log 0``. The class dimension is not the last one: on CPU, reducing over a
-    leading dimension of few classes is several times faster than PyTorch's row-wise
-    ``log_softmax`` (on GPU either layout is one kernel per operation).
-    """
-    if regression:
-        diff = u - v
-        return diff.square().mean((1, 2, 3)), [diff]
-    logp = torch.log_softmax(u, 1)
-    p = logp.exp()
-    logq = torch.log_softmax(v, 1)
-    q = logq.exp()
-    log_sum = (p + q).clamp_min_(torch.finfo(p.dtype).tiny).log_()
-    a = logp.sub_(log_sum)  # log p - L
-    kl_p = (p * a).sum(1, keepdim=True)
-    if not keep_v:  # v's gradient is not wanted: sum q b = sum q log q - sum q L, no b
-        kl_q = (q * logq).sum(1, keepdim=True) - (q * log_sum).sum(1, keepdim=True)
-        per_set = (kl_p + kl_q).mean((1, 2, 3)).mul_(0.5).add_(_LN2)
-        return per_set, [p, a, kl_p]
-    b = log_sum.neg_().add_(logq)  # log q - L
-    kl_q = (q * b).sum(1, keepdim=True)
-    per_set = (kl_p + kl_q).mean((1, 2, 3)).mul_(0.5).add_(_LN2)
-    return per_set, [p, a, kl_p, q, b, kl_q]
-
-
-def _set_divergence_backward(
-    saved: Sequence[Tensor], coef_u: Tensor | None, coef_v: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of ``sum_S coef_u[S] D_S`` in ``u`` and of ``sum_S coef_v[S] D_S`` in ``v``
-    (``None``: not needed); ``v``'s per set, summed over ``R``: ``(S, C, 1, B)``."""
-    gu = gv = None
-    if len(saved) == 1:
-        (diff,) = saved
-        s, c, r, b = diff.shape
-        scale = 2.0 / (c * r * b)
-        if coef_u is not None:
-            gu = diff * (coef_u * scale).view(s, 1, 1, 1)
-        if coef_v is not None:
-            gv = (diff * (coef_v * -scale).view(s, 1, 1, 1)).sum(2, keepdim=True)
-        return gu, gv
-    p, a, kl_p, *v_part = saved
-    s, c, r, b = p.shape
-    scale = 0.5 / (r * b)
-    if coef_u is not None:
-        gu = (a - kl_p).mul_(p).mul_((coef_u * scale).view(s, 1, 1, 1))
-    if coef_v is not None:
-        q, b_, kl_q = v_part
-        gv = (b_ - kl_q).mul_(q).mul_((coef_v * scale).view(s, 1, 1, 1)).sum(2, keepdim=True)
-    return gu, gv
-
-
-class _RoutedSetDivergence(torch.autograd.Function):
-    """Per-set divergences with per-set gradient weights (any head; see
-    :func:`set_divergences`)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
-        u: Tensor,
-        v: Tensor,
-        w_u: Tensor,
-        w_v: Tensor,
-        w_value: Tensor,
-        regression: bool,
-        v_silent: bool,
-    ) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(u, v)
-        ctx.in_dtypes = (u.dtype, v.dtype)  # type: ignore[attr-defined]
-        ctx.shared_v = v.shape[0] == 1 and u.shape[0] > 1  # type: ignore[attr-defined]
-        ctx.v_silent = v_silent  # type: ignore[attr-defined]
-        with torch.autocast(u.device.type, enabled=False):
-            per_set, saved = _set_divergence_forward(
-                u.to(dtype), v.to(dtype), regression, keep_v=not v_silent
-            )
-            value = (w_value.to(dtype) * per_set).sum()
-        ctx.save_for_backward(w_u, w_v, *saved)
-        ctx.mark_non_differentiable(per_set)
-        return value, per_set
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, g_value: Tensor, _g_per_set: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        w_u, w_v, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        u_dtype, v_dtype = ctx.in_dtypes  # type: ignore[attr-defined]
-        need_u, need_v = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
-        need_v = need_v and not ctx.v_silent  # type: ignore[attr-defined]
-        g = g_value.to(saved[0].dtype)
-        gu, gv = _set_divergence_backward(
-            saved, g * w_u.to(g.dtype) if need_u else None, g * w_v.to(g.dtype) if need_v else None
-        )
-        if gv is not None and ctx.shared_v:  # type: ignore[attr-defined]
-            gv = gv.sum(0, keepdim=True)
-        gu = None if gu is None else gu.to(u_dtype)
-        gv = None if gv is None else gv.to(v_dtype)
-        return gu, gv, None, None, None, None, None
-
-
-def set_divergences(
-    u: Tensor,
-    v: Tensor,
-    w_u: Tensor,
-    w_v: Tensor,
-    w_value: Tensor,
-    task: Task,
-    v_silent: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``(sum_S w_value[S] D_S, D)``: per-set divergences with game-routed gradients.
-
-    ``u`` of set ``S`` receives ``w_u[S] * dD_S/du`` and ``v`` receives ``w_v[S] * dD_S/dv``
-    (summed over the sets when it is shared), times the upstream gradient of the value. With
-    ``w_u = w_v = w_value`` this is the plain derivative of the value; other weights route the
-    gradient as the game requires. ``D`` (detached) is returned for logging.
-
-    Args:
-        u: perturbed logits, class-major ``(S, C, R, B)``.
-        v: reference logits ``(1, C, 1, B)`` (shared by the sets) or ``(S, C, 1, B)``.
-        w_u, w_v, w_value: ``(S,)`` gradient weights of ``u`` and ``v`` and the weights of the
-            returned value.
-        task: ``classification`` (JSD) or ``regression`` (mean squared difference).
-        v_silent: ``w_v`` is all zero (known on the host, so no device synchronisation): ``v``
-            receives no gradient and its part of the backward pass is skipped.
-    """
-    value, per_set = _RoutedSetDivergence.apply(
-        u, v, w_u, w_v, w_value, task == "regression", v_silent
-    )
-    return value, per_set
-
-
-# --- contrastive loss -----------------------------------------------------------------------------
-#: The hand-differentiated NT-Xent needs ``exp(-2 / temperature)`` to stay a normal float (no
-#: underflow, whose slow path costs about 100x on CPU); below this temperature the plain autograd
-#: formulation in log space is used.
-FAST_NT_XENT_MIN_TEMPERATURE = 0.05
-
-
-class _SupervisedNTXent(torch.autograd.Function):
-    """Supervised NT-Xent of raw embeddings ``z`` ``(N, d)`` (normalised here), hand-differentiated.
-
-    ``same`` is the ``(B, B)`` float label-equality matrix of one modality's rows; the ``N = M B``
-    rows are ``M`` blocks of ``B``, row ``(m, b)`` with label ``b``'s, so the pair mask is
-    ``same`` tiled ``M x M`` times, applied by broadcasting (never materialised).
-
-    With ``e`` the L2-normalised rows and ``x = (e e^T - 1) / tau`` (the similarity over ``tau``
-    shifted by its maximum ``1 / tau``), ``E = exp(x)``, ``n_a = sum_{n negative of a} E_an`` and
-    ``D = n_a + E``, each positive pair costs ``log D_ap - x_ap`` (``= logaddexp(s_ap, L_a) -
-    s_ap`` with ``L_a`` the log-sum-exp of ``a``'s negatives) and the loss is their mean. With
-    ``|x| <= 2 / tau <= 40`` no exponential under- or overflows. Derivative in ``x``:
-    ``E / D - 1`` at positive pairs and ``E_an c_a`` at negatives, ``c_a = sum_p 1 / D_ap``
-    (both over the number of positive pairs); then ``de = (G + G^T) e / tau`` and the
-    normalisation's ``dz = (de - e (e . de)) / |z|``. One autograd node; the ``N x N`` work is
-    done in place on float masks (boolean masking, ``-inf`` fills and large temporaries are slow
-    on CPU).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, z: Tensor, same: Tensor, temperature: float
-    ) -> Tensor:
-        dtype = _compute_dtype(z)
-        ctx.in_dtype = z.dtype  # type: ignore[attr-defined]
-        ctx.temperature = temperature  # type: ignore[attr-defined]
-        n = z.shape[0]
-        b = same.shape[0]
-        m = n // b
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.to(dtype)
-            same = same.to(dtype)
-            other_rows = (1.0 - same).expand(m, b, b).reshape(n, b)  # row (k, i): 1 - same[i]
-            same_rows = 1.0 - other_rows
-            norm = z.norm(dim=1, keepdim=True)
-            radial = (norm > 1e-12).to(dtype)
-            norm = norm.clamp_min_(1e-12)
-            e = z / norm
-            shift = e.new_full((1,), -1.0 / temperature)
-            x = torch.addmm(shift, e, e.T, alpha=1.0 / temperature)  # (s - 1) / tau
-            big_e = x.exp()
-            # each row's sum over its negatives through the block structure: sum over the M
-            # column blocks first, then the (N, B) product with the label mask (a sum of
-            # positive terms: no cancellation, exactly 0 for a row without negatives)
-            negatives = (big_e.view(n, m, b).sum(1) * other_rows).sum(1, keepdim=True)
-            denom = big_e + negatives
-            pair = denom.log().sub_(x)
-            pair_sum = (pair.view(n, m, b).sum(1) * same_rows).sum() - pair.diagonal().sum()
-            n_pos = (same.sum() * (m * m) - n).clamp_min_(1.0)
-            loss = pair_sum / n_pos
-        ctx.save_for_backward(e, norm, radial, big_e, denom, same, n_pos)
-        return loss
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, g: Tensor
-    ) -> tuple[Tensor | None, None, None]:
-        e, norm, radial, big_e, denom, same, n_pos = ctx.saved_tensors  # type: ignore[attr-defined]
-        n = e.shape[0]
-        b = same.shape[0]
-        m = n // b
-        tiled = same.view(1, b, 1, b)
-        # A = positive / D; c_a = sum_p A_ap; dL/dx = E (A + c (1 - T)) - positive
-        grad = torch.div(tiled, denom.view(m, b, m, b)).view(n, n)
-        grad.fill_diagonal_(0.0)
-        c = grad.sum(1, keepdim=True)
-        grad.view(m, b, m, b).add_(c.view(m, b, 1, 1) * (1.0 - tiled))  # + c at negatives
-        grad.mul_(big_e)
-        grad.view(m, b, m, b).sub_(tiled)
-        grad.diagonal().add_(1.0)
-        scale = g.to(e.dtype) / (n_pos * ctx.temperature)  # type: ignore[attr-defined]
-        grad_e = torch.add(grad, grad.T) @ e
-        grad_e.mul_(scale)
-        grad_z = grad_e.sub_(e * ((e * grad_e).sum(1, keepdim=True) * radial)).div_(norm)
-        return grad_z.to(ctx.in_dtype), None, None  # type: ignore[attr-defined]
-
-
-def nt_xent_autograd(z: Tensor, same: Tensor, temperature: float) -> Tensor:
-    """The same loss in log space through autograd (any temperature; reference formulation)."""
-    emb = F.normalize(z, dim=-1)
-    sim = emb @ emb.T / temperature
-    eye = torch.eye(len(same), dtype=torch.bool, device=emb.device)
-    positive = (same & ~eye).to(sim.dtype)
-    neg_lse = torch.logsumexp(sim.masked_fill(same, float("-inf")), dim=1, keepdim=True)
-    pair = torch.logaddexp(sim, neg_lse) - sim
-    return (pair * positive).sum() / positive.sum().clamp_min(1.0)
-
-
-def nt_xent(
-    latents: Mapping[str, Tensor],
-    labels: Tensor,
-    temperature: float,
-    num_classes: int | None = None,
-) -> Tensor:
-    """Supervised NT-Xent over the L2-normalised latents of all modalities.
-
-    The ``M * B`` embeddings are pooled; the label of row ``(m, b)`` is ``labels[b]``. Every other
-    row with the same label is a positive, every row with another label a negative, and each
-    positive pair ``(a, p)`` costs ``-log(e^{s_ap} / (e^{s_ap} + sum_{n in neg(a)} e^{s_an}))`` with
-    ``s`` the cosine similarity over ``temperature``; the loss is the mean over positive pairs
-    (0 if there is none; a row without negatives costs 0). Passing sample indices as ``labels``
-    gives the plain cross-modal InfoNCE. ``num_classes`` (labels in ``range(num_classes)``) lets
-    the label-equality matrix be a one-hot product instead of a broadcast comparison. For
-    ``temperature >= 0.05`` the gradient is hand-written (:class:`_SupervisedNTXent`), otherwise
-    autograd runs on :func:`nt_xent_autograd`; both are tested against each other.
-    """
-    dims = {z.shape[1] for z in latents.values()}
-    if len(dims) != 1:
-        raise ConfigError(f"mcr's contrastive loss needs equal latent sizes, got {sorted(dims)}")
-    z = torch.cat(list(latents.values()))
-    m = len(latents)
-    if temperature < FAST_NT_XENT_MIN_TEMPERATURE:
-        same = (labels[:, None] == labels[None, :]).repeat(m, m)
-        return nt_xent_autograd(z, same, temperature)
-    dtype = _compute_dtype(z)
-    if num_classes is not None:  # (F.one_hot would check the labels' range: a device sync)
-        one_hot = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
-        one_hot.scatter_(1, labels[:, None], 1.0)
-        same = one_hot @ one_hot.T
-    else:
-        same = (labels[:, None] == labels[None, :]).to(dtype)
-    return _SupervisedNTXent.apply(z, same, temperature)
-
-
-# --- permutations ---------------------------------------------------------------------------------
-#: On CPU, from this batch size on, ``k`` calls of ``torch.randperm`` (Fisher-Yates, a few us
-#: each) beat one batched sort of random keys (the sort costs about 80 ns per element here).
-RANDPERM_LOOP_MIN_BATCH = 96
-
-
-def uniform_permutations(
-    k: int, b: int, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """``(k, b)``: ``k`` independent uniformly random permutations of ``range(b)``.
-
-    Two exact samplers, chosen by cost: the argsort of uniform random keys (one call, for GPUs and
-    small batches) and, on CPU for ``b >= RANDPERM_LOOP_MIN_BATCH``, ``k`` calls of
-    ``torch.randperm``.
-    """
-    if device.type == "cpu" and b >= RANDPERM_LOOP_MIN_BATCH:
-        return torch.stack([torch.randperm(b, generator=generator) for _ in range(k)])
-    return torch.rand(k, b, generator=generator, device=device).argsort(dim=1)
-
-
-def draw_donors(
-    targets: Tensor, k: int, kind: str, generator: torch.Generator | None = None
-) -> Tensor:
-    """``(k, B)`` donor indices: row ``b`` of draw ``i`` takes its perturbed latent from
-    ``donors[i, b]``.
-
-    - ``uniform``: ``k`` independent uniform permutations (fixed points allowed);
-    - ``derangement``: ``pi o shift o pi^-1`` with a random non-zero cyclic shift, a permutation
-      without fixed points in which each row's donor is uniform over the other rows;
-    - ``different_label``: each donor drawn uniformly among rows with another target (rows with
-      no such row in the batch fall back to any other row, or themselves when ``B = 1``).
-    """
-    b = targets.shape[0]
-    device = targets.device
-    if kind == "uniform" or (kind == "derangement" and b < 2):
-        return uniform_permutations(k, b, generator, device)
-    if kind == "derangement":
-        perm = uniform_permutations(k, b, generator, device)
-        shift = torch.randint(1, b, (k, 1), generator=generator, device=device)
-        pos = (torch.arange(b, device=device) + shift) % b
-        donors = torch.empty_like(perm)
-        donors.scatter_(1, perm, perm.gather(1, pos))
-        return donors
-    if kind == "different_label":
-        weights = (targets[:, None] != targets[None, :]).float()
-        empty = weights.sum(1) == 0
-        if bool(empty.any()):
-            fallback = 1.0 - torch.eye(b, device=device)
-            if b == 1:
-                fallback = torch.ones(1, 1, device=device)
-            weights[empty] = fallback[empty]
-        return torch.multinomial(weights, k, replacement=True, generator=generator).T
-    raise ConfigError(f"unknown permutation kind {kind!r}")
-
-
-def subsets(modalities: tuple[str, ...], which: str) -> list[tuple[str, ...]]:
-    """Permuted sets ``S``: all non-empty proper subsets, or singletons plus leave-one-out."""
-    m = len(modalities)
-    if which == "all":
-        sizes = range(1, m)
-        return [s for r in sizes for s in itertools.combinations(modalities, r)]
-    out = [(x,) for x in modalities]
-    out += [tuple(x for x in modalities if x != left) for left in modalities]
-    seen: list[tuple[str, ...]] = []
-    for s in out:
-        if s not in seen:
-            seen.append(s)
-    return seen
-
-
-# --- the game's weights ---------------------------------------------------------------------------
-def game_weights(
-    modalities: tuple[str, ...], sets: list[tuple[str, ...]], strategy: str, lam: float
-) -> list[tuple[tuple[str, ...], str | None, float]]:
-    """``(S, j, w)`` terms of R_MIPD = ``sum w * D(y_hat_{S->j}, y_hat_ref)`` (``per_mask``).
-
-    ``j`` is the one modality whose latent keeps its gradient (``None``: no mask). Weight ``-lam``
-    when ``j`` is in ``S``, ``-k * lam`` otherwise; zero-weight terms are dropped, and the
-    collaborative game (``k = 1``) uses one unmasked term per ``S``.
-    """
-    if strategy == "collaborative":
-        return [(s, None, -lam) for s in sets]
-    k = STRATEGY_K[strategy]
-    terms = []
-    for s in sets:
-        for j in modalities:
-            w = -lam if j in s else -k * lam
-            if w != 0.0:
-                terms.append((s, j, w))
-    return terms
-
-
-@dataclass(frozen=True)
-class SetRouting:
-    """The game of :class:`MCRParams.strategy` per permuted set, for the ``per_set`` evaluation.
-
-    Attributes:
-        sets: the permuted sets ``S``.
-        member: ``member[S][m]`` 1.0 if modality ``m`` is in ``S``, else 0.0.
-        inputs: ``w(S, m)``: ``-lam`` if ``m`` is in ``S``, else ``-k * lam``; the factor with which
-            modality ``m``'s input to the perturbed prediction of ``S`` receives ``dD_S``.
-        shared: ``W_S``: the weight of ``D_S`` in the value, and of the gradient of the head's
-            shared parameters and of the summed reference: ``sum_m w(S, m)`` for greedy and
-            independent play (the masked terms' weights add up), ``-lam`` for collaborative play
-            (one unmasked term per set).
-    """
-
-    sets: tuple[tuple[str, ...], ...]
-    member: tuple[tuple[float, ...], ...]
-    inputs: tuple[tuple[float, ...], ...]
-    shared: tuple[float, ...]
-
-
-def set_routing(
-    modalities: tuple[str, ...], sets: Sequence[tuple[str, ...]], strategy: str, lam: float
-) -> SetRouting:
-    """The :class:`SetRouting` of a game (same gradients as :func:`game_weights`' terms)."""
-    k = STRATEGY_K[strategy]
-    member = tuple(tuple(1.0 if m in s else 0.0 for m in modalities) for s in sets)
-    inputs = tuple(tuple(-lam if m in s else -k * lam for m in modalities) for s in sets)
-    if strategy == "collaborative":
-        shared = tuple(-lam for _ in sets)
-    else:
-        shared = tuple(sum(row) for row in inputs)
-    return SetRouting(tuple(sets), member, inputs, shared)
-
-
-# --- per_set evaluation: game routing in the backward pass -----------------------------------------
-@dataclass(frozen=True)
-class RoutingTensors:
-    """A :class:`SetRouting` as tensors of one dtype and device (``S`` sets, ``M`` modalities).
-
-    Attributes:
-        member, outside: ``(S, M)`` 1/0 indicators of ``m in S`` and ``m not in S``.
-        inputs: ``(S, M)`` ``w(S, m)``.
-        shared: ``(S,)`` ``W_S``.
-        moved_t, fixed_t: ``(M, S)`` transposes of ``member * inputs`` and ``outside * inputs``.
-        ones: ``(S,)`` ones.
-    """
-
-    member: Tensor
-    outside: Tensor
-    inputs: Tensor
-    shared: Tensor
-    moved_t: Tensor
-    fixed_t: Tensor
-    ones: Tensor
-
-    @classmethod
-    def of(cls, routing: SetRouting, dtype: torch.dtype, device: torch.device) -> RoutingTensors:
-        member = torch.tensor(routing.member, dtype=dtype, device=device)
-        inputs = torch.tensor(routing.inputs, dtype=dtype, device=device)
-        shared = torch.tensor(routing.shared, dtype=dtype, device=device)
-        outside = 1.0 - member
-        return cls(
-            member,
-            outside,
-            inputs,
-            shared,
-            (member * inputs).T.contiguous(),
-            (outside * inputs).T.contiguous(),
-            torch.ones_like(shared),
-        )
-
-
-@dataclass(frozen=True)
-class _AdditiveSpec:
-    """Static inputs of one :class:`_AdditiveMIPD` call."""
-
-    routing: RoutingTensors
-    regression: bool
-    reference: str  # summed, masked or detached
-    shared_silent: bool  # every W_S is 0 (greedy play, two modalities)
-
-
-class _AdditiveMIPD(torch.autograd.Function):
-    """R_MIPD of an additive head in one node: permutation gather, set mixing, divergence.
-
-    Forward: contributions ``c_m`` ``(B, C)``, donor indices ``(M, R * B)`` (or perturbed
-    contributions ``(M, C, R, B)``), the head's shared bias and the reference logits ``(B, C)``;
-    the logits of set ``S`` are ``sum_{m in S} c_m[donor] + sum_{m not in S} c_m + bias``
-    (class-major ``(S, C, R, B)``), compared with the reference by
-    :func:`_set_divergence_forward`. Returns ``(sum_S W_S D_S, D)``.
-
-    Backward, with ``G_S = dD_S/d(logits of S)``: modality ``m``'s perturbed contribution
-    receives ``sum_{S contains m} w(S, m) G_S`` (scattered back to the donor rows), its
-    unperturbed one ``sum_{S without m} w(S, m) G_S``, the bias ``sum_S W_S G_S``: what the masked
-    evaluations of the reference code give (the term ``(S, j)`` detaches every contribution but
-    ``j``'s, never the bias). The reference receives ``sum_S W_S dD_S/dv`` (``summed``), nothing
-    (``detached``), or (``masked``) is rebuilt from the contributions and the bias inside, which
-    receive ``w(S, m)`` and ``W_S`` times the set's reference gradient.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
-        spec: _AdditiveSpec,
-        index: Tensor | None,
-        perturbed: Tensor | None,
-        bias: Tensor | None,
-        ref: Tensor,
-        *contributions: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        first = contributions[0]
-        dtype = spec.routing.shared.dtype
-        with torch.autocast(first.device.type, enabled=False):
-            anchors = torch.stack(contributions).to(dtype).transpose(1, 2)  # (M, C, B)
-            m, c, b = anchors.shape
-            member, outside, w_set = spec.routing.member, spec.routing.outside, spec.routing.shared
-            s = member.shape[0]
-            if index is not None:
-                r = index.shape[1] // b
-                moved = anchors.gather(2, index.unsqueeze(1).expand(m, c, r * b))
-            else:
-                assert perturbed is not None
-                moved = perturbed.to(dtype)
-                r = moved.shape[2]
-            fixed = outside @ anchors.reshape(m, c * b)
-            if bias is not None:
-                fixed = fixed.view(s, c, b).add_(bias.to(dtype).view(1, c, 1))
-            u = (member @ moved.reshape(m, c * r * b)).view(s, c, r, b)
-            u.add_(fixed.view(s, c, 1, b))
-            if spec.reference == "masked":
-                v = anchors.sum(0)
-                if bias is not None:
-                    v = v.add_(bias.to(dtype).view(c, 1))
-                v = v.view(1, c, 1, b)
-            else:
-                v = ref.to(dtype).T.reshape(1, c, 1, b)
-            keep_v = spec.reference == "masked" or (
-                spec.reference == "summed" and not spec.shared_silent
-            )
-            per_set, saved = _set_divergence_forward(u, v, spec.regression, keep_v)
-            value = (w_set * per_set).sum()
-        ctx.spec = spec  # type: ignore[attr-defined]
-        ctx.dtypes = (  # type: ignore[attr-defined]
-            [t.dtype for t in contributions],
-            None if perturbed is None else perturbed.dtype,
-            None if bias is None else bias.dtype,
-            ref.dtype,
-        )
-        ctx.save_for_backward(index, *saved)
-        ctx.mark_non_differentiable(per_set)
-        return value, per_set
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, g_value: Tensor, _g_per_set: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        spec: _AdditiveSpec = ctx.spec  # type: ignore[attr-defined]
-        rt = spec.routing
-        index, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        c_dtypes, p_dtype, b_dtype, r_dtype = ctx.dtypes  # type: ignore[attr-defined]
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        s, m = rt.member.shape
-        w_set = rt.shared
-        g = g_value.to(w_set.dtype)
-        want_v = spec.reference == "masked" or (
-            spec.reference == "summed" and needs[4] and not spec.shared_silent
-        )
-        coef_v = None
-        if want_v:
-            coef_v = g.expand(s) if spec.reference == "masked" else g * w_set
-        gu, gv = _set_divergence_backward(saved, g.expand(s), coef_v)
-        assert gu is not None
-        _, c, r, b = gu.shape
-        g_rows = gu.sum(2)  # (S, C, B)
-        bias_rows = None if spec.shared_silent else g_rows
-        g_anchor = (rt.fixed_t @ g_rows.view(s, c * b)).view(m, c, b)
-        g_moved = (rt.moved_t @ gu.view(s, c * r * b)).view(m, c, r * b)
-        g_perturbed = g_ref = None
-        if index is not None:
-            g_anchor.scatter_add_(2, index.unsqueeze(1).expand(m, c, r * b), g_moved)
-        elif needs[2]:
-            g_perturbed = g_moved.view(m, c, r, b).to(p_dtype)
-        if gv is not None:
-            gv_rows = gv.view(s, c, b)
-            if spec.reference == "masked":
-                g_anchor += (rt.inputs.T @ gv_rows.reshape(s, c * b)).view(m, c, b)
-                bias_rows = gv_rows if bias_rows is None else bias_rows + gv_rows
-            else:
-                g_ref = gv_rows.sum(0).T.to(r_dtype)
-        g_bias = None
-        if needs[3] and bias_rows is not None:
-            g_bias = (w_set @ bias_rows.sum(2)).to(b_dtype)
-        grads = g_anchor.transpose(1, 2).unbind(0)
-        return (
-            None,
-            None,
-            g_perturbed,
-            g_bias,
-            g_ref,
-            *(gc.to(dt) for gc, dt in zip(grads, c_dtypes, strict=True)),
-        )
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the incoming gradient by ``scale`` (broadcast)."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (scale,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return g * scale.to(g.dtype), None
-
-
-def _head_without_gradient(head: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
-    """The head's logits with its parameters detached (its inputs keep their gradient)."""
-    detached = {name: p.detach() for name, p in head.named_parameters()}
-    return torch.func.functional_call(head, detached, (inputs, ())).logits
-
-
-def _head_set_logits(
-    head: nn.Module,
-    latents: Mapping[str, Tensor],
-    perturbed: Mapping[str, Tensor],
-    rows: int,
-    routing: SetRouting,
-    with_reference: bool,
-) -> tuple[Tensor, Tensor | None, list[int], list[float], list[float]]:
-    """Non-additive heads: class-major logits of every set and the game's weights.
-
-    The head's parameters must receive ``W_S`` times ``dD_S`` and modality ``m``'s input
-    ``w(S, m)`` times it, from one evaluation per set. For sets with ``W_S != 0`` the inputs'
-    gradients are scaled by ``w(S, m) / W_S`` and the logits' by ``W_S`` (in the divergence);
-    sets with ``W_S = 0`` (greedy play, ``|S| = M / 2``) are evaluated with detached head
-    parameters and input scales ``w(S, m)``. So at most two head evaluations run, each on all
-    rows of its group of sets (``with_reference``: plus one unperturbed copy of the batch per set,
-    the masked reference).
-
-    Returns ``u`` ``(S, C, R, B)``, the per-set reference ``v`` ``(S, C, 1, B)`` or ``None``, the
-    set order (indices into ``routing.sets``) and the logits' and reference's gradient weights.
-    """
-    mods = tuple(latents)
-    b = next(iter(latents.values())).shape[0]
-    order: list[int] = []
-    w_u: list[float] = []
-    us: list[Tensor] = []
-    vs: list[Tensor] = []
-    extra = 1 if with_reference else 0
-    groups = (
-        [i for i, w in enumerate(routing.shared) if w != 0.0],
-        [i for i, w in enumerate(routing.shared) if w == 0.0],
-    )
-    for live, idx in zip((True, False), groups, strict=True):
-        if not idx:
-            continue
-        g = len(idx)
-        inputs = {}
-        for k, m in enumerate(mods):
-            z = latents[m]
-            d = z.shape[1]
-            moved = perturbed[m].view(rows, b, d)
-            if extra:
-                moved = torch.cat([moved, z.view(1, b, d)])
-            inside = torch.tensor([routing.member[i][k] > 0 for i in idx], device=z.device).view(
-                g, 1, 1, 1
-            )
-            x = torch.where(inside, moved.unsqueeze(0), z.view(1, 1, b, d))
-            scales = [routing.inputs[i][k] / (routing.shared[i] if live else 1.0) for i in idx]
-            if any(sc != 1.0 for sc in scales):
-                scale = torch.tensor(scales, dtype=z.dtype, device=z.device).view(g, 1, 1, 1)
-                x = _ScaleGradient.apply(x, scale)
-            inputs[m] = x.reshape(g * (rows + extra) * b, d)
-        logits = head(inputs, ()).logits if live else _head_without_gradient(head, inputs)
-        c = logits.shape[1]
-        logits = logits.view(g, rows + extra, b, c).permute(0, 3, 1, 2)
-        us.append(logits[:, :, :rows])
-        if extra:
-            vs.append(logits[:, :, rows:])
-        order += idx
-        w_u += [routing.shared[i] if live else 1.0 for i in idx]
-    u = torch.cat(us) if len(us) > 1 else us[0]
-    v = (torch.cat(vs) if len(vs) > 1 else vs[0]) if extra else None
-    return u.contiguous(), None if v is None else v.contiguous(), order, w_u, list(w_u)
-
-
-# --- the method -----------------------------------------------------------------------------------
 @dataclass
 class MCRParams:
     """Options of MCR (names follow the paper; the reference code's names in brackets).
@@ -872,25 +189,6 @@ class CEBHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-@dataclass
-class Perturbation:
-    """The perturbed copies of one step: ``rows`` (R) copies of the batch per modality, given
-    either as donor row indices ``(R * B,)`` (permutations) or as values ``(R * B, .)``."""
-
-    rows: int
-    index: dict[str, Tensor] | None = None
-    values: dict[str, Tensor] | None = None
-    #: ``index`` stacked in the model's modality order, ``(M, R * B)``
-    index_stack: Tensor | None = None
-
-    def take(self, m: str, base: Tensor) -> Tensor:
-        """Modality ``m``'s perturbed tensor ``(R * B, .)`` built from its unperturbed ``base``."""
-        if self.index is not None:
-            return base[self.index[m]]
-        assert self.values is not None
-        return self.values[m]
 
 
 @METHODS.register("mcr")
@@ -1086,7 +384,7 @@ class MCR(Method):
         ref = output.logits
         if p.reference == "detached":
             ref = ref.detach()
-        routing, w = self.routing(mods, ref.device, _compute_dtype(ref))
+        routing, w = self.routing(mods, ref.device, compute_dtype(ref))
         silent = not any(routing.shared)
         if output.contributions is not None:
             contributions = [output.contributions[m] for m in mods]
@@ -1098,15 +396,15 @@ class MCR(Method):
                 b, c = ref.shape
                 stacked = torch.stack([perturbation.values[m] for m in mods])  # (M, R * B, C)
                 perturbed = stacked.transpose(1, 2).reshape(len(mods), c, perturbation.rows, b)
-            spec = _AdditiveSpec(w, ctx.task == "regression", p.reference, silent)
+            spec = AdditiveSpec(w, ctx.task == "regression", p.reference, silent)
             bias = getattr(head, "bias", None)
-            value, per_set = _AdditiveMIPD.apply(spec, index, perturbed, bias, ref, *contributions)
+            value, per_set = AdditiveMIPD.apply(spec, index, perturbed, bias, ref, *contributions)
             return routing.sets, per_set, value
         latents = output.latents
         r = perturbation.rows
         b, c = ref.shape
         moved = {m: perturbation.take(m, latents[m]) for m in mods}
-        u, v, order, w_u_list, w_v_list = _head_set_logits(
+        u, v, order, w_u_list, w_v_list = head_set_logits(
             head, latents, moved, r, routing, p.reference == "masked"
         )
         dev, dt = w.shared.device, w.shared.dtype

@@ -150,18 +150,15 @@ class MLA(Method):
     """Alternating unimodal steps through a shared head with OWM projection; entropy gating."""
 
     name = "mla"
+    tasks = ("classification",)
     Params = MLAParams
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self.head: SharedHead | None = None
-        self._feature_sum: Tensor | None = None
-        self._count = 0
 
     def setup(self, info: ModelInfo) -> nn.Module:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'mla' needs a classification task, got {info.task!r}")
         dims = set(info.latent_dims.values())
         if len(dims) != 1:
             raise ConfigError(
@@ -206,19 +203,20 @@ class MLA(Method):
         if m is None:
             raise ConfigError("MLA trains one modality per part (ctx.part is None)")
         z = output.latents[m]
-        self._feature_sum = z.detach().float().sum(0)
-        self._count = z.shape[0]
+        # the part's features update the projector in rewrite_gradients
+        ctx.scratch["feature_sum"] = z.detach().float().sum(0)
+        ctx.scratch["count"] = z.shape[0]
         return {f"uni_{m}": ctx.task_loss(head(z))}
 
     def rewrite_gradients(self, ctx: StepContext) -> None:
         head = self._require_head()
-        feature_sum, self._feature_sum = self._feature_sum, None
+        feature_sum = ctx.scratch.pop("feature_sum", None)
         if not self.params.projection or feature_sum is None:
             return
         weight = head.linear.weight
         alpha = projector_alpha(ctx.epoch_progress, self.params.alpha_base)
         ctx.log("mla_alpha", alpha)
-        count = torch.tensor(float(self._count), device=feature_sum.device)
+        count = torch.tensor(float(ctx.scratch["count"]), device=feature_sum.device)
         if ctx.world_size > 1:  # every rank projects the (all-reduced) gradient alike
             feature_sum, count = ctx.all_reduce(feature_sum), ctx.all_reduce(count)
         with torch.no_grad():

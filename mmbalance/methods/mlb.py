@@ -33,9 +33,9 @@ block of the fusion head and the encoder's fused gradient. Every scaled paramete
 ``k_m`` times its multi-loss gradient, for any additive head, with no extra pass and no extra
 forward operation. Non-additive heads (``concat_mlp``, ``film``, ``gated``, ``transformer``) have
 no block per modality; there the fusion head is re-run once on ``scale_grad(z_m, k_m)``
-(:func:`scale_grad`: identity forward, gradient times ``k_m``) so that the encoder's fused
-gradient is scaled while the head's own parameters are not (one extra head forward, no encoder
-re-run). The official code @68ad48d cannot run non-additive heads at all (its ``Base_Model`` then
+(:mod:`mmbalance.methods.ops.gradients`: identity forward, gradient times ``k_m``) so that the
+encoder's fused gradient is scaled while the head's own parameters are not (one extra head
+forward, no encoder re-run). The official code @68ad48d cannot run non-additive heads at all (its ``Base_Model`` then
 reaches an undefined ``fc_0_lin``).
 
 More than two modalities: ``r_m`` against the mean of the others, as the official ``MLB_3d``; its
@@ -57,46 +57,20 @@ Logged per step: ``score_<m>``, ``ratio_<m>``, ``coeff_<m>``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, Method, StepContext
+from mmbalance.methods.ops.gradients import multiply_by, scale_grad
 from mmbalance.models.output import ModelOutput
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by ``k``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, k: Tensor) -> Tensor:
-        ctx.save_for_backward(k)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (k,) = ctx.saved_tensors
-        return grad * k.to(grad.dtype), None
-
-
-def scale_grad(x: Tensor, k: Tensor | float) -> Tensor:
-    """``x`` in value; the gradient flowing back through it is multiplied by ``k`` (a scalar,
-    treated as a constant). Forward values are exact (no ``k x + (1 - k) x`` rounding)."""
-    k_t = torch.as_tensor(k, device=x.device).detach()
-    return _ScaleGrad.apply(x, k_t)
-
-
-def _multiply_by(k: Tensor) -> Callable[[Tensor], Tensor]:
-    """A tensor hook that multiplies the gradient reaching the tensor by ``k``."""
-    return lambda grad: grad * k.to(grad.dtype)
-
-
-def true_class_confidence(logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
+def confidence_scores(logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
     """``(M,)`` batch means of the true-class softmax probability, one per modality, no graph."""
     with torch.no_grad():
         idx = targets.long().unsqueeze(1)
@@ -150,23 +124,18 @@ class MLB(Method):
     ``1 + tanh(alpha (r_m - 1))`` from the unimodal heads' batch confidence."""
 
     name = "mlb"
+    tasks = ("classification",)
     Params = MLBParams
     needs_unimodal_heads = True
     scales_gradients = True
     search_space = ("method.alpha", (0.5, 2.0, 5.0))
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'mlb' needs a classification task, got {info.task!r}")
-        return None
 
     def coefficients(self, output: ModelOutput, ctx: StepContext) -> Tensor:
         """``(M,)`` coefficients of this batch (rank-averaged scores under DDP); logs them."""
         if set(output.unimodal_logits) != set(output.latents):
             raise ConfigError("method 'mlb' needs a unimodal head for every modality")
         uni = {m: output.unimodal_logits[m] for m in output.latents}
-        scores = true_class_confidence(uni, ctx.targets)
+        scores = confidence_scores(uni, ctx.targets)
         if ctx.world_size > 1:
             scores = ctx.all_reduce(scores) / ctx.world_size
         ratios = mlb_ratios(scores)
@@ -185,7 +154,7 @@ class MLB(Method):
             # block of the fusion head and the encoder's fused gradient, with no extra operation
             for m, c in output.contributions.items():
                 if c.requires_grad:
-                    c.register_hook(_multiply_by(k[m]))
+                    c.register_hook(multiply_by(k[m]))
             fused = output.logits
         else:
             if ctx.fusion is None:
@@ -195,6 +164,6 @@ class MLB(Method):
         terms = {"task": ctx.task_loss(fused)}
         for m, u in output.unimodal_logits.items():
             if u.requires_grad:
-                u.register_hook(_multiply_by(k[m]))
+                u.register_hook(multiply_by(k[m]))
             terms[f"uni_{m}"] = self.params.lam_uni * ctx.task_loss(u)
         return terms

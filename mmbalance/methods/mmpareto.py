@@ -44,8 +44,8 @@ Why no library: ``torchjd`` (0.18, requires ``torch>=2.3``, so it installs next 
 aggregator of a Jacobian: it needs a per-encoder cosine test, two-vector weights and
 per-tensor norm restoration, and our DDP rule of one all-reduce per loss. torchjd would compute
 the same per-loss gradients, and we would still write the rule around it; the two-vector closed
-form and a K-vector Frank-Wolfe solver (:mod:`mmbalance.methods.min_norm`) are a few tested lines,
-so no dependency is added.
+form and a K-vector solver (:mod:`mmbalance.methods.ops.min_norm`) are a few tested lines, so no
+dependency is added.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from mmbalance.methods.base import (
     total_loss,
     unimodal_losses,
 )
-from mmbalance.methods.min_norm import min_norm_2
+from mmbalance.methods.ops.min_norm import min_norm_2
 from mmbalance.models.output import ModelOutput
 
 
@@ -216,13 +216,9 @@ class MMPareto(Method):
     needs_unimodal_heads = True
     search_space = ("method.gamma", (1.0, 1.5, 2.0))
 
-    def __init__(self, params: MMParetoParams | None = None, **kwargs: object) -> None:
-        super().__init__(params, **kwargs)
-        self._latents: dict[str, Tensor] | None = None
-
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         # the latent variant differentiates with respect to the encoder outputs of this step
-        self._latents = dict(output.latents)
+        ctx.scratch["latents"] = dict(output.latents)
         return {"task": ctx.task_loss(output.logits)} | unimodal_losses(
             output, ctx, self.params.lam_uni
         )
@@ -232,7 +228,6 @@ class MMPareto(Method):
             self._backward_latent(losses, ctx)
         else:
             self._backward_exact(losses, ctx)
-        self._latents = None
 
     # --- exact: two backward passes ---------------------------------------------------------
     def _backward_exact(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
@@ -264,7 +259,7 @@ class MMPareto(Method):
 
     # --- latent: one backward pass ----------------------------------------------------------
     def _backward_latent(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
-        latents = self._latents
+        latents = ctx.scratch.get("latents")
         if latents is None:
             raise RuntimeError("mmpareto: losses() must run before backward() in the same step")
         modalities = [m for m in latents if latents[m].requires_grad]

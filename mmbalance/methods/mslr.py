@@ -107,6 +107,7 @@ class MSLR(Method):
     times the ratio of its validation accuracy to its recent mean."""
 
     name = "mslr"
+    tasks = ("classification",)
     Params = MSLRParams
     needs_unimodal_heads = True
     search_space = ("method.window", (3, 5, 10))
@@ -131,12 +132,9 @@ class MSLR(Method):
         super().__init__(params, **kwargs)
         self._accuracies: dict[str, list[float]] = {}
         self._ratios: dict[str, float] = {}
-        self._probes: dict[str, Tensor] | None = None
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'mslr' needs a classification task, got {info.task!r}")
         unknown = set(self.params.init_scales) - set(info.modalities)
         if unknown:
             raise ConfigError(
@@ -149,18 +147,18 @@ class MSLR(Method):
         self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
     ) -> dict[str, Tensor]:
         latents = model.encode(inputs)
-        self._probes = None
         if self.params.detach_heads:
             heads = getattr(model, "unimodal_heads", None)
             if not heads:
                 raise ConfigError("method 'mslr' needs a unimodal head for every modality")
             # the heads as probes: their loss trains them and never reaches the encoders
-            self._probes = {m: head(latents[m].detach()) for m, head in heads.items()}
+            probes = {m: head(latents[m].detach()) for m, head in heads.items()}
+            ctx.scratch["probes"] = probes  # the unimodal terms of losses
         return latents
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         terms = {"task": ctx.task_loss(output.logits)}
-        probes, self._probes = self._probes, None
+        probes = ctx.scratch.get("probes")
         if probes is None:
             return terms | unimodal_losses(output, ctx, self.params.lam_uni)
         return terms | {

@@ -1,8 +1,9 @@
 """OPM: on-the-fly prediction modulation (Wei, Hu, Du, Wen, TPAMI 2024).
 
 The dominant modality's features are dropped per sample during training, with a probability that
-grows with how far ahead it is. It uses the discrepancy score of :mod:`mmbalance.methods.ogm`
-(computed on this batch's undropped latents, under DDP all-reduced over ranks).
+grows with how far ahead it is. It uses OGM's discrepancy score
+(:mod:`mmbalance.methods.ops.discrepancy`; computed on this batch's undropped latents, under DDP
+all-reduced over ranks).
 
 Per training batch, inside the modulation window (by default after the journal's 6 warm-up
 epochs):
@@ -30,16 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmbalance.config import check
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext, task_loss
-from mmbalance.methods.ogm import (
+from mmbalance.methods.base import METHODS, Method, StepContext, task_loss
+from mmbalance.methods.ops.discrepancy import (
     ModulationParams,
     batch_scores,
     check_modulation_schedule,
     discrepancy_ratios,
-    require_classification,
 )
 from mmbalance.models.output import ModelOutput
 
@@ -112,21 +112,13 @@ class OPM(Method):
     """On-the-fly prediction modulation: drop the dominant modality's features per sample."""
 
     name = "opm"
+    tasks = ("classification",)
     Params = OPMParams
     search_space = ("method.q_base", (0.3, 0.5, 0.7))
-
-    def __init__(self, params: object = None, **kwargs: object) -> None:
-        super().__init__(params, **kwargs)
-        self._keep: Tensor | None = None
 
     @classmethod
     def check_schedule(cls, params: Any, epochs: int) -> None:
         check_modulation_schedule(cls, params, epochs)
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        require_classification(info, self.name)
-        return None
 
     def drop_probabilities(self, latents: Mapping[str, Tensor], ctx: StepContext) -> Tensor:
         """``(M,)`` drop probabilities of this batch (scores all-reduced under DDP); logs them."""
@@ -139,7 +131,6 @@ class OPM(Method):
         return q
 
     def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        self._keep = None
         if not self.params.active(ctx.epoch):
             return latents
         q = self.drop_probabilities(latents, ctx)
@@ -155,11 +146,11 @@ class OPM(Method):
         for m, fraction in dropped.items():
             ctx.log(f"opm_dropped_{m}", fraction)
         if not bool(keep.all()):
-            self._keep = keep
+            ctx.scratch["keep"] = keep  # the samples this step's loss counts (losses)
         return new
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
-        keep, self._keep = self._keep, None
+        keep = ctx.scratch.get("keep")
         if keep is None:
             return {"task": ctx.task_loss(output.logits)}
         if not bool(keep.any()):  # every sample lost every modality: no signal, zero loss

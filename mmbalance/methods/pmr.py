@@ -55,11 +55,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, EpochContext, Method, StepContext
 from mmbalance.models.output import ModelOutput
 
 
@@ -162,6 +162,7 @@ class PMR(Method):
     modality also minimises a prototype cross-entropy."""
 
     name = "pmr"
+    tasks = ("classification",)
     Params = PMRParams
     search_space = ("method.alpha", (0.5, 1.0, 2.0))
 
@@ -172,12 +173,6 @@ class PMR(Method):
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self.prototypes: dict[str, Tensor] = {}
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'pmr' needs a classification task, got {info.task!r}")
-        return None
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         features = ctx.features("train", self.params.fraction)

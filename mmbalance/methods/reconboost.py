@@ -76,7 +76,6 @@ from mmbalance.methods.base import (
     METHODS,
     EpochContext,
     Method,
-    ModelInfo,
     Phase,
     StepContext,
 )
@@ -158,16 +157,11 @@ class ReconBoost(Method):
     """ReconBoost (ICML 2024): alternating modality learners through a shared boosted head."""
 
     name = "reconboost"
+    tasks = ("classification",)
     Params = ReconBoostParams
     fusion = "shared_boost"
     # w1: official 5 (CREMA-D), 4 (AVE); the MCR authors' ResNet rerun used 3
     search_space = ("method.weight1", (3.0, 4.0, 5.0))
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError("reconboost needs a classification task (its loss is on softmax)")
-        return None
 
     def _modalities(self) -> tuple[str, ...]:
         if self.info is None:

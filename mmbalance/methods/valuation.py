@@ -61,11 +61,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, EpochContext, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, EpochContext, Method, StepContext
 from mmbalance.models.output import FusionOutput, ModelOutput
 
 Fusion = Callable[[Mapping[str, Tensor], Sequence[str]], FusionOutput]
@@ -182,6 +182,7 @@ class Valuation(Method):
     """Per-sample Shapley valuation; low-contribution samples re-presented with one modality."""
 
     name = "valuation"
+    tasks = ("classification",)
     Params = ValuationParams
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
@@ -196,12 +197,6 @@ class Valuation(Method):
                 epochs,
                 "lower method.warmup_epochs or raise train.epochs",
             )
-
-    def setup(self, info: ModelInfo) -> nn.Module | None:
-        super().setup(info)
-        if info.task != "classification":
-            raise ConfigError(f"method 'valuation' needs a classification task, got {info.task!r}")
-        return None
 
     # --- valuation at epoch boundaries ------------------------------------------------------------
     def on_epoch_end(self, ctx: EpochContext) -> None:

@@ -24,27 +24,33 @@ class MultimodalModel(nn.Module):
         self,
         encoders: Mapping[str, nn.Module],
         fusion: FusionHead,
-        unimodal_heads: bool = False,
+        unimodal_heads: bool | Mapping[str, nn.Module] = False,
     ) -> None:
+        """``unimodal_heads``: a linear head per modality (``True``), none (``False``), or the
+        heads themselves by modality (a user's model seen through
+        :class:`~mmbalance.methods.adapter.MethodAdapter`, whose fusion may be any module with
+        the fusion heads' interface and ``modalities``)."""
         super().__init__()
         if len(encoders) < 2:
             raise DataError(f"a multimodal model needs at least 2 modalities, got {list(encoders)}")
-        if tuple(encoders) != fusion.modalities:
+        if tuple(encoders) != tuple(fusion.modalities):
             raise DataError(
                 f"encoders {list(encoders)} and fusion head {list(fusion.modalities)} "
                 "name different modalities"
             )
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
-        self.unimodal_heads = nn.ModuleDict(
-            {m: nn.Linear(fusion.latent_dims[m], fusion.num_outputs) for m in encoders}
-            if unimodal_heads
-            else {}
-        )
+        if isinstance(unimodal_heads, Mapping):
+            heads = {m: unimodal_heads[m] for m in encoders if m in unimodal_heads}
+        elif unimodal_heads:
+            heads = {m: nn.Linear(fusion.latent_dims[m], fusion.num_outputs) for m in encoders}
+        else:
+            heads = {}
+        self.unimodal_heads = nn.ModuleDict(heads)
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return self.fusion.modalities
+        return tuple(self.fusion.modalities)
 
     def encode(
         self, inputs: Mapping[str, Tensor], only: Collection[str] | None = None

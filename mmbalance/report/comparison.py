@@ -375,6 +375,27 @@ def metrics_table(records: Sequence[Mapping[str, Any]], names: Sequence[str]) ->
     return Table(columns, rows, "Picked metrics", notes)
 
 
+def _stat_rows(
+    records: Sequence[Mapping[str, Any]], keys: Sequence[str], per_modality: Sequence[str]
+) -> list[list[str]]:
+    """Per method, its name and each test metric of ``keys`` (mean ± 95 % CI, 3 digits);
+    :data:`ABSENT` for a ``<prefix><modality>`` key (a prefix of ``per_modality``) of a modality
+    the method does not use (:func:`~mmbalance.report.records.unused_modalities`)."""
+    test = summarize(records, "test")
+    unused = unused_modalities(records)
+
+    def modality(key: str) -> str | None:
+        prefix = next((p for p in per_modality if key.startswith(p)), None)
+        return None if prefix is None else key.removeprefix(prefix)
+
+    rows = []
+    for method in methods_of(records):
+        stats, skip = test.get(method, {}), unused.get(method, set())
+        cells = [ABSENT if modality(k) in skip else fmt_stat(stats.get(k), 3) for k in keys]
+        rows.append([method, *cells])
+    return rows
+
+
 def contribution_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
     """Per method: linear-probe accuracy of each encoder, Shapley value of each modality and the
     imbalance degree (mean ± 95 % CI); ``—`` where the method does not use the modality."""
@@ -390,19 +411,7 @@ def contribution_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
     keys += ["imbalance_degree"] if has_degree else []
     columns = [Column("method", "left", essential=True)]
     columns += [Column(metric_title(k, regression)) for k in keys]
-    rows = []
-    for method in methods_of(records):
-        stats = test.get(method, {})
-        skip = unused.get(method, set())
-        row = [method]
-        for k in keys:
-            modality = k.removeprefix("probe_accuracy_").removeprefix("shapley_")
-            row.append(
-                ABSENT
-                if k != "imbalance_degree" and modality in skip
-                else fmt_stat(stats.get(k), 3)
-            )
-        rows.append(row)
+    rows = _stat_rows(records, keys, ("probe_accuracy_", "shapley_"))
     notes = [
         "Probe: linear probe on each frozen encoder (test split). Shapley: each modality's share of "
         "the fused test accuracy, absent modalities permuted; imbalance degree = (max − min) / sum "
@@ -425,18 +434,9 @@ def calibration_table(records: Sequence[Mapping[str, Any]]) -> Table | None:
     if "ece" not in keys:
         return None
     keys += [f"unimodal_ece_{m}" for m in heads]
-    unused = unused_modalities(records)
     columns = [Column("method", "left", essential=True)]
     columns += [Column(metric_title(k), essential=k == "ece") for k in keys]
-    rows = []
-    for method in methods_of(records):
-        stats = test.get(method, {})
-        skip = unused.get(method, set())
-        row = [method]
-        for k in keys:
-            modality = k.removeprefix("unimodal_ece_") if k.startswith("unimodal_ece_") else None
-            row.append(ABSENT if modality in skip else fmt_stat(stats.get(k), 3))
-        rows.append(row)
+    rows = _stat_rows(records, keys, ("unimodal_ece_",))
     notes = [
         "Balanced accuracy: the mean recall over the classes. ECE: expected calibration error "
         "of the softmax confidence, 15 equal-width bins (lower is better), for the method's "

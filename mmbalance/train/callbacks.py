@@ -15,8 +15,14 @@ The trainer calls each callback, on every process, at these points::
 Callbacks observe; they never change the model, the optimizer, the method or the data. The
 built-in writers act on the global-zero process only; :class:`EpochCurves` computes its values on
 every process (from the gathered validation pass) so that the processes stay identical.
-``fit(cfg, out_dir, callbacks=[...])`` takes a user's own list (W&B, another analysis...);
-:func:`default_callbacks` is what a run gets from its configuration.
+``fit(cfg, out_dir, callbacks=[...])`` takes a user's own list (another logger, another
+analysis...); :func:`default_callbacks` is what a run gets from its configuration.
+
+Another logger (MLflow, Neptune, a database) is a callback like :class:`WandB`: start its run in
+``on_run_start``, send ``row`` in ``on_epoch_end`` (and the per-step scalars of
+``trainer.step_logs`` it has not sent yet), close it in ``on_run_end``; act on the global-zero
+process only, and import the logger's package inside the callback so that the library does not
+depend on it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 from mmbalance.config import RunConfig
+from mmbalance.errors import ConfigError
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.io import make_dir, write_text_atomic
 
@@ -165,6 +172,73 @@ class TensorBoard(Callback):
             self._writer = None
 
 
+class WandB(Callback):
+    """Weights & Biases: one W&B run per invocation, named after the run directory and grouped
+    by the directory above it (a comparison's runs share a group), with the resolved
+    configuration (every option, as in ``config.yaml``); every number of each epoch's row against ``epoch``, the method's per-step
+    scalars as ``step/<name>`` against ``global_step``, and the final metrics
+    (``<split>_<metric>``) in the run's summary.
+
+    Needs the ``wandb`` extra (``pip install 'mmbalance[wandb]'``); W&B's own environment
+    variables apply (``WANDB_MODE=offline`` logs to ``<run dir>/wandb`` without an account, for a
+    later ``wandb sync``). ``init`` is passed on to ``wandb.init`` (``entity``, ``tags``...).
+    """
+
+    def __init__(self, project: str, **init: Any) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.wandb needs Weights & Biases: pip install 'mmbalance[wandb]'")
+        self.project = project
+        self.init = init
+        self._run: Any = None
+        self._steps_written = 0
+        self._defined: set[str] = set()
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        self._steps_written = len(trainer.step_logs)
+        if not trainer.fabric.is_global_zero:
+            return
+        import wandb
+
+        from mmbalance.build import with_defaults
+
+        out = trainer.out_dir.resolve()
+        options = {"name": out.name, "group": out.parent.name, "dir": str(out)} | self.init
+        config = with_defaults(trainer.cfg).to_dict()  # as config.yaml: every option
+        self._run = wandb.init(project=self.project, config=config, **options)
+        self._run.define_metric("epoch")
+        self._run.define_metric("global_step")
+
+    def _define(self, key: str, step_metric: str) -> None:
+        if key not in self._defined:
+            self._run.define_metric(key, step_metric=step_metric)
+            self._defined.add(key)
+
+    def on_epoch_end(self, trainer: Trainer, row: Mapping[str, float]) -> None:
+        if self._run is None:
+            return
+        for r in trainer.step_logs[self._steps_written :]:
+            scalars = {f"step/{k}": v for k, v in r.items() if k not in ("step", "epoch")}
+            for key in scalars:
+                self._define(key, "global_step")
+            self._run.log({"global_step": int(r["step"]), **scalars})
+        self._steps_written = len(trainer.step_logs)
+        for key in row:
+            if key != "epoch":
+                self._define(key, "epoch")
+        self._run.log({**row, "epoch": int(row["epoch"])})
+
+    def on_run_end(self, trainer: Trainer, result: RunResult) -> None:
+        if self._run is None:
+            return
+        for split, values in result.metrics.items():
+            self._run.summary.update({f"{split}_{k}": v for k, v in values.items()})
+        self._run.summary["best_epoch"] = result.best_epoch
+        self._run.finish()
+        self._run = None
+
+
 def format_seconds(seconds: float) -> str:
     """``42s``, ``3m05s``, ``1h02m``."""
     s = round(seconds)
@@ -267,13 +341,15 @@ class Progress(Callback):
 
 def default_callbacks(cfg: RunConfig, prefix: str = "") -> list[Callback]:
     """The callbacks a run's configuration asks for: the metrics files always, the per-epoch
-    curves with ``train.epoch_analysis``, TensorBoard with ``train.tensorboard`` and progress
-    with ``train.progress``."""
+    curves with ``train.epoch_analysis``, TensorBoard with ``train.tensorboard``, Weights &
+    Biases with ``train.wandb`` and progress with ``train.progress``."""
     callbacks: list[Callback] = [MetricsFiles()]
     if cfg.train.epoch_analysis:
         callbacks.append(EpochCurves())
     if cfg.train.tensorboard:
         callbacks.append(TensorBoard())
+    if cfg.train.wandb:
+        callbacks.append(WandB(cfg.train.wandb))
     if cfg.train.progress:
         callbacks.append(Progress(prefix))
     return callbacks

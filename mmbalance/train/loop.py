@@ -43,8 +43,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ from mmbalance.data.base import Batch, DatasetBundle, stratified_split
 from mmbalance.errors import DataError, MMBalanceError, NoSpaceLeft, TrainingDiverged, shown
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
-from mmbalance.eval.robustness import robustness_metrics
+from mmbalance.eval.robustness import RATES, robustness_metrics
 from mmbalance.io import is_written_file, write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
@@ -67,12 +66,10 @@ from mmbalance.methods.base import (
     Method,
     Phase,
     SplitFeatures,
-    StepContext,
-    parameter_group_names,
     task_loss,
 )
+from mmbalance.methods.protocol import TrainingProtocol
 from mmbalance.models.multimodal import MultimodalModel
-from mmbalance.models.output import ModelOutput
 from mmbalance.optim import OPTIMIZERS, build_optimizer, lr_factor
 from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
 from mmbalance.train.callbacks import Callback, default_callbacks
@@ -117,29 +114,6 @@ class RunResult:
         }
 
 
-class TrainingModule(nn.Module):
-    """The model plus the method's own trainable modules, so DDP sees one module.
-
-    Its forward runs the whole training computation (encoders, latent transform, heads, method
-    losses), so every parameter used by a loss is inside the DDP forward.
-    """
-
-    def __init__(
-        self, model: MultimodalModel, method: Method, method_module: nn.Module | None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.method_module = method_module if method_module is not None else nn.Module()
-        self._method = [method]  # a list keeps the method out of the module tree
-
-    def forward(self, batch: Batch, ctx: StepContext) -> tuple[ModelOutput, dict[str, Tensor]]:
-        method = self._method[0]
-        latents = method.encode(self.model, batch.inputs, ctx)
-        latents = method.transform_latents(latents, ctx)
-        output = self.model.heads(latents)
-        return output, method.losses(output, ctx)
-
-
 class Trainer:
     """Runs the epochs of one run; see the module docstring for what it writes.
 
@@ -168,15 +142,32 @@ class Trainer:
         self.initial_encoder_state = initial_encoder_state
         t = cfg.train
         self.callbacks = list(default_callbacks(cfg) if callbacks is None else callbacks)
-        module = TrainingModule(model, method, method_module)
-        self.method_module = module.method_module
+        # the order of the method's hooks in a step, at epoch boundaries and in the feature pass
+        # (mmbalance.methods.protocol), on this engine
+        protocol = TrainingProtocol(
+            method,
+            model,
+            method_module,
+            task=data.task,
+            regression_loss=t.regression_loss,
+            seed=t.seed,
+        )
+        self.protocol = protocol
+        self.method_module = protocol.method_module
         # named parameter groups (see mmbalance.methods.base); parameters frozen before the
         # trainer is built (frozen encoders) stay out of the optimizer
-        self.groups = _parameter_groups(model, method_module)
+        self.groups = protocol.groups
         if not any(self.groups.values()):
             raise MMBalanceError("the model has no trainable parameters")
-        self.optimizer = build_optimizer(_param_groups(self.groups), cfg.train)
-        self.module, self.optimizer = fabric.setup(module, self.optimizer)
+        optimizer = build_optimizer(protocol.param_groups(keep_empty=True), t)
+        self.module, self.optimizer = fabric.setup(protocol.module, optimizer)
+        protocol.forward = self.module
+        protocol.backward = fabric.backward
+        protocol.all_reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")
+        protocol.world_size = fabric.world_size
+        protocol.gather = lambda local: _gather_once(fabric, local)
+        if t.precision != "32-true":
+            protocol.autocast = fabric.autocast
         rank, world = fabric.global_rank, fabric.world_size
         train_index, held_out_index = _hold_out(data.splits["train"], method, t.seed)
         self.split_index = {"train": train_index, "held_out": held_out_index}
@@ -189,17 +180,27 @@ class Trainer:
         for split in ("val", "test"):
             sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
             self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
-        self.phase: Phase | None = None
-        self._epoch = 0  # the epoch of the last epoch context (seeds feature-pass subsets)
-        # fixed for the run (frozen encoders are frozen before the trainer is built)
-        self.encoder_params = model.encoder_parameters()
-        self.step = 0
+        self.encoder_params = protocol.encoder_params
         self.history: list[dict[str, float]] = []
         self.step_logs: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None
         self.bad_epochs = 0
         self.start_epoch = 0
         self.saved_epoch: int | None = None  # the epoch last.ckpt holds (None: none saved)
+
+    @property
+    def step(self) -> int:
+        """The global step count (one per batch)."""
+        return self.protocol.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.protocol.step = value
+
+    @property
+    def phase(self) -> Phase | None:
+        """The method's phase of the last epoch begun."""
+        return self.protocol.phase
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> RunResult:
@@ -227,10 +228,9 @@ class Trainer:
             if stopped:
                 break
             started = time.perf_counter()
-            self._enter_phase(epoch)
             start_ctx = self.epoch_context(epoch)
-            self.method.on_epoch_start(start_ctx)
-            lr, lr_scales = self._set_lr(epoch)
+            lr = t.lr * lr_factor(t, epoch)
+            scales = self.protocol.begin_epoch(start_ctx, self.optimizer, lambda _, lr=lr: lr)
             train_stats = self._train_epoch(epoch)
             # the loss is checked at every step, but the weights after an epoch's last step only
             # here: never evaluate, select or save non-finite weights
@@ -254,10 +254,8 @@ class Trainer:
             else:
                 self.bad_epochs += 1
             end_ctx = self.epoch_context(epoch, val)
-            self.method.on_epoch_end(end_ctx)
-            row = {"epoch": epoch, "lr": lr, **lr_scales, **train_stats}
-            row |= {f"val_{k}": v for k, v in val.items()}
-            row |= {f"method_{k}": v for k, v in {**start_ctx.logs, **end_ctx.logs}.items()}
+            row = {"epoch": epoch, "lr": lr, **{f"lr_scale_{k}": v for k, v in scales.items()}}
+            row |= train_stats | self.protocol.end_epoch(start_ctx, end_ctx)
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             stopped = t.patience is not None and self.bad_epochs >= t.patience
@@ -298,36 +296,33 @@ class Trainer:
         step. ``progress`` is the fraction of the epoch's batches before this one. Returns the
         loss terms as floats. The cost benchmark times exactly this call.
         """
-        ctx = self._context(batch, epoch, progress)
-        terms: dict[str, float] = {}
-        for part in self.method.step_parts(ctx):
-            ctx.part = part
-            self.optimizer.zero_grad(set_to_none=True)
-            _, losses = self.module(batch, ctx)
-            self.method.backward(losses, ctx)
-            self.method.rewrite_gradients(ctx)
-            if self.cfg.train.grad_clip is not None:
-                self.fabric.clip_gradients(
-                    self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
-                )
-            # Read the loss terms once, after the step is queued (one synchronisation per step),
-            # as their mean over ranks under DDP (the global batch's loss, and the same value, so
-            # the same decision, on every rank). A non-finite loss stops the run before anything
-            # of this step is saved, so the last checkpoint on disk stays the last good one.
-            stacked = torch.stack([term.detach().reshape(()).float() for term in losses.values()])
-            if self.fabric.world_size > 1:
-                stacked = self.fabric.all_reduce(stacked, reduce_op="mean")
-            part_terms = dict(zip(losses, stacked.tolist(), strict=True))
-            value = sum(part_terms.values())
-            if not math.isfinite(value):
-                raise self._diverged(f"loss became {value} at epoch {epoch}, step {self.step}")
-            self.optimizer.step()
-            for name, term_value in part_terms.items():
-                terms[name] = terms.get(name, 0.0) + term_value
+        ctx = self.protocol.context(
+            batch.targets, batch.inputs, epoch, index=batch.index, epoch_progress=progress
+        )
+        terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
         if ctx.logs:
             logged = {k: float(v) for k, v in ctx.logs.items()}
-            self.step_logs.append({"step": self.step, "epoch": epoch, **logged})
-        self.step += 1
+            self.step_logs.append({"step": ctx.step, "epoch": epoch, **logged})
+        return terms
+
+    def _before_optimizer_step(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        """Clip the gradients, then read the loss terms once (one synchronisation per step), as
+        their mean over ranks under DDP (the global batch's loss, and the same value, so the same
+        decision, on every rank). A non-finite loss stops the run before anything of this step is
+        saved, so the last checkpoint on disk stays the last good one."""
+        if self.cfg.train.grad_clip is not None:
+            self.fabric.clip_gradients(
+                self.module, self.optimizer, max_norm=self.cfg.train.grad_clip
+            )
+        stacked = torch.stack([term.detach().reshape(()).float() for term in losses.values()])
+        if self.fabric.world_size > 1:
+            stacked = self.fabric.all_reduce(stacked, reduce_op="mean")
+        terms = dict(zip(losses, stacked.tolist(), strict=True))
+        value = sum(terms.values())
+        if not math.isfinite(value):
+            raise self._diverged(
+                f"loss became {value} at epoch {self.protocol.epoch}, step {self.step}"
+            )
         return terms
 
     def _weights_finite(self) -> bool:
@@ -346,25 +341,6 @@ class Trainer:
             kept = "no checkpoint was saved before it"
         return TrainingDiverged(f"{what} (epochs and steps count from 0); {kept}")
 
-    def _context(self, batch: Batch, epoch: int, progress: float = 0.0) -> StepContext:
-        fabric = self.fabric
-        return StepContext(
-            targets=batch.targets,
-            task=self.data.task,
-            fusion=self.model.fusion,
-            encode=self.model.encode,
-            inputs=batch.inputs,
-            encoder_params=self.encoder_params,
-            epoch=epoch,
-            step=self.step,
-            backward=lambda loss: fabric.backward(loss),
-            all_reduce=lambda x: fabric.all_reduce(x, reduce_op="sum"),
-            world_size=fabric.world_size,
-            regression_loss=self.cfg.train.regression_loss,
-            index=batch.index,
-            epoch_progress=progress,
-        )
-
     # --- passes over a split ---------------------------------------------------------------------
     def split_outputs(self, split: str, latents: bool = False) -> dict[str, Tensor]:
         """Outputs of the current weights on ``split`` (``val`` or ``test``), each sample once,
@@ -375,61 +351,25 @@ class Trainer:
         ``latents``, the pooled latents ``latent_<m>`` (gathered like the rest, so every rank
         holds all of them).
         """
-        return self._pass(self.loaders[split], latents)
-
-    @torch.no_grad()
-    def _pass(self, loader: Any, latents: bool) -> dict[str, Tensor]:
-        fabric = self.fabric
-        was_training = self.module.training
-        self.module.eval()
-        parts: dict[str, list[Tensor]] = {}
-        autocast = fabric.autocast() if self.cfg.train.precision != "32-true" else nullcontext()
-        for batch in loader:
-            batch = batch.to(fabric.device)
-            with autocast:
-                output = self.model.heads(self.method.encode_eval(self.model, batch.inputs))
-            pieces = {
-                "prediction": self.method.predict(output).float(),
-                "logits": output.logits.float(),
-                "targets": batch.targets,
-                "index": batch.index,
-            }
-            pieces |= {f"unimodal_{m}": u.float() for m, u in output.unimodal_logits.items()}
-            if latents:
-                pieces |= {f"latent_{m}": z.float() for m, z in output.latents.items()}
-            for k, v in pieces.items():
-                parts.setdefault(k, []).append(v)
-        if was_training:
-            self.train_mode()
-        local = {k: torch.cat(v) for k, v in parts.items()}
-        return _gather_once(fabric, local)
+        device = self.fabric.device
+        return self.protocol.outputs((b.to(device) for b in self.loaders[split]), latents)
 
     def features(self, split: str, fraction: float = 1.0) -> SplitFeatures:
         """A no-grad, eval-mode pass over ``split`` for the method's epoch hooks (see
         :class:`~mmbalance.methods.base.EpochContext`); never the test split."""
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         dataset, index = self._training_split(split)
-        if fraction < 1.0:
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + self._epoch)
-            keep = max(1, round(fraction * len(index)))
-            index = index[torch.randperm(len(index), generator=gen)[:keep]].sort().values
-        sampler = ShardBatchSampler(
-            len(index),
-            2 * self.cfg.train.batch_size,
-            self.fabric.global_rank,
-            self.fabric.world_size,
-            indices=index,
-        )
-        out = self._pass(make_loader(dataset, sampler, 0), latents=True)
-        modalities = self.model.modalities
-        return SplitFeatures(
-            latents={m: out[f"latent_{m}"] for m in modalities},
-            logits=out["logits"],
-            unimodal_logits={m: out[f"unimodal_{m}"] for m in self.model.unimodal_heads},
-            targets=out["targets"],
-            index=out["index"],
-        )
+
+        def load(chosen: Tensor) -> Any:
+            sampler = ShardBatchSampler(
+                len(chosen),
+                2 * self.cfg.train.batch_size,
+                self.fabric.global_rank,
+                self.fabric.world_size,
+                indices=chosen,
+            )
+            return (batch.to(self.fabric.device) for batch in make_loader(dataset, sampler, 0))
+
+        return self.protocol.features(index, load, fraction)
 
     def _training_split(self, split: str) -> tuple[Any, Tensor]:
         """The dataset and the indices of a split a method may read (never test)."""
@@ -454,18 +394,8 @@ class Trainer:
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> EpochContext:
         """The context of the epoch-level method hooks for ``epoch``."""
-        self._epoch = epoch
-        fabric = self.fabric
-        return EpochContext(
-            epoch=epoch,
-            model=self.model,
-            features=self.features,
-            batches=self.split_batches,
-            val_metrics=dict(val_metrics or {}),
-            history=list(self.history),
-            encoder_params=self.encoder_params,
-            all_reduce=lambda x: fabric.all_reduce(x, reduce_op="sum"),
-            world_size=fabric.world_size,
+        return self.protocol.epoch_context(
+            epoch, self.features, self.split_batches, val_metrics, self.history
         )
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -497,6 +427,27 @@ class Trainer:
                 metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
+    def robustness(self, rates: Sequence[float] = RATES) -> dict[str, float]:
+        """The robustness metrics of the current weights on the test split
+        (:mod:`mmbalance.eval.robustness`, at ``rates``), in eval mode (restored afterwards)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return robustness_metrics(
+                self.model.heads,
+                self.data.splits["test"],
+                self.method.predict_missing,
+                lambda inputs: self.method.encode_eval(self.model, inputs),
+                self.model.modalities,
+                task=self.data.task,
+                rates=rates,
+                device=self.fabric.device,
+                batch_size=2 * self.cfg.train.batch_size,
+            )
+        finally:
+            if was_training:
+                self.train_mode()
+
     def _finish(self) -> RunResult:
         best_epoch = -1
         if self.best is not None:
@@ -522,16 +473,7 @@ class Trainer:
                 encode=lambda inputs: self.method.encode_eval(self.model, inputs),
             )
             metrics["test"] |= scalars
-            metrics["test"] |= robustness_metrics(
-                self.model.heads,
-                splits["test"],
-                self.method.predict_missing,
-                lambda inputs: self.method.encode_eval(self.model, inputs),
-                self.model.modalities,
-                task=self.data.task,
-                device=self.fabric.device,
-                batch_size=2 * self.cfg.train.batch_size,
-            )
+            metrics["test"] |= self.robustness()
             write_json_atomic(self.out_dir / "analysis.json", analysis)
         result = RunResult(
             self.out_dir,
@@ -611,10 +553,7 @@ class Trainer:
         phase_name = ckpt.get("phase")
         set_rng_state(rngs[self.fabric.global_rank])
         self.saved_epoch = self.start_epoch - 1
-        if phase_name is not None:
-            # the phase the last epoch ran in: the next epoch resets the optimizer exactly when
-            # an uninterrupted run would
-            self.phase = replace(self.method.phase(self.start_epoch - 1), name=str(phase_name))
+        self.protocol.resume_phase(phase_name, self.start_epoch - 1)
 
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:
@@ -632,37 +571,6 @@ class Trainer:
                 ) from None
         self.fabric.barrier()
 
-    def _enter_phase(self, epoch: int) -> None:
-        """Apply the method's phase for ``epoch``: which parameter groups train and, at a stage
-        boundary that asks for it, a fresh optimizer."""
-        phase = self.method.phase(epoch)
-        if self.phase is not None and phase.name != self.phase.name and phase.reset_optimizer:
-            fresh = build_optimizer(_param_groups(self.groups), self.cfg.train)
-            self.optimizer = self.fabric.setup_optimizers(fresh)
-        self.phase = phase
-        for name, params in self.groups.items():
-            trainable = phase.trainable is None or name in phase.trainable
-            for param in params:
-                param.requires_grad_(trainable)
-
-    def _set_lr(self, epoch: int) -> tuple[float, dict[str, float]]:
-        """Set every group's learning rate for ``epoch``; returns the base rate and the method's
-        multipliers (as ``lr_scale_<group>`` columns)."""
-        lr = self.cfg.train.lr * lr_factor(self.cfg.train, epoch)
-        scales = dict(self.method.lr_scales())
-        unknown = set(scales) - set(self.groups)
-        if unknown:
-            raise MMBalanceError(
-                f"method {self.method.name!r} scales unknown parameter groups {sorted(unknown)}; "
-                f"groups: {', '.join(self.groups)}"
-            )
-        trainable = self.phase.trainable if self.phase is not None else None
-        for group in self.optimizer.param_groups:
-            name = group["name"]
-            active = trainable is None or name in trainable
-            group["lr"] = lr * scales.get(name, 1.0) if active else 0.0
-        return lr, {f"lr_scale_{k}": float(v) for k, v in scales.items()}
-
     def _notice_gradient_scaling(self) -> None:
         """Say at run start when a gradient-scaling method runs under an adaptive optimizer."""
         if (
@@ -676,29 +584,6 @@ class Trainer:
                 "its effect, also run it with train.optimizer=sgd",
                 file=sys.stderr,
             )
-
-
-def _parameter_groups(
-    model: MultimodalModel, method_module: nn.Module | None
-) -> dict[str, list[nn.Parameter]]:
-    """The trainer's named parameter groups (see :mod:`mmbalance.methods.base`), each holding
-    the parameters that train at construction time."""
-    modules: dict[str, nn.Module | None] = {
-        f"encoder.{m}": model.encoders[m] for m in model.modalities
-    }
-    modules |= {f"unimodal_head.{m}": h for m, h in model.unimodal_heads.items()}
-    modules |= {"fusion": model.fusion, "method": method_module}
-    expected = parameter_group_names(model.modalities, bool(model.unimodal_heads))
-    assert list(modules) == expected, (list(modules), expected)
-    return {
-        name: [p for p in module.parameters() if p.requires_grad] if module is not None else []
-        for name, module in modules.items()
-    }
-
-
-def _param_groups(groups: Mapping[str, list[nn.Parameter]]) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: one per named group (its ``name`` key)."""
-    return [{"params": params, "name": name} for name, params in groups.items()]
 
 
 def _hold_out(train: Any, method: Method, seed: int) -> tuple[Tensor, Tensor | None]:

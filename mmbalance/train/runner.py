@@ -235,6 +235,18 @@ def _unimodal_pretraining(
         model.load_state_dict({k: v for k, v in keep.items() if k.startswith("encoders.")}, False)
 
 
+def beyond_accuracy_metrics(run_dir: str | Path) -> dict[str, float]:
+    """The test metrics a run records beyond accuracy (balanced accuracy and calibration,
+    :mod:`mmbalance.eval.metrics`; robustness, :mod:`mmbalance.eval.robustness`) of a finished
+    run's selected weights (``best.ckpt``), for a run trained before runs recorded them; the
+    run's ``config.yaml`` rebuilds data, model and method."""
+    trainer = load_run(Path(run_dir) / "best.ckpt")
+    test = trainer.evaluate("test")
+    calibration = ("balanced_accuracy", "ece")
+    out = {k: v for k, v in test.items() if k in calibration or k.startswith("unimodal_ece_")}
+    return out | trainer.robustness()
+
+
 def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     """Re-evaluate a finished or interrupted run on its validation and test splits.
 
@@ -243,7 +255,16 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     """
     path = Path(path)
     check_path_usable(path)
-    run_dir, ckpt_path = (path.parent, path) if path.is_file() else (path, path / "best.ckpt")
+    trainer = load_run(path if path.is_file() else path / "best.ckpt")
+    return {split: trainer.evaluate(split) for split in ("val", "test")}
+
+
+def load_run(ckpt_path: str | Path) -> Trainer:
+    """A trainer of the run that ``ckpt_path`` (a checkpoint inside a run directory) belongs
+    to, built from its ``config.yaml`` on one process, with the checkpoint's weights (for
+    re-evaluating and measuring a finished run)."""
+    ckpt_path = Path(ckpt_path)
+    run_dir = ckpt_path.parent
     if not is_written_file(run_dir / "config.yaml"):
         raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = resolve_config(saved_overrides(run_dir) or {})
@@ -261,4 +282,4 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
         load_state(trainer.module, ckpt["module"], ckpt_path)
     else:
         raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")
-    return {split: trainer.evaluate(split) for split in ("val", "test")}
+    return trainer

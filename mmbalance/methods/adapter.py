@@ -31,8 +31,11 @@ of that; :class:`MethodAdapter` provides it for a model you wrote, from one call
         adapter.end_epoch(epoch, val_metrics={"accuracy": ...})
     prediction = adapter.predict(test_inputs)            # what the method predicts
 
-or, for the whole step protocol in one call (methods that split a step into parts included),
-``adapter.train_step(inputs, targets, optimizer, epoch)``.
+or, for the whole step in one call (methods that split a step into parts included),
+``adapter.train_step(inputs, targets, optimizer, epoch)``. Either way the hooks run in the order
+our trainer runs them: both hand the method and the model to one
+:class:`~mmbalance.methods.protocol.TrainingProtocol`, and the adapter is only the way to hand it
+your modules.
 
 What the adapter builds from your parts:
 
@@ -54,7 +57,7 @@ What the adapter builds from your parts:
   ``fusion``, ``method``: :meth:`MethodAdapter.param_groups`), so that a method's phases and
   learning-rate scales apply to an optimizer built from them;
 - :class:`~mmbalance.methods.base.EpochContext` objects for the epoch hooks, with a no-grad
-  feature pass over the data you give (``splits``).
+  feature pass and the raw batches of the data you give (``splits``).
 
 What stays yours: the data, the schedule, evaluation, checkpoints (save ``method.state_dict()``
 and ``adapter.method_module`` with your model), and unimodal pre-training for the methods that
@@ -65,14 +68,15 @@ Single process only: ``backward`` is ``loss.backward()`` and ``all_reduce`` the 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mmbalance.errors import ConfigError, DataError
+from mmbalance.data.base import Batch
+from mmbalance.errors import ConfigError
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -83,18 +87,21 @@ from mmbalance.methods.base import (
     StepContext,
     Task,
     build_method,
+    parameter_groups,
 )
+from mmbalance.methods.protocol import TrainingProtocol
 from mmbalance.models.fusion import FUSION_HEADS, FusionHead
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.models.output import FusionOutput, ModelOutput
 
-#: Batches of one split for the epoch hooks' feature pass: ``(inputs, targets)`` pairs, in a
-#: fixed order, iterable more than once (a list, or a DataLoader without shuffling).
-SplitBatches = Iterable[tuple[Mapping[str, Tensor], Tensor]]
+#: The data of one split for the epoch hooks: ``(inputs, targets)`` batches, in a fixed order,
+#: iterable more than once (a list, or a DataLoader without shuffling).
+SplitData = Iterable[tuple[Mapping[str, Tensor], Tensor]]
 
 
 class FunctionFusion(nn.Module):
-    """A fusion function ``latents -> logits`` with the fusion heads' stop-gradient interface.
+    """A fusion function ``latents -> logits`` of ``modalities`` with the fusion heads'
+    stop-gradient interface.
 
     ``self(latents, stop_grad)`` detaches the latents of the modalities in ``stop_grad``, then
     calls the function on all of them; forward values never depend on ``stop_grad``. The
@@ -104,9 +111,14 @@ class FunctionFusion(nn.Module):
 
     additive = False
 
-    def __init__(self, fn: Callable[[dict[str, Tensor]], Tensor | FusionOutput]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[dict[str, Tensor]], Tensor | FusionOutput],
+        modalities: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.fn = fn
+        self.modalities = tuple(modalities)
 
     def forward(
         self, latents: Mapping[str, Tensor], stop_grad: Collection[str] = ()
@@ -127,56 +139,6 @@ class FunctionFusion(nn.Module):
         return FusionOutput(out, None)
 
 
-class OwnModel(nn.Module):
-    """Your encoders, fusion and unimodal heads seen as our model is seen by the methods.
-
-    It holds references to your modules (no copies), so training it trains them. Methods and
-    epoch hooks see the same interface as :class:`~mmbalance.models.MultimodalModel`:
-    ``modalities``, ``encoders``, ``fusion``, ``unimodal_heads``, ``encode``, ``heads``,
-    ``forward`` and ``encoder_parameters``.
-    """
-
-    def __init__(
-        self,
-        encoders: Mapping[str, nn.Module],
-        fusion: FusionHead | FunctionFusion,
-        unimodal_heads: Mapping[str, nn.Module] | None = None,
-    ) -> None:
-        super().__init__()
-        self.encoders = nn.ModuleDict(dict(encoders))
-        self.fusion = fusion
-        self.unimodal_heads = nn.ModuleDict(dict(unimodal_heads or {}))
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.encoders)
-
-    def encode(
-        self, inputs: Mapping[str, Tensor], only: Collection[str] | None = None
-    ) -> dict[str, Tensor]:
-        """Every encoder (or those of ``only``) on its modality's input."""
-        missing = [m for m in self.modalities if m not in inputs]
-        if missing:
-            raise DataError(f"the inputs lack the modalities {missing}; they have {sorted(inputs)}")
-        chosen = self.modalities if only is None else [m for m in self.modalities if m in only]
-        return {m: self.encoders[m](inputs[m]) for m in chosen}
-
-    def heads(self, latents: Mapping[str, Tensor], stop_grad: Collection[str] = ()) -> ModelOutput:
-        """Fusion and unimodal heads on given latents."""
-        fused = self.fusion(latents, stop_grad)
-        unimodal = {m: head(latents[m]) for m, head in self.unimodal_heads.items()}
-        return ModelOutput(fused.logits, dict(latents), unimodal, fused.contributions)
-
-    def forward(self, inputs: Mapping[str, Tensor]) -> ModelOutput:
-        return self.heads(self.encode(inputs))
-
-    def encoder_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters of each encoder, by modality."""
-        return {
-            m: [p for p in enc.parameters() if p.requires_grad] for m, enc in self.encoders.items()
-        }
-
-
 @dataclass
 class StepResult:
     """What :meth:`MethodAdapter.train_step` did: the loss terms (summed over the step's parts)
@@ -184,15 +146,6 @@ class StepResult:
 
     losses: dict[str, float]
     logs: dict[str, float]
-
-
-def _unique(params: Iterable[nn.Parameter], seen: set[int]) -> list[nn.Parameter]:
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 class MethodAdapter:
@@ -218,6 +171,10 @@ class MethodAdapter:
         options: the method's options when ``method`` is a name.
         splits: data for the epoch hooks' feature pass, by split (``train``, ``val``,
             ``held_out``), each an iterable of ``(inputs, targets)`` batches in a fixed order.
+        initial_encoder_state: the encoders' parameters and buffers before any unimodal
+            pre-training (keys of ``encoders[m].state_dict()`` prefixed by ``m.``), which
+            ``on_train_start`` receives (UMT restarts its students from them); default: the
+            encoders as they are now.
     """
 
     def __init__(
@@ -233,7 +190,8 @@ class MethodAdapter:
         task: Task = "classification",
         regression_loss: Literal["l1", "mse"] = "l1",
         options: Mapping[str, Any] | None = None,
-        splits: Mapping[str, SplitBatches] | None = None,
+        splits: Mapping[str, SplitData] | None = None,
+        initial_encoder_state: Mapping[str, Tensor] | None = None,
     ) -> None:
         if isinstance(method, str):
             method = build_method(method, options or {})
@@ -284,34 +242,53 @@ class MethodAdapter:
                 f"the fusion head's modalities {list(fusion.modalities)} are not the "
                 f"encoders' {list(modalities)}"
             )
-        head = fusion if isinstance(fusion, FusionHead) else FunctionFusion(fusion)
+        if isinstance(fusion, FusionHead):
+            head: FusionHead | FunctionFusion = fusion
+            encoders = {m: encoders[m] for m in fusion.modalities}  # in the head's order
+        else:
+            head = FunctionFusion(fusion, modalities)
         self.method = method
         self.user_model = model
-        #: your parts, with the interface methods expect of a model (our model as it is)
-        self.model: MultimodalModel | OwnModel = (
-            model if ours else OwnModel(encoders, head, unimodal_heads)  # type: ignore[assignment]
+        #: your parts, seen as our model is seen by the methods (our model as it is)
+        self.model: MultimodalModel = (
+            model  # type: ignore[assignment]
+            if ours
+            else MultimodalModel(encoders, head, dict(unimodal_heads or {}))  # type: ignore[arg-type]
         )
         self.task: Task = task
         self.regression_loss = regression_loss
         self.splits = dict(splits or {})
+        others = list(model.parameters())
         self.info = ModelInfo(
-            modalities=modalities,
+            modalities=self.model.modalities,
             latent_dims=self._latent_dims(latent_dims, head, encoders),
             num_outputs=self._num_outputs(num_outputs, head),
             task=task,
             additive_fusion=bool(getattr(head, "additive", False)),
+            parameter_groups=parameter_groups(self.model, None, others),
         )
         #: the module the method's ``setup`` returned (trainable; None for most methods)
         self.method_module: nn.Module | None = method.setup(self.info)
-        self.encoder_params = self.model.encoder_parameters()
-        self.groups = self._groups()
-        self.step = 0
-        self.phase: Phase | None = None
+        #: the order of the method's hooks, on your modules
+        self.protocol = TrainingProtocol(
+            method,
+            self.model,
+            self.method_module,
+            task=task,
+            regression_loss=regression_loss,
+            other_parameters=others,
+            other_modules=[model],
+        )
         #: one row per ended epoch, as the trainer's metrics.csv names them (``val_<metric>``)
         self.history: list[dict[str, float]] = []
+        self.initial_encoder_state = dict(
+            initial_encoder_state
+            if initial_encoder_state is not None
+            else {k: v.detach().clone() for k, v in self.model.encoders.state_dict().items()}
+        )
         self._started = False
+        self._epoch_start: EpochContext | None = None
 
-    # --- set-up --------------------------------------------------------------------------------
     @staticmethod
     def _latent_dims(
         given: Mapping[str, int] | None, head: nn.Module, encoders: Mapping[str, nn.Module]
@@ -341,21 +318,28 @@ class MethodAdapter:
             return head.num_outputs
         raise ConfigError("pass num_outputs= (classes; 1 for regression)")
 
-    def _groups(self) -> dict[str, list[nn.Parameter]]:
+    @property
+    def groups(self) -> dict[str, list[nn.Parameter]]:
         """The trainer's named parameter groups over your parameters, each parameter once:
         encoders, unimodal heads, then everything else of your model and the fusion (``fusion``),
-        then the method's module. Parameters frozen now stay out, as in the trainer."""
-        seen: set[int] = set()
-        groups: dict[str, list[nn.Parameter]] = {}
-        for m in self.info.modalities:
-            groups[f"encoder.{m}"] = _unique(self.encoder_params[m], seen)
-        for m, head in self.model.unimodal_heads.items():
-            groups[f"unimodal_head.{m}"] = _unique(head.parameters(), seen)
-        rest = [*self.user_model.parameters(), *self.model.fusion.parameters()]
-        groups["fusion"] = _unique((p for p in rest if p.requires_grad), seen)
-        module = self.method_module
-        groups["method"] = _unique(module.parameters() if module is not None else (), seen)
-        return groups
+        then the method's module. Parameters frozen when the adapter was built stay out, as in
+        the trainer."""
+        return self.protocol.groups
+
+    @property
+    def encoder_params(self) -> dict[str, list[nn.Parameter]]:
+        """Each encoder's trainable parameters, by modality."""
+        return self.protocol.encoder_params
+
+    @property
+    def step(self) -> int:
+        """Steps so far (each :meth:`context` and :meth:`train_step` counts one)."""
+        return self.protocol.step
+
+    @property
+    def phase(self) -> Phase | None:
+        """The method's phase of the last epoch begun."""
+        return self.protocol.phase
 
     def parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter: your model's, the parts you passed, the method's module."""
@@ -365,11 +349,7 @@ class MethodAdapter:
         """The parameters as named optimizer groups (``torch.optim.SGD(adapter.param_groups(),
         lr=...)``), so :meth:`begin_epoch` can apply the method's phases and learning-rate
         scales; ``settings`` (``lr``, ``weight_decay``, ...) go into every group."""
-        return [
-            {"params": params, "name": name, **settings}
-            for name, params in self.groups.items()
-            if params
-        ]
+        return self.protocol.param_groups(**settings)
 
     # --- steps ---------------------------------------------------------------------------------
     def context(
@@ -381,27 +361,14 @@ class MethodAdapter:
     ) -> StepContext:
         """The :class:`StepContext` of one training step (each call counts one step); ``fields``
         sets any further field (``index``, ...)."""
-        ctx = StepContext.standalone(
-            targets,
-            task=self.task,
-            fusion=self.model.fusion,
-            encode=self.model.encode,
-            inputs=inputs,
-            encoder_params=self.encoder_params,
-            epoch=epoch,
-            step=self.step,
-            regression_loss=self.regression_loss,
-            **fields,
-        )
-        self.step += 1
+        ctx = self.protocol.context(targets, inputs, epoch, **fields)
+        self.protocol.step += 1
         return ctx
 
     def forward(self, inputs: Mapping[str, Tensor], ctx: StepContext) -> ModelOutput:
         """The training forward pass as the trainer runs it: the method's ``encode`` and
         ``transform_latents``, then the fusion and unimodal heads."""
-        latents = self.method.encode(self.model, inputs, ctx)
-        latents = self.method.transform_latents(latents, ctx)
-        return self.model.heads(latents)
+        return self.protocol.module.output(inputs, ctx)
 
     def train_step(
         self,
@@ -409,118 +376,68 @@ class MethodAdapter:
         targets: Tensor,
         optimizer: torch.optim.Optimizer,
         epoch: int = 0,
+        **fields: Any,
     ) -> StepResult:
-        """One whole training step: for each part of the method's step, zero the gradients,
-        forward, losses, the method's backward and gradient rewriting, then ``optimizer.step``."""
-        ctx = self.context(targets, inputs, epoch)
-        totals: dict[str, float] = {}
-        for part in self.method.step_parts(ctx):
-            ctx.part = part
-            optimizer.zero_grad(set_to_none=True)
-            losses = self.method.losses(self.forward(inputs, ctx), ctx)
-            self.method.backward(losses, ctx)
-            self.method.rewrite_gradients(ctx)
-            optimizer.step()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
-        return StepResult(totals, {k: float(v) for k, v in ctx.logs.items()})
+        """One whole training step, as the trainer runs it: for each part of the method's step,
+        zero the gradients, forward, losses, the method's backward and gradient rewriting, then
+        ``optimizer.step``; ``fields`` sets further fields of the step's context (``index``,
+        ``epoch_progress``)."""
+        ctx = self.protocol.context(targets, inputs, epoch, **fields)
+        terms = self.protocol.run_step(ctx, optimizer)
+        return StepResult(terms, {k: float(v) for k, v in ctx.logs.items()})
 
-    @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """What the method predicts for ``inputs`` (eval mode, restored afterwards)."""
-        return self.method.predict(self._eval_output(inputs))
-
-    def _eval_output(self, inputs: Mapping[str, Tensor]) -> ModelOutput:
-        modules = [self.user_model, self.model, self.method_module]
-        modes = [m.training if m is not None else False for m in modules]
-        for m in modules:
-            if m is not None:
-                m.eval()
-        try:
-            return self.model(inputs)
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                if m is not None:
-                    m.train(mode)
+        """What the method predicts for ``inputs`` (eval mode, every module's mode restored)."""
+        with self.protocol.evaluating():
+            return self.method.predict(self.protocol.eval_output(inputs))
 
     # --- epochs --------------------------------------------------------------------------------
     def epoch_context(
         self, epoch: int, val_metrics: Mapping[str, float] | None = None
     ) -> EpochContext:
-        """The :class:`EpochContext` of ``epoch``: the model, a feature pass over ``splits``,
-        the encoders' parameters and the validation metrics you give."""
-        return EpochContext.standalone(
-            epoch,
-            model=self.model,
-            features=self.features,
-            val_metrics=dict(val_metrics or {}),
-            history=list(self.history),
-            encoder_params=self.encoder_params,
+        """The :class:`EpochContext` of ``epoch``: the model, a feature pass and the batches of
+        ``splits``, the encoders' parameters and the validation metrics you give."""
+        return self.protocol.epoch_context(
+            epoch, self.features, self.split_batches, val_metrics, self.history
         )
 
     def begin_epoch(
         self, epoch: int, optimizer: torch.optim.Optimizer | None = None
     ) -> EpochContext:
         """Before ``epoch``'s steps: ``on_train_start`` at the first call, the method's phase
-        (which groups train; a fresh optimizer state at a stage that asks for one), its
-        learning-rate scales on the optimizer's named groups, then ``on_epoch_start``.
+        (which groups train; a fresh optimizer state at a stage that asks for one),
+        ``on_epoch_start``, then its learning-rate scales on the optimizer's named groups.
 
         Learning-rate scales and phases act on an optimizer built from :meth:`param_groups`;
         a scale multiplies the group's learning rate as you (or your scheduler) last set it.
         """
         if not self._started:
             self._started = True
-            self.method.on_train_start(self.epoch_context(epoch))
-        self._enter_phase(epoch, optimizer)
+            start = self.epoch_context(epoch)
+            start.initial_encoder_state = self.initial_encoder_state
+            self.method.on_train_start(start)
+            self.initial_encoder_state = {}  # read once: no copy of the encoders kept
         ctx = self.epoch_context(epoch)
-        self.method.on_epoch_start(ctx)
+        self.protocol.begin_epoch(ctx, optimizer, _rate_set_outside)
         if optimizer is not None:
-            self._set_lr(optimizer)
+            for group in optimizer.param_groups:
+                if group.get("name") in self.groups:
+                    group["mmbalance_lr"] = group["lr"]
+        self._epoch_start = ctx
         return ctx
 
     def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> EpochContext:
         """After ``epoch``'s validation: ``on_epoch_end`` with its metrics (keys as the
         trainer's ``metrics.csv`` without ``val_``: ``accuracy``, ``loss``, ...)."""
         ctx = self.epoch_context(epoch, val_metrics)
-        self.method.on_epoch_end(ctx)
-        row = {"epoch": float(epoch), **{f"val_{k}": v for k, v in (val_metrics or {}).items()}}
-        self.history.append(row | {f"method_{k}": v for k, v in ctx.logs.items()})
+        start = self._epoch_start if self._epoch_start is not None else ctx
+        self.history.append(self.protocol.end_epoch(start, ctx))
+        self._epoch_start = None
         return ctx
 
-    def _enter_phase(self, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
-        phase = self.method.phase(epoch)
-        changed = self.phase is not None and phase.name != self.phase.name
-        if changed and phase.reset_optimizer and optimizer is not None:
-            optimizer.state.clear()  # the state of a fresh optimizer: no moments, no momentum
-        self.phase = phase
-        for name, params in self.groups.items():
-            trainable = phase.trainable is None or name in phase.trainable
-            for p in params:
-                p.requires_grad_(trainable)
-
-    def _set_lr(self, optimizer: torch.optim.Optimizer) -> None:
-        scales = dict(self.method.lr_scales())
-        unknown = set(scales) - set(self.groups)
-        if unknown:
-            raise ConfigError(
-                f"method {self.method.name!r} scales unknown parameter groups {sorted(unknown)}"
-            )
-        trainable = self.phase.trainable if self.phase is not None else None
-        for group in optimizer.param_groups:
-            name = group.get("name")
-            if name not in self.groups:
-                continue
-            # the rate as last set from outside: ours if nobody changed it since
-            ours = group.get("mmbalance_lr")
-            base = group["mmbalance_base_lr"] if ours == group["lr"] else group["lr"]
-            active = trainable is None or name in trainable
-            group["lr"] = base * scales.get(name, 1.0) if active else 0.0
-            group["mmbalance_base_lr"], group["mmbalance_lr"] = base, group["lr"]
-
-    @torch.no_grad()
-    def features(self, split: str, fraction: float = 1.0) -> SplitFeatures:
-        """A no-grad, eval-mode pass over ``splits[split]`` (see :class:`EpochContext`);
-        ``fraction < 1`` keeps a random subset drawn from the step count."""
+    def split_batches(self, split: str) -> Iterator[Batch]:
+        """The batches of ``splits[split]`` with their inputs, targets and the samples' positions
+        in the split (see :class:`EpochContext`)."""
         if split not in TRAINING_SPLITS:
             raise ValueError(f"a method may read the splits {TRAINING_SPLITS}, not {split!r}")
         if split not in self.splits:
@@ -528,36 +445,33 @@ class MethodAdapter:
                 f"the method reads the {split!r} split between epochs: pass "
                 f"splits={{{split!r}: batches of (inputs, targets)}} to MethodAdapter"
             )
-        parts: dict[str, list[Tensor]] = {}
+        start = 0
         for inputs, targets in self.splits[split]:
-            output = self._eval_output(inputs)
-            pieces = {f"latent_{m}": z for m, z in output.latents.items()}
-            pieces |= {f"unimodal_{m}": u for m, u in output.unimodal_logits.items()}
-            pieces |= {"logits": output.logits, "targets": targets}
-            for k, v in pieces.items():
-                parts.setdefault(k, []).append(v)
-        if not parts:
-            raise ConfigError(f"splits[{split!r}] holds no batches")
-        out = {k: torch.cat(v) for k, v in parts.items()}
-        index = torch.arange(len(out["targets"]))
-        if fraction < 1.0:
-            gen = torch.Generator().manual_seed(self.step)
-            keep = max(1, round(fraction * len(index)))
-            index = torch.randperm(len(index), generator=gen)[:keep].sort().values
-        modalities = self.info.modalities
-        return SplitFeatures(
-            latents={m: out[f"latent_{m}"][index] for m in modalities},
-            logits=out["logits"][index],
-            unimodal_logits={m: out[f"unimodal_{m}"][index] for m in self.model.unimodal_heads},
-            targets=out["targets"][index],
-            index=index,
-        )
+            n = int(targets.shape[0])
+            index = torch.arange(start, start + n, device=targets.device)
+            yield Batch(dict(inputs), targets, index)
+            start += n
+
+    def features(self, split: str, fraction: float = 1.0) -> SplitFeatures:
+        """A no-grad, eval-mode pass over ``splits[split]`` (see :class:`EpochContext`);
+        ``fraction < 1`` keeps a random subset drawn from the epoch, as the trainer draws it."""
+        out = self.protocol.outputs(self.split_batches(split), latents=True)
+        rows = self.protocol.feature_subset(torch.arange(len(out["index"])), fraction)
+        return self.protocol.split_features(out, rows)
+
+
+def _rate_set_outside(group: dict[str, Any]) -> float:
+    """A named group's learning rate as last set from outside: ours (from the last
+    :meth:`MethodAdapter.begin_epoch`, recorded in the group) if nobody changed it since."""
+    ours = group.get("mmbalance_lr")
+    base = group["mmbalance_base_lr"] if ours == group["lr"] else group["lr"]
+    group["mmbalance_base_lr"] = base
+    return base
 
 
 __all__ = [
     "FunctionFusion",
     "MethodAdapter",
-    "OwnModel",
-    "SplitBatches",
+    "SplitData",
     "StepResult",
 ]

@@ -20,9 +20,9 @@ from mmbalance.methods import (
     StepContext,
     build_method,
 )
-from mmbalance.methods.own_loop import FunctionFusion
+from mmbalance.methods.adapter import FunctionFusion
+from mmbalance.methods.protocol import StepModule
 from mmbalance.models import MultimodalModel, build_encoder, build_fusion
-from mmbalance.train.loop import TrainingModule
 
 MODS = ("a", "b")
 
@@ -67,13 +67,13 @@ def test_function_fusion_stops_gradients_of_the_named_latents_only() -> None:
 
 
 def _reference_run(model: MultimodalModel, method: Method, batches: list, lr: float) -> None:
-    """The trainer's step on our model: TrainingModule's forward and the StepContext that
-    Trainer._context builds, one SGD step per batch."""
+    """A step written out by hand on our model: the step module's forward and a StepContext as
+    the trainer builds it, one SGD step per batch."""
     extra = method.setup(
         ModelInfo(MODS, dict(model.fusion.latent_dims), 3, additive_fusion=model.fusion.additive)
     )
     params = [*model.parameters(), *(extra.parameters() if extra is not None else ())]
-    module = TrainingModule(model, method, extra)
+    module = StepModule(model, method, extra)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     encoder_params = model.encoder_parameters()
     for step, (x, y) in enumerate(batches):
@@ -86,15 +86,10 @@ def _reference_run(model: MultimodalModel, method: Method, batches: list, lr: fl
             step=step,
         )
         optimizer.zero_grad(set_to_none=True)
-        _, losses = module(_Batch(x, y), ctx)
+        losses = module(x, ctx)
         method.backward(losses, ctx)
         method.rewrite_gradients(ctx)
         optimizer.step()
-
-
-class _Batch:
-    def __init__(self, inputs: dict[str, Tensor], targets: Tensor) -> None:
-        self.inputs, self.targets = inputs, targets
 
 
 @pytest.mark.parametrize(
