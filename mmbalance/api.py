@@ -36,7 +36,7 @@ from mmbalance.compare import run_compare, split_methods
 from mmbalance.config import parse_overrides
 from mmbalance.data import DATASETS
 from mmbalance.errors import ConfigError, MMBalanceError
-from mmbalance.io import write_bytes_atomic
+from mmbalance.io import claim_output, write_bytes_atomic
 from mmbalance.models import ENCODERS
 from mmbalance.plugins import load_entry_points, load_plugins
 
@@ -251,6 +251,8 @@ def compare(
     if metrics is not None and not isinstance(metrics, str):
         metrics = ",".join(metrics)
     picked = parse_metrics(metrics) if metrics else None  # checked before anything trains
+    if _is_arrays(dataset):  # their file is written into ``out``: own it first
+        claim_output(out, "comparison")
     values = _prepare(dataset, encoders, overrides, plugins, out)
     records = run_compare(specs, seeds, out, values, search=search)
     result = Comparison(records, out, out / "results.json", failed=list(failed_runs(records)))
@@ -281,6 +283,8 @@ def fit(
     from mmbalance.train import fit as fit_config
 
     out = Path(out)
+    if _is_arrays(dataset):  # their file is written into ``out``: own it first
+        claim_output(out, "run")
     values = _prepare(dataset, encoders, overrides, plugins, out)
     cfg = resolve_config({**values, "method": method})
     return fit_config(cfg, out, resume=resume)

@@ -151,10 +151,43 @@ def build_dataset(cfg: RunConfig) -> DatasetBundle:
     """Build (or reuse, within this process) the dataset of ``cfg``."""
     source_cls = DATASETS.get(cfg.dataset.name)
     params = build_dataclass(source_cls.Params, cfg.dataset.params, f"dataset.{cfg.dataset.name}")
-    key = f"{cfg.dataset.name}:{sorted(asdict(params).items())}"
+    source = source_cls(params, cache_dir())
+    # a source read from files is built again when they change (its fingerprint)
+    key = f"{cfg.dataset.name}:{sorted(asdict(params).items())}:{source.fingerprint()}"
     if key not in _DATASET_CACHE:
-        _DATASET_CACHE[key] = source_cls(params, cache_dir()).build()
+        try:
+            bundle = source.build()
+        except MemoryError:
+            bundle = None
+        except RuntimeError as err:  # torch's allocator
+            if "alloc" not in str(err):
+                raise
+            bundle = None
+        if bundle is None:
+            raise ConfigError(
+                f"dataset {cfg.dataset.name!r} does not fit in this machine's memory with the "
+                "options given; make it smaller"
+            ) from None
+        _DATASET_CACHE[key] = bundle
     return _DATASET_CACHE[key]
+
+
+def data_fingerprint(cfg: RunConfig, data: DatasetBundle | None = None) -> str:
+    """What identifies the data a run of ``cfg`` trains on (``data``: its bundle, built when
+    not given): the content hash the bundle records (``details["fingerprint"]``), else its
+    source's :meth:`~mmbalance.data.base.DatasetSource.fingerprint`, else (data generated from
+    its options alone) a hash of the dataset's options. Runs record it, so that a comparison
+    never reuses, and ``--resume`` never continues, a run trained on other data."""
+    from mmbalance.data.cache import recipe_hash
+
+    data = data if data is not None else build_dataset(cfg)
+    content = data.details.get("fingerprint")
+    if isinstance(content, str) and content:
+        return content
+    source_cls = DATASETS.get(cfg.dataset.name)
+    params = build_dataclass(source_cls.Params, cfg.dataset.params, f"dataset.{cfg.dataset.name}")
+    stamp = source_cls(params, cache_dir()).fingerprint()
+    return stamp or recipe_hash({"dataset": cfg.dataset.name, "options": asdict(params)})
 
 
 def build_model(cfg: RunConfig, data: DatasetBundle, method: Method) -> MultimodalModel:

@@ -33,8 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from mmbalance.build import build_dataset, check_engine, normalized_config, resolve_config
 from mmbalance.config import RunConfig, parse_value
-from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
-from mmbalance.io import read_json, remove_stale_temporaries, write_json_atomic
+from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged, shown
+from mmbalance.io import (
+    claim_output,
+    is_written_file,
+    output_lock,
+    read_json,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from mmbalance.methods import METHODS
 from mmbalance.report import run_records, status_record
 
@@ -114,6 +121,11 @@ def split_methods(text: str) -> list[str]:
     return expanded
 
 
+#: The most seeds a comparison runs per method.
+MAX_SEEDS = 1000
+#: The longest method label: it names a directory (file systems allow 255 bytes per name).
+MAX_LABEL_BYTES = 120
+
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_]+)(\[(?P<options>.*)\])?")
 
 
@@ -122,7 +134,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any] | None]:
     name gives ``(name, None)``. Values are read as YAML, as on the command line."""
     match = _SPEC.fullmatch(spec.strip())
     if match is None or "/" in spec or "\\" in spec:  # the label names a directory
-        raise ConfigError(f"method {spec!r} is not NAME or NAME[KEY=VALUE,...]")
+        raise ConfigError(f"method {shown(spec)} is not NAME or NAME[KEY=VALUE,...]")
+    if len(spec.strip().encode()) > MAX_LABEL_BYTES or any(ord(c) < 32 for c in spec):
+        raise ConfigError(
+            f"method {shown(spec)} is longer than {MAX_LABEL_BYTES} bytes or holds control "
+            "characters; its label names its runs' directory"
+        )
     if match["options"] is None:
         return match["name"], None
     options: dict[str, Any] = {}
@@ -268,8 +285,8 @@ def run_compare(
     train with the chosen value; ``out_dir/search.json`` records every candidate's validation
     score and the choice.
     """
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be in [1, {MAX_SEEDS}], got {shown(seeds)}")
     if not methods:
         raise ConfigError("--methods names no method")
     out_dir = Path(out_dir)
@@ -281,29 +298,30 @@ def run_compare(
     # validate every configuration and every existing run directory before the first run
     configs = entry_configs(entries, overrides)
     # training is imported once every name and option is known to be valid (fast errors)
-    from mmbalance.train.rundir import check_same_run, check_writable_dir
+    from mmbalance.train.rundir import check_same_run
 
-    check_writable_dir(out_dir)
-    remove_stale_temporaries(out_dir, ["results.json", "search.json"])
     for cfg in configs:
         check_engine(cfg)
-    if search:
-        configs = _search(entries, configs, out_dir, data.task)
-    runs = []
-    for entry, cfg in zip(entries, configs, strict=True):
-        for seed in range(seeds):
-            run_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
-            run_dir = out_dir / entry.label / f"seed{seed}"
-            check_same_run(run_cfg, run_dir)
-            runs.append((entry.label, seed, run_cfg, run_dir))
-    records: list[dict[str, Any]] = []
-    for label, seed, result in _train_all(runs):
-        if isinstance(result, MMBalanceError):
-            status = "diverged" if isinstance(result, TrainingDiverged) else "failed"
-            records.append(status_record(label, seed, status, str(result)))
-        else:
-            records += run_records(label, seed, result)
-    write_json_atomic(out_dir / "results.json", records, indent=1)
+    claim_output(out_dir, "comparison")
+    with output_lock(out_dir):
+        remove_stale_temporaries(out_dir, ["results.json", "search.json"])
+        if search:
+            configs = _search(entries, configs, out_dir, data.task)
+        runs = []
+        for entry, cfg in zip(entries, configs, strict=True):
+            for seed in range(seeds):
+                run_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+                run_dir = out_dir / entry.label / f"seed{seed}"
+                check_same_run(run_cfg, run_dir)
+                runs.append((entry.label, seed, run_cfg, run_dir))
+        records: list[dict[str, Any]] = []
+        for label, seed, result in _train_all(runs):
+            if isinstance(result, MMBalanceError):
+                status = "diverged" if isinstance(result, TrainingDiverged) else "failed"
+                records.append(status_record(label, seed, status, str(result)))
+            else:
+                records += run_records(label, seed, result)
+        write_json_atomic(out_dir / "results.json", records, indent=1)
     return records
 
 
@@ -320,7 +338,7 @@ def _train_all(
     for i, (label, seed, cfg, run_dir) in enumerate(runs):
         prefix = f"[{i + 1}/{len(runs)}] {title}{label} seed {seed}"
         started = time.perf_counter()
-        trained = not (run_dir / "metrics.json").is_file()
+        trained = not is_written_file(run_dir / "metrics.json")
         try:
             if trained and cfg.train.progress:
                 print(f"{prefix}: training{clock.eta_text()}", flush=True)
@@ -335,14 +353,31 @@ def _reuse_search_run(source: Path, target: Path) -> None:
     """Copy the chosen value's finished search run (seed 0, the same configuration) to the
     entry's ``seed0`` directory when that does not exist yet, so that it is not trained again
     (copied into a temporary directory, then renamed: a kill leaves no half copy)."""
+    import os
     import shutil
+    import tempfile
 
-    if target.exists() or not (source / "metrics.json").is_file():
+    if os.path.lexists(target) or not (source / "metrics.json").is_file():
         return
-    partial = target.with_name(f"{target.name}.copying")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # an unpredictable name, created exclusively: nothing can be planted under it beforehand
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        # links inside the source are copied as links, never followed
+        shutil.copytree(source, partial, symlinks=True, dirs_exist_ok=True)
+        os.chmod(partial, 0o777 & ~_umask())
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _search(
@@ -427,13 +462,13 @@ def run_or_reuse(
     run_dir = Path(run_dir)
     check_same_run(cfg, run_dir)
     done = run_dir / "metrics.json"
-    if done.is_file():
+    if is_written_file(done):
         summary = read_json(done)
         if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
             raise DataError(f"{str(done)!r} is not a run's metrics.json; delete it to redo the run")
         return summary
     diverged = run_dir / "diverged.json"
-    if diverged.is_file():
+    if is_written_file(diverged):
         why = read_json(diverged)
         raise TrainingDiverged(str(why.get("diverged") if isinstance(why, dict) else why))
     # A run directory that exists belongs to this comparison: resume whatever stage it reached

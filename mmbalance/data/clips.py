@@ -27,6 +27,8 @@ the pieces the datasets share, so each dataset file only knows its release's lay
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,8 +53,19 @@ from mmbalance.data.base import (
     error_text,
     stratified_split,
 )
-from mmbalance.errors import DataError
-from mmbalance.io import write_text_atomic
+from mmbalance.errors import DataError, shown
+from mmbalance.io import (
+    claim_output,
+    is_written_file,
+    make_dir,
+    open_regular,
+    output_lock,
+    read_json,
+    read_text,
+    write_binary_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 STFT_SR, STFT_SECONDS, STFT_NFFT, STFT_HOP = 22050, 3.0, 512, 353
 FBANK_SR, FBANK_MELS = 16000, 128
@@ -204,25 +217,36 @@ def fbank_features(wave: np.ndarray, sr: int, frames: int) -> np.ndarray:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write under a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """Write through :mod:`mmbalance.io`'s atomic writer: a crash never leaves a half-written
+    file, and a link planted at ``path`` is replaced, never written through."""
+    write_binary_atomic(path, lambda f: np.save(f, array))
 
 
 def load_npy(path: Path, dataset: str) -> np.ndarray:
-    """A prepared array, memory-mapped, or a one-line :class:`DataError` saying how to fix it."""
+    """A prepared array of numbers, memory-mapped, or a one-line :class:`DataError` saying how
+    to fix it: a missing file, one that is not a regular file (a FIFO would hang the read), not
+    a ``.npy`` array (an ``.npz`` archive under that name, a pickle) or not numbers (text)."""
+    redo = f"delete it and re-run `mmbalance prepare {dataset}` on this directory"
     try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} is missing; re-run `mmbalance prepare {dataset}` on this directory"
-        ) from None
+        open_regular(path).close()  # opened without blocking and checked, never read
+    except DataError as err:
+        if "does not exist" in str(err):
+            raise DataError(
+                f"{path} is missing; re-run `mmbalance prepare {dataset}` on this directory"
+            ) from None
+        raise DataError(f"{err}; {redo}") from None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:
-        raise DataError(
-            f"{path} is unreadable ({type(err).__name__}); delete it and re-run "
-            f"`mmbalance prepare {dataset}` on this directory"
-        ) from err
+        raise DataError(f"{path} is unreadable ({type(err).__name__}); {redo}") from None
+    if not isinstance(array, np.ndarray):
+        close = getattr(array, "close", None)
+        if close is not None:
+            close()
+        raise DataError(f"{path} is not a .npy array (an .npz archive?); {redo}")
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path} holds {array.dtype} values, not numbers; {redo}")
+    return array
 
 
 def pick_frames(frames: np.ndarray, count: int) -> np.ndarray:
@@ -292,8 +316,8 @@ def prepare_clips(
         return release.outputs(out, clip)
 
     for path in {p.parent for name in names[:1] for p in outputs(name)}:
-        path.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in names if c not in failed and not all(p.exists() for p in outputs(c))]
+        make_dir(path)
+    todo = [c for c in names if c not in failed and not all(map(is_written_file, outputs(c)))]
     done_before = len(names) - len(failed) - len(todo)
     console = console or Console(stderr=True)
     jobs = [release.job(c) for c in todo]
@@ -301,7 +325,7 @@ def prepare_clips(
     rows = [
         {"clip": c, "label": release.label(c), "split": release.split(c)}
         for c in names
-        if c not in failed and all(p.exists() for p in outputs(c))
+        if c not in failed and all(map(is_written_file, outputs(c)))
     ]
     write_manifest(out, rows)
     report = {
@@ -325,14 +349,48 @@ def prepare_clips(
     return report
 
 
+#: Where a prepared directory records what it was prepared from and with.
+PREPARE_OPTIONS_FILE = "prepare_options.json"
+
+
+def record_prepare_options(out: Path, dataset: str, options: Mapping[str, Any]) -> None:
+    """Record the dataset and the options (all but ``workers``) ``out`` is prepared with, before
+    anything is prepared; a directory prepared with others is refused in one line (a rerun
+    prepares only missing clips, so other options would mix two preparations)."""
+    path = out / PREPARE_OPTIONS_FILE
+    wanted = {"dataset": dataset, "options": dict(options)}
+    if is_written_file(path):
+        saved = read_json(path)
+        if saved != wanted:
+            before = saved.get("options", {}) if isinstance(saved, dict) else {}
+            before = before if isinstance(before, dict) else {}
+            if not isinstance(saved, dict) or saved.get("dataset") != dataset:
+                what = (
+                    f"dataset {str(saved.get('dataset') if isinstance(saved, dict) else '?')!r:.40}"
+                )
+            else:
+                keys = sorted(
+                    k for k in options.keys() | before.keys() if before.get(k) != options.get(k)
+                )
+                what = ", ".join(
+                    f"--{k.replace('_', '-')} {shown(before.get(k), 20)} (now {shown(options.get(k), 20)})"
+                    for k in keys
+                )
+            raise DataError(
+                f"{str(out)!r} was prepared with {what}; prepare into another --out, or delete "
+                "it to prepare it again"
+            )
+        return
+    write_json_atomic(path, wanted)
+
+
 def write_manifest(out: Path, rows: Iterable[dict[str, str]]) -> None:
     """``manifest.csv`` with columns ``clip,label,split``, written atomically."""
-    tmp = out / f".manifest.csv.{os.getpid()}.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["clip", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["clip", "label", "split"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "manifest.csv", text.getvalue())
 
 
 def print_report(report: Mapping[str, Any], console: Any, title: str) -> None:
@@ -396,10 +454,12 @@ def read_manifest(
     if not path.exists():
         raise DataError(f"{path} is missing (not a prepared directory); {hint}")
     try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is unreadable ({err}); {hint}") from err
+        text = read_text(path, what=str(path))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise DataError(f"{path} is unreadable ({err}); {hint}") from None
+    except DataError as err:
+        raise DataError(f"{err}; {hint}") from None
     if not rows:
         raise DataError(f"{path} lists no clips; {hint}")
     if not {"clip", "label", "split"} <= set(rows[0]):
@@ -421,7 +481,10 @@ def read_classes(root: Path, rows: Sequence[dict[str, str]], hint: str) -> list[
     path = root / "classes.txt"
     if not path.exists():
         raise DataError(f"{path} is missing (not a prepared directory); {hint}")
-    classes = [c for c in path.read_text().splitlines() if c]
+    try:
+        classes = [c for c in read_text(path, what=str(path)).splitlines() if c]
+    except DataError as err:
+        raise DataError(f"{err}; {hint}") from None
     unknown = sorted({r["label"] for r in rows} - set(classes))
     if unknown:
         raise DataError(f"{root / 'manifest.csv'} has labels {unknown} not in classes.txt; {hint}")
@@ -508,9 +571,15 @@ def stack_clips(
         for row in rows:
             path = inside(root, root / subdir / f"{row['clip']}.npy", hint)
             try:
-                arrays.append(np.ascontiguousarray(transform(load_npy(path, dataset))))
+                array = np.ascontiguousarray(transform(load_npy(path, dataset)))
             except (ValueError, IndexError) as err:
-                raise DataError(f"{path} has an unexpected shape ({err}); re-prepare it") from err
+                raise DataError(f"{path} has an unexpected shape ({err}); re-prepare it") from None
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise DataError(
+                    f"{path} holds NaN or infinite values; delete it and re-run "
+                    f"`mmbalance prepare {dataset}` on this directory"
+                )
+            arrays.append(array)
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(
@@ -518,6 +587,84 @@ def stack_clips(
             )
         out[name] = np.stack(arrays)
     return out
+
+
+def files_stamp(root: Path) -> str:
+    """A cheap fingerprint of every file in the prepared directory ``root``: the name, type,
+    size, modification and change times and inode of each (links inside are followed; hidden
+    temporaries are left out). Any change to a file (rewritten, touched, replaced, a FIFO put in
+    its place) changes it, so a cache keyed on it is never stale."""
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            rel = os.path.relpath(path, root)
+            h.update(
+                f"{rel}|{st.st_mode}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode(
+                    errors="surrogateescape"
+                )
+            )
+    return h.hexdigest()
+
+
+def content_ids(stacked: Mapping[str, np.ndarray]) -> Tensor:
+    """One 64-bit hash per clip of all its stacked arrays (equal ids: the same content)."""
+    n = len(next(iter(stacked.values())))
+    ids = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=8)
+        for name in sorted(stacked):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(stacked[name][i]).tobytes())
+        ids.append(int.from_bytes(h.digest(), "little", signed=True))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def check_disjoint_splits(
+    rows: Sequence[dict[str, str]],
+    index: Mapping[str, Tensor],
+    ids: Tensor | None,
+    title: str,
+) -> None:
+    """Refuse, in one line with their count and an example, clips that sit in two splits: the
+    same clip name (path), or the same content (``ids``, see :func:`content_ids``) under two
+    names. A clip tested on must never have been trained on or selected with."""
+    order = [s for s in ("train", "val", "test") if s in index]
+    seen_name: dict[str, str] = {}
+    seen_id: dict[int, tuple[str, str]] = {}
+    by_name: list[tuple[str, str, str]] = []
+    by_content: list[tuple[str, str, str, str]] = []
+    for split in order:
+        for i in index[split].tolist():
+            clip = rows[i]["clip"]
+            first = seen_name.setdefault(clip, split)
+            if first != split:
+                by_name.append((clip, first, split))
+                continue
+            if ids is None:
+                continue
+            other = seen_id.setdefault(int(ids[i]), (clip, split))
+            if other[1] != split:
+                by_content.append((other[0], other[1], clip, split))
+    if by_name:
+        clip, a, b = by_name[0]
+        raise DataError(
+            f"{title}: {len(by_name)} clip(s) are listed in two splits (e.g. {clip!r} in {a} "
+            f"and {b}); give every clip one split in the manifest"
+        )
+    if by_content:
+        c1, a, c2, b = by_content[0]
+        raise DataError(
+            f"{title}: {len(by_content)} clip(s) have the same content as a clip of another "
+            f"split (e.g. {c2!r} in {b} and {c1!r} in {a}); remove the duplicates"
+        )
 
 
 def frames_transform(count: int, channels: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -837,21 +984,24 @@ class ClipSource(DatasetSource):
             )
         release = cls.find_clips(raw, out, params)
         settings = {k: v for k, v in asdict(params).items() if k != "workers"}
-        if release.classes is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "classes.txt", "\n".join(release.classes) + "\n")
-            settings["classes"] = len(release.classes)
-        return prepare_clips(
-            dataset=cls.name,
-            title=cls.title,
-            raw=raw,
-            out=out,
-            release=release,
-            workers=params.workers,
-            progress=progress,
-            console=console,
-            settings=settings,
-        )
+        # nothing is written before the release was read and --out is known to be ours
+        claim_output(out, "prepared")
+        with output_lock(out):
+            record_prepare_options(out, cls.name, settings)
+            if release.classes is not None:
+                write_text_atomic(out / "classes.txt", "\n".join(release.classes) + "\n")
+                settings["classes"] = len(release.classes)
+            return prepare_clips(
+                dataset=cls.name,
+                title=cls.title,
+                raw=raw,
+                out=out,
+                release=release,
+                workers=params.workers,
+                progress=progress,
+                console=console,
+                settings=settings,
+            )
 
     @classmethod
     def find_clips(
@@ -865,6 +1015,13 @@ class ClipSource(DatasetSource):
         print_report(report, console, cls.title)
 
     # ------------------------------------------------------------------ loading
+
+    def fingerprint(self) -> str | None:
+        """:func:`files_stamp` of the prepared directory (None when none is set): every file's
+        size, times and inode, which change whenever the file does. The content hash of the
+        stacked arrays is in the bundle's ``details["fingerprint"]``."""
+        root = self.params.root
+        return files_stamp(Path(root).expanduser().resolve()) if root else None
 
     def build(self) -> DatasetBundle:
         p: ClipParams = self.params
@@ -907,18 +1064,18 @@ class ClipSource(DatasetSource):
         memory-mapped and each split is a :class:`ClipDataset` over it, so no split copies or
         converts the frames.
         """
-        import hashlib
-
-        from mmbalance.data.cache import cached_arrays
+        from mmbalance.data.cache import cached_arrays_and_hash
 
         p: ClipParams = self.params
         name, title, hint = self.name, self.title, self.prepare_hint()
-        manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+        # keyed on every file of the directory (its manifest included): a file changed since
+        # the cache was built rebuilds it, never reuses stale arrays
         recipe = {
             "dataset": name,
             "root": str(root),
-            "manifest": manifest_hash,
+            "files": self.fingerprint(),
             "version": self.version,
+            "layout": 2,  # the cache holds each clip's content id
             **recipe,
         }
         lookup = {c: i for i, c in enumerate(classes)}
@@ -927,13 +1084,17 @@ class ClipSource(DatasetSource):
             stacked = stack_clips(root, rows, name, parts, hint)
             arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
             arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+            arrays["content_ids"] = content_ids(stacked)
             return arrays
 
-        arrays = cached_arrays(self.cache_dir, name, recipe, load)
+        arrays, content = cached_arrays_and_hash(self.cache_dir, name, recipe, load)
+        arrays = dict(arrays)
         targets = arrays.pop("targets")
+        ids = arrays.pop("content_ids")
         index, note = split_indices(
             rows, targets, p.val_fraction, p.seed, title, self.test_fraction()
         )
+        check_disjoint_splits(rows, index, ids, title)
         splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
         specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
         return DatasetBundle(
@@ -944,6 +1105,7 @@ class ClipSource(DatasetSource):
             splits=splits,
             class_names=list(classes),
             notes=f"{title} prepared in {root} ({notes}); {note}",
+            details={"fingerprint": content},
         )
 
 

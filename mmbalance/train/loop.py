@@ -38,6 +38,7 @@ weights are always those that were scored.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 import time
@@ -50,13 +51,22 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
+import mmbalance
+from mmbalance.build import data_fingerprint, normalized_config
 from mmbalance.config import RunConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
-from mmbalance.errors import ConfigError, DataError, MMBalanceError, TrainingDiverged
+from mmbalance.errors import (
+    ConfigError,
+    DataError,
+    MMBalanceError,
+    NoSpaceLeft,
+    TrainingDiverged,
+    shown,
+)
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
 from mmbalance.eval.robustness import RATES, robustness_metrics
-from mmbalance.io import write_json_atomic
+from mmbalance.io import is_written_file, write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -79,16 +89,23 @@ from mmbalance.train.callbacks import Callback, default_callbacks
 from mmbalance.train.checkpoint import (
     BEST_KEYS,
     LAST_KEYS,
+    checkpoint_budget,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from mmbalance.train.rundir import config_hash
 
 
 @dataclass
 class RunResult:
-    """The outcome of one run: final metrics per split for the validation-selected model."""
+    """The outcome of one run: final metrics per split for the validation-selected model.
+
+    ``config`` and ``data`` identify what was trained: the hash of the configuration
+    (:func:`~mmbalance.train.rundir.config_hash`) and the fingerprint of the data
+    (:func:`~mmbalance.build.data_fingerprint`); ``metrics.json`` records both, so
+    that a comparison reuses a finished run only for the same configuration and data."""
 
     out_dir: Path
     metrics: dict[str, dict[str, float]]
@@ -96,6 +113,8 @@ class RunResult:
     epochs_run: int
     bayes_accuracy: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    config: str = ""
+    data: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +122,8 @@ class RunResult:
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "bayes_accuracy": self.bayes_accuracy,
+            "config": self.config,
+            "data": self.data,
         }
 
 
@@ -133,6 +154,7 @@ class Trainer:
                 "for several processes cannot take: run it with train.devices=1"
             )
         self.fabric, self.cfg, self.data = fabric, cfg, data
+        self.data_fingerprint = data_fingerprint(cfg, data)  # recorded in what the run writes
         self.method, self.out_dir = method, out_dir
         self.model = model
         self.initial_encoder_state = initial_encoder_state
@@ -202,9 +224,10 @@ class Trainer:
     def run(self, resume: bool) -> RunResult:
         t = self.cfg.train
         last = self.out_dir / "last.ckpt"
-        if resume and last.is_file():
-            self._restore(load_checkpoint(last, LAST_KEYS), last)
-        elif last.is_file() and not resume:
+        if resume and is_written_file(last):
+            budget = checkpoint_budget(self.module, self.method_module)
+            self._restore(load_checkpoint(last, LAST_KEYS, budget), last)
+        elif is_written_file(last) and not resume:
             raise MMBalanceError(
                 f"{str(self.out_dir)!r} already holds a run; resume it or choose another --out"
             )
@@ -246,6 +269,7 @@ class Trainer:
                     "method_module": self.method_module.state_dict(),
                     "method_layout": self.method.module_layout(),
                     "epoch": epoch,
+                    "data": self.data_fingerprint,
                 }
                 self._save("best.ckpt", best)
             else:
@@ -477,12 +501,15 @@ class Trainer:
         best_epoch = -1
         if self.best is not None:
             best = self.out_dir / "best.ckpt"
-            state = load_checkpoint(best, BEST_KEYS)
+            budget = checkpoint_budget(self.model, self.method_module)
+            state = load_checkpoint(best, BEST_KEYS, budget)
             load_state(self.model, state["model"], best)
             if "method_module" in state:  # methods whose own module shapes the prediction
                 self.restore_layout(state, best)
                 load_state(self.method_module, state["method_module"], best)
-            best_epoch = int(state["epoch"])
+            best_epoch = state["epoch"]
+            if _integer(best_epoch) is None or not 0 <= best_epoch < max(1, len(self.history)):
+                raise DataError(f"checkpoint {str(best)!r} holds epoch {shown(best_epoch)}")
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
             splits = self.data.splits
@@ -505,6 +532,8 @@ class Trainer:
             len(self.history),
             self.data.bayes_accuracy,
             self.history,
+            config_hash(self.cfg),
+            self.data_fingerprint,
         )
         if self.fabric.is_global_zero:
             write_json_atomic(self.out_dir / "metrics.json", result.to_json())
@@ -537,32 +566,43 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "phase": None if self.phase is None else self.phase.name,
             "method_layout": self.method.module_layout(),
+            # what was trained: the configuration (checked on resume) and the data
+            "config": json.dumps(normalized_config(self.cfg), sort_keys=True),
+            "data": self.data_fingerprint,
+            "version": mmbalance.__version__,
         }
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
-        rngs, world = ckpt["rng"], self.fabric.world_size
-        if not isinstance(rngs, list) or len(rngs) != world:
+        """Continue from ``last.ckpt``, after checking every field it provides: the data it was
+        trained on, its epoch, step, history, step logs, selection state and the RNG states of
+        every process (one line naming the field if one is out of range or malformed)."""
+        world = self.fabric.world_size
+        if ckpt.get("data") != self.data_fingerprint:
             raise DataError(
-                f"checkpoint {str(path)!r} holds the RNG states of "
-                f"{len(rngs) if isinstance(rngs, list) else 'no list of'} processes, this run "
-                f"has {world}"
+                f"checkpoint {str(path)!r} was trained on other data than dataset "
+                f"{self.data.name!r} holds now (its files changed since); it cannot be resumed"
             )
         self.restore_layout(ckpt, path)
+        fields = check_resume_fields(ckpt, self.cfg.train.epochs, world)
+        if fields is not None:
+            raise DataError(f"checkpoint {str(path)!r} is damaged: {fields}; not resumed")
+        rngs = ckpt["rng"]
         load_state(self.module, ckpt["module"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.method.load_state_dict(ckpt["method"])
-            self.step = int(ckpt["step"])
-            self.history = list(ckpt["history"])
-            self.step_logs = list(ckpt["step_logs"])
-            self.best = ckpt["best"]
-            self.bad_epochs = int(ckpt["bad_epochs"])
-            self.start_epoch = int(ckpt["epoch"]) + 1
-            phase_name = ckpt.get("phase")
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             raise DataError(
                 f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
             ) from None
+        self.step = ckpt["step"]
+        self.history = [dict(row) for row in ckpt["history"]]
+        self.step_logs = [dict(row) for row in ckpt["step_logs"]]
+        best = ckpt["best"]
+        self.best = None if best is None else {"key": list(best["key"]), "epoch": best["epoch"]}
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.start_epoch = ckpt["epoch"] + 1
+        phase_name = ckpt.get("phase")
         set_rng_state(rngs[self.fabric.global_rank])
         self.saved_epoch = self.start_epoch - 1
         self.protocol.resume_phase(phase_name, self.start_epoch - 1)
@@ -582,7 +622,18 @@ class Trainer:
 
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:
-            save_checkpoint(obj, self.out_dir / name)
+            try:
+                save_checkpoint(obj, self.out_dir / name)
+            except NoSpaceLeft as err:
+                last = self.out_dir / "last.ckpt"
+                if self.saved_epoch is not None and last.is_file():
+                    kept = f"the last good checkpoint is {last} (end of epoch {self.saved_epoch})"
+                else:
+                    kept = "no checkpoint was saved before it"
+                raise NoSpaceLeft(
+                    f"{str(err).partition(';')[0]} (epoch {obj['epoch']}, counted from 0); "
+                    f"{kept}; free some space and resume with --resume"
+                ) from None
         self.fabric.barrier()
 
     def _notice_gradient_scaling(self) -> None:
@@ -657,3 +708,84 @@ def load_state(module: nn.Module, state: Any, path: Path) -> None:
 def encoder_state(model: MultimodalModel) -> dict[str, Tensor]:
     """A copy of the encoders' parameters and buffers (keys of ``model.encoders.state_dict()``)."""
     return {k: v.detach().clone() for k, v in model.encoders.state_dict().items()}
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: The RNG state tensors of one process in ``last.ckpt``: name -> (dtype, length or None).
+RNG_FIELDS: dict[str, tuple[torch.dtype, int | None]] = {
+    "torch": (torch.uint8, None),
+    "numpy_keys": (torch.int64, 624),
+    "numpy_pos": (torch.int64, 2),
+    "numpy_gauss": (torch.float64, 1),
+    "python": (torch.int64, 626),
+    "python_gauss": (torch.float64, 1),
+}
+
+
+def check_resume_fields(ckpt: Mapping[str, Any], epochs: int, world: int) -> str | None:
+    """What is wrong with the resume fields of ``last.ckpt`` (None: nothing): the epoch it
+    ended (0 <= epoch < ``epochs``), the step, one history row per epoch, step logs of earlier
+    steps and epochs, the selection state (``best``: its key and an epoch not after the last,
+    ``bad_epochs``) and one well-formed RNG state per process (``world``)."""
+    epoch, step, bad = (_integer(ckpt.get(k)) for k in ("epoch", "step", "bad_epochs"))
+    if epoch is None or not 0 <= epoch < epochs:
+        return f"epoch {shown(ckpt.get('epoch'))} is not in 0..{epochs - 1}"
+    if step is None or step < 0:
+        return f"step {shown(ckpt.get('step'))} is not a count of steps"
+    history = ckpt.get("history")
+    if not isinstance(history, list) or len(history) != epoch + 1:
+        return f"the history is not one row for each of the {epoch + 1} epochs"
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not all(
+            isinstance(k, str) and _number(v) for k, v in row.items()
+        ):
+            return f"history row {i} is not a row of numbers"
+        if row.get("epoch") != i:
+            return f"history row {i} is of epoch {shown(row.get('epoch'))}"
+    logs = ckpt.get("step_logs")
+    if not isinstance(logs, list):
+        return "the step logs are not a list"
+    for i, row in enumerate(logs):
+        if not isinstance(row, dict) or not all(
+            isinstance(k, str) and _number(v) for k, v in row.items()
+        ):
+            return f"step log {i} is not a row of numbers"
+        s, e = _integer(row.get("step")), _integer(row.get("epoch"))
+        if s is None or e is None or not (0 <= s < max(step, 1) and 0 <= e <= epoch):
+            return f"step log {i} names step {shown(row.get('step'))} of epoch {shown(row.get('epoch'))}"
+    best = ckpt.get("best")
+    if best is not None:
+        if not isinstance(best, dict) or set(best) != {"key", "epoch"}:
+            return f"best {shown(best)} is not a selection state"
+        key, at = best["key"], _integer(best["epoch"])
+        if not (isinstance(key, list) and len(key) == 2 and all(map(_number, key))):
+            return f"best key {shown(key)} is not two numbers"
+        if at is None or not 0 <= at <= epoch:
+            return f"best epoch {shown(best['epoch'])} is not in 0..{epoch}"
+    if bad is None or not 0 <= bad <= epoch + 1:
+        return f"bad_epochs {shown(ckpt.get('bad_epochs'))} is not in 0..{epoch + 1}"
+    phase = ckpt.get("phase")
+    if phase is not None and not isinstance(phase, str):
+        return f"phase {shown(phase)} is not a name"
+    rngs = ckpt.get("rng")
+    if not isinstance(rngs, list) or len(rngs) != world:
+        count = len(rngs) if isinstance(rngs, list) else "no list of"
+        return f"it holds the RNG states of {count} processes, this run has {world}"
+    for rank, state in enumerate(rngs):
+        if not isinstance(state, dict):
+            return f"the RNG state of rank {rank} is not a mapping"
+        for name, (dtype, length) in RNG_FIELDS.items():
+            t = state.get(name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+                return f"RNG state {name!r} of rank {rank} is not a vector of {dtype}"
+            if length is not None and t.numel() != length:
+                return f"RNG state {name!r} of rank {rank} has {t.numel()} values, not {length}"
+    return None
