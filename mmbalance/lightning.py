@@ -39,10 +39,16 @@ What Lightning does and what the module does:
   epoch rows and each process's random-number state go into the checkpoint under
   ``"mmbalance"``, as tensors and plain values only, so that a checkpoint loads with
   ``trainer.fit(module, ckpt_path=..., weights_only=True)`` (no unpickling of anything but
-  tensors and plain containers) and a resumed run continues exactly as an uninterrupted one.
-  Save at the end of a training epoch (``ModelCheckpoint``'s default without validation, or
-  ``ModelCheckpoint(save_on_train_epoch_end=True)``): a checkpoint written after the
-  validation but before the method's ``on_epoch_end`` cannot resume exactly and is refused.
+  tensors and plain containers) and a resumed run continues exactly as an uninterrupted one
+  (for a method whose epoch-start hooks draw no numbers from torch's global generator: Lightning
+  makes a resumed run's first data iterator, one draw, before ``on_train_epoch_start``, and
+  every other epoch's after it).
+  Save at the end of a training epoch (what ``ModelCheckpoint`` does by default when
+  validation runs once an epoch, or with ``save_on_train_epoch_end=True``): a checkpoint written
+  inside an epoch, before the method's ``on_epoch_end``, cannot resume exactly and is refused.
+
+``validation_step`` logs ``val_loss`` (the task loss of the fused logits) and, for
+classification, ``val_accuracy`` (of what the method predicts); override it for other metrics.
 
 Epochs are Lightning's (``self.current_epoch``); the learning rate of each named group is yours
 (the optimizer's, or your scheduler's) times the method's scale, as
@@ -69,7 +75,7 @@ except ImportError:  # pragma: no cover - lightning is a dependency; a broken in
 
 from mmbalance.data.base import Batch
 from mmbalance.methods.adapter import MethodAdapter, SplitData
-from mmbalance.methods.base import Method, Task, build_method
+from mmbalance.methods.base import Method, Task, build_method, task_loss
 from mmbalance.models.fusion import FusionHead
 from mmbalance.train.checkpoint import plain, rng_state, set_rng_state
 from mmbalance.train.loop import gather_in_order
@@ -159,7 +165,6 @@ class BalancedModule(pl.LightningModule):
         self.step_module = self.adapter.protocol.module
         self.user_model = model
         self.optimizer_factory = optimizer or _adam
-        self._restored_rng: dict[str, Tensor] | None = None
 
     # --- Lightning's hooks ---------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -184,9 +189,6 @@ class BalancedModule(pl.LightningModule):
         return self.adapter.predict(inputs)
 
     def on_train_epoch_start(self) -> None:
-        if self._restored_rng is not None:  # where the interrupted run's next epoch began
-            set_rng_state(self._restored_rng)
-            self._restored_rng = None
         self.adapter.begin_epoch(self.current_epoch, self._optimizer())
         if self.method.freezes_encoders:
             self.adapter.model.encoders.eval()
@@ -208,6 +210,18 @@ class BalancedModule(pl.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
         for name, value in ctx.logs.items():
             self.log(f"method/{name}", float(value), batch_size=batch_size)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """The task loss of the fused logits as ``val_loss`` and, for classification, the
+        accuracy of what the method predicts as ``val_accuracy`` (averaged over processes)."""
+        inputs, targets, _ = _unpack(batch)
+        output = self.adapter.protocol.eval_output(inputs)
+        n = int(targets.shape[0])
+        loss = task_loss(output.logits, targets, self.adapter.task, self.adapter.regression_loss)
+        self.log("val_loss", loss, batch_size=n, sync_dist=True)
+        if self.adapter.task == "classification":
+            correct = self.method.predict(output).argmax(1) == targets
+            self.log("val_accuracy", correct.float().mean(), batch_size=n, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         val = {
@@ -255,7 +269,9 @@ class BalancedModule(pl.LightningModule):
                 f"has {world}"
             )
         self.adapter.load_state_dict(state)
-        self._restored_rng = rngs[self.global_rank]
+        # before Lightning makes the first epoch's data iterator (one draw of the generator, as
+        # the uninterrupted run's next epoch makes it)
+        set_rng_state(rngs[self.global_rank])
 
     def _optimizer(self) -> Any:
         optimizer = self.optimizers()

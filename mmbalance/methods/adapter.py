@@ -462,8 +462,7 @@ class MethodAdapter:
             started, phase = bool(state["started"]), state["phase"]
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise DataError(
-                f"the saved state does not match method {self.method.name!r} "
-                f"({type(err).__name__})"
+                f"the saved state does not match method {self.method.name!r} ({type(err).__name__})"
             ) from None
         self.protocol.step, self.protocol.epoch, self.history = step, epoch, history
         self.protocol.resume_phase(None if phase is None else str(phase), epoch)
