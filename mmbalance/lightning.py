@@ -9,7 +9,7 @@ Lightning as the engine::
     module = BalancedModule(
         "ogm_ge",
         encoders={"audio": audio_net, "video": video_net},
-        fusion=build_fusion("concat", {"audio": 16, "video": 16}, num_outputs=4),
+        fusion=build_fusion("concat_linear", {"audio": 16, "video": 16}, 4, {}),
         options={"alpha": 0.8},
         optimizer=lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),
     )
