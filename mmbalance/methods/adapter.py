@@ -88,7 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.data.base import Batch
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, DataError
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
@@ -467,6 +467,42 @@ class MethodAdapter:
         self.history.append(self.protocol.end_epoch(start, ctx, optimizer))
         self._epoch_start = None
         return ctx
+
+    # --- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the parameters (yours and :attr:`method_module`'s) and the
+        optimizer's state: the method's state, the step count, the epoch and phase of the last
+        epoch context, the epoch rows, whether training started and whether an epoch is open
+        (begun and not ended). Tensors and plain values only."""
+        return {
+            "method": self.method.state_dict(),
+            "step": self.protocol.step,
+            "epoch": self.protocol.epoch,
+            "phase": None if self.phase is None else self.phase.name,
+            "history": [dict(row) for row in self.history],
+            "started": self._started,
+            "epoch_open": self._epoch_start is not None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, so that the next :meth:`begin_epoch` goes on
+        as an uninterrupted run would (no second ``on_train_start``; a fresh optimizer state at
+        the next stage boundary)."""
+        try:
+            self.method.load_state_dict(state["method"])
+            step, epoch = int(state["step"]), int(state["epoch"])
+            history = [dict(row) for row in state["history"]]
+            started, phase = bool(state["started"]), state["phase"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"the saved state does not match method {self.method.name!r} ({type(err).__name__})"
+            ) from None
+        self.protocol.step, self.protocol.epoch, self.history = step, epoch, history
+        self.protocol.resume_phase(None if phase is None else str(phase), epoch)
+        self._started = started
+        if started:
+            self.initial_encoder_state = {}
+        self._epoch_start = None
 
     def split_batches(self, split: str) -> Iterator[Batch]:
         """The batches of ``splits[split]`` with their inputs, targets and the samples' positions

@@ -42,7 +42,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ class Trainer:
         protocol.backward = fabric.backward
         protocol.all_reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")
         protocol.world_size = fabric.world_size
-        protocol.gather = lambda local: _gather_once(fabric, local)
+        protocol.gather = lambda local: gather_in_order(fabric.all_gather, fabric.world_size, local)
         if t.precision != "32-true":
             protocol.autocast = fabric.autocast
         rank, world = fabric.global_rank, fabric.world_size
@@ -676,18 +676,22 @@ def _hold_out(train: Any, method: Method, seed: int) -> tuple[Tensor, Tensor | N
     return kept, held
 
 
-def _gather_once(fabric: Fabric, local: dict[str, Tensor]) -> dict[str, Tensor]:
-    """All-gather per-rank predictions of uneven length and restore dataset order."""
-    if fabric.world_size == 1:
+def gather_in_order(
+    all_gather: Callable[[Tensor], Tensor], world_size: int, local: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """All-gather per-rank predictions of uneven length and restore dataset order (by
+    ``local["index"]``); ``all_gather`` stacks a tensor of every rank, ``(world, ...)`` (Fabric's,
+    or a Lightning strategy's)."""
+    if world_size == 1:
         return local
-    n = torch.tensor([local["index"].shape[0]], device=fabric.device)
-    sizes = fabric.all_gather(n).reshape(-1)
+    n = torch.tensor([local["index"].shape[0]], device=local["index"].device)
+    sizes = all_gather(n).reshape(-1)
     longest = int(sizes.max())
     out: dict[str, Tensor] = {}
     for k, v in local.items():
         padded = torch.zeros((longest, *v.shape[1:]), dtype=v.dtype, device=v.device)
         padded[: v.shape[0]] = v
-        gathered = fabric.all_gather(padded)  # (world, longest, ...)
+        gathered = all_gather(padded)  # (world, longest, ...)
         out[k] = torch.cat([gathered[r, : int(sizes[r])] for r in range(len(sizes))])
     order = torch.argsort(out["index"])
     return {k: v[order] for k, v in out.items()}
