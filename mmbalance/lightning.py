@@ -160,6 +160,11 @@ class BalancedModule(pl.LightningModule):
             regression_loss=regression_loss,
             splits=splits,
         )
+        if method.grows_module:
+            raise ConfigError(
+                f"method {method.name!r} adds parameters while it trains, which a Lightning "
+                "optimizer and checkpoint cannot follow: train it with mmbalance's fit or the adapter"
+            )
         self.method = method
         #: your modules and the method's own module (what Lightning moves, wraps and saves)
         self.step_module = self.adapter.protocol.module
@@ -190,6 +195,11 @@ class BalancedModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.adapter.begin_epoch(self.current_epoch, self._optimizer())
+        if self.adapter.subsets is not None:
+            raise ConfigError(
+                f"method {self.method.name!r} re-samples each epoch's training data, which a "
+                "Lightning dataloader cannot: train it with mmbalance's fit or the adapter"
+            )
         if self.method.freezes_encoders:
             self.adapter.model.encoders.eval()
 

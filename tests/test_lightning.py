@@ -209,6 +209,13 @@ def test_a_bad_method_name_is_one_line() -> None:
     assert "no_such_method" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_method_that_grows_its_module_is_refused_in_one_line() -> None:
+    parts = _Parts(_config("joint"))
+    with pytest.raises(ConfigError) as err:
+        BalancedModule("aug", dict(parts.model.encoders), parts.model.fusion)
+    assert "'aug'" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_without_lightning_pytorch_the_import_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "mmbalance.lightning")
