@@ -35,7 +35,7 @@ from mmbalance.compare import Comparison, run_comparison, split_methods
 from mmbalance.config import parse_overrides
 from mmbalance.data import DATASETS
 from mmbalance.errors import ConfigError, MMBalanceError
-from mmbalance.io import write_bytes_atomic
+from mmbalance.io import claim_output, write_bytes_atomic
 from mmbalance.models import ENCODERS
 from mmbalance.plugins import load_entry_points, load_plugins
 
@@ -215,6 +215,8 @@ def compare(
     if metrics is not None and not isinstance(metrics, str):
         metrics = ",".join(metrics)
     picked = parse_metrics(metrics) if metrics else None  # checked before anything trains
+    if _is_arrays(dataset):  # their file is written into ``out``: own it first
+        claim_output(out, "comparison")
     values = _prepare(dataset, encoders, overrides, plugins, out)
     return run_comparison(
         specs, values, out, seeds=seeds, search=search, report=report, metrics=picked
@@ -237,6 +239,8 @@ def fit(
     from mmbalance.train import fit as fit_config
 
     out = Path(out)
+    if _is_arrays(dataset):  # their file is written into ``out``: own it first
+        claim_output(out, "run")
     values = _prepare(dataset, encoders, overrides, plugins, out)
     cfg = resolve_config({**values, "method": method})
     return fit_config(cfg, out, resume=resume)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import textwrap
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _out_dir(text: str | None, default: Path | None = None) -> Path | None:
+    """The ``--out`` directory; an empty ``--out ""`` is refused (it would write into the
+    current directory), an absent one gives ``default``."""
+    if text is None:
+        return default
+    if not text.strip():
+        from mmbalance.errors import ConfigError
+
+        raise ConfigError('--out "" names no directory; give the directory to write into')
+    return Path(text)
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -57,7 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mmbalance.train.rundir import resume_overrides
 
     overrides = _overrides(args)
-    out = Path(args.out) if args.out else None
+    out = _out_dir(args.out)
     if args.resume and out is not None:
         # continue the saved configuration; the command may change only a few keys
         overrides = resume_overrides(out, overrides)
@@ -109,7 +122,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mmbalance.api import compare
 
-    out = Path(args.out)
+    out = _out_dir(args.out)
+    assert out is not None
     result = compare(
         args.methods,
         out=out,
@@ -372,7 +386,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     # options not given keep the dataset's defaults
     params = build_dataclass(source.PrepareParams, given, "prepare")
     console = _console()
-    out = Path(args.out)
+    out = _out_dir(args.out)
+    assert out is not None
     report = source.prepare(
         Path(args.raw), out, params, progress=not args.no_progress, console=console
     )
@@ -409,6 +424,14 @@ METRICS_HELP = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line too (its usage would take several), pointing to
+    ``--help``; exit status 2 as for every bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def version_text() -> str:
     """``mmbalance 0.1.0 (torch 2.13.0+cpu, lightning 2.6.6, Python 3.11.7)``: the library's
     version and those of the packages a run depends on, read without importing them."""
@@ -438,7 +461,7 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmbalance",
         description="Balanced multimodal training: methods, datasets, comparisons.",
     )
@@ -590,13 +613,23 @@ def _load_plugins(args: argparse.Namespace) -> None:
     load_plugins(getattr(args, "plugin", None) or [])
 
 
+#: The longest error line the command prints (a message quoting a huge value is cut).
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line of at most :data:`MAX_ERROR_CHARS` characters."""
+    text = " ".join(message.splitlines())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
         _load_plugins(args)
         return int(args.func(args))
     except MMBalanceError as err:
-        print(f"mmbalance: error: {err}", file=sys.stderr)
+        print(f"mmbalance: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmbalance: interrupted; resume with --resume", file=sys.stderr)

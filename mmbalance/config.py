@@ -36,10 +36,15 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from mmbalance.errors import ConfigError
-
+from mmbalance.errors import ConfigError, DataError, shown
+from mmbalance.io import read_text
 
 # --- generic typed construction ------------------------------------------------------------------
+#: The largest integer any option takes (a count, a size, a seed): 2**62, so that no option's
+#: value overflows the 64-bit integers of NumPy and torch, even doubled.
+LARGEST_INT = 2**62
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -47,7 +52,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}={value!r} is invalid; allowed: {', '.join(map(str, args))}")
+            raise ConfigError(
+                f"{where}={shown(value)} is invalid; allowed: {', '.join(map(str, args))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -60,40 +67,49 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}={value!r} is invalid")
+        raise ConfigError(errors[0] if errors else f"{where}={shown(value)} is invalid")
     if origin in (tuple, list):
         if isinstance(value, str | int | float):
             value = [value]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}={value!r} is invalid; expected a list")
+            raise ConfigError(f"{where}={shown(value)} is invalid; expected a list")
         inner = args[0] if args else Any
         return origin(_coerce(v, inner, where) for v in value)
     if origin is dict or annotation is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}={value!r} is invalid; expected a mapping")
+            raise ConfigError(f"{where}={shown(value)} is invalid; expected a mapping")
         return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}={value!r} is invalid; expected true or false")
+        raise ConfigError(f"{where}={shown(value)} is invalid; expected true or false")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}={value!r} is invalid; expected an integer")
+                value = int(value)
+            else:
+                raise ConfigError(f"{where}={shown(value)} is invalid; expected an integer")
+        if not -LARGEST_INT <= value <= LARGEST_INT:
+            raise ConfigError(f"{where}={shown(value)} is out of range for any option")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-05" as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}={value!r} is invalid; expected a number")
-        return float(value)
+            raise ConfigError(f"{where}={shown(value)} is invalid; expected a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond every float
+            raise ConfigError(f"{where}={shown(value)} is out of range for any option") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {shown(value)}")
+        return value
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} is invalid; expected a string")
+            raise ConfigError(f"{where}={shown(value)} is invalid; expected a string")
         return value
     return value
 
@@ -166,6 +182,10 @@ def check(condition: bool, message: str) -> None:
 
 
 # --- sections ----------------------------------------------------------------------------------
+#: The largest training batch (2**24 samples; evaluation uses twice this).
+MAX_BATCH_SIZE = 2**24
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, selection and engine settings.
@@ -241,7 +261,10 @@ class TrainConfig:
                 value is None or math.isfinite(value), f"train.{name} must be finite, got {value}"
             )
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 2, f"train.batch_size must be >= 2, got {self.batch_size}")
+        check(
+            2 <= self.batch_size <= MAX_BATCH_SIZE,
+            f"train.batch_size must be in [2, {MAX_BATCH_SIZE}], got {self.batch_size}",
+        )
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         # every generator we seed (torch, NumPy, Python, Lightning) accepts [0, 2**32)
         check(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}")
@@ -294,11 +317,56 @@ KEY_HELP = (
 )
 
 
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as YAML (so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work)."""
+#: How deeply a configuration value may nest (lists in lists in mappings...).
+MAX_YAML_DEPTH = 32
+
+
+class _YamlRefused(yaml.YAMLError):
+    """YAML that a configuration never needs and that could hang or exhaust memory."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``: a few hundred bytes of nested aliases
+    expand to gigabytes) and with nesting limited to :data:`MAX_YAML_DEPTH` levels (deeper
+    input would exhaust Python's recursion)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _YamlRefused("aliases (*name) are not accepted in a configuration")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlRefused(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_config_yaml(text: str, where: str) -> Any:
+    """``text`` read as YAML by :class:`ConfigLoader`; aliases, deep nesting and malformed YAML
+    are a one-line :class:`~mmbalance.errors.ConfigError` naming ``where``."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        return yaml.load(text, Loader=ConfigLoader)
+    except _YamlRefused as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}".splitlines()[0]) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
+def parse_value(text: str, where: str = "value") -> Any:
+    """Parse a command-line value as YAML (so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work).
+    Text that is not YAML stays text; aliases and deep nesting are refused (:class:`ConfigLoader`)."""
+    try:
+        value = yaml.load(text, Loader=ConfigLoader)
+    except _YamlRefused as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except (yaml.YAMLError, RecursionError):
         return text
     if isinstance(value, str):  # YAML 1.1 reads "1e6" as a string; users mean a number
         try:
@@ -314,8 +382,8 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"expected key=value, got {pair!r}")
-        out[key.strip()] = parse_value(value.strip())
+            raise ConfigError(f"expected key=value, got {shown(pair)}")
+        out[key.strip()] = parse_value(value.strip(), shown(key.strip(), 40))
     return out
 
 
@@ -372,18 +440,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {str(path)!r} does not exist (nor is it one of the configs shipped "
             f"with mmbalance: {str(PACKAGED_CONFIGS)!r})"
         )
+    where = f"config file {str(path)!r}"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file") from None
+        text = read_text(path, limit=1 << 20, what=where)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
     except OSError as err:
-        raise ConfigError(
-            f"config file {str(path)!r} is unreadable ({type(err).__name__})"
-        ) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]
-        ) from None
+        raise ConfigError(f"{where} is unreadable ({type(err).__name__})") from None
+    data = load_config_yaml(text, where) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {str(path)!r} must contain a mapping")
     return flatten_yaml(data)
@@ -402,7 +466,7 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
         head, _, rest = key.partition(".")
         if head in sections and not rest:
             if not isinstance(value, str):
-                raise ConfigError(f"{head} must be a name, got {value!r}")
+                raise ConfigError(f"{head} must be a name, got {shown(value)}")
             if value != sections[head].name:
                 sections[head].params.clear()
             sections[head].name = value
@@ -415,7 +479,7 @@ def build_config(overrides: Mapping[str, Any]) -> RunConfig:
                 named.params[param] = value
             else:
                 if not isinstance(value, str):
-                    raise ConfigError(f"encoder.{modality} must be a name, got {value!r}")
+                    raise ConfigError(f"encoder.{modality} must be a name, got {shown(value)}")
                 named.name = value
         elif key == "unimodal_heads":
             cfg.unimodal_heads = _coerce(value, bool | None, key)

@@ -22,3 +22,18 @@ class DataError(MMBalanceError):
 
 class TrainingDiverged(MMBalanceError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NoSpaceLeft(MMBalanceError):
+    """The device filled up while a file was written; the previous file is kept."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote what the user gave:
+    an error is one line, whatever the value (a YAML bomb, a nested list, a long string)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deeply, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

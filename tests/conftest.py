@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +244,86 @@ def feature_arrays(n: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
         "audio": (rng.normal(size=(n, 4, 3)) + code[:, None, None]).astype(np.float32),
         "y": y,
     }
+
+
+#: A tiny synthetic run as ``key=value`` arguments: three steps, one epoch, no curves.
+TINY_RUN_ARGS: list[str] = [
+    "--dataset",
+    "synthetic",
+    "dataset.n_train=96",
+    "dataset.n_val=64",
+    "dataset.n_test=64",
+    "dataset.n_bayes=100",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.epoch_curves=false",
+]
+
+
+def write_ks_release(raw: Path, clips: dict[str, tuple[int, str]], seconds: float = 0.3) -> Path:
+    """A tiny Kinetics-Sounds release in its extracted layout (``clip -> (label, split)``): split
+    lists, ``audio/<clip>.wav`` and two-frame ``frames/<clip>/`` folders; each clip's media
+    differ."""
+    import numpy as np
+    from PIL import Image
+    from scipy.io import wavfile
+
+    sr = 8000
+    lists: dict[str, list[str]] = {"train": [], "test": []}
+    (raw / "audio").mkdir(parents=True, exist_ok=True)
+    for k, (clip, (label, split)) in enumerate(clips.items()):
+        t = np.arange(int(seconds * sr)) / sr
+        wave = (0.3 * np.sin(2 * np.pi * (200 + 30 * k) * t) * 32767).astype(np.int16)
+        wavfile.write(raw / "audio" / f"{clip}.wav", sr, wave)
+        (raw / "frames" / clip).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            img = np.full((8, 8, 3), (40 * k + 90 * i) % 256, dtype=np.uint8)
+            Image.fromarray(img, "RGB").save(raw / "frames" / clip / f"{i + 1:05d}.jpg")
+        lists[split].append(f"{clip} {label}")
+    (raw / "my_train.txt").write_text("\n".join(lists["train"]) + "\n")
+    (raw / "my_test.txt").write_text("\n".join(lists["test"]) + "\n")
+    return raw
+
+
+#: Four training and two test clips of two classes.
+KS_CLIPS: dict[str, tuple[int, str]] = {
+    "a0": (0, "train"),
+    "a1": (1, "train"),
+    "a2": (0, "train"),
+    "a3": (1, "train"),
+    "b0": (0, "test"),
+    "b1": (1, "test"),
+}
+#: ``mmbalance prepare kinetics_sounds`` options for :func:`write_ks_release` releases.
+KS_PREPARE_ARGS: list[str] = ["--image-size", "16", "--fbank-frames", "16", "--no-progress"]
+
+
+def cli_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the command line in-process on ``argv``: it must exit 2 with one line on stderr
+    (``mmbalance: error: ...``) and no traceback; returns that line."""
+    from mmbalance.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and err.startswith("mmbalance: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 30) -> Iterator[None]:
+    """Fail instead of hanging: a blocking call is interrupted after ``seconds``."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

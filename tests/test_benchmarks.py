@@ -222,6 +222,18 @@ def test_weak_probe_sentence_reads_the_last_epoch_of_the_curves() -> None:
     assert "1 of the 2 balancing methods end with a higher one (median 0.70)" in sentence
 
 
+def test_the_recent_set_expands_and_runs_in_both_arms_of_the_regime() -> None:
+    from benchmarks.results_page.studies import RECENT, SGD_ARM, STUDIES
+    from mmbalance.compare import METHOD_SETS, split_methods
+
+    assert METHOD_SETS["recent"] == RECENT == ("aug", "dgl", "g2d", "remix", "midas")
+    assert all(m in METHODS for m in RECENT)
+    assert split_methods("joint,ensemble,mcr,recent") == ["joint", "ensemble", "mcr", *RECENT]
+    regime = {s.name: s for s in STUDIES}
+    assert regime["av-fashion-cnn"].methods is None  # every registered method
+    assert set(RECENT) <= set(SGD_ARM) == set(regime["av-fashion-cnn-sgd"].methods or ())
+
+
 def test_robustness_study_says_which_methods_depend_less_on_the_dominant_modality() -> None:
     from benchmarks.results_page.page import robustness_study
     from mmbalance.report import describe

@@ -129,7 +129,7 @@ def test_removal_order_is_a_permutation_per_epoch_and_seed() -> None:
     assert removal_order(["a", "b"], 1, 0) in (["a", "b"], ["b", "a"])
 
 
-def test_bad_options_and_regression_are_refused() -> None:
+def test_bad_options_and_regression_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="lam"):
         build_method("cml", {"lam": -1})
     with pytest.raises(ConfigError, match="hinge"):
@@ -137,7 +137,7 @@ def test_bad_options_and_regression_are_refused() -> None:
     with pytest.raises(ConfigError, match="classification"):
         fit(
             resolve_config({"dataset": "synthetic", "dataset.task": "regression", "method": "cml"}),
-            "/nonexistent/never-written",
+            tmp_path / "run",
         )
 
 

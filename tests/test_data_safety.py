@@ -17,6 +17,7 @@ import numpy as np
 import numpy.testing._private.utils as np_testing_utils
 import pytest
 import torch
+from conftest import no_hang
 
 from mmbalance.builder import build_dataset, resolve_config
 from mmbalance.config import check
@@ -458,6 +459,107 @@ def test_ucf_list_entry_with_a_class_outside(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         DATASETS.get("ucf101").prepare(raw, tmp_path / "out", progress=False)
     one_line_error(err, "trainlist01.txt:1: clip name '..' is not a plain file name")
+
+
+# --------------------------------------------------------------------------- FIFOs
+
+
+def replace_with_fifo(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+#: dataset -> its release's split list (as ``raw_with_hostile_list`` writes it)
+RELEASE_LISTS = {
+    "cremad": "train.csv",
+    "ave": "trainSet.txt",
+    "kinetics_sounds": "my_train.txt",
+    "ucf101": "ucfTrainTestlist/trainlist01.txt",
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(RELEASE_LISTS))
+def test_a_fifo_as_a_release_list_is_one_line(dataset: str, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    raw_with_hostile_list(dataset, raw, "ok_clip2")
+    fifo = replace_with_fifo(raw / RELEASE_LISTS[dataset])
+    with no_hang(), pytest.raises(DataError) as err:
+        DATASETS.get(dataset).prepare(raw, tmp_path / "out", progress=False)
+    one_line_error(err, f"{str(fifo)!r} is not a regular file")
+
+
+def _fifo_features(tmp_path: Path, fmt: str) -> Path:
+    if fmt == "npy directory":
+        (tmp_path / "feats").mkdir()
+        np.save(tmp_path / "feats" / "y.npy", np.zeros(4, np.int64))
+        replace_with_fifo(tmp_path / "feats" / "x.npy")
+        return tmp_path / "feats"
+    return replace_with_fifo(tmp_path / f"feats.{fmt}")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "npy directory"])
+def test_a_fifo_as_a_features_file_is_one_line(fmt: str, tmp_path: Path) -> None:
+    path = _fifo_features(tmp_path, fmt)
+    cfg = resolve_config({"dataset": "features", "dataset.path": str(path), **FAST})
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, "is not a regular file")
+
+
+def test_a_fifo_as_a_manifest_table_or_one_of_its_files_is_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ["image,label"]
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(root / f"i{i}.png")
+        rows.append(f"i{i}.png,{i % 2}")
+    table = root / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    replace_with_fifo(root / "i2.png")
+    cfg = resolve_config({"dataset": "manifest", "dataset.path": str(table), **FAST})
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, f"{table}:4 (column image): 'i2.png' is not a regular file")
+    replace_with_fifo(table)
+    with no_hang(), pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, f"{str(table)!r} is not a regular file")
+
+
+def test_a_manifest_table_with_one_sample_in_two_splits_is_refused(tmp_path: Path) -> None:
+    """The split column puts the same files, or copies of them, in train and in test."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    splits = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    rows = ["image,photo,label,split"]
+    for i, split in enumerate(splits):
+        Image.new("RGB", (8, 8), (30 * i, 255 - 30 * i, 0)).save(root / f"i{i}.png")
+        Image.new("RGB", (8, 8), (0, 30 * i, 255 - 30 * i)).save(root / f"p{i}.png")
+        rows.append(f"i{i}.png,p{i}.png,{i % 2},{split}")
+    table = root / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    cfg = resolve_config({"dataset": "manifest", "dataset.path": str(table), **FAST})
+    assert len(build_dataset(cfg).splits["test"]) == 2  # disjoint: fine
+    table.write_text("\n".join([*rows, "./i1.png,p1.png,1,test"]) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(err, "1 clip(s) are listed in two splits (e.g. 'i1.png + p1.png' in train and")
+    for name in ("i0", "p0"):
+        (root / f"{name}_copy.png").write_bytes((root / f"{name}.png").read_bytes())
+    table.write_text("\n".join([*rows, "i0_copy.png,p0_copy.png,0,2"]) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg)
+    one_line_error(
+        err,
+        "1 clip(s) have the same content",
+        "'i0_copy.png + p0_copy.png' in test and 'i0.png + p0.png' in train",
+    )
 
 
 # --------------------------------------------------------------------------- prepare

@@ -77,3 +77,16 @@ def test_plugin_encoder_example_trains_its_own_encoder(tmp_path: Path) -> None:
     (plugin,) = config["plugins"]
     assert plugin["file"] == str(ROOT / "examples" / "plugin_encoder.py")
     assert plugin["provides"] == {"encoder": ["small_cnn"]}
+
+
+def test_lightning_module_example_learns_logs_the_method_and_saves_a_safe_checkpoint(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    example = _load("lightning_module")
+    result = example.train("ogm_ge", epochs=2, out=tmp_path)
+    assert result["val_accuracy"] > 0.6, result  # chance: 0.25
+    assert {"method/coeff_audio", "train/task", "val_loss"} <= set(result["logged"])
+    saved = torch.load(result["checkpoint"], weights_only=True)
+    assert saved["mmbalance"]["step"] == 20 and len(saved["mmbalance"]["history"]) == 2

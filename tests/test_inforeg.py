@@ -1,6 +1,8 @@
-"""InfoReg: the prime-window detector on hand-made traces, the proximal gradient against its
-formula for whichever modality leads (M = 2 and 3), the Fisher trace, learning on the
-competition preset and exact resumption."""
+"""InfoReg: the prime-window detector on hand-made traces, both official rules (ea7b9d5: scores
+and unimodal losses from the fused head's slices plus b/M, beta0 by position, threshold 0.05;
+41d887f: unimodal heads, one beta0, threshold 0.04), the proximal gradient against its formula
+for whichever modality leads (M = 2 and 3), the Fisher trace, learning on the competition preset
+and exact resumption."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SMALL_COMPETITION
 
 from mmbalance.builder import resolve_config
@@ -24,6 +27,7 @@ from mmbalance.methods.inforeg import (
 from mmbalance.models.encoders import MLPEncoder
 from mmbalance.models.fusion import LateSumFusion
 from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.models.output import ModelOutput
 from mmbalance.train import fit
 
 
@@ -94,7 +98,7 @@ def _step(method: InfoReg, model: MultimodalModel, inputs: dict[str, torch.Tenso
 def test_each_modality_can_be_the_regulated_one(m: int, leader: str) -> None:
     model = _model(m)
     _lead(model, leader)
-    method = InfoReg()
+    method = InfoReg(rule="41d887f")
     method.setup(ModelInfo(model.modalities, dict(model.fusion.latent_dims), 3))
     method.on_epoch_start(EpochContext.standalone(0, encoder_params=model.encoder_parameters()))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -119,7 +123,7 @@ def test_each_modality_can_be_the_regulated_one(m: int, leader: str) -> None:
 def test_a_closed_window_of_the_leader_means_no_regulation() -> None:
     model = _model(2)
     _lead(model, "m1")
-    method = InfoReg(window=3)
+    method = InfoReg(rule="41d887f", window=3)
     method.setup(ModelInfo(model.modalities, dict(model.fusion.latent_dims), 3))
     method.traces = {"m0": [1.0, 2.0, 4.0], "m1": [1.0, 1.0, 1.0, 1.0]}  # k: m0 open, m1 0
     method.on_epoch_start(EpochContext.standalone(0, encoder_params=model.encoder_parameters()))
@@ -136,7 +140,7 @@ def test_a_closed_window_of_the_leader_means_no_regulation() -> None:
 def test_fisher_trace_is_the_summed_mean_of_squared_final_gradients() -> None:
     model = _model(2)
     _lead(model, "m0")
-    method = InfoReg()
+    method = InfoReg(rule="41d887f")
     method.setup(ModelInfo(model.modalities, dict(model.fusion.latent_dims), 3))
     ectx = EpochContext.standalone(0, encoder_params=model.encoder_parameters())
     method.on_epoch_start(ectx)
@@ -154,6 +158,59 @@ def test_fisher_trace_is_the_summed_mean_of_squared_final_gradients() -> None:
         expected = sum(float(v.mean()) for k, v in sums.items() if k.startswith(f"{m}."))
         assert method.traces[m] == [pytest.approx(expected, rel=1e-5)]
         assert ectx.logs[f"fisher_trace_{m}"] == pytest.approx(expected, rel=1e-5)
+
+
+# --- the two official rules ----------------------------------------------------------------------
+def _slices_output(contributions: dict[str, torch.Tensor], bias: torch.Tensor) -> ModelOutput:
+    logits = torch.stack(list(contributions.values())).sum(0) + bias
+    return ModelOutput(logits, {m: torch.zeros(4, 2) for m in contributions}, {}, contributions)
+
+
+@pytest.mark.parametrize("leader", ["m0", "m1", "m2"])
+def test_the_current_rule_scores_the_fused_heads_slices_with_beta_by_position(leader: str) -> None:
+    names = ("m0", "m1", "m2")
+    gen = torch.Generator().manual_seed(4)
+    contributions = {m: 0.1 * torch.randn(4, 3, generator=gen) for m in names}
+    contributions[leader] = contributions[leader] + torch.tensor([3.0, 0.0, 0.0])  # says class 0
+    bias = torch.tensor([0.3, -0.6, 0.9])
+    output = _slices_output(contributions, bias)
+    y = torch.zeros(4, dtype=torch.long)
+    method = InfoReg()  # rule ea7b9d5
+    assert not method.needs_unimodal_heads
+    method.setup(ModelInfo(names, {m: 2 for m in names}, 3, additive_fusion=True))
+    method.k = {m: 0.06 for m in names}  # open windows at the threshold 0.05
+    ctx = StepContext.standalone(y)
+    terms = method.losses(output, ctx)
+    slices = {m: c + bias / 3 for m, c in contributions.items()}
+    for m in names:
+        torch.testing.assert_close(terms[f"uni_{m}"], F.cross_entropy(slices[m], y))
+    scores = sorted((float(slices[m].softmax(-1)[:, 0].sum()), m) for m in names)
+    assert scores[-1][1] == leader
+    beta0 = 0.95 if leader == "m0" else 0.1  # the official audio (first) and visual coefficients
+    expected = beta0 * math.exp(math.tanh(scores[-1][0] - scores[-2][0]))
+    assert ctx.logs[f"beta_{leader}"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_rules_thresholds_and_heads() -> None:
+    names = ("a", "v")
+    contributions = {"a": torch.tensor([[2.0, 0.0, 0.0]] * 4), "v": torch.zeros(4, 3)}
+    output = _slices_output(contributions, torch.zeros(3))
+    output.unimodal_logits = dict(contributions)
+    y = torch.zeros(4, dtype=torch.long)
+    for rule, regulated in (("ea7b9d5", False), ("41d887f", True)):
+        method = InfoReg(rule=rule)
+        method.setup(ModelInfo(names, {"a": 2, "v": 2}, 3, additive_fusion=True))
+        method.k = {"a": 0.045, "v": 0.045}  # between the old threshold 0.04 and the new 0.05
+        ctx = StepContext.standalone(y)
+        method.losses(output, ctx)
+        assert (ctx.logs["beta_a"] > 0) == regulated, rule
+    assert InfoReg(rule="41d887f").needs_unimodal_heads
+    with pytest.raises(ConfigError, match="slices"):
+        InfoReg().setup(ModelInfo(names, {"a": 2, "v": 2}, 3, additive_fusion=False))
+    with pytest.raises(ConfigError, match="unimodal_heads"):
+        InfoReg(rule="41d887f").losses(
+            _slices_output(contributions, torch.zeros(3)), StepContext.standalone(y)
+        )
 
 
 def test_bad_settings_raise_config_error() -> None:

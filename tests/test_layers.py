@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmbalance"
 
 #: Layers from the top; a module may import modules of its own layer and of every layer below.
 LAYERS: list[tuple[str, ...]] = [
-    ("cli", "api", "__main__"),
+    ("cli", "api", "__main__", "lightning"),
     ("compare", "diagnose"),
     ("report",),
     ("train",),

@@ -136,11 +136,11 @@ def test_mbsd_learns_the_competition_task(tmp_path: Path) -> None:
     assert result.history[-1]["train_distill"] > 0
 
 
-def test_regression_is_refused() -> None:
+def test_regression_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="classification"):
         fit(
             resolve_config(
                 {"dataset": "synthetic", "dataset.task": "regression", "method": "mbsd"}
             ),
-            "/nonexistent/never-written",
+            tmp_path / "run",
         )

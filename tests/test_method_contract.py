@@ -12,8 +12,9 @@ options, on a tiny synthetic task long enough for its schedule to act (the fewes
 - our trainer and :class:`~mmbalance.methods.MethodAdapter` in a user's loop over the same model,
   seed and batches end in the same weights and method state, to rounding;
 - two DDP processes at global batch B give the validation metrics of one process at batch B, as
-  the README says, except for ``mcr`` and ``opm``, whose per-process permutations and drop masks
-  the README names (the processes are started once for every method);
+  the README says, except for ``mcr``, ``midas`` and ``opm``, whose per-process permutations,
+  partners and drop masks the README names (the processes are started once for every method); a method whose module
+  grows (:attr:`~mmbalance.methods.base.Method.grows_module`) refuses two processes in one line;
 - ``check_schedule`` refuses every run too short for the method to act, in one line;
 - every option is documented, the searched option exists, renamed options name real ones.
 
@@ -41,15 +42,20 @@ from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS, MethodAdapter, build_method
 from mmbalance.optim import build_optimizer
 from mmbalance.train import loop
-from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
+from mmbalance.train.batching import (
+    EpochBatchSampler,
+    ShardBatchSampler,
+    SubsetBatchSampler,
+    make_loader,
+)
 from mmbalance.train.callbacks import default_callbacks
 from mmbalance.train.checkpoint import load_checkpoint
 from mmbalance.train.loop import Callback, RunResult, Trainer, _hold_out, encoder_state
 
 NAMES = METHODS.names()
 #: The methods whose two-process runs the README says differ from one process (per-process
-#: permutations and contrastive pairs; per-process drop masks).
-DDP_DIFFERS = {"mcr", "opm"}
+#: permutations and contrastive pairs; per-process misaligned partners; per-process drop masks).
+DDP_DIFFERS = {"mcr", "midas", "opm"}
 BATCH = 80  # the contract runs' batch size
 
 
@@ -188,17 +194,23 @@ def _adapter_run(name: str, epochs: int, reference: Trainer) -> MethodAdapter:
         model.train()
         if method.freezes_encoders:
             model.encoders.eval()
-        sampler.set_epoch(epoch)
-        count = 0
-        for batch in loader:
-            progress = count / len(loader)
+        names: list[str | None]
+        if adapter.subsets is None:
+            sampler.set_epoch(epoch)
+            epoch_loader = loader
+            names = [None] * len(loader)
+        else:  # each subset in turn; its indices are positions in splits["train"]
+            subsets = [(s.name, train[s.index]) for s in adapter.subsets]
+            subset_sampler = SubsetBatchSampler(subsets, t.batch_size, t.seed, epoch)
+            epoch_loader = make_loader(data.splits["train"], subset_sampler, 0)
+            names = list(subset_sampler.names)
+        for count, batch in enumerate(epoch_loader):
             adapter.train_step(
                 batch.inputs, batch.targets, optimizer, epoch, index=batch.index,
-                epoch_progress=progress,
+                epoch_progress=count / len(names), subset=names[count],
             )  # fmt: skip
-            count += 1
         val = reference._metrics(adapter.protocol.outputs(val_loader))
-        adapter.end_epoch(epoch, val)
+        adapter.end_epoch(epoch, val, optimizer)
     return adapter
 
 
@@ -279,10 +291,21 @@ def test_three_modalities_take_a_finite_step_where_supported(name: str, tmp_path
     start.initial_encoder_state = encoder_state(trainer.model)
     trainer.method.on_train_start(start)
     rate = trainer.cfg.train.lr
-    trainer.protocol.begin_epoch(trainer.epoch_context(epoch), trainer.optimizer, lambda _: rate)
+    begun = trainer.protocol.begin_epoch(
+        trainer.epoch_context(epoch),
+        trainer.optimizer,
+        lambda _: rate,
+        trainer.split_index["train"],
+    )
     trainer.train_mode()
-    batch = next(iter(trainer.loaders["train"]))
-    terms = trainer.train_step(batch, epoch)
+    subset = None
+    if begun.subsets is None:
+        batch = next(iter(trainer.loaders["train"]))
+    else:  # a re-sampled epoch: a batch of its first subset
+        first = begun.subsets[0]
+        subset = first.name
+        batch = trainer.data.splits["train"].__getitems__(first.index[:80].tolist())
+    terms = trainer.train_step(batch, epoch, subset=subset)
     assert terms and all(math.isfinite(v) for v in terms.values()), terms
     assert trainer._weights_finite()
 
@@ -366,6 +389,11 @@ def _ddp_every_method(fabric: Any, names: list[str], root: str) -> dict[str, Any
         method = METHODS.get(cfg.method.name)(cfg.method.params)
         model = build_model(cfg, data, method)
         module = method.setup(model_info(model, data))
+        if method.grows_module:  # refused before anything is wrapped for the processes
+            with pytest.raises(ConfigError) as refusal:
+                Trainer(fabric, cfg, data, model, method, module, Path(root) / name, callbacks=[])
+            out[name] = {"refused": str(refusal.value)}
+            continue
         trainer = Trainer(fabric, cfg, data, model, method, module, Path(root) / name, callbacks=[])
         result = trainer.run(resume=False)
         flat = torch.cat([p.detach().flatten() for p in trainer.module.parameters()])
@@ -394,6 +422,10 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize("name", NAMES)
 def test_two_ddp_processes_behave_as_documented(name: str, contract_runs, ddp_runs) -> None:
     two = ddp_runs[name]
+    if METHODS.get(name).grows_module:
+        message = two["refused"]
+        assert "\n" not in message and repr(name) in message and "train.devices=1" in message
+        return
     assert two["ranks_agree"]  # every rank takes the same decisions on the same weights
     single = contract_runs(name)
     one = single.result.metrics["val"]

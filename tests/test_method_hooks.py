@@ -384,9 +384,9 @@ def test_analysis_and_selected_checkpoint_use_the_method_module(
     data = build_dataset(cfg)
     model = build_model(cfg, data, method)
     extra = method.setup(model_info(model, data))
+    write_run_config(cfg, tmp_path / "run")  # as fit does, for evaluate_run
     trainer = Trainer(fabric, cfg, data, model, method, extra, tmp_path / "run")
     result = trainer.run(resume=False)
-    write_run_config(cfg, tmp_path / "run")  # as fit does, for evaluate_run
     splits = trainer.data.splits
     # the end-of-run analysis encodes the training and the test split through encode_eval, then
     # the robustness metrics the test split once clean and once per modality with noise

@@ -53,7 +53,7 @@ def _features(latents: dict[str, torch.Tensor], targets: torch.Tensor):
 
 
 def test_epoch_start_builds_prototypes_from_the_training_features_it_is_given() -> None:
-    method = build_method("pmr", {"fraction": 0.25, "momentum": 0.5})
+    method = build_method("pmr", {"fraction": 0.25, "momentum": 0.5, "ema_start_epoch": 1})
     method.setup(ModelInfo(("a", "v"), {"a": 2, "v": 3}, 3))
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     latents = {"a": torch.randn(6, 2), "v": torch.randn(6, 3)}
@@ -72,6 +72,33 @@ def test_epoch_start_builds_prototypes_from_the_training_features_it_is_given() 
             torch.testing.assert_close(
                 method.prototypes[m][k], 0.5 * z[y == k].mean(0) + 0.5 * old[m][k]
             )
+
+
+@pytest.mark.parametrize("ema_start_epoch", [2, 1])
+def test_the_official_schedule_averages_from_the_third_epoch(ema_start_epoch: int) -> None:
+    """The official code's prototypes: plain class means in epochs 0 and 1, the moving average
+    from epoch 2 (ema_start_epoch=2, default); ema_start_epoch=1 averages from epoch 1."""
+    method = build_method("pmr", {"momentum": 0.2, "ema_start_epoch": ema_start_epoch})
+    assert build_method("pmr", {}).params.ema_start_epoch == 2
+    method.setup(ModelInfo(("a", "v"), {"a": 2, "v": 2}, 3))
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.manual_seed(3)
+    epochs = [{"a": torch.randn(6, 2), "v": torch.randn(6, 2)} for _ in range(3)]
+    means = [
+        {m: torch.stack([z[y == k].mean(0) for k in range(3)]) for m, z in e.items()}
+        for e in epochs
+    ]
+    expected = [means[0]]
+    for e in (1, 2):
+        if e >= ema_start_epoch:
+            expected.append({m: 0.8 * means[e][m] + 0.2 * expected[-1][m] for m in means[e]})
+        else:
+            expected.append(means[e])
+    for e, latents in enumerate(epochs):
+        features, _ = _features(latents, y)
+        method.on_epoch_start(EpochContext.standalone(e, features=features))
+        for m in ("a", "v"):
+            torch.testing.assert_close(method.prototypes[m], expected[e][m])
 
 
 # --- distances, scores, weak modality --------------------------------------------------------------
@@ -144,7 +171,14 @@ def test_outside_the_window_only_the_task_loss_remains() -> None:
 
 
 def test_bad_options_raise_config_errors() -> None:
-    for bad in ({"alpha": -1}, {"momentum": 1.0}, {"fraction": 0}, {"start": 3, "end": 1}):
+    bad_options = (
+        {"alpha": -1},
+        {"momentum": 1.0},
+        {"fraction": 0},
+        {"start": 3, "end": 1},
+        {"ema_start_epoch": 0},
+    )
+    for bad in bad_options:
         with pytest.raises(ConfigError):
             build_method("pmr", bad)
 

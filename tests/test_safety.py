@@ -25,7 +25,7 @@ import numpy.testing._private.utils as numpy_test_utils
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, cli_one_line
 
 from mmbalance.builder import resolve_config
 from mmbalance.cli import main
@@ -53,15 +53,6 @@ def _args(**changes: Any) -> list[str]:
         k.replace("__", "."): v for k, v in changes.items()
     }
     return [f"{k}={v}" for k, v in values.items()]
-
-
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and err.startswith("mmbalance: error: "), err
-    assert "Traceback" not in err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +98,7 @@ GADGETS = ["os.system", "builtins.exec", "numpy runstring", "inside a checkpoint
 def test_planted_checkpoint_runs_nothing_under_evaluate(capsys, run_copy, gadget) -> None:
     marker = run_copy.parent / "pwned"
     torch.save(_gadgets(marker)[gadget], run_copy / "best.ckpt")
-    err = _error(capsys, ["evaluate", str(run_copy)])
+    err = cli_one_line(capsys, ["evaluate", str(run_copy)])
     assert "was not loaded" in err
     assert not marker.exists()
 
@@ -116,7 +107,9 @@ def test_planted_checkpoint_runs_nothing_under_evaluate(capsys, run_copy, gadget
 def test_planted_checkpoint_runs_nothing_under_resume(capsys, run_copy, gadget) -> None:
     marker = run_copy.parent / "pwned"
     torch.save(_gadgets(marker)[gadget], run_copy / "last.ckpt")
-    err = _error(capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=3)])
+    err = cli_one_line(
+        capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=3)]
+    )
     assert "was not loaded" in err
     assert not marker.exists()
 
@@ -134,9 +127,11 @@ def test_checkpoint_of_another_structure_is_a_one_line_error(
     capsys, run_copy, content, message
 ) -> None:
     torch.save(content, run_copy / "best.ckpt")
-    assert message in _error(capsys, ["evaluate", str(run_copy)])
+    assert message in cli_one_line(capsys, ["evaluate", str(run_copy)])
     torch.save(content, run_copy / "last.ckpt")
-    err = _error(capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=3)])
+    err = cli_one_line(
+        capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=3)]
+    )
     assert "checkpoint" in err
 
 
@@ -188,14 +183,16 @@ def test_resume_continues_the_saved_configuration(capsys, run_copy, tmp_path) ->
 )
 def test_resume_refuses_what_would_change_the_trained_run(capsys, run_copy, change, keys) -> None:
     before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
-    err = _error(capsys, ["train", "--out", str(run_copy), "--resume", *TINY_ARGS, *change])
+    err = cli_one_line(capsys, ["train", "--out", str(run_copy), "--resume", *TINY_ARGS, *change])
     assert f"differing keys: {keys}" in err
     after = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
     assert after == before  # config.yaml included: nothing is rewritten before the check
 
 
 def test_resume_refuses_fewer_epochs(capsys, run_copy) -> None:
-    err = _error(capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=1)])
+    err = cli_one_line(
+        capsys, ["train", "--out", str(run_copy), "--resume", *_args(train__epochs=1)]
+    )
     assert "can only add epochs" in err
 
 
@@ -231,7 +228,7 @@ def test_compare_refuses_runs_of_another_configuration(capsys, tmp_path: Path) -
     run_comparison(["joint"], TINY, out, seeds=1, report=False)
     for change, key in (("train.lr=0.5", "train.lr"), ("dataset.n_train=128", "dataset.n_train")):
         argv = ["compare", "--methods", "joint", "--seeds", "2", "--out", str(out)]
-        err = _error(capsys, [*argv, *TINY_ARGS, change])
+        err = cli_one_line(capsys, [*argv, *TINY_ARGS, change])
         assert f"differing keys: {key}" in err
     assert not (out / "joint" / "seed1").exists()  # refused before anything trained
 
@@ -256,7 +253,7 @@ def test_compare_reuses_a_run_that_differs_only_in_presentation(tmp_path: Path) 
 )
 def test_compare_refuses_one_configuration_twice(capsys, tmp_path, methods, message) -> None:
     argv = ["compare", "--methods", methods, "--seeds", "1", "--out", str(tmp_path / "c")]
-    assert message in _error(capsys, [*argv, *TINY_ARGS])
+    assert message in cli_one_line(capsys, [*argv, *TINY_ARGS])
 
 
 # --- item 6: divergence is caught wherever it happens ---------------------------------------------
@@ -287,7 +284,7 @@ def test_divergence_in_the_last_step_of_an_epoch_is_caught(monkeypatch, tmp_path
 def test_nan_validation_loss_is_never_selected(capsys, tmp_path: Path) -> None:
     """The issue's case with one step per epoch (lr=1e30, as lr=inf is now refused)."""
     argv = ["train", "--out", str(tmp_path), *_args(dataset__n_train=32, train__lr=1e30)]
-    err = _error(capsys, [*argv, "train.optimizer=sgd", "train.epochs=3"])
+    err = cli_one_line(capsys, [*argv, "train.optimizer=sgd", "train.epochs=3"])
     assert "became" in err and "no checkpoint was saved" in err
     assert not (tmp_path / "best.ckpt").exists() and not (tmp_path / "last.ckpt").exists()
 
@@ -364,7 +361,7 @@ def test_engine_settings_are_checked_before_any_process_starts(
     capsys, tmp_path, change, message
 ) -> None:
     started = time.perf_counter()
-    err = _error(capsys, ["train", "--out", str(tmp_path / "r"), *TINY_ARGS, *change])
+    err = cli_one_line(capsys, ["train", "--out", str(tmp_path / "r"), *TINY_ARGS, *change])
     assert message in err
     assert time.perf_counter() - started < 30  # no worker was spawned (nor waited for)
     assert not (tmp_path / "r" / "config.yaml").exists()
@@ -509,7 +506,7 @@ def test_truncated_metrics_json_is_a_one_line_error_under_compare(capsys, tmp_pa
     assert main(argv) == 0
     metrics = out / "joint" / "seed0" / "metrics.json"
     metrics.write_text(metrics.read_text()[:40])
-    err = _error(capsys, argv)
+    err = cli_one_line(capsys, argv)
     assert "metrics.json' is damaged" in err
 
 
@@ -543,8 +540,10 @@ def out_paths(tmp_path: Path) -> Iterator[dict[str, Path]]:
 )
 def test_unusable_out_is_a_one_line_error(capsys, out_paths, which, message) -> None:
     out = str(out_paths[which])
-    assert message in _error(capsys, ["train", "--out", out, *TINY_ARGS])
-    assert message in _error(capsys, ["compare", "--methods", "joint", "--out", out, *TINY_ARGS])
+    assert message in cli_one_line(capsys, ["train", "--out", out, *TINY_ARGS])
+    assert message in cli_one_line(
+        capsys, ["compare", "--methods", "joint", "--out", out, *TINY_ARGS]
+    )
 
 
 @pytest.mark.parametrize(
@@ -559,7 +558,7 @@ def test_unusable_out_is_a_one_line_error(capsys, out_paths, which, message) -> 
 def test_malformed_yaml_is_a_one_line_error(capsys, tmp_path, content, message) -> None:
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
-    assert message in _error(capsys, ["train", str(path)])
+    assert message in cli_one_line(capsys, ["train", str(path)])
     with pytest.raises(ConfigError):
         load_yaml(path)
 
@@ -569,7 +568,7 @@ def test_compare_records_a_diverged_run_and_goes_on(capsys, tmp_path: Path) -> N
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "multiloss[lam_uni=1e30],joint", "--seeds", "2"]
     argv += ["--out", str(out), *_args(train__lr=0.05), "train.optimizer=sgd"]
-    err = _error(capsys, argv)
+    err = cli_one_line(capsys, argv)
     assert "2 run(s) did not finish" in err and "multiloss[lam_uni=1e30] seed 0 diverged" in err
     records = _json(out / "results.json")
     failed = [r for r in records if r["split"] == "run" and r["metric"] == "status"]
@@ -584,7 +583,7 @@ def test_compare_records_a_diverged_run_and_goes_on(capsys, tmp_path: Path) -> N
     # running again does not retrain the diverged runs; it reports them again
     config = out / "multiloss[lam_uni=1e30]" / "seed0" / "config.yaml"
     stamp = config.stat().st_mtime_ns
-    assert "2 run(s) did not finish" in _error(capsys, argv)
+    assert "2 run(s) did not finish" in cli_one_line(capsys, argv)
     assert _json(out / "results.json") == records
     assert config.stat().st_mtime_ns == stamp
 
@@ -632,7 +631,7 @@ def test_compare_method_variants_and_scoped_options(tmp_path: Path) -> None:
 
 def test_compare_method_option_of_no_compared_method_is_an_error(capsys, tmp_path) -> None:
     argv = ["compare", "--methods", "joint,ogm_ge", "--out", str(tmp_path / "c"), *TINY_ARGS]
-    err = _error(capsys, [*argv, "method.lam=1"])
+    err = cli_one_line(capsys, [*argv, "method.lam=1"])
     assert "method.lam is an option of none of the compared methods (joint, ogm_ge)" in err
 
 

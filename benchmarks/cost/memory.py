@@ -26,7 +26,7 @@ def _memory_child(
     """In a fresh process: (baseline MB, peak MB above the baseline) of ``mem_steps`` steps."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, batch = build_run(setting, entry, device, Path(tmp))
+        trainer, batch, subset = build_run(setting, entry, device, Path(tmp))
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -36,7 +36,7 @@ def _memory_child(
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current
             base = 1024 * _status_kb("VmRSS")
         for _ in range(setting.mem_steps):
-            trainer.train_step(batch, EPOCH)
+            trainer.train_step(batch, EPOCH, subset=subset)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()

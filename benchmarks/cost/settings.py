@@ -251,8 +251,10 @@ def random_bundle(shapes: dict[str, tuple[int, ...]], classes: int, n: int) -> D
 
 def build_run(
     setting: Setting, entry: TimedMethod, device: str, workdir: Path
-) -> tuple[Trainer, Batch]:
-    """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it) and the fixed batch."""
+) -> tuple[Trainer, Batch, str | None]:
+    """A trainer for ``entry`` on ``setting`` (built as ``fit`` builds it), the fixed batch and
+    the epoch subset its steps are timed as (the first of ``Method.epoch_subsets``, for a method
+    that re-samples its epochs; its pass at the epoch's start is not timed)."""
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     shared = dict(setting.overrides)
     if METHODS.get(entry.method).fusion is not None:  # a method defined on its own head keeps it
@@ -287,6 +289,8 @@ def build_run(
         model.encoders.requires_grad_(False)
     trainer = Trainer(fabric, cfg, data, model, method, method_module, workdir)
     trainer.train_mode()
-    method.on_epoch_start(trainer.epoch_context(EPOCH))
+    ctx = trainer.epoch_context(EPOCH)
+    method.on_epoch_start(ctx)
+    subsets = method.epoch_subsets(ctx)
     batch = data.splits["train"].__getitems__(list(range(setting.batch)))
-    return trainer, batch.to(fabric.device)
+    return trainer, batch.to(fabric.device), subsets[0].name if subsets else None

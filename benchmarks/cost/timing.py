@@ -42,11 +42,11 @@ def time_setting(
         runs = {e.label: build_run(setting, e, device, Path(tmp)) for e in setting.entries}
 
         def timed(label: str, steps: int) -> float:
-            trainer, batch = runs[label]
+            trainer, batch, subset = runs[label]
             _sync(device)
             t0 = now()
             for _ in range(steps):
-                trainer.train_step(batch, EPOCH)
+                trainer.train_step(batch, EPOCH, subset=subset)
             _sync(device)
             return (now() - t0) / steps
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results_page import DOCS, RESULTS
-from benchmarks.results_page.studies import GRADIENT_MODULATION, STUDIES, Study
+from benchmarks.results_page.studies import SGD_ARM, STUDIES, Study
 from mmbalance.io import write_text_atomic
 from mmbalance.report import (
     Column,
@@ -496,8 +496,9 @@ def robustness_study(records: Sequence[Mapping[str, Any]]) -> tuple[Table, str] 
 
 
 def optimizer_table(saved: Mapping[str, Any]) -> Table | None:
-    """The gradient-modulation methods under Adam (the regime) and SGD (its SGD arm): test
-    accuracy and the paired difference to joint trained with the same optimizer."""
+    """The methods of the SGD arm (the gradient-modulation methods and the 2025 methods) under
+    Adam (the regime) and SGD: test accuracy and the paired difference to joint trained with the
+    same optimizer."""
     arms = []
     for study in (REGIME, REGIME_SGD):
         point = next((s.points[s.search] for s in STUDIES if s.name == study), None)
@@ -514,7 +515,7 @@ def optimizer_table(saved: Mapping[str, Any]) -> Table | None:
         ]
     rows = []
     tests = [paired_tests(recs, "accuracy", "joint") for recs in arms]
-    methods = [m for m in _methods(arms[1]) if m.split("[")[0] in GRADIENT_MODULATION]
+    methods = [m for m in _methods(arms[1]) if m.split("[")[0] in SGD_ARM]
     for m in methods:
         row = [f"`{m}`"]
         for recs, test in zip(arms, tests, strict=True):
@@ -667,7 +668,8 @@ def _regime_section(saved: Mapping[str, Any] | None, figures: Path, draw: bool) 
             "Which optimizer the results assume: every table of this page trains with the "
             "dataset's optimizer (Adam on AV-Fashion-CNN, SGD on the synthetic studies), for "
             "every method alike, except this section's SGD arm. The official code of OGM and "
-            "OGM-GE, AGM and PMR trains with SGD (MSLR's ports use both, MLB's own code Adam). "
+            "OGM-GE, AGM and PMR trains with SGD (MSLR's ports use both, MLB's own code Adam), "
+            "as do those of AUG, DGL and G2D and MIDAS's paper (Data Remixing's code: Adam). "
             "Under Adam the scaling of a whole encoder's gradient (OGM, OGM-GE, MLB) is "
             "largely undone by the per-parameter normalisation, and mmbalance says so at run "
             "start; MSLR's per-group learning rates and AGM's mixing of gradient paths are "

@@ -50,6 +50,11 @@ GRADIENT_MODULATION = (
     "agm",
     "pmr",
 )
+#: the 2025 methods (the named method set ``recent`` of ``mmbalance.compare``), which the SGD arm
+#: runs too: their official codes train with SGD (Data Remixing's with Adam)
+RECENT = ("aug", "dgl", "g2d", "remix", "midas")
+#: the methods of the SGD arm
+SGD_ARM = (*GRADIENT_MODULATION, *RECENT)
 #: the SGD arm of the optimizer axis: the regime search's SGD candidate ``fa_r8_sgd_lr0.01``
 #: (``benchmarks/results/av_regime_search.md``), which met every regime criterion; chosen there,
 #: before any balancing method was run
@@ -116,9 +121,10 @@ STUDIES: tuple[Study, ...] = (
         "AV-Fashion-CNN under SGD: the optimizer axis",
         "The same data and encoders trained with SGD (0.01, momentum 0.9, 10 epochs: the regime "
         "search's SGD setting, which met every criterion), for the methods that scale gradients, "
-        "learning rates or per-modality losses, which Adam's normalisation can undo.",
+        "learning rates or per-modality losses, which Adam's normalisation can undo, and the 2025 "
+        "methods (`recent`).",
         (Point("default", AV_FASHION_CNN_SGD),),
-        methods=GRADIENT_MODULATION,
+        methods=SGD_ARM,
     ),
     Study(
         "synthetic",

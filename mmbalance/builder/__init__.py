@@ -3,7 +3,8 @@
 * :mod:`~mmbalance.builder.resolve`: the configuration resolved once (:func:`resolve_config` ->
   :class:`ResolvedConfig`: every component's options built and checked, defaults included);
 * :mod:`~mmbalance.builder.assemble`: the dataset, the method, the model and the method's module
-  of a resolved configuration (:func:`build_dataset`, :func:`build_components`);
+  of a resolved configuration (:func:`build_dataset`, :func:`build_components`) and the fingerprint of its data
+  (:func:`data_fingerprint`);
 * :mod:`~mmbalance.builder.engine`: the devices and processes it trains on (:func:`check_engine`,
   :func:`make_fabric`).
 
@@ -18,6 +19,7 @@ from mmbalance.builder.assemble import (
     build_dataset,
     build_model,
     cache_dir,
+    data_fingerprint,
     model_info,
 )
 from mmbalance.builder.engine import check_engine, make_fabric
@@ -32,6 +34,7 @@ __all__ = [
     "cache_dir",
     "check_engine",
     "config_differences",
+    "data_fingerprint",
     "make_fabric",
     "model_info",
     "resolve_config",

@@ -34,12 +34,45 @@ def cache_dir() -> Path:
 
 
 def build_dataset(cfg: ResolvedConfig) -> DatasetBundle:
-    """Build (or reuse, within this process) the dataset of ``cfg``."""
+    """Build (or reuse, within this process) the dataset of ``cfg``; one that does not fit in
+    memory is a one-line ConfigError."""
     name, params = cfg.dataset.name, cfg.dataset.params
-    key = f"{name}:{sorted(asdict(params).items())}"
+    source = DATASETS.get(name)(params, cache_dir())
+    # a source read from files is built again when they change (its fingerprint)
+    key = f"{name}:{sorted(asdict(params).items())}:{source.fingerprint()}"
     if key not in _DATASET_CACHE:
-        _DATASET_CACHE[key] = DATASETS.get(name)(params, cache_dir()).build()
+        try:
+            bundle = source.build()
+        except MemoryError:
+            bundle = None
+        except RuntimeError as err:  # torch's allocator
+            if "alloc" not in str(err):
+                raise
+            bundle = None
+        if bundle is None:
+            raise ConfigError(
+                f"dataset {name!r} does not fit in this machine's memory with the options "
+                "given; make it smaller"
+            ) from None
+        _DATASET_CACHE[key] = bundle
     return _DATASET_CACHE[key]
+
+
+def data_fingerprint(cfg: ResolvedConfig, data: DatasetBundle | None = None) -> str:
+    """What identifies the data a run of ``cfg`` trains on (``data``: its bundle, built when
+    not given): the content hash the bundle records (``details["fingerprint"]``), else its
+    source's :meth:`~mmbalance.data.base.DatasetSource.fingerprint`, else (data generated from
+    its options alone) a hash of the dataset's options. Runs record it, so that a comparison
+    never reuses, and ``--resume`` never continues, a run trained on other data."""
+    from mmbalance.data.cache import recipe_hash
+
+    data = data if data is not None else build_dataset(cfg)
+    content = data.details.get("fingerprint")
+    if isinstance(content, str) and content:
+        return content
+    name, params = cfg.dataset.name, cfg.dataset.params
+    stamp = DATASETS.get(name)(params, cache_dir()).fingerprint()
+    return stamp or recipe_hash({"dataset": name, "options": asdict(params)})
 
 
 def build_model(cfg: ResolvedConfig, data: DatasetBundle, method: Method) -> MultimodalModel:

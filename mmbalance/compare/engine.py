@@ -53,8 +53,8 @@ from mmbalance.compare.search import (
     search_candidates,
     with_searched_value,
 )
-from mmbalance.errors import ConfigError
-from mmbalance.io import remove_stale_temporaries, write_json_atomic
+from mmbalance.errors import ConfigError, shown
+from mmbalance.io import claim_output, output_lock, remove_stale_temporaries, write_json_atomic
 from mmbalance.methods import METHODS
 from mmbalance.report import ResultSet
 
@@ -114,6 +114,10 @@ class Comparison:
         return ResultSet(self.out, self.records, runs)
 
 
+#: The most seeds a comparison runs per method.
+MAX_SEEDS = 1000
+
+
 def run_comparison(
     methods: Sequence[str],
     overrides: Mapping[str, Any],
@@ -151,10 +155,12 @@ def run_comparison(
             :func:`~mmbalance.report.parse_metrics`); the first is compared with the reference.
 
     Every method name, option, engine setting and existing run directory is checked before the
-    first run trains (one-line :class:`~mmbalance.errors.ConfigError`).
+    first run trains (one-line :class:`~mmbalance.errors.ConfigError`). The comparison
+    directory is marked as mmbalance's (:func:`~mmbalance.io.claim_output`) and written under
+    its lock (:func:`~mmbalance.io.output_lock`).
     """
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be in [1, {MAX_SEEDS}], got {shown(seeds)}")
     if not methods:
         raise ConfigError("--methods names no method")
     if search and choices:
@@ -166,32 +172,35 @@ def run_comparison(
     compared = expand_methods(methods, list(data.modalities))
     configs = method_configs(compared, overrides)
     # training is imported once every name and option is known to be valid (fast errors)
-    from mmbalance.train.rundir import check_same_run, check_writable_dir
+    from mmbalance.train.rundir import check_same_run
 
-    check_writable_dir(out_dir)
-    remove_stale_temporaries(out_dir, ["results.json", "search.json"])
     for cfg in configs:
         check_engine(cfg)
     executor = executor if executor is not None else Sequential()
-    searched: list[SearchOutcome] = []
-    search_runs: list[RunSummary] = []
-    if search:
-        configs, searched, search_runs = _search(compared, configs, out_dir, data.task, executor)
-    elif choices:
-        configs = _apply_choices(compared, configs, choices)
-    runs = [
-        PlannedRun(m.label, seed, cfg.with_train(seed=seed), out_dir / m.label / f"seed{seed}")
-        for m, cfg in zip(compared, configs, strict=True)
-        for seed in range(seeds)
-    ]
-    for run in runs:
-        check_same_run(run.config, run.run_dir)
-    summaries = executor.run(runs)
-    records = [r for s in summaries for r in s.records()]
-    write_json_atomic(out_dir / "results.json", records, indent=1)
-    comparison = Comparison(out_dir, compared, summaries, searched, search_runs, records)
-    if report and any(s.finished for s in summaries):
-        _write_report(comparison, metrics)
+    claim_output(out_dir, "comparison")
+    with output_lock(out_dir):
+        remove_stale_temporaries(out_dir, ["results.json", "search.json"])
+        searched: list[SearchOutcome] = []
+        search_runs: list[RunSummary] = []
+        if search:
+            configs, searched, search_runs = _search(
+                compared, configs, out_dir, data.task, executor
+            )
+        elif choices:
+            configs = _apply_choices(compared, configs, choices)
+        runs = [
+            PlannedRun(m.label, seed, cfg.with_train(seed=seed), out_dir / m.label / f"seed{seed}")
+            for m, cfg in zip(compared, configs, strict=True)
+            for seed in range(seeds)
+        ]
+        for run in runs:
+            check_same_run(run.config, run.run_dir)
+        summaries = executor.run(runs)
+        records = [r for s in summaries for r in s.records()]
+        write_json_atomic(out_dir / "results.json", records, indent=1)
+        comparison = Comparison(out_dir, compared, summaries, searched, search_runs, records)
+        if report and any(s.finished for s in summaries):
+            _write_report(comparison, metrics)
     return comparison
 
 

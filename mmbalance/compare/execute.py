@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mmbalance.builder.resolve import ResolvedConfig
 from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
-from mmbalance.io import read_json, write_json_atomic
+from mmbalance.io import is_written_file, read_json, write_json_atomic
 from mmbalance.report import run_records, status_record
 
 if TYPE_CHECKING:
@@ -163,9 +163,9 @@ def _run_or_reuse(run: PlannedRun, callbacks: Sequence[Callback] | None) -> RunS
 def existing_summary(run: PlannedRun) -> RunSummary:
     """The summary of a run as its directory holds it, training nothing (``missing`` when it
     holds no finished or diverged run)."""
-    if (run.run_dir / "metrics.json").is_file():
+    if is_written_file(run.run_dir / "metrics.json"):
         return RunSummary.of_finished(run, read_json(run.run_dir / "metrics.json"))
-    if (run.run_dir / "diverged.json").is_file():
+    if is_written_file(run.run_dir / "diverged.json"):
         why = read_json(run.run_dir / "diverged.json")
         return RunSummary.of_unfinished(
             run, "diverged", str(why.get("diverged") if isinstance(why, dict) else why)
@@ -195,7 +195,7 @@ class Sequential(Executor):
         for i, run in enumerate(runs):
             prefix = f"[{i + 1}/{len(runs)}] {title}{run.name}"
             started = time.perf_counter()
-            trained = not (run.run_dir / "metrics.json").is_file()
+            trained = not is_written_file(run.run_dir / "metrics.json")
             if trained and run.config.train.progress:
                 print(f"{prefix}: training{clock.eta_text()}", flush=True)
             out.append(run_or_reuse(run, default_callbacks(run.config, prefix)))
@@ -287,11 +287,28 @@ def copy_finished_run(source: Path, target: Path) -> None:
     """Reuse a finished run as another run of the same configuration (a chosen search
     candidate as the seed-0 run): copy ``source`` to ``target`` when ``target`` does not exist
     yet (into a temporary directory, then renamed: a kill leaves no half copy)."""
+    import os
     import shutil
+    import tempfile
 
-    if target.exists() or not (source / "metrics.json").is_file():
+    if os.path.lexists(target) or not (source / "metrics.json").is_file():
         return
-    partial = target.with_name(f"{target.name}.copying")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # an unpredictable name, created exclusively: nothing can be planted under it beforehand
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        # links inside the source are copied as links, never followed
+        shutil.copytree(source, partial, symlinks=True, dirs_exist_ok=True)
+        os.chmod(partial, 0o777 & ~_umask())
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -18,7 +18,7 @@ from typing import Any
 
 from mmbalance.builder.resolve import ResolvedConfig, resolve_config
 from mmbalance.config import parse_value
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, shown
 from mmbalance.methods import METHODS
 
 
@@ -34,8 +34,10 @@ class ComparedMethod:
 #: Named sets of methods, usable in ``--methods`` (``--methods table1`` or ``table1,umt``).
 #: ``table1``: the rows of the MCR paper's Table 1 (Kontras et al., NeurIPS 2025): the unimodal
 #: models, their ensemble, joint training, multi-loss, the unimodal pre-training baselines, the
-#: eight published methods (OGM as the OGM-GE its code runs) and MCR. ``references``: what
-#: every balancing method is judged against. ``all``: every registered method.
+#: eight published methods (OGM as the OGM-GE its code runs) and MCR. ``recent``: the 2025
+#: methods that later papers compare against (AUG, DGL, G2D, Data Remixing, MIDAS).
+#: ``references``: what every balancing method is judged against. ``all``: every registered
+#: method.
 METHOD_SETS: dict[str, tuple[str, ...]] = {
     "table1": (
         "unimodal",
@@ -54,6 +56,7 @@ METHOD_SETS: dict[str, tuple[str, ...]] = {
         "dr",
         "mcr",
     ),
+    "recent": ("aug", "dgl", "g2d", "remix", "midas"),
     "references": ("joint", "ensemble", "unimodal"),
 }
 
@@ -91,6 +94,9 @@ def split_methods(text: str) -> list[str]:
     return expanded
 
 
+#: The longest method label: it names a directory (file systems allow 255 bytes per name).
+MAX_LABEL_BYTES = 120
+
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_]+)(\[(?P<options>.*)\])?")
 
 
@@ -99,7 +105,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any] | None]:
     name gives ``(name, None)``. Values are read as YAML, as on the command line."""
     match = _SPEC.fullmatch(spec.strip())
     if match is None or "/" in spec or "\\" in spec:  # the label names a directory
-        raise ConfigError(f"method {spec!r} is not NAME or NAME[KEY=VALUE,...]")
+        raise ConfigError(f"method {shown(spec)} is not NAME or NAME[KEY=VALUE,...]")
+    if len(spec.strip().encode()) > MAX_LABEL_BYTES or any(ord(c) < 32 for c in spec):
+        raise ConfigError(
+            f"method {shown(spec)} is longer than {MAX_LABEL_BYTES} bytes or holds control "
+            "characters; its label names its runs' directory"
+        )
     if match["options"] is None:
         return match["name"], None
     options: dict[str, Any] = {}

@@ -26,6 +26,8 @@ At ``audio_snr_db=-12`` the audio alone reaches 0.81, level with the image (join
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,11 +43,13 @@ from mmbalance.data.base import (
     DATASETS,
     DatasetBundle,
     DatasetSource,
+    error_text,
     stratified_split,
 )
 from mmbalance.data.cache import cached_arrays
 from mmbalance.data.speech import draw_utterances, spoken_waveforms
 from mmbalance.errors import DataError
+from mmbalance.io import open_regular
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_WORDS = (
@@ -63,19 +67,39 @@ CLASS_WORDS = (
 VERSION = 1
 
 
+#: The largest Fashion-MNIST file once decompressed (the training images are 47 MB).
+_MAX_IDX_BYTES = 64 << 20
+
+
 def _idx(path: Path, offset: int) -> np.ndarray:
+    """The items of a gzipped IDX file (``offset``: its header's length), checked against its
+    header: a truncated, corrupt or oversized file, or one that is not a regular file, is a
+    one-line :class:`DataError`."""
     if not path.exists():
         raise DataError(
             f"Fashion-MNIST file {path} is missing; install it with "
             "`apt-get install dataset-fashion-mnist` or set dataset.data_dir"
         )
+
+    def corrupt(why: str) -> DataError:
+        return DataError(
+            f"Fashion-MNIST file {path} is corrupt ({why}); reinstall dataset-fashion-mnist"
+        )
+
     try:
-        with gzip.open(path) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-    except (OSError, EOFError) as err:
-        raise DataError(
-            f"Fashion-MNIST file {path} is corrupt ({err}); reinstall dataset-fashion-mnist"
-        ) from None
+        with open_regular(path) as raw, gzip.GzipFile(fileobj=raw) as f:
+            data = f.read(_MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise corrupt(error_text(err)) from None
+    if len(data) > _MAX_IDX_BYTES:
+        raise corrupt("larger than any Fashion-MNIST file")
+    dims = (offset - 4) // 4  # the header: magic number, then one count per dimension
+    if len(data) < offset or data[:4] != bytes([0, 0, 8, dims]):
+        raise corrupt("not an IDX file of unsigned bytes")
+    counts = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    if len(data) != offset + math.prod(counts):
+        raise corrupt(f"{len(data) - offset} bytes of data for a header of {counts}")
+    return np.frombuffer(data, np.uint8, offset=offset)
 
 
 @lru_cache(maxsize=2)

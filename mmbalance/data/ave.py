@@ -31,6 +31,7 @@ from pathlib import Path
 from mmbalance.data import clips
 from mmbalance.data.base import DATASETS
 from mmbalance.errors import DataError
+from mmbalance.io import read_text
 
 #: The 28 categories in the order of the AVE code (YapengTian/AVE-ECCV18), which fixes labels.
 CLASSES = (
@@ -74,7 +75,7 @@ def read_split_files(raw: Path) -> dict[str, tuple[str, str]]:
         path = raw / name
         if not path.exists():
             continue
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(read_text(path, errors="replace").splitlines(), 1):
             parts = [p.strip() for p in line.split("&")]
             if not line.strip() or parts[0] == "Category":
                 continue

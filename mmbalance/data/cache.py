@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmbalance.io import save_atomic
+from mmbalance.io import check_zip_archive, is_written_file, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,14 @@ def cache_path(cache_dir: Path, name: str, recipe: Mapping[str, Any]) -> Path:
     return Path(cache_dir) / f"{name}-{recipe_hash(recipe)[:16]}.pt"
 
 
-def _load(path: Path, recipe: Mapping[str, Any]) -> dict[str, Tensor] | None:
-    """The cached arrays, or None (with a logged reason) if missing, unreadable or mismatched."""
-    if not path.exists():
+def _load(path: Path, recipe: Mapping[str, Any]) -> tuple[dict[str, Tensor], str] | None:
+    """The cached arrays and their content hash, or None (with a logged reason) if missing,
+    unreadable or mismatched."""
+    if not is_written_file(path):  # a link or a FIFO planted in the cache is never read
         return None
     try:
+        # stored entries only, no larger than the file: nothing is inflated in memory
+        check_zip_archive(path, path.stat().st_size, "cache file")
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         arrays = blob["arrays"]
         stored_recipe = json.loads(blob["recipe"])
@@ -63,10 +66,10 @@ def _load(path: Path, recipe: Mapping[str, Any]) -> dict[str, Tensor] | None:
     if content_hash(arrays) != stored_hash:
         log.warning("cache file %s failed its content hash; rebuilding it", path)
         return None
-    return dict(arrays)
+    return dict(arrays), stored_hash
 
 
-def save_arrays(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> None:
+def save_arrays(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> str:
     """Write arrays with their recipe and content hash atomically (see :func:`mmbalance.io.save_atomic`)."""
     blob = {
         "recipe": json.dumps(recipe, sort_keys=True, default=str),
@@ -74,6 +77,23 @@ def save_arrays(path: Path, recipe: Mapping[str, Any], arrays: Mapping[str, Tens
         "arrays": {k: v.contiguous() for k, v in arrays.items()},
     }
     save_atomic(blob, path)
+    return blob["content_hash"]
+
+
+def cached_arrays_and_hash(
+    cache_dir: Path,
+    name: str,
+    recipe: Mapping[str, Any],
+    build: Callable[[], dict[str, Tensor]],
+) -> tuple[dict[str, Tensor], str]:
+    """Load ``name``'s arrays for ``recipe`` from the cache, building and saving them if needed;
+    with the SHA-256 of their content (:func:`content_hash`), which fingerprints the data."""
+    path = cache_path(cache_dir, name, recipe)
+    found = _load(path, recipe)
+    if found is not None:
+        return found
+    arrays = build()
+    return arrays, save_arrays(path, recipe, arrays)
 
 
 def cached_arrays(
@@ -83,9 +103,4 @@ def cached_arrays(
     build: Callable[[], dict[str, Tensor]],
 ) -> dict[str, Tensor]:
     """Load ``name``'s arrays for ``recipe`` from the cache, building and saving them if needed."""
-    path = cache_path(cache_dir, name, recipe)
-    arrays = _load(path, recipe)
-    if arrays is None:
-        arrays = build()
-        save_arrays(path, recipe, arrays)
-    return arrays
+    return cached_arrays_and_hash(cache_dir, name, recipe, build)[0]

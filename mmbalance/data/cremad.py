@@ -33,6 +33,7 @@ Two steps, because decoding 7,442 videos takes a while and is done once:
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from mmbalance.config import check
 from mmbalance.data import clips
 from mmbalance.data.base import DATASETS
 from mmbalance.errors import DataError
+from mmbalance.io import read_text
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 VIDEO_SUFFIXES = (".flv", ".mp4")
@@ -60,7 +62,7 @@ def read_split_files(raw: Path) -> dict[str, str]:
         path = raw / f"{split}.csv"
         if not path.exists():
             continue
-        with path.open(newline="") as f:
+        with io.StringIO(read_text(path, errors="replace"), newline="") as f:
             for n, row in enumerate(csv.reader(f), 1):
                 if row and row[0].strip() and row[0].strip().lower() != "clip":
                     splits[clips.check_clip_name(row[0].strip(), f"{path}:{n}")] = split

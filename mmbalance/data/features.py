@@ -64,6 +64,7 @@ from mmbalance.data.base import (
     stratified_split,
 )
 from mmbalance.errors import DataError
+from mmbalance.io import open_regular
 
 #: Keys with a meaning of their own; every other key is a modality.
 LABELS, LABEL_NAMES, SPLIT, MASK_PREFIX = "y", "y_names", "split", "mask_"
@@ -176,14 +177,14 @@ def _npy_header(fp: Any, where: str) -> tuple[tuple[int, ...], np.dtype]:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:  # a FIFO would hang the read
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         head = fh.read(4)
     if head[:1] == b"\x80" or not head.startswith(b"PK"):
         what = "a pickle" if head[:1] == b"\x80" else "not an .npz (zip) archive"
@@ -228,7 +229,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _npy_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
+    """Every ``.npy`` entry but directories (a FIFO among them is refused when opened)."""
+    return sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.is_dir())
 
 
 def _read_npy_dir_digest(path: Path) -> str:
@@ -245,7 +247,7 @@ def _read_npy_dir(path: Path) -> tuple[dict[str, np.ndarray], str]:
         raise DataError(f"{path} holds no .npy files; save one array per file (image.npy, y.npy)")
     out = {}
     for file in files:
-        with file.open("rb") as fh:
+        with open_regular(file) as fh:  # a FIFO would hang the read
             _npy_header(fh, str(file))
         try:
             out[file.stem] = np.load(file, allow_pickle=False, mmap_mode="r")
@@ -271,7 +273,8 @@ def read_feature_file(path: str | Path) -> FeatureFile:
         if suffix == ".npz":
             return FeatureFile(_read_npz(path), str(path), file_sha256(path), "npz")
         if suffix == ".safetensors":
-            return FeatureFile(_read_safetensors(path), str(path), file_sha256(path), "safetensors")
+            digest = file_sha256(path)  # first: it opens only a regular file
+            return FeatureFile(_read_safetensors(path), str(path), digest, "safetensors")
     except PermissionError:
         raise DataError(f"{path} is unreadable (permission denied)") from None
     raise DataError(

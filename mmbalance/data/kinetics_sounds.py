@@ -38,6 +38,7 @@ from typing import Literal
 from mmbalance.data import clips
 from mmbalance.data.base import DATASETS
 from mmbalance.errors import DataError
+from mmbalance.io import read_text
 
 NUM_CLASSES = 31
 LIST_NAMES = {
@@ -55,7 +56,7 @@ def _read_lists(raw: Path) -> dict[str, tuple[int, str]]:
         path = next((raw / n for n in names if (raw / n).exists()), None)
         if path is None:
             continue
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(read_text(path, errors="replace").splitlines(), 1):
             tokens = line.replace(",", " ").split()
             if not tokens:
                 continue
@@ -69,7 +70,7 @@ def _read_lists(raw: Path) -> dict[str, tuple[int, str]]:
 def _class_names(raw: Path) -> list[str]:
     path = raw / "classes.txt"
     if path.exists():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         if len(names) != NUM_CLASSES:
             raise DataError(f"{path} lists {len(names)} classes, expected {NUM_CLASSES}")
         return names

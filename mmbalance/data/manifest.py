@@ -8,8 +8,9 @@
 * the label column (``dataset.label_column``, default ``label``): integer or text classes, or
   numbers for regression (``dataset.task``), mapped as the ``features`` dataset maps ``y``;
 * optionally a split column (``dataset.split_column``, default ``split``): ``train``/``val``/
-  ``test`` or 0/1/2; without it, the stratified split of the ``features`` dataset
-  (``val_fraction``, ``test_fraction``, ``split_seed``), recorded in ``data.json``.
+  ``test`` or 0/1/2 (one sample in two splits, by its files or by their decoded content, is
+  refused); without it, the stratified split of the ``features`` dataset (``val_fraction``,
+  ``test_fraction``, ``split_seed``), recorded in ``data.json``.
 
 Files decode through the prepared clip datasets' pipeline (:mod:`mmbalance.data.clips`): audio
 (a WAV directly, other formats through PyAV) becomes the Kaldi-style fbank of Kinetics-Sounds
@@ -39,6 +40,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -52,6 +54,8 @@ from mmbalance.data.clips import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIDEO_SUFFIXES,
+    check_disjoint_splits,
+    content_ids,
     decode_frames_at,
     fbank_features,
     inside,
@@ -60,8 +64,15 @@ from mmbalance.data.clips import (
     read_wav,
     stft_features,
 )
-from mmbalance.data.features import FeatureFile, FeaturesParams, build_features
+from mmbalance.data.features import (
+    SPLIT_VALUES,
+    SPLITS,
+    FeatureFile,
+    FeaturesParams,
+    build_features,
+)
 from mmbalance.errors import DataError
+from mmbalance.io import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +148,11 @@ def _kind(suffix: str) -> str | None:
 
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header and rows of a CSV or TSV table, or a one-line :class:`DataError`."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; set dataset.path to your CSV or TSV table")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist; set dataset.path to your CSV or TSV table"
-        ) from None
+        with open_regular(path) as fh:  # a FIFO would hang the read
+            text = fh.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is unreadable ({type(err).__name__})") from None
     first = text.splitlines()[0] if text.strip() else ""
@@ -188,6 +198,30 @@ def resolve_file(root: Path, value: str, where: str) -> Path:
             f"{where}: {value!r} resolves to {(root / value).resolve()}, outside the table's "
             f"directory {root}; a table may name only files under its own directory"
         ) from None
+
+
+def _check_disjoint(
+    table: Path,
+    root: Path,
+    columns: list[str],
+    files: list[dict[str, Path]],
+    decoded: dict[str, torch.Tensor],
+    feature_arrays: dict[str, Any],
+) -> None:
+    """Refuse, in one line, a table whose split column puts one sample in two splits: the same
+    files (resolved paths) or the same decoded content on rows of different splits."""
+    values = {**SPLIT_VALUES, "0": 0, "1": 1, "2": 2}
+    codes = np.array([values.get(str(w).lower(), -1) for w in feature_arrays["split"]])
+    index = {}
+    for code, name in enumerate(SPLITS):  # (other values are refused by build_features)
+        positions = np.flatnonzero(codes == code)
+        if len(positions):
+            index[name] = torch.from_numpy(positions)
+    samples = [
+        {"clip": " + ".join(str(f[c].resolve().relative_to(root)) for c in columns)} for f in files
+    ]
+    ids = content_ids({c: decoded[f"x_{c}"].numpy() for c in columns})
+    check_disjoint_splits(samples, index, ids, str(table))
 
 
 def _decode(kind: str, path: Path, p: ManifestParams) -> np.ndarray:
@@ -286,15 +320,22 @@ class ManifestSource(DatasetSource):
                     raise DataError(f"{where}: a {kind} file in a column of {kinds[column]} files")
                 resolved[column] = resolve_file(root, row[column], where)
             files.append(resolved)
-        table_hash = hashlib.sha256(table.read_bytes()).hexdigest()
+        with open_regular(table) as fh:
+            table_hash = hashlib.sha256(fh.read()).hexdigest()
         stats = []
-        for resolved in files:
+        for n, resolved in enumerate(files, 2):
             for column in columns:
                 try:
                     st = resolved[column].stat()
-                    stats.append([st.st_size, st.st_mtime_ns])
                 except OSError:
                     stats.append(None)
+                    continue
+                if not S_ISREG(st.st_mode):  # a FIFO would hang the decoder
+                    raise DataError(
+                        f"{table}:{n} (column {column}): {rows[n - 2][column]!r} is not a "
+                        "regular file; mmbalance reads only files"
+                    )
+                stats.append([st.st_size, st.st_mtime_ns])
         options = {k: v for k, v in asdict(p).items() if k not in ("path", "val_fraction",
                    "test_fraction", "split_seed", "task")}  # fmt: skip
         recipe = {
@@ -368,6 +409,14 @@ class ManifestSource(DatasetSource):
                 s.isdigit() for s in feature_arrays["split"]
             ):
                 feature_arrays["split"] = feature_arrays["split"].astype(np.int64)
+            _check_disjoint(
+                table,
+                table.parent.resolve(),
+                columns,
+                [files[i] for i in kept],
+                arrays,
+                feature_arrays,
+            )
         fingerprint = hashlib.sha256(
             (table_hash + content_hash({k: v for k, v in arrays.items()})).encode()
         ).hexdigest()

@@ -13,6 +13,7 @@ arrays and plain containers, so a file from elsewhere cannot run code. ``dataset
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ from mmbalance.data.base import (
 )
 from mmbalance.data.safe_unpickler import UnsafePickleError, load_arrays
 from mmbalance.errors import DataError
+from mmbalance.io import open_regular
 
 MODALITIES = ("vision", "audio", "text")
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -40,18 +42,27 @@ FEATURE_DIMS = {
 }
 
 
-def load_pickle(path: Path) -> Any:
-    """The pickle at ``path``, read by :func:`mmbalance.data.safe_unpickler.load_arrays` (arrays
-    and plain containers only), or a one-line :class:`DataError`."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+def read_pickle_bytes(path: Path) -> bytes:
+    """The bytes of the regular file ``path`` (a FIFO would hang the read), or a one-line
+    :class:`DataError`."""
+    if not path.exists():
         raise DataError(
             f"{path} does not exist; set dataset.path to the aligned-feature pickle "
             "(train/valid/test x vision/text/audio/labels)"
-        ) from None
+        )
+    try:
+        with open_regular(path) as f:
+            return f.read()
     except OSError as err:
-        raise DataError(f"{path} is unreadable ({err.strerror}); check its permissions") from err
+        raise DataError(f"{path} is unreadable ({err.strerror}); check its permissions") from None
+
+
+def load_pickle(path: Path, data: bytes | None = None) -> Any:
+    """The pickle at ``path`` (or its ``data`` already read), read by
+    :func:`mmbalance.data.safe_unpickler.load_arrays` (arrays and plain containers only), or a
+    one-line :class:`DataError`."""
+    if data is None:
+        data = read_pickle_bytes(path)
     try:
         return load_arrays(data)
     except UnsafePickleError as err:
@@ -128,7 +139,8 @@ class _SentimentSource(DatasetSource):
         if not p.path:
             raise DataError(f"dataset.path is not set; point it at the {self.name} pickle")
         path = Path(p.path).expanduser()
-        data = load_pickle(path)
+        raw = read_pickle_bytes(path)
+        data = load_pickle(path, raw)
         if not isinstance(data, dict):
             raise DataError(f"{path} holds a {type(data).__name__}, not a dict of splits")
         expected = FEATURE_DIMS[self.name]
@@ -180,7 +192,20 @@ class _SentimentSource(DatasetSource):
                 f"{self.name} aligned features from {path}; the file's train/valid/test split; "
                 "-inf and NaN features set to 0; sentiment regression in [-3, 3]"
             ),
+            details={"fingerprint": hashlib.sha256(raw).hexdigest()},
         )
+
+    def fingerprint(self) -> str | None:
+        """A hash of the pickle's size, times and inode (which change whenever the file does;
+        the file itself can be gigabytes): the SHA-256 of its content is in the bundle's
+        ``details["fingerprint"]``."""
+        path = Path(self.params.path or "").expanduser()
+        try:
+            st = path.stat()
+        except (OSError, ValueError):
+            return None
+        stamp = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        return hashlib.sha256(stamp.encode()).hexdigest()
 
 
 @DATASETS.register("mosi")

@@ -140,6 +140,20 @@ class SyntheticParams:
         check(0 < self.leak < 1, "dataset.leak must be in (0, 1) for the lift to be invertible")
         for key in ("n_val", "n_test", "n_bayes", "latent_dim"):
             check(getattr(self, key) >= 1, f"dataset.{key} must be >= 1")
+        # a benchmark that fits in memory: at most 10 million samples per split, 10,000 classes,
+        # 100 modalities and 100,000 input dimensions
+        for key, most in (
+            ("n_train", 10**7),
+            ("n_val", 10**7),
+            ("n_test", 10**7),
+            ("n_bayes", 10**7),
+            ("num_classes", 10**4),
+            ("num_modalities", 100),
+            ("input_dim", 10**5),
+        ):
+            value = getattr(self, key)
+            check(value <= most, f"dataset.{key} must be <= {most:,}, got {value}")
+        check(all(d <= 1000 for d in self.depth), "dataset.depth values must be <= 1000")
         # the inputs are standardised with the training split's mean and standard deviation
         check(self.n_train >= 2, f"dataset.n_train must be >= 2, got {self.n_train}")
 

@@ -35,6 +35,7 @@ from mmbalance.config import check
 from mmbalance.data import clips
 from mmbalance.data.base import DATASETS, DatasetBundle, error_text
 from mmbalance.errors import DataError
+from mmbalance.io import read_text
 
 NUM_CLASSES = 101
 LIST_DIR = "ucfTrainTestlist"
@@ -57,7 +58,7 @@ def read_split_1(raw: Path) -> tuple[list[str], dict[str, tuple[str, str]]]:
             "pass the UCF-101 directory that holds the split files"
         )
     indexed: dict[int, str] = {}
-    for n, line in enumerate(class_path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(class_path).splitlines(), 1):
         if line.strip():
             parts = line.split()
             if len(parts) != 2 or not parts[0].isdigit():
@@ -66,7 +67,7 @@ def read_split_1(raw: Path) -> tuple[list[str], dict[str, tuple[str, str]]]:
     classes = [indexed[k] for k in sorted(indexed)]
     listed: dict[str, tuple[str, str]] = {}
     for split, path in (("train", train_path), ("test", test_path)):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             entry = line.split()[0]

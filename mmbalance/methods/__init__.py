@@ -44,12 +44,18 @@ BUILTIN_METHODS: dict[str, str] = {
     "reconboost": "reconboost",
     "umt": "umt",
     "valuation": "valuation",
+    "aug": "aug",
+    "dgl": "dgl",
+    "g2d": "g2d",
+    "remix": "remix",
+    "midas": "midas",
 }
 
 METHODS: Registry[type[Method]] = Registry("method", __name__, BUILTIN_METHODS)
 
 _EXPORTS: dict[str, str] = {
     "EpochContext": "base",
+    "EpochSubset": "base",
     "Method": "base",
     "ModelInfo": "base",
     "Phase": "base",

@@ -63,6 +63,18 @@ What stays yours: the data, the schedule, evaluation, checkpoints (save ``method
 and ``adapter.method_module`` with your model), and unimodal pre-training for the methods that
 declare ``needs_unimodal_pretraining`` (pre-train your encoders with their unimodal heads first).
 Single process only: ``backward`` is ``loss.backward()`` and ``all_reduce`` the identity.
+
+Two methods need a little more of your loop:
+
+- a method that re-samples the epoch (``remix``): after :meth:`MethodAdapter.begin_epoch`,
+  :attr:`MethodAdapter.subsets` holds the epoch's subsets (``None``: the usual epoch): train on
+  each subset's samples in turn (indices into the order of your ``splits["train"]`` batches),
+  giving each step its subset's name, ``adapter.context(..., subset=name)`` or
+  ``adapter.train_step(..., subset=name)``;
+- a method whose module grows (``aug``) adds parameters at an epoch's end:
+  :meth:`MethodAdapter.end_epoch` (and :meth:`MethodAdapter.begin_epoch`) give them to the
+  optimizer you pass it, and before you load saved weights and optimizer state call
+  :meth:`MethodAdapter.restore_module_layout` with the ``method.module_layout()`` you saved.
 """
 
 from __future__ import annotations
@@ -76,10 +88,11 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.data.base import Batch
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, DataError
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
+    EpochSubset,
     Method,
     ModelInfo,
     Phase,
@@ -288,6 +301,9 @@ class MethodAdapter:
         )
         self._started = False
         self._epoch_start: EpochContext | None = None
+        #: the subsets of the epoch begun last (``Method.epoch_subsets``, checked), to train one
+        #: after the other; ``None``: the usual epoch over the whole training data
+        self.subsets: list[EpochSubset] | None = None
 
     @staticmethod
     def _latent_dims(
@@ -381,11 +397,13 @@ class MethodAdapter:
         """One whole training step, as the trainer runs it: for each part of the method's step,
         zero the gradients, forward, losses, the method's backward and gradient rewriting, then
         ``optimizer.step``; ``fields`` sets further fields of the step's context (``index``,
-        ``epoch_progress``)."""
+        ``epoch_progress``, ``subset``: the epoch subset the batch comes from, for methods that
+        re-sample the epoch)."""
         ctx = self.protocol.context(targets, inputs, epoch, **fields)
         terms = self.protocol.run_step(ctx, optimizer)
         return StepResult(terms, {k: float(v) for k, v in ctx.logs.items()})
 
+    @torch.no_grad()
     def predict(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """What the method predicts for ``inputs`` (eval mode, every module's mode restored)."""
         with self.protocol.evaluating():
@@ -418,7 +436,7 @@ class MethodAdapter:
             self.method.on_train_start(start)
             self.initial_encoder_state = {}  # read once: no copy of the encoders kept
         ctx = self.epoch_context(epoch)
-        self.protocol.begin_epoch(ctx, optimizer, _rate_set_outside)
+        self.subsets = self.protocol.begin_epoch(ctx, optimizer, _rate_set_outside).subsets
         if optimizer is not None:
             for group in optimizer.param_groups:
                 if group.get("name") in self.groups:
@@ -426,14 +444,65 @@ class MethodAdapter:
         self._epoch_start = ctx
         return ctx
 
-    def end_epoch(self, epoch: int, val_metrics: Mapping[str, float] | None = None) -> EpochContext:
+    def restore_module_layout(
+        self, layout: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """For a method whose module grows: rebuild it to the ``method.module_layout()`` you saved
+        with its weights, and give what it gained to ``optimizer``; call it before you load the
+        saved weights of :attr:`method_module` and the optimizer's saved state."""
+        self.protocol.restore_module_layout(layout, optimizer)
+
+    def end_epoch(
+        self,
+        epoch: int,
+        val_metrics: Mapping[str, float] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> EpochContext:
         """After ``epoch``'s validation: ``on_epoch_end`` with its metrics (keys as the
-        trainer's ``metrics.csv`` without ``val_``: ``accuracy``, ``loss``, ...)."""
+        trainer's ``metrics.csv`` without ``val_``: ``accuracy``, ``loss``, ...); parameters the
+        method's module gained join ``optimizer`` (pass it, so that what you save now holds
+        them; otherwise the next :meth:`begin_epoch` gives them to it)."""
         ctx = self.epoch_context(epoch, val_metrics)
         start = self._epoch_start if self._epoch_start is not None else ctx
-        self.history.append(self.protocol.end_epoch(start, ctx))
+        self.history.append(self.protocol.end_epoch(start, ctx, optimizer))
         self._epoch_start = None
         return ctx
+
+    # --- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the parameters (yours and :attr:`method_module`'s) and the
+        optimizer's state: the method's state, the step count, the epoch and phase of the last
+        epoch context, the epoch rows, whether training started and whether an epoch is open
+        (begun and not ended). Tensors and plain values only."""
+        return {
+            "method": self.method.state_dict(),
+            "step": self.protocol.step,
+            "epoch": self.protocol.epoch,
+            "phase": None if self.phase is None else self.phase.name,
+            "history": [dict(row) for row in self.history],
+            "started": self._started,
+            "epoch_open": self._epoch_start is not None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, so that the next :meth:`begin_epoch` goes on
+        as an uninterrupted run would (no second ``on_train_start``; a fresh optimizer state at
+        the next stage boundary)."""
+        try:
+            self.method.load_state_dict(state["method"])
+            step, epoch = int(state["step"]), int(state["epoch"])
+            history = [dict(row) for row in state["history"]]
+            started, phase = bool(state["started"]), state["phase"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(
+                f"the saved state does not match method {self.method.name!r} ({type(err).__name__})"
+            ) from None
+        self.protocol.step, self.protocol.epoch, self.history = step, epoch, history
+        self.protocol.resume_phase(None if phase is None else str(phase), epoch)
+        self._started = started
+        if started:
+            self.initial_encoder_state = {}
+        self._epoch_start = None
 
     def split_batches(self, split: str) -> Iterator[Batch]:
         """The batches of ``splits[split]`` with their inputs, targets and the samples' positions

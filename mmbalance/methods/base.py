@@ -18,14 +18,28 @@ the epoch's validation metrics)::
     for epoch in ...:
         phase = method.phase(epoch)        # trainable parameter groups, optimizer resets
         method.on_epoch_start(ectx)
+        subsets = method.epoch_subsets(ectx)   # None: the whole training split, shuffled
         lr of group g = train.lr * schedule(epoch) * method.lr_scales()[g]
-        ... the epoch's steps ...
+        ... the epoch's steps (each subset in turn) ...
         validation
         method.on_epoch_end(ectx)          # ectx.val_metrics holds this epoch's validation
 
 plus ``state_dict`` for state across steps, epochs and resumes (d), and class attributes that
 declare what the method needs (e). Evaluation uses ``method.predict(output)``. The loop never
 branches on a method's name.
+
+Re-sampled epochs. After ``on_epoch_start``, :meth:`Method.epoch_subsets` may return named
+subsets of the training split (:class:`EpochSubset`, indices as in
+:attr:`SplitFeatures.index`); the epoch then trains on each subset in turn, in batches shuffled
+from ``(train.seed, epoch)``, and every step's :attr:`StepContext.subset` names its subset (Data
+Remixing's modality-pure batches). The default, ``None``, is the usual epoch over the whole split.
+
+Growing modules. A method whose module (the one :meth:`Method.setup` returned) gains parameters
+during training declares ``grows_module`` (AUG adds a classifier at an epoch's end). After every
+epoch hook the loop gives the parameters that appeared to the optimizer (they join the ``method``
+group, with fresh optimizer state), and every checkpoint of the module's weights also holds
+:meth:`Method.module_layout`, which :meth:`Method.restore_module_layout` rebuilds before those
+weights are loaded (on resume, for the selected weights at the end of a run, in ``evaluate``).
 
 Epoch hooks read data through the context: :attr:`EpochContext.features` (a no-grad pass that
 returns latents and predictions) and :attr:`EpochContext.batches` (the raw batches of a split, for
@@ -133,6 +147,8 @@ class StepContext:
             matched to :attr:`SplitFeatures.index`); ``None`` when the caller has none.
         epoch_progress: the fraction of the epoch's batches before this one, in ``[0, 1)``, for
             schedules within an epoch (MLA's projector regulariser).
+        subset: the name of the :class:`EpochSubset` this step's batch comes from, in an epoch
+            that :meth:`Method.epoch_subsets` re-sampled; ``None`` in the usual epoch.
         logs: scalars the method records for this step (see :meth:`log`).
         scratch: per-step working state that one hook hands to a later hook of the same step
             (e.g. a modulation coefficient computed in ``losses`` and applied in
@@ -155,6 +171,7 @@ class StepContext:
     part: str | None = None
     index: Tensor | None = None
     epoch_progress: float = 0.0
+    subset: str | None = None
     logs: dict[str, Tensor | float] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)
 
@@ -267,6 +284,20 @@ class EpochContext:
 
 
 @dataclass(frozen=True)
+class EpochSubset:
+    """One part of a re-sampled epoch (see :meth:`Method.epoch_subsets`).
+
+    Attributes:
+        name: what :attr:`StepContext.subset` says during the steps on this subset.
+        index: the subset's samples, as indices into the training split's dataset (the values of
+            :attr:`SplitFeatures.index` of a ``features("train")`` pass), 1-D and integer.
+    """
+
+    name: str
+    index: Tensor
+
+
+@dataclass(frozen=True)
 class Phase:
     """What trains during an epoch, for methods that train in stages.
 
@@ -364,7 +395,10 @@ class Method:
       hyperparameter search tries (``("method.alpha", (0.1, 0.4, 0.8))``); ``None`` searches the
       learning rate at 0.5x, 1x and 2x the configured one;
     - ``missing_modality``: in words, how the method predicts without a modality
-      (:meth:`predict_missing`), stated in reports next to its robustness.
+      (:meth:`predict_missing`), stated in reports next to its robustness;
+    - ``grows_module``: the module :meth:`setup` returns gains parameters during training (see
+      :meth:`module_layout`); such a method runs in one process (DDP fixes the parameters when
+      it wraps the model).
     """
 
     name: ClassVar[str] = ""
@@ -378,6 +412,7 @@ class Method:
     scales_gradients: ClassVar[bool] = False
     search_space: ClassVar[tuple[str, tuple[float, ...]] | None] = None
     missing_modality: ClassVar[str] = "its latent set to zero before the heads"
+    grows_module: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         if params is None:
@@ -409,13 +444,14 @@ class Method:
         )
 
     @classmethod
-    def refuse_late_start(cls, start: int, epochs: int) -> None:
-        """:meth:`check_schedule` of a method whose window opens at epoch ``start``."""
+    def refuse_late_start(cls, start: int, epochs: int, option: str = "start") -> None:
+        """:meth:`check_schedule` of a method whose window opens at epoch ``start``, the value
+        of its option ``option`` (a window's start or a warm-up's length)."""
         if start >= epochs:
             cls.refuse_idle_schedule(
-                f"in epoch {start} (0-based; start={start})",
+                f"in epoch {start} (0-based; {option}={start})",
                 epochs,
-                "lower method.start or raise train.epochs",
+                f"lower method.{option} or raise train.epochs",
             )
 
     @classmethod
@@ -534,6 +570,20 @@ class Method:
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Called before each training epoch (after the phase is applied)."""
 
+    def epoch_subsets(self, ctx: EpochContext) -> Sequence[EpochSubset] | None:
+        """The subsets the coming epoch trains on, one after the other (default ``None``: the
+        whole training split, shuffled, as usual).
+
+        Called right after :meth:`on_epoch_start` with the same context. Each subset is trained
+        in batches of ``train.batch_size`` shuffled from ``(train.seed, epoch)`` and the subset's
+        position (a remainder that cannot form a batch of 2 is dropped), with
+        :attr:`StepContext.subset` set to its name. Indices must be training samples the trainer
+        trains on (those of a ``features("train")`` pass); a sample may appear in several
+        subsets or in none. Computed from the model at the epoch's start, the subsets of a
+        resumed run are those of an uninterrupted one.
+        """
+        return None
+
     def lr_scales(self) -> Mapping[str, float]:
         """Learning-rate multipliers by parameter group for the coming epoch (default: none).
 
@@ -560,6 +610,19 @@ class Method:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def module_layout(self) -> dict[str, Any]:
+        """How the module :meth:`setup` returned is built now, for a method that
+        ``grows_module`` (AUG: the number of classifiers added to each modality); default ``{}``.
+
+        Plain values only; saved next to every checkpoint of the module's weights.
+        """
+        return {}
+
+    def restore_module_layout(self, layout: Mapping[str, Any]) -> None:
+        """Grow (or shrink) the method's module to ``layout``, a :meth:`module_layout` of this
+        method, before saved weights of that layout are loaded into it (default: nothing to do).
+        New parameters need no particular values: the loaded weights replace them."""
 
 
 def total_loss(losses: Mapping[str, Tensor]) -> Tensor:

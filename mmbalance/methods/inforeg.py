@@ -1,7 +1,7 @@
 """InfoReg: adaptive unimodal regulation in the prime learning window (Huang, Wei, Yang, Hu,
 CVPR 2025; official code GeWu-Lab/InfoReg_CVPR2025, ``main.py``).
 
-The loss is the fused cross-entropy plus one cross-entropy per unimodal head,
+The loss is the fused cross-entropy plus one cross-entropy per modality's own logits,
 ``CE(fused) + lam_uni * sum_m CE(u_m)``. Two signals decide whether a modality is held back:
 
 - **Prime learning window** (per epoch, per modality). The Fisher-information trace of encoder
@@ -10,27 +10,39 @@ The loss is the fused cross-entropy plus one cross-entropy per unimodal head,
   linear weights the official code selects) summed over the epoch's steps, averaged over the
   tensor's elements, summed over tensors. With ``bar_t = (sum of the last w traces) / w``
   (``w = window``, 10; fewer than ``w`` traces count the missing ones as 0, as the official
-  ``sum(list[-10:]) / 10`` does), the relative increase is ``k = (bar_t - bar_{t-1}) / bar_t``
-  (``k = 1`` before the first trace exists, ``k = 0`` if the average is 0). Modality ``m`` is in its prime learning window in an
-  epoch while ``k_m > threshold`` (0.04).
+  ``sum(list[-10:]) / 10`` over a list that starts with ten zeros does), the relative increase is
+  ``k = (bar_t - bar_{t-1}) / bar_t`` (``k = 1`` before the first trace exists, ``k = 0`` if the
+  average is 0). Modality ``m`` is in its prime learning window in an epoch while
+  ``k_m > threshold``.
 - **Leading modality** (per step). ``s_m = sum_batch softmax(u_m)[y]`` (batch *sums* of the
   true-class probability, all-reduced under DDP); the leader is the modality with the largest
   score, ``gap = s_lead - s_runner_up``. If the leader is in its window, its encoder gets the
   proximal term ``grad += beta (theta - theta_epoch_start)`` with
-  ``beta = beta0 * exp(tanh(gap))`` (``beta0`` 0.95): it is pulled back towards where it started
-  the epoch, which slows it while the others catch up.
+  ``beta = beta0 * exp(tanh(gap))``: it is pulled back towards where it started the epoch, which
+  slows it while the others catch up.
 
-Where this departs from the official code, and why:
+Two official rules (``rule``):
 
-- **Every modality can be regulated.** The official visual branch repeats the audio condition
-  (``elif score_v < score_a``, after ``if score_a > score_v``), so it never runs and only audio is
-  ever regulated; its coefficient, ``0.1 * exp(tanh(.))``, is therefore untested in practice.
-  Here whichever modality leads is regulated, with the same ``beta0`` for all (the paper's single
-  formula), for any number of modalities.
+- ``ea7b9d5`` (default; the official HEAD, 2025-11-04): ``u_m`` is modality ``m``'s slice of the
+  fused linear head plus ``b / M`` (the official ``v W_v^T + b / 2``), so the unimodal losses train
+  the fused head's slices and the scores read them (an additive head is needed: ``late_sum`` or
+  ``concat_linear``; the model needs no unimodal heads). The visual branch's condition is fixed
+  (``score_a < score_v``) with its own coefficient ``0.1 exp(tanh(gap))``: here ``beta0`` is
+  ``beta`` (0.95) for the first modality and ``beta_others`` (0.1) for every other one, and the
+  threshold is 0.05.
+- ``41d887f`` (2025-03, the code the paper's release shipped): ``u_m`` are separate unimodal heads
+  (``unimodal_heads=true``), the threshold is 0.04, and its visual branch repeats the audio
+  condition (``elif score_v < score_a`` after ``if score_a > score_v``), so only audio is ever
+  regulated. Here whichever modality leads is regulated, every one with ``beta`` (the paper's
+  single formula): the repeated condition is a defect the later commit fixed.
+
+Where this departs from the official code, and why (both rules):
+
 - **Per-modality windows.** The official detector uses the audio trace for every decision. Here
   the leader's own trace decides, since the window is a property of how that encoder is learning.
-- With more than two modalities the gap is to the runner-up (the official two-modality rule is
-  the special case); only the leader is regulated in a step.
+- **Any number of modalities.** The gap is to the runner-up (the official two-modality rule is the
+  special case); only the leader is regulated in a step; under ``ea7b9d5`` the first modality
+  (audio in the official code) has ``beta`` and the others ``beta_others``.
 - The Fisher trace is accumulated after the proximal term is added (as in the official code, which
   squares the final gradients), from the same gradients the optimizer uses; the official code's
   three extra backward passes that only log per-loss gradients are not made.
@@ -38,10 +50,11 @@ Where this departs from the official code, and why:
   here; ``theta_epoch_start`` is the encoder at the start of the current epoch (the official
   ``deepcopy`` of the model at the start of ``train_epoch``).
 
-Official settings (CREMA-D, ``main.py``): SGD lr 2e-3 (momentum 0.9, weight decay 1e-4 in
-``main``), StepLR(40, 0.1), batch 64, 80 epochs, ResNet-18 encoders, concat head plus two
-unimodal heads. Logged per step: ``beta_<m>`` (0 for modalities not regulated); per epoch:
-``window_k_<m>`` and ``fisher_trace_<m>``.
+Official settings (CREMA-D and Kinetics-Sounds, ``main.py``): SGD lr 2e-3, momentum 0.9, weight
+decay 1e-4, batch 64, ResNet-18 encoders, concat head; StepLR(30, 0.1) and 50 epochs at ea7b9d5,
+StepLR(40, 0.1) and 80 epochs at 41d887f. Both select on the test set; here validation selects.
+Logged per step: ``beta_<m>`` (0 for modalities not regulated); per epoch: ``window_k_<m>`` and
+``fisher_trace_<m>``.
 """
 
 from __future__ import annotations
@@ -49,20 +62,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from mmbalance.config import check
+from mmbalance.errors import ConfigError
 from mmbalance.methods.base import (
     METHODS,
     EpochContext,
     Method,
     ModelInfo,
     StepContext,
-    unimodal_losses,
 )
+from mmbalance.methods.ops.discrepancy import score_sums
+from mmbalance.methods.ops.modality_logits import modality_logits
 from mmbalance.models.output import ModelOutput
 
 
@@ -95,27 +110,54 @@ def leader_and_gap(scores: Tensor) -> tuple[int, float] | None:
     return order[0], gap
 
 
+Rule = Literal["ea7b9d5", "41d887f"]
+#: the window threshold of each official rule
+THRESHOLDS: dict[str, float] = {"ea7b9d5": 0.05, "41d887f": 0.04}
+
+
 @dataclass
 class InfoRegParams:
     """InfoReg options.
 
     Attributes:
-        beta: ``beta0`` of the proximal coefficient ``beta0 * exp(tanh(gap))`` (official 0.95).
+        rule: the official rule followed: ``ea7b9d5`` (the official HEAD: scores and unimodal
+            losses from the fused head's slices, ``beta_others`` for the modalities after the
+            first, threshold 0.05) or ``41d887f`` (the first release: separate unimodal heads,
+            one ``beta`` for every modality, threshold 0.04).
+        beta: ``beta0`` of the proximal coefficient ``beta0 * exp(tanh(gap))`` of the first
+            modality (official 0.95; under ``41d887f``, of every modality).
+        beta_others: ``beta0`` of every other modality under ``ea7b9d5`` (the official visual
+            branch's 0.1).
         threshold: a modality is in its prime learning window while the relative increase ``k``
-            of its Fisher trace's moving average exceeds this (official 0.04).
+            of its Fisher trace's moving average exceeds this; null: the rule's own (0.05 at
+            ``ea7b9d5``, 0.04 at ``41d887f``).
         window: epochs of the trace's moving average (official 10).
-        lam_uni: weight of the unimodal heads' cross-entropies in the loss (official 1).
+        lam_uni: weight of the unimodal cross-entropies in the loss (official 1).
     """
 
+    rule: Rule = "ea7b9d5"
     beta: float = 0.95
-    threshold: float = 0.04
+    beta_others: float = 0.1
+    threshold: float | None = None
     window: int = 10
     lam_uni: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.beta >= 0, f"method.beta must be >= 0, got {self.beta}")
+        check(self.beta_others >= 0, f"method.beta_others must be >= 0, got {self.beta_others}")
         check(self.window >= 1, f"method.window must be >= 1, got {self.window}")
         check(self.lam_uni >= 0, f"method.lam_uni must be >= 0, got {self.lam_uni}")
+
+    @property
+    def window_threshold(self) -> float:
+        """The threshold in force: the option, or the rule's own."""
+        return THRESHOLDS[self.rule] if self.threshold is None else self.threshold
+
+    def beta0(self, position: int) -> float:
+        """``beta0`` of the modality at ``position`` in the model's order."""
+        if self.rule == "ea7b9d5" and position > 0:
+            return self.beta_others
+        return self.beta
 
 
 @METHODS.register("inforeg")
@@ -125,8 +167,12 @@ class InfoReg(Method):
     name = "inforeg"
     tasks = ("classification",)
     Params = InfoRegParams
-    needs_unimodal_heads = True
     search_space = ("method.beta", (0.3, 0.95, 3.0))
+
+    @property
+    def needs_unimodal_heads(self) -> bool:  # type: ignore[override]
+        """Rule ``41d887f`` scores separate unimodal heads; ``ea7b9d5`` the fused head's slices."""
+        return self.params.rule == "41d887f"
 
     def __init__(self, params: object = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
@@ -137,6 +183,11 @@ class InfoReg(Method):
 
     def setup(self, info: ModelInfo) -> nn.Module | None:
         super().setup(info)
+        if self.params.rule == "ea7b9d5" and not info.additive_fusion:
+            raise ConfigError(
+                "method 'inforeg' with rule ea7b9d5 reads the fused head's per-modality slices: "
+                "use fusion=late_sum or concat_linear (or method.rule=41d887f with unimodal heads)"
+            )
         self.traces = {m: [] for m in info.modalities}
         return None
 
@@ -161,33 +212,35 @@ class InfoReg(Method):
             ctx.log(f"fisher_trace_{m}", trace)
 
     # --- steps ----------------------------------------------------------------------------------
+    def unimodal_logits(self, output: ModelOutput) -> dict[str, Tensor]:
+        """Each modality's own logits ``u_m`` under the rule: the fused head's slices plus
+        ``b / M`` (``ea7b9d5``) or the unimodal heads (``41d887f``)."""
+        if self.params.rule == "ea7b9d5":
+            return modality_logits(output, None)
+        if not output.unimodal_logits:
+            raise ConfigError("method 'inforeg' with rule 41d887f needs unimodal_heads=true")
+        return dict(output.unimodal_logits)
+
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
-        modalities = list(output.unimodal_logits)
-        with torch.no_grad():
-            idx = ctx.targets.long().unsqueeze(1)
-            scores = torch.stack(
-                [
-                    output.unimodal_logits[m].float().softmax(-1).gather(1, idx).sum()
-                    for m in modalities
-                ]
-            )
-            if ctx.world_size > 1:
-                scores = ctx.all_reduce(scores)
-        regulated: tuple[str, float] | None = None
+        own = self.unimodal_logits(output)
+        modalities = list(own)
+        scores = score_sums(own, ctx.targets)
+        if ctx.world_size > 1:
+            scores = ctx.all_reduce(scores)
+        beta: tuple[str, float] | None = None
         lead = leader_and_gap(scores)
         if lead is not None:
             m = modalities[lead[0]]
-            if self.k.get(m, 1.0) > self.params.threshold:
-                regulated = (m, proximal_coefficient(lead[1], self.params.beta))
-        ctx.scratch["regulated"] = regulated  # the proximal term of rewrite_gradients
+            if self.k.get(m, 1.0) > self.params.window_threshold:
+                beta = (m, proximal_coefficient(lead[1], self.params.beta0(lead[0])))
+        ctx.scratch["inforeg_beta"] = beta
         for m in modalities:
-            ctx.log(f"beta_{m}", regulated[1] if regulated and regulated[0] == m else 0.0)
-        return {"task": ctx.task_loss(output.logits)} | unimodal_losses(
-            output, ctx, self.params.lam_uni
-        )
+            ctx.log(f"beta_{m}", beta[1] if beta and beta[0] == m else 0.0)
+        uni = {f"uni_{m}": self.params.lam_uni * ctx.task_loss(u) for m, u in own.items()}
+        return {"task": ctx.task_loss(output.logits)} | uni
 
     def rewrite_gradients(self, ctx: StepContext) -> None:
-        regulated = ctx.scratch.get("regulated")
+        regulated = ctx.scratch.get("inforeg_beta")
         with torch.no_grad():
             if regulated is not None:
                 m, beta = regulated

@@ -7,8 +7,8 @@ modalities' own predictions together, with a weight that is learned during train
     L = 2 * ((1 - alpha) * CE(fused) + alpha * mean over pairs (a, b) of JS(p_a, p_b))
 
 ``p_m = softmax(z_m)`` with ``z_m`` modality ``m``'s own logits (for additive heads its slice of
-the fused layer plus ``b / M``, so that the fused logits are their sum, as the official model's
-``o_a + o_v``; otherwise the unimodal heads), and ``JS(p, q) = (KL(p || m) + KL(q || m)) / 2``
+the fused layer plus ``b / M``, so that the fused logits are their sum ``o_a + o_v``, where the
+official model averages them: see below; otherwise the unimodal heads), and ``JS(p, q) = (KL(p || m) + KL(q || m)) / 2``
 with ``m = (p + q) / 2``, averaged over the batch.
 
 The weight update (once per epoch, before the epoch trains)
@@ -30,6 +30,14 @@ leave no trace in batch-norm statistics. The held-out data are a stratified part
 
 Sources and departures
 ----------------------
+- **The cross-entropy's logits.** The authors' code (njustkmg/NeurIPS24-LFM @ad44fa0,
+  ``Crema_epoch_learnable.py``) trains and evaluates the cross-entropy on the *average* of the two
+  heads' logits, ``CE(0.5 o_a + 0.5 o_v)``. Here, as in BalanceBenchmark (``LFM_trainer.py``
+  @4c1482f, ``criterion(model.unimodal_result['output'])``), it is the fused head's output, which
+  for the additive heads is their *sum*, ``o_a + o_v`` (plus the shared bias): the same
+  prediction, with logits twice as large, so the softmax is sharper and the cross-entropy's
+  gradient differs (a factor 2 inside the softmax, not a constant). It keeps one model for every
+  method and any fusion head.
 - Official code (njustkmg/NeurIPS24-LFM, ``Crema_epoch_learnable.py``): SGD lr 1e-2, momentum
   0.9, weight decay 1e-4, StepLR(70, 0.1), batch 64, 200 epochs, one ResNet-18 per modality with
   its own linear head, fused = average of the two heads' logits. It holds out 16 training samples

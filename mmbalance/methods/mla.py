@@ -11,7 +11,7 @@ is projected (orthogonal weight modification, OWM) before each step::
     r     = batch mean of the part's features z_m          (all-reduced under DDP)
     alpha = 0.1 ** (1 + b / N)                             (batch b of N in the epoch)
     k     = P r
-    P    <- P - k k^T / (alpha + r^T k)                    (recursive least squares)
+    P    <- P - k k^T / (alpha + r^T k)                    (recursive least squares, OWM)
     P    <- P / ||P||_F                                    (``normalize_projector``, official)
     dL/dW <- dL/dW P^T
 
@@ -36,12 +36,20 @@ Where this follows or departs from the official code and from BalanceBenchmark (
   over the whole batch, so its two gates are two scalars per *batch*; the MCR authors' port
   (kkontras ``MLA_Model``) copies that. A sample's weights then depend on which other samples
   share its evaluation batch; here they do not.
-- The projector update is the official ``GSPlugin.before_update`` formula (update with the
-  current part's mean feature, Frobenius normalisation, ``grad @ P^T``). In the official
-  repository the projection never runs: it is guarded by ``name == "module.weight"`` while the
-  head's parameters are named ``weight`` and ``bias``. BB matches the name but *adds* the
-  projected gradient, ``grad <- grad + grad P^T``, which is not a projection. Here the gradient
-  is replaced by its projection, as OWM and the paper describe. ``normalize_projector=false``
+- **The projector's denominator departs from the official code.** The official
+  ``GSPlugin.before_update`` (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation
+  @ab6c184, ``utils/utils.py``; BB's ``MLA_trainer.py`` @4c1482f copies it) holds ``r`` as a
+  ``(1, d)`` row and writes ``P - torch.mm(k, k^T) / (alpha + torch.mm(k, r))``: ``torch.mm(k, r)``
+  is the ``d x d`` outer product ``k r``, so every entry of ``k k^T`` is divided by its own entry
+  of ``alpha + k r``, an element-wise division that is not the recursive-least-squares update and
+  does not make the projected gradient orthogonal to the stored features. Here the denominator is
+  the scalar ``alpha + r^T k = alpha + r^T P r`` of OWM and the paper, the correct orthogonal
+  projection. The rest follows ``before_update`` (the update with the current part's mean
+  feature, the Frobenius normalisation, ``grad @ P^T``).
+- The projection is applied. In the official repository it never runs: it is guarded by
+  ``name == "module.weight"`` while the head's parameters are named ``weight`` and ``bias``. BB
+  matches the name but *adds* the projected gradient, ``grad <- grad + grad P^T``, which is not a
+  projection. Here the gradient is replaced by its projection, as OWM and the paper describe. ``normalize_projector=false``
   drops the Frobenius normalisation (plain OWM): the normalisation keeps ``P``'s scale at 1
   instead of letting it shrink towards 0 as directions are stored, and with it the head's
   gradient is scaled by roughly ``1/sqrt(d - rank)``.
@@ -71,7 +79,8 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.errors import ConfigError
-from mmbalance.methods.base import METHODS, Method, ModelInfo, StepContext
+from mmbalance.methods.base import METHODS, ModelInfo, StepContext
+from mmbalance.methods.ops.one_modality_per_part import OneModalityPerPart
 from mmbalance.models.output import ModelOutput
 
 
@@ -146,7 +155,7 @@ class MLAParams:
 
 
 @METHODS.register("mla")
-class MLA(Method):
+class MLA(OneModalityPerPart):
     """Alternating unimodal steps through a shared head with OWM projection; entropy gating."""
 
     name = "mla"
@@ -173,30 +182,7 @@ class MLA(Method):
             raise RuntimeError("call setup() before training or evaluating MLA")
         return self.head
 
-    # --- the alternating step -------------------------------------------------------------------
-    def step_parts(self, ctx: StepContext) -> Sequence[str | None]:
-        if self.info is None:
-            raise RuntimeError("call setup() before training MLA")
-        return self.info.modalities
-
-    def encode(
-        self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
-    ) -> dict[str, Tensor]:
-        if ctx.part is None:
-            raise ConfigError(
-                "MLA trains one modality per part: run each part of method.step_parts(ctx) "
-                "with ctx.part set to it"
-            )
-        return model.encode(inputs, only=[ctx.part])
-
-    def transform_latents(self, latents: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        assert self.info is not None
-        present = next(iter(latents.values()))
-        return {
-            m: latents[m] if m in latents else present.new_zeros(present.shape[0], d)
-            for m, d in self.info.latent_dims.items()
-        }
-
+    # --- the alternating step (its parts and encoding: OneModalityPerPart) --------------------
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
         head = self._require_head()
         m = ctx.part

@@ -6,10 +6,18 @@ Prototypes. Before every epoch, one prototype per class and modality, ``c_k^m``,
 of modality ``m`` over the samples of class ``k`` in a part (``fraction``, official 10 %) of the
 training split, taken without gradients in eval mode (``EpochContext.features("train",
 fraction)``, a random subset drawn from the seed and epoch, which matches the official "first 10 %
-of the shuffled train batches"). From the second computation on they are an exponential moving
-average, ``c <- (1 - mu) c_new + mu c_old`` (``momentum``, official ``momentum_coef`` 0.2). A class
-absent from the subset keeps its previous prototype (the official code divides by a zero count
-and gets NaN); at the first computation it gets the mean of all sampled latents.
+of the shuffled train batches"). From epoch ``ema_start_epoch`` on they are an exponential moving
+average, ``c <- (1 - mu) c_new + mu c_old`` (``momentum``, official ``momentum_coef`` 0.2); before
+it, the new class means replace them. A class absent from the subset keeps its previous prototype
+(the official code divides by a zero count and gets NaN); at the first computation it gets the
+mean of all sampled latents.
+
+The official schedule (``ema_start_epoch=2``, the default). ``calculate_prototype`` skips the
+moving average when its ``epoch`` argument is ``<= 0``; it is called once before training with
+epoch 0 and after each epoch ``e`` with ``e``, so the call after the first epoch (``e = 0``) skips it
+too: the prototypes of epochs 0 and 1 are plain class means, and the moving average starts with
+the prototypes of epoch 2, the third. ``ema_start_epoch=1`` averages from the second computation on
+(the rule this library followed before, whose epoch-1 prototypes are not the official ones).
 
 Loss, each step inside the modulation window (``start <= epoch <= end``):
 
@@ -127,6 +135,9 @@ class PMRParams:
         lam_entropy: weight of the paper's prototypical entropy regularisation (0: off, as in
             the official code).
         entropy_epochs: the entropy term acts during this many first epochs.
+        ema_start_epoch: the first epoch whose prototypes are a moving average of the new class
+            means and the previous prototypes (official 2: its average starts in the third
+            epoch; 1: from the second computation on).
     """
 
     alpha: float = 1.0
@@ -136,6 +147,7 @@ class PMRParams:
     end: int | None = None
     lam_entropy: float = 0.0
     entropy_epochs: int = 0
+    ema_start_epoch: int = 2
 
     def __post_init__(self) -> None:
         check(self.alpha >= 0, f"method.alpha must be >= 0, got {self.alpha}")
@@ -150,6 +162,10 @@ class PMRParams:
         check(
             self.entropy_epochs >= 0,
             f"method.entropy_epochs must be >= 0, got {self.entropy_epochs}",
+        )
+        check(
+            self.ema_start_epoch >= 1,
+            f"method.ema_start_epoch must be >= 1, got {self.ema_start_epoch}",
         )
 
     def active(self, epoch: int) -> bool:
@@ -178,13 +194,16 @@ class PMR(Method):
         features = ctx.features("train", self.params.fraction)
         if self.info is None:
             raise ConfigError("method 'pmr' was not set up (call setup before the epoch hooks)")
+        # before ema_start_epoch the new class means replace the prototypes (momentum 0)
+        averaging = ctx.epoch >= self.params.ema_start_epoch
+        momentum = self.params.momentum if averaging else 0.0
         for m in self.info.modalities:
             self.prototypes[m] = update_prototypes(
                 self.prototypes.get(m),
                 features.latents[m].float(),
                 features.targets,
                 self.info.num_outputs,
-                self.params.momentum,
+                momentum,
             )
 
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:

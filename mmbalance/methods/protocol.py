@@ -11,8 +11,14 @@ Our trainer (:class:`mmbalance.train.loop.Trainer`) and a user's own loop
   the optimizer step (clipping, reading the losses), ``optimizer.step()``;
 - **an epoch boundary** (:meth:`TrainingProtocol.begin_epoch`, :meth:`TrainingProtocol.end_epoch`):
   the method's phase (which parameter groups train, and a fresh optimizer state at a stage that
-  asks for one), ``on_epoch_start``, the learning rate of every named group with the method's
-  scales; after validation ``on_epoch_end`` and the epoch's row of method scalars;
+  asks for one), ``on_epoch_start``, the epoch's subsets (``epoch_subsets``, checked), the
+  parameters the method's module gained, the learning rate of every named group with the
+  method's scales; after validation ``on_epoch_end``, the parameters gained again, and the
+  epoch's row of method scalars;
+- **a growing module** (:meth:`TrainingProtocol.adopt_new_parameters`,
+  :meth:`TrainingProtocol.restore_module_layout`): parameters that the method's module gains
+  join the ``method`` group and the optimizer, and a saved layout is rebuilt (and adopted)
+  before saved weights and optimizer state are loaded;
 - **the feature pass** (:meth:`TrainingProtocol.outputs`, :meth:`TrainingProtocol.features`): a
   no-grad, eval-mode pass through ``method.encode_eval`` and the heads, for the epoch hooks, the
   validation and the test.
@@ -20,7 +26,8 @@ Our trainer (:class:`mmbalance.train.loop.Trainer`) and a user's own loop
 What differs between the two callers is only what they plug in: the engine (``backward``,
 ``all_reduce``, ``gather``, ``autocast``: Lightning Fabric's in our trainer, plain PyTorch in a
 user's loop), the forward (our trainer's is the Fabric-wrapped, possibly DDP, :class:`StepModule`),
-where the data come from and what happens before the optimizer step. A compiled step replaces
+where the data come from (the batches of an epoch's subsets included) and what happens before
+the optimizer step. A compiled step replaces
 :attr:`TrainingProtocol.forward` (``protocol.forward = torch.compile(protocol.module)``); the
 sequence around it stays as it is. The protocol adds no tensor operation to a step: it runs the
 method's hooks and the caller's, nothing else.
@@ -30,14 +37,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, MMBalanceError
 from mmbalance.methods.base import (
     EpochContext,
+    EpochSubset,
     FeaturePass,
     Method,
     Phase,
@@ -75,6 +84,21 @@ def _plain_backward(loss: Tensor) -> None:
 
 def _sum_all_reduce(t: Tensor) -> Tensor:
     return t
+
+
+@dataclass
+class EpochStart:
+    """What :meth:`TrainingProtocol.begin_epoch` settled for the coming epoch.
+
+    Attributes:
+        scales: the method's learning-rate scales by parameter group.
+        subsets: the method's subsets of the epoch (:meth:`~mmbalance.methods.base.Method.
+            epoch_subsets`), checked, with CPU integer indices, to train one after the other;
+            ``None``: the usual epoch over the whole training split.
+    """
+
+    scales: dict[str, float]
+    subsets: list[EpochSubset] | None
 
 
 class StepModule(nn.Module):
@@ -261,12 +285,15 @@ class TrainingProtocol:
         ctx: EpochContext,
         optimizer: torch.optim.Optimizer | None,
         base_lr: Callable[[dict[str, Any]], float],
-    ) -> dict[str, float]:
+        train_index: Tensor | None = None,
+    ) -> EpochStart:
         """Before the steps of ``ctx.epoch``: the method's phase (which groups train; at a stage
         boundary that asks for it, the optimizer's state is cleared, as a new optimizer's is
-        empty), ``on_epoch_start``, then every named optimizer group's learning rate,
+        empty), ``on_epoch_start``, the method's subsets of the epoch (each a 1-D integer index,
+        of samples in ``train_index`` when given), the parameters its module gained (see
+        :meth:`adopt_new_parameters`), then every named optimizer group's learning rate,
         ``base_lr(group)`` times the method's scale of the group (0 for a group that does not
-        train in this phase). Returns the method's scales."""
+        train in this phase). Returns the method's scales and the epoch's subsets."""
         phase = self.method.phase(ctx.epoch)
         changed = self.phase is not None and phase.name != self.phase.name
         if changed and phase.reset_optimizer and optimizer is not None:
@@ -277,6 +304,8 @@ class TrainingProtocol:
             for p in params:
                 p.requires_grad_(trainable)
         self.method.on_epoch_start(ctx)
+        subsets = self.epoch_subsets(ctx, train_index)
+        self.adopt_new_parameters(optimizer)
         scales = {name: float(v) for name, v in self.method.lr_scales().items()}
         unknown = set(scales) - set(self.groups)
         if unknown:
@@ -291,7 +320,68 @@ class TrainingProtocol:
                     continue
                 active = phase.trainable is None or name in phase.trainable
                 group["lr"] = base_lr(group) * scales.get(name, 1.0) if active else 0.0
-        return scales
+        return EpochStart(scales, subsets)
+
+    def epoch_subsets(
+        self, ctx: EpochContext, train_index: Tensor | None = None
+    ) -> list[EpochSubset] | None:
+        """The method's subsets of ``ctx.epoch`` (``None``: the whole split), checked: each a
+        1-D integer index (of samples in ``train_index`` when given), returned on the CPU."""
+        subsets = self.method.epoch_subsets(ctx)
+        if subsets is None:
+            return None
+        checked = []
+        for subset in subsets:
+            index = subset.index if isinstance(subset, EpochSubset) else None
+            if (
+                not isinstance(index, Tensor)
+                or index.dim() != 1
+                or index.is_floating_point()
+                or (
+                    train_index is not None and not bool(torch.isin(index.cpu(), train_index).all())
+                )
+            ):
+                raise MMBalanceError(
+                    f"method {self.method.name!r} returned an epoch subset that is not a 1-D "
+                    "index of samples it trains on"
+                )
+            checked.append(EpochSubset(str(subset.name), index.cpu().long()))
+        return checked
+
+    # --- a growing module ----------------------------------------------------------------------
+    def adopt_new_parameters(self, optimizer: torch.optim.Optimizer | None) -> list[nn.Parameter]:
+        """Give the parameters that the method's module gained since the last call (methods
+        that declare ``grows_module``) to the ``method`` group, trainable unless the current
+        phase freezes that group, and to ``optimizer``'s group named ``method`` (a new group of
+        that name if it has none), with a fresh optimizer state. Returns them (none for most
+        methods)."""
+        if not self.method.grows_module:
+            return []
+        known = {id(p) for params in self.groups.values() for p in params}
+        new = [p for p in self.method_module.parameters() if p.requires_grad and id(p) not in known]
+        if not new:
+            return []
+        phase = self.phase
+        trainable = phase is None or phase.trainable is None or "method" in phase.trainable
+        for p in new:
+            p.requires_grad_(trainable)
+        self.groups["method"].extend(new)
+        if optimizer is not None:
+            group = next((g for g in optimizer.param_groups if g.get("name") == "method"), None)
+            if group is None:
+                optimizer.add_param_group({"params": new, "name": "method"})
+            else:
+                group["params"].extend(new)
+        return new
+
+    def restore_module_layout(
+        self, layout: Mapping[str, Any], optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Rebuild the method's module to a saved :meth:`~mmbalance.methods.base.Method.
+        module_layout` and adopt what it gained, before the weights and the optimizer state saved
+        with that layout are loaded."""
+        self.method.restore_module_layout(layout)
+        self.adopt_new_parameters(optimizer)
 
     def resume_phase(self, name: str | None, epoch: int) -> None:
         """After a resume: the phase the last epoch (``epoch``) ran in was called ``name``, so
@@ -300,11 +390,19 @@ class TrainingProtocol:
             phase = self.method.phase(epoch)
             self.phase = Phase(str(name), phase.trainable, phase.reset_optimizer)
 
-    def end_epoch(self, start: EpochContext, end: EpochContext) -> dict[str, float]:
-        """After ``end.epoch``'s validation (in ``end.val_metrics``): ``on_epoch_end``; returns
-        the epoch's row: ``epoch``, ``val_<metric>`` and the scalars the method logged at either
-        boundary, as ``method_<name>``."""
+    def end_epoch(
+        self,
+        start: EpochContext,
+        end: EpochContext,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[str, float]:
+        """After ``end.epoch``'s validation (in ``end.val_metrics``): ``on_epoch_end``, then the
+        parameters the method's module gained go to ``optimizer`` (so that a checkpoint saved
+        now holds them in the optimizer too); returns the epoch's row: ``epoch``,
+        ``val_<metric>`` and the scalars the method logged at either boundary, as
+        ``method_<name>``."""
         self.method.on_epoch_end(end)
+        self.adopt_new_parameters(optimizer)
         row: dict[str, float] = {"epoch": end.epoch}
         row |= {f"val_{k}": v for k, v in end.val_metrics.items()}
         row |= {f"method_{k}": v for k, v in {**start.logs, **end.logs}.items()}
@@ -325,6 +423,7 @@ class TrainingProtocol:
         with self.autocast():
             return self.model.heads(self.method.encode_eval(self.model, inputs))  # type: ignore[operator]
 
+    @torch.no_grad()
     def outputs(self, batches: Iterable[Batch], latents: bool = False) -> dict[str, Tensor]:
         """A no-grad, eval-mode pass over ``batches`` (on the model's device), gathered over
         processes in dataset order: ``prediction`` (what the method predicts), ``logits`` (the
@@ -385,4 +484,4 @@ class TrainingProtocol:
         )
 
 
-__all__ = ["BeforeStep", "StepModule", "TrainingProtocol", "loss_values"]
+__all__ = ["BeforeStep", "EpochStart", "StepModule", "TrainingProtocol", "loss_values"]

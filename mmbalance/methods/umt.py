@@ -37,7 +37,6 @@ the run's, so regression works too).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 
 from mmbalance.config import check
 from mmbalance.methods.base import METHODS, EpochContext, Method, StepContext
+from mmbalance.methods.ops.frozen_teachers import FrozenTeachers
 from mmbalance.models.output import ModelOutput
 
 StudentInit = Literal["scratch", "pretrained"]
@@ -95,21 +95,14 @@ class UMT(Method):
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        # the teachers' weights until the teacher modules are built from the model (first step)
-        self._teacher_state: dict[str, dict[str, Tensor]] | None = None
-        # not registered in any module: never optimised, never put in training mode
-        self._teachers: dict[str, nn.Module] | None = None
+        self._teachers = FrozenTeachers()
 
     # --- teachers ------------------------------------------------------------------------------
     def on_train_start(self, ctx: EpochContext) -> None:
         if ctx.model is None:
             raise RuntimeError("umt's on_train_start needs the model (EpochContext.model)")
         encoders: Any = ctx.model.encoders  # type: ignore[union-attr]
-        self._teacher_state = {
-            m: {k: v.detach().clone() for k, v in enc.state_dict().items()}
-            for m, enc in encoders.items()
-        }
-        self._teachers = None
+        self._teachers.capture(encoders)
         if self.params.student_init == "scratch":
             if not ctx.initial_encoder_state:
                 raise RuntimeError(
@@ -120,18 +113,8 @@ class UMT(Method):
     def teachers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The frozen teacher encoders, built on first use from ``model``'s encoders (for their
         architecture and device) and the saved teacher weights."""
-        if self._teachers is None:
-            encoders: Any = model.encoders
-            built = {}
-            for m, enc in encoders.items():
-                teacher = copy.deepcopy(enc)
-                if self._teacher_state is not None:
-                    teacher.load_state_dict(self._teacher_state[m])
-                teacher.requires_grad_(False)
-                built[m] = teacher.eval()
-            self._teachers = built
-            self._teacher_state = None  # the modules hold the weights from now on
-        return self._teachers
+        encoders: Any = model.encoders
+        return self._teachers.modules(lambda: encoders)
 
     def encode(
         self, model: nn.Module, inputs: Mapping[str, Tensor], ctx: StepContext
@@ -141,10 +124,11 @@ class UMT(Method):
 
     # --- the loss --------------------------------------------------------------------------------
     def losses(self, output: ModelOutput, ctx: StepContext) -> dict[str, Tensor]:
-        if self._teachers is None or ctx.inputs is None:
+        teachers = self._teachers.built
+        if teachers is None or ctx.inputs is None:
             raise RuntimeError("umt's losses need its encode hook to run first, with ctx.inputs")
         with torch.no_grad():
-            teacher_latents = {m: t(ctx.inputs[m]) for m, t in self._teachers.items()}
+            teacher_latents = {m: t(ctx.inputs[m]) for m, t in teachers.items()}
         return {
             "task": ctx.task_loss(output.logits),
             "distill": self.params.lam * feature_distillation(output.latents, teacher_latents),
@@ -152,15 +136,8 @@ class UMT(Method):
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._teachers is not None:
-            return {"teachers": {m: dict(t.state_dict()) for m, t in self._teachers.items()}}
-        if self._teacher_state is not None:
-            return {"teachers": self._teacher_state}
-        return {}
+        state = self._teachers.state_dict()
+        return {} if state is None else {"teachers": state}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        teachers = state.get("teachers")
-        self._teacher_state = (
-            None if teachers is None else {m: dict(s) for m, s in teachers.items()}
-        )
-        self._teachers = None
+        self._teachers.load_state_dict(state.get("teachers"))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mmbalance.errors import ConfigError, DataError
+from mmbalance.errors import ConfigError, DataError, shown
 from mmbalance.models import ENCODERS
 
 
@@ -194,3 +194,9 @@ def build_encoder(name: str, input_shape: Sequence[int], params: dict[str, objec
         return factory(input_shape, **params)
     except TypeError as err:
         raise ConfigError(f"encoder {name!r}: {err}") from None
+    except (ValueError, ZeroDivisionError, OverflowError, RuntimeError, IndexError) as err:
+        # an option out of the range the encoder can be built with (a negative size)
+        raise ConfigError(
+            f"encoder {name!r} cannot be built with the options {shown(dict(params), 80)} "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]})"
+        ) from None

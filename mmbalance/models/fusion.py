@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmbalance.errors import ConfigError, DataError
+from mmbalance.errors import ConfigError, DataError, shown
 from mmbalance.models import FUSION_HEADS
 from mmbalance.models.output import FusionOutput
 
@@ -304,3 +304,9 @@ def build_fusion(
         return cls(latent_dims, num_outputs, **params)
     except TypeError as err:
         raise ConfigError(f"fusion head {name!r}: {err}") from None
+    except (ValueError, ZeroDivisionError, OverflowError, RuntimeError, IndexError) as err:
+        # an option out of the range the head can be built with (heads=0, a negative size)
+        raise ConfigError(
+            f"fusion head {name!r} cannot be built with the options {shown(dict(params), 80)} "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]})"
+        ) from None

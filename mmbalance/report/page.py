@@ -14,15 +14,21 @@ atomically (a temporary file renamed over the old one).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import yaml
 
-from mmbalance.io import write_text_atomic
+from mmbalance.errors import DataError
+from mmbalance.io import output_lock, output_owner, write_text_atomic
 from mmbalance.report.plots import (
     plot_comparison,
     plot_curves,
@@ -48,7 +54,16 @@ from mmbalance.report.result_tables import (
     robustness_table,
     shared_config,
 )
-from mmbalance.report.tables import HTML_STYLE, Table, inline_html, to_html, to_markdown
+from mmbalance.report.tables import (
+    HTML_STYLE,
+    Table,
+    inline_html,
+    md_code,
+    md_inline,
+    md_text,
+    to_html,
+    to_markdown,
+)
 
 #: The file name of the report's comparison figure, in the report's directory.
 COMPARISON_FIGURE = "report_comparison.png"
@@ -243,18 +258,24 @@ def _untitled(table: Table, heading: str) -> Table:
 
 
 def render_markdown(results: ResultSet, sections: list[Section], intro: list[str]) -> str:
-    md = ["# mmbalance report", "", f"Source: `{results.root}`", ""]
-    md += [n + "\n" for n in intro]
+    """The Markdown page. Everything that may hold a user's string (method labels, option
+    values, names and keys read from the run files, the directory) is escaped
+    (:func:`~mmbalance.report.tables.md_inline`) or fenced, so none of it becomes markup."""
+    md = ["# mmbalance report", "", f"Source: {md_code(str(results.root))}", ""]
+    md += [md_inline(n) + "\n" for n in intro]
     for sec in sections:
-        md += [f"## {sec.title}", ""]
-        md += [n + "\n" for n in sec.notes]
+        md += [f"## {md_text(sec.title)}", ""]
+        md += [md_inline(n) + "\n" for n in sec.notes]
         for _, table in sec.tables:
             md += [to_markdown(table), ""]
         if sec.plots:
-            md += [n + "\n" for n in sec.plot_notes]
-        md += [f"![{sec.title}]({p.name})\n" for p in sec.plots]
+            md += [md_inline(n) + "\n" for n in sec.plot_notes]
+        md += [f"![{md_text(sec.title)}]({quote(p.name)})\n" for p in sec.plots]
         if sec.code:
-            md += ["```yaml", sec.code, "```", ""]
+            # a fence longer than any run of backticks in the code, which it cannot then close
+            runs = [len(r) for r in re.findall(r"`+", sec.code)]
+            fence = "`" * max(3, max(runs, default=0) + 1)
+            md += [f"{fence}yaml", sec.code, fence, ""]
     return "\n".join(md).rstrip() + "\n"
 
 
@@ -284,6 +305,19 @@ def render_html(results: ResultSet, sections: list[Section], intro: list[str]) -
     return "\n".join(parts) + "\n"
 
 
+#: The files a report writes into its directory.
+REPORT_FILES = (
+    "report.md",
+    "report.html",
+    "report_comparison.png",
+    "report_shapley.png",
+    "report_errors.png",
+    "report_curves.png",
+    "report_modality_curves.png",
+    "report_method_scalars.png",
+)
+
+
 def write_report(
     results: ResultSet | str | Path,
     reference: str = REFERENCE,
@@ -294,9 +328,31 @@ def write_report(
     directory, read with :func:`~mmbalance.report.records.load_result_set`); returns the two
     pages. ``metrics`` (names of :func:`~mmbalance.report.result_tables.parse_metrics`) adds the
     table of the picked metrics and makes the first of them the one compared with
-    ``reference``."""
+    ``reference``.
+
+    A directory mmbalance marked as its output (:func:`mmbalance.io.claim_output`) is written
+    under its lock; into one without the mark (written by hand, or by an older version) the
+    report only adds files, and is refused if one of its files is already there."""
     if not isinstance(results, ResultSet):
         results = load_result_set(results)
+    root = results.root
+    lock: Any = contextlib.nullcontext()
+    if output_owner(root) is None:
+        existing = [name for name in REPORT_FILES if os.path.lexists(root / name)]
+        if existing:
+            raise DataError(
+                f"{str(root)!r} is not marked as an output of mmbalance and already holds "
+                f"{existing[0]}, which the report would overwrite; move it away first"
+            )
+    else:
+        lock = output_lock(root, "report directory")
+    with lock:
+        return _write_report(results, reference, metrics)
+
+
+def _write_report(
+    results: ResultSet, reference: str, metrics: Sequence[str] | None
+) -> tuple[Path, Path]:
     sections = build_sections(results, reference, metrics)
     seeds = len({r["seed"] for r in results.records})
     intro = [

@@ -17,11 +17,14 @@ plotting library.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmbalance.io import write_bytes_atomic
 from mmbalance.report.records import methods_of, modalities_of, unused_modalities
 from mmbalance.report.result_tables import (
     REFERENCE,
@@ -51,10 +54,28 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    """Render ``fig`` as PNG in memory, then write it atomically (matplotlib's ``savefig`` to a
+    path would follow a link planted there)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
+
+
+def literal_text(plot: Callable[..., Path | None]) -> Callable[..., Path | None]:
+    """Draw every text of ``plot``'s figure literally: method labels, modality and scalar names
+    come from users and from files, and a ``$`` in one would otherwise start matplotlib's
+    mathtext (``$x^$`` fails to parse and loses the whole figure)."""
+
+    @functools.wraps(plot)
+    def drawn(*args: Any, **kwargs: Any) -> Path | None:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return drawn
 
 
 def method_colours(methods: Sequence[str]) -> dict[str, Any]:
@@ -101,6 +122,7 @@ def comparison_panels(
     return panels
 
 
+@literal_text
 def plot_comparison(
     records: Sequence[Mapping[str, Any]], path: Path, reference: str = REFERENCE
 ) -> Path | None:
@@ -244,6 +266,7 @@ def _grouped_bars(
     return drawn
 
 
+@literal_text
 def plot_shapley(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Grouped bars: test Shapley value of each modality per method (mean ± 95 % CI); a
     modality the method does not use has no bar."""
@@ -274,6 +297,7 @@ def plot_shapley(records: Sequence[Mapping[str, Any]], path: Path) -> Path | Non
     return _save(fig, path)
 
 
+@literal_text
 def plot_errors(
     analyses: Mapping[str, list[dict[str, Any]]], path: Path, order: Sequence[str] = ()
 ) -> Path | None:
@@ -342,6 +366,7 @@ def _band(series: list[list[float]]) -> tuple[list[int], list[float], list[float
     return xs, mean, low, high
 
 
+@literal_text
 def plot_curves(
     histories: Mapping[tuple[str, int], list[dict[str, float]]],
     path: Path,
@@ -382,6 +407,7 @@ def plot_curves(
 MAX_SCALAR_PANELS = 12
 
 
+@literal_text
 def plot_method_scalars(
     step_logs: Mapping[tuple[str, int], list[dict[str, Any]]],
     path: Path,
@@ -461,6 +487,7 @@ def modality_curves(
     return out
 
 
+@literal_text
 def plot_modality_curves(
     histories: Mapping[tuple[str, int], list[dict[str, float]]],
     path: Path,

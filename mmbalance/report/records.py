@@ -12,16 +12,16 @@ malformed file into a one-line :class:`~mmbalance.errors.DataError` naming the f
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmbalance.errors import DataError
-from mmbalance.io import read_json
+from mmbalance.config import load_config_yaml
+from mmbalance.errors import ConfigError, DataError, shown
+from mmbalance.io import check_path_usable, read_json, read_text
 
 #: The keys of every record.
 RECORD_KEYS = ("method", "seed", "split", "metric", "value")
@@ -33,11 +33,12 @@ STATUS_SPLIT, STATUS_METRIC = "run", "status"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping (a run's ``config.yaml``), or a :class:`DataError`."""
+    """A YAML mapping (a run's ``config.yaml``), or a :class:`DataError` (aliases and deep
+    nesting are refused, see :class:`~mmbalance.config.ConfigLoader`)."""
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise DataError(f"{str(path)!r} cannot be read as YAML ({type(err).__name__})") from None
+        content = load_config_yaml(read_text(path, limit=1 << 20), repr(str(path)))
+    except (OSError, ConfigError) as err:
+        raise DataError(f"{str(path)!r} cannot be read as YAML ({shown(str(err), 100)})") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -51,12 +52,12 @@ def read_history(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with io.StringIO(read_text(path), newline="") as fh:
             return [
                 {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
                 for row in csv.DictReader(fh)
             ]
-    except (ValueError, TypeError, csv.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, csv.Error):
         raise DataError(f"{str(path)!r} is damaged (a value is not a number)") from None
 
 
@@ -66,7 +67,7 @@ def read_step_logs(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with io.StringIO(read_text(path), newline="") as fh:
             return [
                 {
                     "step": int(row["step"]),
@@ -76,7 +77,7 @@ def read_step_logs(path: Path) -> list[dict[str, Any]]:
                 }
                 for row in csv.DictReader(fh)
             ]
-    except (KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
+    except (KeyError, ValueError, TypeError, csv.Error):
         raise DataError(f"{str(path)!r} is damaged (not step, epoch, name, value rows)") from None
 
 
@@ -143,6 +144,8 @@ def check_records(records: Any, where: str) -> list[dict[str, Any]]:
     for i, r in enumerate(records):
         if not isinstance(r, dict) or any(k not in r for k in RECORD_KEYS):
             raise DataError(f"{where}: record {i} lacks one of {', '.join(RECORD_KEYS)}")
+        if not all(isinstance(r[k], str) for k in ("method", "split", "metric")):
+            raise DataError(f"{where}: record {i} has a method, split or metric that is not a name")
         value = r["value"]
         if r["split"] == STATUS_SPLIT:
             if not isinstance(value, str):
@@ -170,7 +173,7 @@ class ResultSet:
             f = run_dir / "analysis.json"
             if f.is_file():
                 analysis = read_json(f)
-                if not isinstance(analysis, dict):
+                if not is_analysis(analysis):
                     raise DataError(f"{str(f)!r} does not hold an analysis")
                 out.setdefault(method, []).append(analysis)
         return out
@@ -207,17 +210,52 @@ class ResultSet:
         return out
 
     def configs(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """``{(method, seed): config.yaml}`` of the runs that have one."""
-        return {
-            key: read_yaml(run_dir / "config.yaml")
-            for key, run_dir in self.runs.items()
-            if (run_dir / "config.yaml").is_file()
-        }
+        """``{(method, seed): config.yaml}`` of the runs that have one (each section a
+        mapping, else a :class:`DataError`)."""
+        out = {}
+        for key, run_dir in self.runs.items():
+            path = run_dir / "config.yaml"
+            if path.is_file():
+                cfg = read_yaml(path)
+                for section, value in cfg.items():
+                    if not isinstance(section, str) or (
+                        section != "unimodal_heads" and not isinstance(value, dict)
+                    ):
+                        raise DataError(f"{str(path)!r}: {shown(section)} is not a section")
+                out[key] = cfg
+        return out
+
+
+def _optional_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def is_analysis(analysis: Any) -> bool:
+    """Whether ``analysis`` has the form of an ``analysis.json`` (the parts a report reads)."""
+    if not isinstance(analysis, dict):
+        return False
+    errors = analysis.get("errors")
+    if errors is None:
+        return True
+    if not isinstance(errors, dict) or not isinstance(errors.get("groups"), dict):
+        return False
+    if isinstance(errors.get("n"), bool) or not isinstance(errors.get("n"), int):
+        return False
+    numbers = ("routing_rate", "synergy_rate", "fused_accuracy")
+    if not all(_optional_number(errors.get(k)) for k in numbers):
+        return False
+    for name, group in errors["groups"].items():
+        if not isinstance(name, str) or not isinstance(group, dict):
+            return False
+        if not all(_optional_number(group.get(k)) for k in ("count", "fraction", "fused_accuracy")):
+            return False
+    return True
 
 
 def load_result_set(path: str | Path) -> ResultSet:
     """Read a compare directory (``results.json``) or a single run directory (``metrics.json``)."""
     root = Path(path)
+    check_path_usable(root)
     if (root / "results.json").is_file():
         where = str(root / "results.json")
         records = check_records(read_json(root / "results.json"), repr(where))
@@ -234,8 +272,11 @@ def load_result_set(path: str | Path) -> ResultSet:
         label, seed = "run", 0
         if (root / "config.yaml").is_file():
             cfg = read_yaml(root / "config.yaml")
-            label = str((cfg.get("method") or {}).get("name", label))
-            seed = int((cfg.get("train") or {}).get("seed", seed))
+            method, train = cfg.get("method"), cfg.get("train")
+            if isinstance(method, dict) and isinstance(method.get("name"), str):
+                label = method["name"]
+            if isinstance(train, dict) and type(train.get("seed")) is int:
+                seed = train["seed"]
         try:
             records = run_records(label, seed, summary)
         except DataError as err:

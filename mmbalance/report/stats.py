@@ -73,13 +73,35 @@ def t_half_width(std: float, n: int, level: float = LEVEL) -> float:
     return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number, else None (NaN, infinite, not a number:
+    edited files may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return value if math.isfinite(value) else None
+
+
 def describe(values: Iterable[float | None]) -> Stat | None:
-    """Mean, sample std, count and 95 % t interval of the finite ``values`` (None if none)."""
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    """Mean, sample std, count and 95 % t interval of the finite ``values`` (None if none).
+
+    Values near the largest float (1e308, in an edited file) overflow the sums: they are then
+    averaged scaled by their largest magnitude."""
+    v = [x for x in map(_finite, values) if x is not None]
     if not v:
         return None
-    std = statistics.stdev(v) if len(v) > 1 else 0.0
-    return Stat(statistics.fmean(v), std, len(v), t_half_width(std, len(v)))
+    try:
+        mean = statistics.fmean(v)
+        std = statistics.stdev(v) if len(v) > 1 else 0.0
+    except OverflowError:
+        scale = max(abs(x) for x in v)
+        u = [x / scale for x in v]
+        mean = statistics.fmean(u) * scale
+        std = (statistics.stdev(u) if len(u) > 1 else 0.0) * scale
+    return Stat(mean, std, len(v), t_half_width(std, len(v)))
 
 
 def by_seed(
@@ -88,8 +110,9 @@ def by_seed(
     """``{method: {seed: value}}`` of one metric on one split (methods in first-seen order)."""
     out: dict[str, dict[int, float]] = {}
     for r in records:
-        if r["split"] == split and r["metric"] == metric and r["value"] is not None:
-            out.setdefault(r["method"], {})[int(r["seed"])] = float(r["value"])
+        value = _finite(r["value"])
+        if r["split"] == split and r["metric"] == metric and value is not None:
+            out.setdefault(r["method"], {})[int(r["seed"])] = value
     return out
 
 
@@ -164,7 +187,7 @@ def paired_tests(
         return {}
     ref = values[reference]
     diffs = {
-        method: [v[s] - ref[s] for s in sorted(v) if s in ref]
+        method: [v[s] - ref[s] for s in sorted(v) if s in ref and math.isfinite(v[s] - ref[s])]
         for method, v in values.items()
         if method != reference
     }

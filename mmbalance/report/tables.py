@@ -85,18 +85,58 @@ def inline_html(text: str) -> str:
 
 
 # --- Markdown ------------------------------------------------------------------------------------
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+#: What Markdown (or GitHub's math) would read as markup in a line of text: a backslash (which
+#: escapes), code and emphasis marks, table cells, math; a ``]`` that closes a link, an image or
+#: a link definition (followed by ``(``, ``[`` or ``:``); raw HTML and autolinks (``<`` before a
+#: letter, ``/``, ``!`` or ``?``); character references (``&`` before a letter or ``#``).
+_MD_SPECIAL = re.compile(r"[\\`*|$]|\](?=[(\[:])|<(?=[A-Za-z/!?])|&(?=[A-Za-z#])")
+
+
+def md_text(text: str) -> str:
+    """``text`` as literal Markdown: everything that could start markup is escaped with a
+    backslash (see :data:`_MD_SPECIAL`), and line breaks become spaces, so that a label, a file
+    name or a value from a config never becomes a link, an image, HTML, code or a new block;
+    text that cannot (``mmpareto[latent]``, ``<0.001``) is left as it reads."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), " ".join(text.splitlines()))
+
+
+def md_code(text: str, table: bool = False) -> str:
+    """``text`` as a Markdown code span whose fence is longer than any run of backticks in it
+    (a code span's content is never markup); ``table``: inside a table cell, where ``|``
+    must still be escaped."""
+    text = " ".join(text.splitlines())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    if table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_inline(text: str, table: bool = False) -> str:
+    """``text`` with its inline marks (``**bold**``, ```code```) as Markdown and everything
+    else escaped (:func:`md_text`), so the user's strings in it (method labels, option values,
+    names read from files) are shown as written and never as markup."""
+    parts = []
+    for i, piece in enumerate(_MARK.split(text)):
+        if i % 2 == 0:
+            parts.append(md_text(piece))
+        elif piece.startswith("**"):
+            parts.append(f"**{md_text(piece[2:-2])}**")
+        else:
+            parts.append(md_code(piece[1:-1], table))
+    return "".join(parts)
 
 
 def to_markdown(table: Table) -> str:
-    """A GitHub-flavoured Markdown table (title as a bold line above it, notes below)."""
-    lines = [f"**{table.title}**", ""] if table.title else []
-    lines.append("| " + " | ".join(_md_cell(c.title) for c in table.columns) + " |")
+    """A GitHub-flavoured Markdown table (title as a bold line above it, notes below); every
+    cell, title and note goes through :func:`md_inline`."""
+    lines = [f"**{md_inline(table.title)}**", ""] if table.title else []
+    lines.append("| " + " | ".join(md_inline(c.title, True) for c in table.columns) + " |")
     lines.append("|" + "".join("---:|" if c.align == "right" else "---|" for c in table.columns))
-    lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in table.rows]
+    lines += ["| " + " | ".join(md_inline(cell, True) for cell in row) + " |" for row in table.rows]
     if table.notes:
-        lines += ["", *(f"{n}\n" for n in table.notes)]
+        lines += ["", *(f"{md_inline(n)}\n" for n in table.notes)]
         lines[-1] = lines[-1].rstrip("\n")
     return "\n".join(lines)
 

@@ -49,14 +49,8 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def _global_batches(self) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen)
-        if self.indices is not None:
-            order = self.indices[order]
-        batches = list(order.split(self.batch_size))
-        last = batches[-1]
-        if len(last) < 2 or len(last) % self.world_size:
-            batches.pop()  # a remainder that cannot be split evenly (or a single sample)
-        return batches
+        indices = torch.arange(self.n) if self.indices is None else self.indices
+        return shuffled_batches(indices, self.batch_size, self.world_size, gen)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._global_batches():
@@ -65,6 +59,57 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._global_batches())
+
+
+def shuffled_batches(
+    indices: torch.Tensor, batch_size: int, world_size: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """``indices`` in an order drawn from ``gen``, cut into global batches of ``batch_size``; a
+    remainder that cannot be split evenly over the ranks (or a single sample) is dropped."""
+    if len(indices) == 0:
+        return []
+    batches = list(indices[torch.randperm(len(indices), generator=gen)].split(batch_size))
+    last = batches[-1]
+    if len(last) < 2 or len(last) % world_size:
+        batches.pop()
+    return batches
+
+
+class SubsetBatchSampler(Sampler[list[int]]):
+    """Training batches of a re-sampled epoch (``Method.epoch_subsets``): every subset in turn,
+    each shuffled from ``(seed, epoch, its position)`` and cut into batches like
+    :class:`EpochBatchSampler`, sharded over ranks the same way. :attr:`names` gives the subset
+    of every batch, in order."""
+
+    def __init__(
+        self,
+        subsets: list[tuple[str, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} must be divisible by the {world_size} processes"
+            )
+        self.rank, self.world_size = rank, world_size
+        self.batches: list[torch.Tensor] = []
+        self.names: list[str] = []
+        for position, (name, index) in enumerate(subsets):
+            gen = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + position)
+            chunk = shuffled_batches(index, batch_size, world_size, gen)
+            self.batches += chunk
+            self.names += [name] * len(chunk)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            chunk = len(batch) // self.world_size
+            yield batch[self.rank * chunk : (self.rank + 1) * chunk].tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class ShardBatchSampler(Sampler[list[int]]):

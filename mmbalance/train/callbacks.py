@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
+import secrets
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from torch import Tensor
 from mmbalance.builder.resolve import ResolvedConfig
 from mmbalance.errors import ConfigError
 from mmbalance.eval.curves import epoch_curves
-from mmbalance.io import write_text_atomic
+from mmbalance.io import make_dir, write_text_atomic
 from mmbalance.train.loop import Callback, RunResult, Trainer
 
 
@@ -100,7 +101,13 @@ class EpochCurves(Callback):
 
 class TensorBoard(Callback):
     """TensorBoard events under ``tb/``: every number of each epoch's row (by epoch) and the
-    method's per-step scalars under ``step/<name>`` (by global step)."""
+    method's per-step scalars under ``step/<name>`` (by global step).
+
+    TensorBoard's writer is the one file mmbalance does not write itself: it appends to its
+    event file as training goes. So that it cannot be led through a link, ``tb/`` is made a real
+    directory inside the run directory (a link planted there is replaced,
+    :func:`~mmbalance.io.make_dir`) and the event file's name ends in a random suffix, so no
+    name can be planted in advance."""
 
     def __init__(self) -> None:
         self._writer: Any = None
@@ -116,7 +123,9 @@ class TensorBoard(Callback):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(trainer.out_dir / "tb"))
+            log_dir = make_dir(trainer.out_dir / "tb")
+            suffix = f".{secrets.token_hex(8)}"
+            self._writer = SummaryWriter(str(log_dir), filename_suffix=suffix)
         epoch = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch":

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from mmbalance.errors import DataError
-from mmbalance.io import save_atomic
+from mmbalance.io import check_zip_archive, save_atomic
 
 __all__ = [
     "BEST_KEYS",
     "LAST_KEYS",
+    "checkpoint_budget",
     "load_checkpoint",
     "plain",
     "rng_state",
@@ -75,18 +76,27 @@ def save_checkpoint(obj: Mapping[str, Any], path: Path) -> None:
     save_atomic(plain(obj), path)
 
 
-def load_checkpoint(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    required: Sequence[str] = (),
+    max_bytes: int | None = None,
+    mmap: bool = False,
+) -> dict[str, Any]:
     """Load a checkpoint without executing anything it contains.
 
-    Raises a one-line :class:`DataError` when the file is missing, truncated, not a checkpoint,
-    holds anything but tensors and plain values (a pickle that would run code), is not a mapping,
-    or lacks one of the ``required`` keys.
+    Raises a one-line :class:`DataError` when the file is missing, not a regular file,
+    truncated, not a checkpoint, holds compressed entries or declares more than ``max_bytes``
+    (default: its own size; see :func:`checkpoint_budget`), holds anything but tensors and plain
+    values (a pickle that would run code), is not a mapping, or lacks one of the ``required``
+    keys. The sizes are checked in the archive's directory before any tensor is read.
+    ``mmap``: map the tensors' storage instead of reading it (to read a small entry).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} does not exist")
+    check_zip_archive(path, path.stat().st_size if max_bytes is None else max_bytes)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise DataError(
             f"checkpoint {str(path)!r} is corrupt, unreadable or holds more than tensors and "
@@ -103,6 +113,15 @@ def load_checkpoint(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
             f"{', '.join(missing)})"
         )
     return ckpt
+
+
+def checkpoint_budget(*modules: torch.nn.Module) -> int:
+    """The most a checkpoint of ``modules`` can hold: their parameters and buffers four times
+    over (the weights, an optimizer's two moments, a method's copies) plus 64 MiB for the
+    history, step logs and RNG states. A checkpoint declaring more was not written for this
+    configuration, and is refused before it is read."""
+    weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+    return 4 * weights + (64 << 20)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -38,10 +38,11 @@ weights are always those that were scored.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,16 +51,26 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
+import mmbalance
+from mmbalance.builder.assemble import data_fingerprint
 from mmbalance.builder.resolve import ResolvedConfig
 from mmbalance.data.base import Batch, DatasetBundle, stratified_split
-from mmbalance.errors import DataError, MMBalanceError, TrainingDiverged
+from mmbalance.errors import (
+    ConfigError,
+    DataError,
+    MMBalanceError,
+    NoSpaceLeft,
+    TrainingDiverged,
+    shown,
+)
 from mmbalance.eval.analysis import analyze_model
 from mmbalance.eval.metrics import selection_key, task_metrics
 from mmbalance.eval.robustness import RATES, robustness_metrics
-from mmbalance.io import write_json_atomic
+from mmbalance.io import is_written_file, write_json_atomic
 from mmbalance.methods.base import (
     TRAINING_SPLITS,
     EpochContext,
+    EpochSubset,
     Method,
     Phase,
     SplitFeatures,
@@ -68,20 +79,32 @@ from mmbalance.methods.base import (
 from mmbalance.methods.protocol import TrainingProtocol
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.optim import OPTIMIZERS, build_optimizer, lr_factor
-from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
+from mmbalance.train.batching import (
+    EpochBatchSampler,
+    ShardBatchSampler,
+    SubsetBatchSampler,
+    make_loader,
+)
 from mmbalance.train.checkpoint import (
     BEST_KEYS,
     LAST_KEYS,
+    checkpoint_budget,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from mmbalance.train.rundir import config_hash
 
 
 @dataclass
 class RunResult:
-    """The outcome of one run: final metrics per split for the validation-selected model."""
+    """The outcome of one run: final metrics per split for the validation-selected model.
+
+    ``config`` and ``data`` identify what was trained: the hash of the configuration
+    (:func:`~mmbalance.train.rundir.config_hash`) and the fingerprint of the data
+    (:func:`~mmbalance.builder.assemble.data_fingerprint`); ``metrics.json`` records both, so
+    that a comparison reuses a finished run only for the same configuration and data."""
 
     out_dir: Path
     metrics: dict[str, dict[str, float]]
@@ -89,6 +112,8 @@ class RunResult:
     epochs_run: int
     bayes_accuracy: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    config: str = ""
+    data: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +121,8 @@ class RunResult:
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "bayes_accuracy": self.bayes_accuracy,
+            "config": self.config,
+            "data": self.data,
         }
 
 
@@ -148,7 +175,13 @@ class Trainer:
         initial_encoder_state: Mapping[str, Tensor] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
+        if method.grows_module and fabric.world_size > 1:
+            raise ConfigError(
+                f"method {method.name!r} adds parameters while it trains, which a model wrapped "
+                "for several processes cannot take: run it with train.devices=1"
+            )
         self.fabric, self.cfg, self.data = fabric, cfg, data
+        self.data_fingerprint = data_fingerprint(cfg, data)  # recorded in what the run writes
         self.method, self.out_dir = method, out_dir
         self.model = model
         self.initial_encoder_state = initial_encoder_state
@@ -177,7 +210,7 @@ class Trainer:
         protocol.backward = fabric.backward
         protocol.all_reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")
         protocol.world_size = fabric.world_size
-        protocol.gather = lambda local: _gather_once(fabric, local)
+        protocol.gather = lambda local: gather_in_order(fabric.all_gather, fabric.world_size, local)
         if t.precision != "32-true":
             protocol.autocast = fabric.autocast
         rank, world = fabric.global_rank, fabric.world_size
@@ -218,9 +251,10 @@ class Trainer:
     def run(self, resume: bool) -> RunResult:
         t = self.cfg.train
         last = self.out_dir / "last.ckpt"
-        if resume and last.is_file():
-            self._restore(load_checkpoint(last, LAST_KEYS), last)
-        elif last.is_file() and not resume:
+        if resume and is_written_file(last):
+            budget = checkpoint_budget(self.module, self.method_module)
+            self._restore(load_checkpoint(last, LAST_KEYS, budget), last)
+        elif is_written_file(last) and not resume:
             raise MMBalanceError(
                 f"{str(self.out_dir)!r} already holds a run; resume it or choose another --out"
             )
@@ -241,8 +275,10 @@ class Trainer:
             started = time.perf_counter()
             start_ctx = self.epoch_context(epoch)
             lr = t.lr * lr_factor(t, epoch)
-            scales = self.protocol.begin_epoch(start_ctx, self.optimizer, lambda _, lr=lr: lr)
-            train_stats = self._train_epoch(epoch)
+            begun = self.protocol.begin_epoch(
+                start_ctx, self.optimizer, lambda _, lr=lr: lr, self.split_index["train"]
+            )
+            train_stats = self._train_epoch(epoch, begun.subsets)
             # the loss is checked at every step, but the weights after an epoch's last step only
             # here: never evaluate, select or save non-finite weights
             if not self._weights_finite():
@@ -258,14 +294,17 @@ class Trainer:
                 best = {
                     "model": self.model.state_dict(),
                     "method_module": self.method_module.state_dict(),
+                    "method_layout": self.method.module_layout(),
                     "epoch": epoch,
+                    "data": self.data_fingerprint,
                 }
                 self._save("best.ckpt", best)
             else:
                 self.bad_epochs += 1
             end_ctx = self.epoch_context(epoch, val)
-            row = {"epoch": epoch, "lr": lr, **{f"lr_scale_{k}": v for k, v in scales.items()}}
-            row |= train_stats | self.protocol.end_epoch(start_ctx, end_ctx)
+            row = {"epoch": epoch, "lr": lr}
+            row |= {f"lr_scale_{k}": v for k, v in begun.scales.items()}
+            row |= train_stats | self.protocol.end_epoch(start_ctx, end_ctx, self.optimizer)
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             stopped = t.patience is not None and self.bad_epochs >= t.patience
@@ -275,16 +314,35 @@ class Trainer:
                 callback.on_epoch_end(self, row)
         return self._finish()
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def _train_epoch(
+        self, epoch: int, subsets: Sequence[EpochSubset] | None = None
+    ) -> dict[str, float]:
+        """One epoch of steps: over the whole training split, or over the method's subsets (see
+        :meth:`~mmbalance.methods.base.Method.epoch_subsets`) in turn."""
         fabric = self.fabric
         self.train_mode()
-        self.train_sampler.set_epoch(epoch)
+        names: list[str | None]
+        if subsets is None:
+            self.train_sampler.set_epoch(epoch)
+            loader = self.loaders["train"]
+            names = [None] * len(loader)
+        else:
+            t = self.cfg.train
+            sampler = SubsetBatchSampler(
+                [(s.name, s.index) for s in subsets],
+                t.batch_size,
+                t.seed,
+                epoch,
+                fabric.global_rank,
+                fabric.world_size,
+            )
+            loader = make_loader(self.data.splits["train"], sampler, t.num_workers)
+            names = list(sampler.names)
         sums: dict[str, float] = {}
         count = 0
-        loader = self.loaders["train"]
-        batches = len(loader)
+        batches = len(names)
         for batch in loader:
-            terms = self.train_step(batch.to(fabric.device), epoch, count / batches)
+            terms = self.train_step(batch.to(fabric.device), epoch, count / batches, names[count])
             value = sum(terms.values())
             sums["train_loss"] = sums.get("train_loss", 0.0) + value
             for name, term_value in terms.items():
@@ -300,14 +358,22 @@ class Trainer:
         if self.method.freezes_encoders:
             self.model.encoders.eval()
 
-    def train_step(self, batch: Batch, epoch: int, progress: float = 0.0) -> dict[str, float]:
+    def train_step(
+        self, batch: Batch, epoch: int, progress: float = 0.0, subset: str | None = None
+    ) -> dict[str, float]:
         """One optimisation step on ``batch`` (already on the device): the method's forward
         transformation and losses, its backward and gradient rewrite, clipping, the optimizer
-        step. ``progress`` is the fraction of the epoch's batches before this one. Returns the
-        loss terms as floats. The cost benchmark times exactly this call.
+        step. ``progress`` is the fraction of the epoch's batches before this one, ``subset``
+        the epoch subset the batch comes from (``None`` in the usual epoch). Returns the loss
+        terms as floats. The cost benchmark times exactly this call.
         """
         ctx = self.protocol.context(
-            batch.targets, batch.inputs, epoch, index=batch.index, epoch_progress=progress
+            batch.targets,
+            batch.inputs,
+            epoch,
+            index=batch.index,
+            epoch_progress=progress,
+            subset=subset,
         )
         terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
         if ctx.logs:
@@ -462,11 +528,15 @@ class Trainer:
         best_epoch = -1
         if self.best is not None:
             best = self.out_dir / "best.ckpt"
-            state = load_checkpoint(best, BEST_KEYS)
+            budget = checkpoint_budget(self.model, self.method_module)
+            state = load_checkpoint(best, BEST_KEYS, budget)
             load_state(self.model, state["model"], best)
             if "method_module" in state:  # methods whose own module shapes the prediction
+                self.restore_layout(state, best)
                 load_state(self.method_module, state["method_module"], best)
-            best_epoch = int(state["epoch"])
+            best_epoch = state["epoch"]
+            if _integer(best_epoch) is None or not 0 <= best_epoch < max(1, len(self.history)):
+                raise DataError(f"checkpoint {str(best)!r} holds epoch {shown(best_epoch)}")
         metrics = {split: self.evaluate(split) for split in ("val", "test")}
         if self.fabric.is_global_zero:
             splits = self.data.splits
@@ -489,6 +559,8 @@ class Trainer:
             len(self.history),
             self.data.bayes_accuracy,
             self.history,
+            config_hash(self.cfg),
+            self.data_fingerprint,
         )
         if self.fabric.is_global_zero:
             write_json_atomic(self.out_dir / "metrics.json", result.to_json())
@@ -520,38 +592,75 @@ class Trainer:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "phase": None if self.phase is None else self.phase.name,
+            "method_layout": self.method.module_layout(),
+            # what was trained: the configuration (checked on resume) and the data
+            "config": json.dumps(self.cfg.identity(), sort_keys=True),
+            "data": self.data_fingerprint,
+            "version": mmbalance.__version__,
         }
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
-        rngs, world = ckpt["rng"], self.fabric.world_size
-        if not isinstance(rngs, list) or len(rngs) != world:
+        """Continue from ``last.ckpt``, after checking every field it provides: the data it was
+        trained on, its epoch, step, history, step logs, selection state and the RNG states of
+        every process (one line naming the field if one is out of range or malformed)."""
+        world = self.fabric.world_size
+        if ckpt.get("data") != self.data_fingerprint:
             raise DataError(
-                f"checkpoint {str(path)!r} holds the RNG states of "
-                f"{len(rngs) if isinstance(rngs, list) else 'no list of'} processes, this run "
-                f"has {world}"
+                f"checkpoint {str(path)!r} was trained on other data than dataset "
+                f"{self.data.name!r} holds now (its files changed since); it cannot be resumed"
             )
+        self.restore_layout(ckpt, path)
+        fields = check_resume_fields(ckpt, self.cfg.train.epochs, world)
+        if fields is not None:
+            raise DataError(f"checkpoint {str(path)!r} is damaged: {fields}; not resumed")
+        rngs = ckpt["rng"]
         load_state(self.module, ckpt["module"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.method.load_state_dict(ckpt["method"])
-            self.step = int(ckpt["step"])
-            self.history = list(ckpt["history"])
-            self.step_logs = list(ckpt["step_logs"])
-            self.best = ckpt["best"]
-            self.bad_epochs = int(ckpt["bad_epochs"])
-            self.start_epoch = int(ckpt["epoch"]) + 1
-            phase_name = ckpt.get("phase")
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             raise DataError(
                 f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
             ) from None
+        self.step = ckpt["step"]
+        self.history = [dict(row) for row in ckpt["history"]]
+        self.step_logs = [dict(row) for row in ckpt["step_logs"]]
+        best = ckpt["best"]
+        self.best = None if best is None else {"key": list(best["key"]), "epoch": best["epoch"]}
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.start_epoch = ckpt["epoch"] + 1
+        phase_name = ckpt.get("phase")
         set_rng_state(rngs[self.fabric.global_rank])
         self.saved_epoch = self.start_epoch - 1
         self.protocol.resume_phase(phase_name, self.start_epoch - 1)
 
+    def restore_layout(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Rebuild the method's module to the layout a checkpoint's weights have (methods that
+        grow it), and give any new parameters to the optimizer."""
+        layout = ckpt.get("method_layout") or {}
+        if not isinstance(layout, Mapping):
+            raise DataError(f"checkpoint {str(path)!r} does not match this run (method_layout)")
+        try:
+            self.protocol.restore_module_layout(layout, self.optimizer)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
+            ) from None
+
     def _save(self, name: str, obj: Any) -> None:
         if self.fabric.is_global_zero:
-            save_checkpoint(obj, self.out_dir / name)
+            try:
+                save_checkpoint(obj, self.out_dir / name)
+            except NoSpaceLeft as err:
+                last = self.out_dir / "last.ckpt"
+                if self.saved_epoch is not None and last.is_file():
+                    kept = f"the last good checkpoint is {last} (end of epoch {self.saved_epoch})"
+                else:
+                    kept = "no checkpoint was saved before it"
+                raise NoSpaceLeft(
+                    f"{str(err).partition(';')[0]} (epoch {obj['epoch']}, counted from 0); "
+                    f"{kept}; free some space and resume with --resume"
+                ) from None
         self.fabric.barrier()
 
     def _notice_gradient_scaling(self) -> None:
@@ -594,18 +703,22 @@ def _hold_out(train: Any, method: Method, seed: int) -> tuple[Tensor, Tensor | N
     return kept, held
 
 
-def _gather_once(fabric: Fabric, local: dict[str, Tensor]) -> dict[str, Tensor]:
-    """All-gather per-rank predictions of uneven length and restore dataset order."""
-    if fabric.world_size == 1:
+def gather_in_order(
+    all_gather: Callable[[Tensor], Tensor], world_size: int, local: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """All-gather per-rank predictions of uneven length and restore dataset order (by
+    ``local["index"]``); ``all_gather`` stacks a tensor of every rank, ``(world, ...)`` (Fabric's,
+    or a Lightning strategy's)."""
+    if world_size == 1:
         return local
-    n = torch.tensor([local["index"].shape[0]], device=fabric.device)
-    sizes = fabric.all_gather(n).reshape(-1)
+    n = torch.tensor([local["index"].shape[0]], device=local["index"].device)
+    sizes = all_gather(n).reshape(-1)
     longest = int(sizes.max())
     out: dict[str, Tensor] = {}
     for k, v in local.items():
         padded = torch.zeros((longest, *v.shape[1:]), dtype=v.dtype, device=v.device)
         padded[: v.shape[0]] = v
-        gathered = fabric.all_gather(padded)  # (world, longest, ...)
+        gathered = all_gather(padded)  # (world, longest, ...)
         out[k] = torch.cat([gathered[r, : int(sizes[r])] for r in range(len(sizes))])
     order = torch.argsort(out["index"])
     return {k: v[order] for k, v in out.items()}
@@ -626,3 +739,84 @@ def load_state(module: nn.Module, state: Any, path: Path) -> None:
 def encoder_state(model: MultimodalModel) -> dict[str, Tensor]:
     """A copy of the encoders' parameters and buffers (keys of ``model.encoders.state_dict()``)."""
     return {k: v.detach().clone() for k, v in model.encoders.state_dict().items()}
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: The RNG state tensors of one process in ``last.ckpt``: name -> (dtype, length or None).
+RNG_FIELDS: dict[str, tuple[torch.dtype, int | None]] = {
+    "torch": (torch.uint8, None),
+    "numpy_keys": (torch.int64, 624),
+    "numpy_pos": (torch.int64, 2),
+    "numpy_gauss": (torch.float64, 1),
+    "python": (torch.int64, 626),
+    "python_gauss": (torch.float64, 1),
+}
+
+
+def check_resume_fields(ckpt: Mapping[str, Any], epochs: int, world: int) -> str | None:
+    """What is wrong with the resume fields of ``last.ckpt`` (None: nothing): the epoch it
+    ended (0 <= epoch < ``epochs``), the step, one history row per epoch, step logs of earlier
+    steps and epochs, the selection state (``best``: its key and an epoch not after the last,
+    ``bad_epochs``) and one well-formed RNG state per process (``world``)."""
+    epoch, step, bad = (_integer(ckpt.get(k)) for k in ("epoch", "step", "bad_epochs"))
+    if epoch is None or not 0 <= epoch < epochs:
+        return f"epoch {shown(ckpt.get('epoch'))} is not in 0..{epochs - 1}"
+    if step is None or step < 0:
+        return f"step {shown(ckpt.get('step'))} is not a count of steps"
+    history = ckpt.get("history")
+    if not isinstance(history, list) or len(history) != epoch + 1:
+        return f"the history is not one row for each of the {epoch + 1} epochs"
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not all(
+            isinstance(k, str) and _number(v) for k, v in row.items()
+        ):
+            return f"history row {i} is not a row of numbers"
+        if row.get("epoch") != i:
+            return f"history row {i} is of epoch {shown(row.get('epoch'))}"
+    logs = ckpt.get("step_logs")
+    if not isinstance(logs, list):
+        return "the step logs are not a list"
+    for i, row in enumerate(logs):
+        if not isinstance(row, dict) or not all(
+            isinstance(k, str) and _number(v) for k, v in row.items()
+        ):
+            return f"step log {i} is not a row of numbers"
+        s, e = _integer(row.get("step")), _integer(row.get("epoch"))
+        if s is None or e is None or not (0 <= s < max(step, 1) and 0 <= e <= epoch):
+            return f"step log {i} names step {shown(row.get('step'))} of epoch {shown(row.get('epoch'))}"
+    best = ckpt.get("best")
+    if best is not None:
+        if not isinstance(best, dict) or set(best) != {"key", "epoch"}:
+            return f"best {shown(best)} is not a selection state"
+        key, at = best["key"], _integer(best["epoch"])
+        if not (isinstance(key, list) and len(key) == 2 and all(map(_number, key))):
+            return f"best key {shown(key)} is not two numbers"
+        if at is None or not 0 <= at <= epoch:
+            return f"best epoch {shown(best['epoch'])} is not in 0..{epoch}"
+    if bad is None or not 0 <= bad <= epoch + 1:
+        return f"bad_epochs {shown(ckpt.get('bad_epochs'))} is not in 0..{epoch + 1}"
+    phase = ckpt.get("phase")
+    if phase is not None and not isinstance(phase, str):
+        return f"phase {shown(phase)} is not a name"
+    rngs = ckpt.get("rng")
+    if not isinstance(rngs, list) or len(rngs) != world:
+        count = len(rngs) if isinstance(rngs, list) else "no list of"
+        return f"it holds the RNG states of {count} processes, this run has {world}"
+    for rank, state in enumerate(rngs):
+        if not isinstance(state, dict):
+            return f"the RNG state of rank {rank} is not a mapping"
+        for name, (dtype, length) in RNG_FIELDS.items():
+            t = state.get(name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+                return f"RNG state {name!r} of rank {rank} is not a vector of {dtype}"
+            if length is not None and t.numel() != length:
+                return f"RNG state {name!r} of rank {rank} has {t.numel()} values, not {length}"
+    return None

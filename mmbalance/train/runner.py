@@ -24,18 +24,22 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from torch import Tensor
+from torch.multiprocessing import ProcessExitedException
 
 from mmbalance.builder.assemble import build_components, build_dataset
 from mmbalance.builder.engine import check_engine, make_fabric
 from mmbalance.builder.resolve import ResolvedConfig, resolve_config
 from mmbalance.errors import DataError, MMBalanceError
+from mmbalance.io import check_path_usable, is_written_file, make_dir, output_lock
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.plugins import load_specs, loaded_specs
 from mmbalance.train.callbacks import default_callbacks
-from mmbalance.train.checkpoint import BEST_KEYS, load_checkpoint
+from mmbalance.train.checkpoint import BEST_KEYS, checkpoint_budget, load_checkpoint
 from mmbalance.train.loop import Callback, RunResult, Trainer, encoder_state, load_state
 from mmbalance.train.rundir import (
+    check_resumable,
     check_run_dir,
+    checkpoint_config,
     saved_overrides,
     write_data_record,
     write_run_config,
@@ -59,18 +63,35 @@ def fit(
     out_dir = Path(out_dir)
     check_engine(cfg)
     check_run_dir(cfg, out_dir, resume)
-    fabric = make_fabric(cfg)
-    chosen = None if callbacks is None else list(callbacks)
-    if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
-        if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
-            result = fabric.launch(
-                _fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen, loaded_specs()
-            )
-            if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
-                raise result
-            return result
-        fabric.launch()
-    return _fit_in_process(fabric, cfg, out_dir, resume, chosen)
+    stage = out_dir / "pretrain"
+    if resume and not is_written_file(out_dir / "last.ckpt"):
+        # killed in its pre-training stage: that stage resumes what it was trained with
+        if is_written_file(stage / "last.ckpt"):
+            old = checkpoint_config(stage / "last.ckpt")
+            check_resumable(old, pretraining_config(cfg).identity(), stage)
+    with output_lock(out_dir):
+        fabric = make_fabric(cfg)
+        chosen = None if callbacks is None else list(callbacks)
+        if fabric.world_size > 1 and isinstance(fabric.strategy, DDPStrategy):
+            if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
+                try:
+                    result = fabric.launch(
+                        _fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen, loaded_specs()
+                    )
+                except ProcessExitedException as err:
+                    how = f"killed by {err.signal_name}" if err.signal_name else "exited"
+                    if not err.signal_name:
+                        how += f" with status {err.exit_code}"
+                    raise MMBalanceError(
+                        f"the training process of rank {err.error_index} (pid {err.error_pid}) was "
+                        f"{how}; the other ranks were stopped; the run in {str(out_dir)!r} can "
+                        "be resumed with --resume"
+                    ) from None
+                if isinstance(result, MMBalanceError):  # raised in the workers: one line here too
+                    raise result
+                return result
+            fabric.launch()
+        return _fit_in_process(fabric, cfg, out_dir, resume, chosen)
 
 
 def _fit_in_worker(
@@ -178,21 +199,29 @@ def _fit_in_process(
     return trainer.run(resume)
 
 
+def pretraining_config(cfg: ResolvedConfig) -> ResolvedConfig:
+    """The configuration of ``cfg``'s unimodal pre-training stage (``OUT/pretrain``)."""
+    epochs = cfg.train.unimodal_pretrain_epochs or cfg.train.epochs
+    return replace(
+        cfg.with_method("ensemble"),
+        unimodal_heads=True,
+        train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
+    )
+
+
 def _unimodal_pretraining(
     fabric: Fabric, cfg: ResolvedConfig, out_dir: Path, model: MultimodalModel, resume: bool
 ) -> None:
     """Train each encoder with its unimodal head alone (the ``ensemble`` method), then copy the
     validation-selected encoders and heads into ``model``."""
-    epochs = cfg.train.unimodal_pretrain_epochs or cfg.train.epochs
-    pre_cfg = replace(
-        cfg.with_method("ensemble"),
-        unimodal_heads=True,
-        train=replace(cfg.train, epochs=epochs, unimodal_pretrain_epochs=0),
-    )
-    if not (resume and (out_dir / "metrics.json").is_file()):
+    pre_cfg = pretraining_config(cfg)
+    if not (resume and is_written_file(out_dir / "metrics.json")):
+        if fabric.is_global_zero:
+            make_dir(out_dir)  # inside the run directory: a link planted there is replaced
         stage = default_callbacks(pre_cfg, prefix="unimodal pre-training")
         _fit_in_process(fabric, pre_cfg, out_dir, resume, stage)
-    state = load_checkpoint(out_dir / "best.ckpt", BEST_KEYS)["model"]
+    budget = checkpoint_budget(model)
+    state = load_checkpoint(out_dir / "best.ckpt", BEST_KEYS, budget)["model"]
     keep = {k: v for k, v in state.items() if k.startswith(("encoders.", "unimodal_heads."))}
     if model.unimodal_heads:
         model.load_state_dict(keep, strict=False)
@@ -219,6 +248,7 @@ def evaluate_run(path: str | Path) -> dict[str, dict[str, float]]:
     (``best.ckpt`` or ``last.ckpt``); the run's ``config.yaml`` rebuilds data, model and method.
     """
     path = Path(path)
+    check_path_usable(path)
     trainer = load_run(path if path.is_file() else path / "best.ckpt")
     return {split: trainer.evaluate(split) for split in ("val", "test")}
 
@@ -229,7 +259,7 @@ def load_run(ckpt_path: str | Path) -> Trainer:
     re-evaluating and measuring a finished run)."""
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent
-    if not (run_dir / "config.yaml").is_file():
+    if not is_written_file(run_dir / "config.yaml"):
         raise MMBalanceError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     saved = resolve_config(saved_overrides(run_dir) or {})
     cfg = saved.with_train(devices=1, num_nodes=1, progress=False, tensorboard=False)
@@ -237,12 +267,14 @@ def load_run(ckpt_path: str | Path) -> Trainer:
     data = build_dataset(cfg)
     method, model, method_module = build_components(cfg, data)
     trainer = Trainer(fabric, cfg, data, model, method, method_module, run_dir, callbacks=[])
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, max_bytes=checkpoint_budget(trainer.module))
     if "model" in ckpt:
         load_state(model, ckpt["model"], ckpt_path)
         if "method_module" in ckpt:
+            trainer.restore_layout(ckpt, ckpt_path)
             load_state(trainer.method_module, ckpt["method_module"], ckpt_path)
     elif "module" in ckpt:
+        trainer.restore_layout(ckpt, ckpt_path)
         load_state(trainer.module, ckpt["module"], ckpt_path)
     else:
         raise DataError(f"checkpoint {str(ckpt_path)!r} holds no model weights")

@@ -11,7 +11,8 @@ holds the pieces the datasets share, so each dataset file only knows its release
 * :mod:`~mmbalance.data.clips.frontends`: the papers' audio front-ends (OGM-GE's log-STFT and
   the Kaldi-style fbank of OGM-GE's ``process_audio.py``);
 * :mod:`~mmbalance.data.clips.prepared`: a prepared directory's files (crash-safe per-clip
-  arrays, the manifest, the class list) and the checks that keep every path inside it;
+  arrays, the manifest, the class list, the options it was prepared with), the checks that keep every
+  path inside it and the fingerprint of its files;
 * :mod:`~mmbalance.data.clips.jobs`: the parallel, progress-barred preparation whose jobs never
   raise but return an error string, so one corrupt file is skipped and reported;
 * :mod:`~mmbalance.data.clips.tensors`: stacking, the train/val/test split rule, the
@@ -55,11 +56,14 @@ from mmbalance.data.clips.jobs import (
     run_jobs,
 )
 from mmbalance.data.clips.prepared import (
+    PREPARE_OPTIONS_FILE,
     check_clip_name,
+    files_stamp,
     inside,
     load_npy,
     read_classes,
     read_manifest,
+    record_prepare_options,
     save_npy,
     write_manifest,
 )
@@ -77,6 +81,8 @@ from mmbalance.data.clips.tensors import (
     IMAGENET_STD,
     ClipDataset,
     av_parts,
+    check_disjoint_splits,
+    content_ids,
     frames_transform,
     normalise_flow,
     normalise_rgb,
@@ -92,6 +98,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "PREPARE_OPTIONS_FILE",
     "STFT_SECONDS",
     "STFT_SR",
     "VIDEO_SUFFIXES",
@@ -107,9 +114,12 @@ __all__ = [
     "av_outputs",
     "av_parts",
     "check_clip_name",
+    "check_disjoint_splits",
+    "content_ids",
     "decode_frames",
     "decode_frames_at",
     "fbank_features",
+    "files_stamp",
     "frames_transform",
     "image_files",
     "index_files",
@@ -127,6 +137,7 @@ __all__ = [
     "read_images",
     "read_manifest",
     "read_wav",
+    "record_prepare_options",
     "run_jobs",
     "save_npy",
     "segment_centres",

@@ -27,7 +27,7 @@ from mmbalance.data.clips.decode import (
 from mmbalance.data.clips.frontends import fbank_features, stft_features
 from mmbalance.data.clips.prepared import save_npy, write_manifest
 from mmbalance.errors import DataError
-from mmbalance.io import write_text_atomic
+from mmbalance.io import is_written_file, make_dir, write_text_atomic
 
 #: A preparation job's result: ``(clip, error or None)``.
 JobResult = tuple[str, str | None]
@@ -162,8 +162,8 @@ def prepare_clips(
         return release.outputs(out, clip)
 
     for path in {p.parent for name in names[:1] for p in outputs(name)}:
-        path.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in names if c not in failed and not all(p.exists() for p in outputs(c))]
+        make_dir(path)
+    todo = [c for c in names if c not in failed and not all(map(is_written_file, outputs(c)))]
     done_before = len(names) - len(failed) - len(todo)
     console = console or Console(stderr=True)
     jobs = [release.job(c) for c in todo]
@@ -171,7 +171,7 @@ def prepare_clips(
     rows = [
         {"clip": c, "label": release.label(c), "split": release.split(c)}
         for c in names
-        if c not in failed and all(p.exists() for p in outputs(c))
+        if c not in failed and all(map(is_written_file, outputs(c)))
     ]
     write_manifest(out, rows)
     report = {

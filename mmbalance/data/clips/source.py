@@ -21,17 +21,24 @@ from mmbalance.data.base import (
     ModalitySpec,
 )
 from mmbalance.data.clips.jobs import Release, prepare_clips, print_report
-from mmbalance.data.clips.prepared import read_classes, read_manifest
+from mmbalance.data.clips.prepared import (
+    files_stamp,
+    read_classes,
+    read_manifest,
+    record_prepare_options,
+)
 from mmbalance.data.clips.tensors import (
     AV_TO_TENSOR,
     ClipDataset,
     av_parts,
+    check_disjoint_splits,
+    content_ids,
     normalise_rgb,
     split_indices,
     stack_clips,
 )
 from mmbalance.errors import DataError
-from mmbalance.io import write_text_atomic
+from mmbalance.io import claim_output, output_lock, write_text_atomic
 
 
 @dataclass
@@ -161,21 +168,24 @@ class ClipSource(DatasetSource):
             )
         release = cls.find_clips(raw, out, params)
         settings = {k: v for k, v in asdict(params).items() if k != "workers"}
-        if release.classes is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "classes.txt", "\n".join(release.classes) + "\n")
-            settings["classes"] = len(release.classes)
-        return prepare_clips(
-            dataset=cls.name,
-            title=cls.title,
-            raw=raw,
-            out=out,
-            release=release,
-            workers=params.workers,
-            progress=progress,
-            console=console,
-            settings=settings,
-        )
+        # nothing is written before the release was read and --out is known to be ours
+        claim_output(out, "prepared")
+        with output_lock(out):
+            record_prepare_options(out, cls.name, settings)
+            if release.classes is not None:
+                write_text_atomic(out / "classes.txt", "\n".join(release.classes) + "\n")
+                settings["classes"] = len(release.classes)
+            return prepare_clips(
+                dataset=cls.name,
+                title=cls.title,
+                raw=raw,
+                out=out,
+                release=release,
+                workers=params.workers,
+                progress=progress,
+                console=console,
+                settings=settings,
+            )
 
     @classmethod
     def find_clips(
@@ -189,6 +199,14 @@ class ClipSource(DatasetSource):
         print_report(report, console, cls.title)
 
     # ------------------------------------------------------------------ loading
+
+    def fingerprint(self) -> str | None:
+        """:func:`~mmbalance.data.clips.prepared.files_stamp` of the prepared directory (None
+        when none is set): every file's size, times and inode, which change whenever the file
+        does. The content hash of the stacked arrays is in the bundle's
+        ``details["fingerprint"]``."""
+        root = self.params.root
+        return files_stamp(Path(root).expanduser().resolve()) if root else None
 
     def build(self) -> DatasetBundle:
         p: ClipParams = self.params
@@ -231,18 +249,18 @@ class ClipSource(DatasetSource):
         memory-mapped and each split is a :class:`ClipDataset` over it, so no split copies or
         converts the frames.
         """
-        import hashlib
-
-        from mmbalance.data.cache import cached_arrays
+        from mmbalance.data.cache import cached_arrays_and_hash
 
         p: ClipParams = self.params
         name, title, hint = self.name, self.title, self.prepare_hint()
-        manifest_hash = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+        # keyed on every file of the directory (its manifest included): a file changed since
+        # the cache was built rebuilds it, never reuses stale arrays
         recipe = {
             "dataset": name,
             "root": str(root),
-            "manifest": manifest_hash,
+            "files": self.fingerprint(),
             "version": self.version,
+            "layout": 2,  # the cache holds each clip's content id
             **recipe,
         }
         lookup = {c: i for i, c in enumerate(classes)}
@@ -251,13 +269,17 @@ class ClipSource(DatasetSource):
             stacked = stack_clips(root, rows, name, parts, hint)
             arrays = {m: to_tensor[m](a) for m, a in stacked.items()}
             arrays["targets"] = torch.tensor([lookup[r["label"]] for r in rows], dtype=torch.long)
+            arrays["content_ids"] = content_ids(stacked)
             return arrays
 
-        arrays = cached_arrays(self.cache_dir, name, recipe, load)
+        arrays, content = cached_arrays_and_hash(self.cache_dir, name, recipe, load)
+        arrays = dict(arrays)
         targets = arrays.pop("targets")
+        ids = arrays.pop("content_ids")
         index, note = split_indices(
             rows, targets, p.val_fraction, p.seed, title, self.test_fraction()
         )
+        check_disjoint_splits(rows, index, ids, title)
         splits = {s: ClipDataset(arrays, targets, idx, normalise) for s, idx in index.items()}
         specs = {m: ModalitySpec(m, tuple(arrays[m].shape[1:]), encoders[m], {}) for m in parts}
         return DatasetBundle(
@@ -268,6 +290,7 @@ class ClipSource(DatasetSource):
             splits=splits,
             class_names=list(classes),
             notes=f"{title} prepared in {root} ({notes}); {note}",
+            details={"fingerprint": content},
         )
 
 

@@ -4,6 +4,7 @@ centres), the train/val/test split rule, the normalisation of frames, and
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -122,9 +123,15 @@ def stack_clips(
         for row in rows:
             path = inside(root, root / subdir / f"{row['clip']}.npy", hint)
             try:
-                arrays.append(np.ascontiguousarray(transform(load_npy(path, dataset))))
+                array = np.ascontiguousarray(transform(load_npy(path, dataset)))
             except (ValueError, IndexError) as err:
-                raise DataError(f"{path} has an unexpected shape ({err}); re-prepare it") from err
+                raise DataError(f"{path} has an unexpected shape ({err}); re-prepare it") from None
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise DataError(
+                    f"{path} holds NaN or infinite values; delete it and re-run "
+                    f"`mmbalance prepare {dataset}` on this directory"
+                )
+            arrays.append(array)
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(
@@ -132,6 +139,59 @@ def stack_clips(
             )
         out[name] = np.stack(arrays)
     return out
+
+
+def content_ids(stacked: Mapping[str, np.ndarray]) -> Tensor:
+    """One 64-bit hash per clip of all its stacked arrays (equal ids: the same content)."""
+    n = len(next(iter(stacked.values())))
+    ids = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=8)
+        for name in sorted(stacked):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(stacked[name][i]).tobytes())
+        ids.append(int.from_bytes(h.digest(), "little", signed=True))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def check_disjoint_splits(
+    rows: Sequence[dict[str, str]],
+    index: Mapping[str, Tensor],
+    ids: Tensor | None,
+    title: str,
+) -> None:
+    """Refuse, in one line with their count and an example, clips that sit in two splits: the
+    same clip name (path), or the same content (``ids``, see :func:`content_ids``) under two
+    names. A clip tested on must never have been trained on or selected with."""
+    order = [s for s in ("train", "val", "test") if s in index]
+    seen_name: dict[str, str] = {}
+    seen_id: dict[int, tuple[str, str]] = {}
+    by_name: list[tuple[str, str, str]] = []
+    by_content: list[tuple[str, str, str, str]] = []
+    for split in order:
+        for i in index[split].tolist():
+            clip = rows[i]["clip"]
+            first = seen_name.setdefault(clip, split)
+            if first != split:
+                by_name.append((clip, first, split))
+                continue
+            if ids is None:
+                continue
+            other = seen_id.setdefault(int(ids[i]), (clip, split))
+            if other[1] != split:
+                by_content.append((other[0], other[1], clip, split))
+    if by_name:
+        clip, a, b = by_name[0]
+        raise DataError(
+            f"{title}: {len(by_name)} clip(s) are listed in two splits (e.g. {clip!r} in {a} "
+            f"and {b}); give every clip one split in the manifest"
+        )
+    if by_content:
+        c1, a, c2, b = by_content[0]
+        raise DataError(
+            f"{title}: {len(by_content)} clip(s) have the same content as a clip of another "
+            f"split (e.g. {c2!r} in {b} and {c1!r} in {a}); remove the duplicates"
+        )
 
 
 def to_clip_tensor(frames: np.ndarray) -> Tensor:
