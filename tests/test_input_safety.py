@@ -245,7 +245,7 @@ def test_a_label_with_mathtext_still_gets_its_report(tmp_path: Path) -> None:
     out = tmp_path / "c"
     argv = ["compare", "--out", str(out), "--seeds", "1", *TINY_RUN_ARGS]
     assert main([*argv, "--methods", "joint,ogm_ge[alpha=0.1 #$x^$]"]) == 0
-    for name in ("report.md", "report.html", "comparison.png", "report_comparison.png"):
+    for name in ("report.md", "report.html", "report_comparison.png"):
         assert (out / name).is_file(), name
     assert "ogm_ge[alpha=0.1 #\\$x^\\$]" in (out / "report.md").read_text()
 

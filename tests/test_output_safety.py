@@ -91,9 +91,7 @@ def test_a_comparison_and_its_report_replace_planted_links(tmp_path: Path) -> No
     argv += TINY_RUN_ARGS[2:]  # --dataset synthetic is the default
     _ok(argv)
     files = _written_files(out)
-    assert {"results.json", "comparison.png", "report.md", "report_comparison.png"} <= {
-        p.name for p in files
-    }
+    assert {"results.json", "report.md", "report_comparison.png"} <= {p.name for p in files}
     planted = _plant_links(out, tmp_path / "victims", files)
     _ok(argv)
     _assert_untouched(planted)
