@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from mmbalance.builder import build_dataset, build_model, make_fabric, resolve_config
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.lightning import CHECKPOINT_KEY, BalancedModule
-from mmbalance.methods import build_method
+from mmbalance.methods import METHODS
 from mmbalance.optim import build_optimizer
 from mmbalance.train.batching import EpochBatchSampler, ShardBatchSampler, make_loader
 from mmbalance.train.loop import _hold_out
@@ -66,7 +66,7 @@ class _Parts:
         t = cfg.train
         make_fabric(cfg).seed_everything(t.seed, verbose=False)
         self.data = build_dataset(cfg)
-        self.method = build_method(cfg.method.name, cfg.method.params)
+        self.method = METHODS.get(cfg.method.name)(cfg.method.params)  # its resolved Params
         self.model = build_model(cfg, self.data, self.method)
         train, _ = _hold_out(self.data.splits["train"], self.method, t.seed)
         sampler = EpochBatchSampler(len(train), t.batch_size, t.seed, rank, world, indices=train)
