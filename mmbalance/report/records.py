@@ -211,16 +211,16 @@ class ResultSet:
 
     def configs(self) -> dict[tuple[str, int], dict[str, Any]]:
         """``{(method, seed): config.yaml}`` of the runs that have one (each section a
-        mapping, else a :class:`DataError`)."""
+        mapping, ``unimodal_heads`` a value and ``plugins`` the list of the run's plugins, else
+        a :class:`DataError`)."""
         out = {}
         for key, run_dir in self.runs.items():
             path = run_dir / "config.yaml"
             if path.is_file():
                 cfg = read_yaml(path)
                 for section, value in cfg.items():
-                    if not isinstance(section, str) or (
-                        section != "unimodal_heads" and not isinstance(value, dict)
-                    ):
+                    expected = {"unimodal_heads": object, "plugins": list}.get(section, dict)
+                    if not isinstance(section, str) or not isinstance(value, expected):
                         raise DataError(f"{str(path)!r}: {shown(section)} is not a section")
                 out[key] = cfg
         return out
