@@ -217,9 +217,10 @@ class Source:
             if path.is_file():
                 cfg = read_yaml(path)
                 for section, value in cfg.items():
-                    if not isinstance(section, str) or (
-                        section != "unimodal_heads" and not isinstance(value, dict)
-                    ):
+                    # two entries are not mappings: unimodal_heads (a flag) and the plugins the
+                    # run was trained with (a list of records, read as text, never imported)
+                    expected = {"unimodal_heads": object, "plugins": list}.get(section, dict)
+                    if not isinstance(section, str) or not isinstance(value, expected):
                         raise DataError(f"{str(path)!r}: {shown(section)} is not a section")
                 out[key] = cfg
         return out
