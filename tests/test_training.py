@@ -188,7 +188,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "bad.ckpt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(MMBalanceError, match="corrupt, unreadable"):
+    with pytest.raises(MMBalanceError, match="is not a checkpoint archive"):
         load_checkpoint(path)
 
 
