@@ -289,13 +289,14 @@ class ProcessPool(WorkerPool):
     """``--executor processes``: ``jobs`` spawned processes at once on this machine (default
     2), each training one run with ``cores // jobs`` torch threads. Each run gets a fresh
     process, so a crashed or killed one takes no other run with it; a worker dies with this
-    process."""
+    process. ``threads`` (Python API) sets each run's torch threads instead: float sums depend on
+    the thread count, so runs match another executor's to the last digit at the same count."""
 
     options: ClassVar[tuple[str, ...]] = ("jobs", "retries")
 
-    def __init__(self, jobs: int | None = 2, retries: int = 2) -> None:
+    def __init__(self, jobs: int | None = 2, retries: int = 2, threads: int | None = None) -> None:
         super().__init__(2 if jobs is None else jobs, retries)
-        self.threads = max(1, _cpu_count() // (self.jobs or 1))
+        self.threads = threads or max(1, _cpu_count() // (self.jobs or 1))
         self._context = multiprocessing.get_context("spawn")
 
     @classmethod
