@@ -409,8 +409,9 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--executor",
         default="local",
-        help="local (one run after another, the default), processes (--jobs runs at once on "
-        "this machine), ray (Ray tasks; mmbalance[ray]), slurm (submitit jobs; mmbalance[slurm])",
+        help="where the runs train (default %(default)s): local (one after another in this "
+        "process), processes (--jobs runs at once on this machine), ray (Ray tasks; "
+        "mmbalance[ray]), slurm (submitit jobs; mmbalance[slurm])",
     )
     group.add_argument(
         "--jobs", type=int, help="runs at once (processes: default 2; ray, slurm: all)"
