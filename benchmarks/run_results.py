@@ -17,6 +17,8 @@ Stages:
   ``benchmarks/results/accuracy.json`` (tidy records)
   and the run directories under ``--runs`` (resumable: finished runs are reused, so a killed
   regeneration continues; ``--collect-only`` trains nothing and collects the runs that exist).
+  The runs go to the executor of ``mmbalance compare --executor`` (default here: ``processes``
+  with ``--jobs 2``; ``ray`` and ``slurm`` with their options, Slurm's logs in ``--runs``).
 * ``docs``: ``docs/results.md`` and its figures under ``docs/figures/``
   (:mod:`benchmarks.results_page.page`).
 """
@@ -34,12 +36,12 @@ if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` and ``mmba
 
 from benchmarks.results_page import RESULTS  # noqa: E402
 from benchmarks.results_page.studies import STUDIES  # noqa: E402
+from mmbalance.cli import EXECUTOR_OPTIONS, add_executor_arguments  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("all", "cost", "accuracy", "docs"), default="all")
-    parser.add_argument("--workers", type=int, default=2, help="parallel training processes")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--runs", default="runs/results", help="run directories (resumable)")
     parser.add_argument(
@@ -51,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="accuracy stage: train nothing, collect the runs that exist under --runs",
     )
+    add_executor_arguments(parser)
+    parser.set_defaults(executor="processes")
     args = parser.parse_args(argv)
     wanted = args.studies.split(",")
     unknown = set(wanted) - {s.name for s in STUDIES}
@@ -62,11 +66,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_cost(RESULTS, quick=False, device="cpu", threads=2)
     if args.stage in ("all", "accuracy"):
         from benchmarks.results_page.runner import run_accuracy
+        from mmbalance.compare import ExecutorOptions, make_executor
+        from mmbalance.errors import MMBalanceError
 
         studies = [s for s in STUDIES if s.name in wanted]
         methods = args.methods.split(",") if args.methods else None
+        options = ExecutorOptions(**{k: getattr(args, k) for k in EXECUTOR_OPTIONS.values()})
+        try:
+            executor = make_executor(args.executor, options, Path(args.runs))
+        except MMBalanceError as err:
+            parser.error(str(err))
+        workers = getattr(executor, "jobs", None) or 1
         run_accuracy(
-            Path(args.runs), args.workers, args.seeds, studies, methods, not args.collect_only
+            Path(args.runs),
+            workers,
+            args.seeds,
+            studies,
+            methods,
+            not args.collect_only,
+            executor=executor,
         )
     from benchmarks.results_page.page import write_docs
     from mmbalance.io import read_json

@@ -31,7 +31,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmbalance.compare import Comparison, run_comparison, split_methods
+from mmbalance.compare import (
+    Comparison,
+    Executor,
+    ExecutorOptions,
+    make_executor,
+    run_comparison,
+    split_methods,
+)
 from mmbalance.config import parse_overrides
 from mmbalance.data import DATASETS
 from mmbalance.errors import ConfigError, MMBalanceError
@@ -194,6 +201,8 @@ def compare(
     plugins: Sequence[str] = (),
     report: bool = True,
     metrics: str | Sequence[str] | None = None,
+    executor: str | Executor = "local",
+    executor_options: ExecutorOptions | Mapping[str, Any] | None = None,
 ) -> Comparison:
     """``mmbalance compare`` from Python: train every method (names, ``NAME[KEY=V,...]``
     variants, named sets such as ``table1``) on ``seeds`` seeds, optionally after the
@@ -205,7 +214,10 @@ def compare(
     docstring); ``overrides`` are ``key=value`` settings (a mapping or a list of strings);
     ``encoders`` maps modalities to encoder names, factories or modules; ``plugins`` are
     imported first, as ``--plugin`` would; ``metrics`` picks the table's columns as
-    ``--metrics`` does (``"accuracy,ece"`` or a list). Errors are :class:`~mmbalance.errors.MMBalanceError`
+    ``--metrics`` does (``"accuracy,ece"`` or a list); ``executor`` runs the runs as
+    ``--executor`` does: a name (``local``, ``processes``, ``ray``, ``slurm``) with
+    ``executor_options`` (:class:`~mmbalance.compare.ExecutorOptions` or a mapping of its
+    fields: ``{"jobs": 2}``), or an :class:`~mmbalance.compare.Executor`. Errors are :class:`~mmbalance.errors.MMBalanceError`
     with the command's one-line messages; runs that did not finish are in ``failed``.
     """
     from mmbalance.report import parse_metrics
@@ -217,10 +229,31 @@ def compare(
     picked = parse_metrics(metrics) if metrics else None  # checked before anything trains
     if _is_arrays(dataset):  # their file is written into ``out``: own it first
         claim_output(out, "comparison")
+    if isinstance(executor, str):
+        if isinstance(executor_options, Mapping):
+            executor_options = _executor_options(executor_options)
+        executor = make_executor(executor, executor_options, out)
+    elif executor_options is not None:
+        raise ConfigError("executor_options go with an executor's name, not an Executor")
     values = _prepare(dataset, encoders, overrides, plugins, out)
     return run_comparison(
-        specs, values, out, seeds=seeds, search=search, report=report, metrics=picked
+        specs,
+        values,
+        out,
+        seeds=seeds,
+        search=search,
+        report=report,
+        metrics=picked,
+        executor=executor,
     )
+
+
+def _executor_options(values: Mapping[str, Any]) -> ExecutorOptions:
+    known = [f.name for f in dataclasses.fields(ExecutorOptions)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown executor option {unknown[0]!r}; options: {', '.join(known)}")
+    return ExecutorOptions(**values)
 
 
 def fit(

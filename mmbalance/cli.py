@@ -121,9 +121,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mmbalance.api import compare
+    from mmbalance.compare import ExecutorOptions
 
     out = _out_dir(args.out)
     assert out is not None
+    options = ExecutorOptions(**{k: getattr(args, k) for k in EXECUTOR_OPTIONS.values()})
     result = compare(
         args.methods,
         out=out,
@@ -131,6 +133,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         search=args.search,
         overrides=_overrides(args),
         metrics=args.metrics,
+        executor=args.executor,
+        executor_options=options,
     )
     failed = result.failed
     if result.report_md is not None:  # some run finished
@@ -415,6 +419,39 @@ the options of every component:
 """
 
 
+#: The executor flags of ``compare`` (and the accuracy benchmark) -> ``ExecutorOptions`` field.
+EXECUTOR_OPTIONS = {
+    "--jobs": "jobs",
+    "--retries": "retries",
+    "--ray-address": "ray_address",
+    "--slurm-partition": "slurm_partition",
+    "--slurm-time": "slurm_time",
+    "--gpus-per-run": "gpus_per_run",
+}
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor`` and its options (:class:`~mmbalance.compare.ExecutorOptions`)."""
+    group = parser.add_argument_group("executor (where the runs train)")
+    group.add_argument(
+        "--executor",
+        default="local",
+        help="where the runs train (default %(default)s): local (one after another in this "
+        "process), processes (--jobs runs at once on this machine), ray (Ray tasks; "
+        "mmbalance[ray]), slurm (submitit jobs; mmbalance[slurm])",
+    )
+    group.add_argument(
+        "--jobs", type=int, help="runs at once (processes: default 2; ray, slurm: all)"
+    )
+    group.add_argument(
+        "--retries", type=int, help="times a failed or killed worker's run is retried (default 2)"
+    )
+    group.add_argument("--ray-address", help="the Ray cluster (default: a local Ray instance)")
+    group.add_argument("--slurm-partition", help="the Slurm partition")
+    group.add_argument("--slurm-time", type=int, help="each run's Slurm time limit, in minutes")
+    group.add_argument("--gpus-per-run", type=int, help="GPUs per run (ray, slurm; default 0)")
+
+
 #: The help of ``--metrics`` (``compare`` and ``report``).
 METRICS_HELP = (
     "comma-separated metrics to tabulate, the first compared with joint: "
@@ -539,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", help=METRICS_HELP + " (default: accuracy,macro_f1; MAE first for regression)"
     )
     compare.add_argument("--out", required=True, help="output directory")
+    add_executor_arguments(compare)
     compare.add_argument("overrides", nargs="*", help=over_help)
     compare.set_defaults(func=_cmd_compare)
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.results_page import RESULTS
 from benchmarks.results_page.studies import ORDER, Study
 from mmbalance.io import read_json, write_json_atomic
 from mmbalance.report import DIVERGED, run_records
 from mmbalance.report.records import read_history
+
+if TYPE_CHECKING:
+    from mmbalance.compare import Executor
 
 #: the ``metrics.csv`` columns kept as per-modality curves (validation probes and Shapley values)
 CURVE_PREFIXES = ("val_probe_acc_", "val_shapley_", "val_head_acc_")
@@ -129,14 +132,19 @@ def run_accuracy(
     methods: Sequence[str] | None = None,
     train: bool = True,
     results: Path = RESULTS,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Search, then run every method (or ``methods``) on ``seeds`` seeds of every point of
-    every study; saves the results to ``results/accuracy.json`` and returns them. With
+    every study; saves the results to ``results/accuracy.json`` and returns them. The runs go
+    to ``executor`` (default: ``workers`` local processes, or this process for one). With
     ``train=False`` nothing is trained: the results are collected from the runs that exist (to
     publish a partial regeneration; the page then says how many runs are missing)."""
-    from mmbalance.compare import CollectOnly, ProcessPool, run_comparison
+    from mmbalance.compare import CollectOnly, ProcessPool, Sequential, run_comparison
 
-    executor = ProcessPool(workers) if train else CollectOnly()
+    if not train:
+        executor = CollectOnly()
+    elif executor is None:
+        executor = ProcessPool(workers) if workers > 1 else Sequential()
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []

@@ -6,6 +6,8 @@
 * :mod:`~mmbalance.compare.search`: the search's candidates and the one rule that chooses;
 * :mod:`~mmbalance.compare.execute`: how runs are executed (executors), trained, resumed or
   reused, and summed up (:class:`RunSummary`);
+* :mod:`~mmbalance.compare.executors`: the executors that fan runs out to local processes, Ray
+  or Slurm, and the registry ``--executor`` names them by (:func:`make_executor`);
 * :mod:`~mmbalance.compare.engine`: :func:`run_comparison`, the entry point, which plans,
   searches, executes, records and reports.
 
@@ -24,10 +26,19 @@ from mmbalance.compare.execute import (
     CollectOnly,
     Executor,
     PlannedRun,
-    ProcessPool,
     RunSummary,
     Sequential,
     run_or_reuse,
+)
+from mmbalance.compare.executors import (
+    EXECUTORS,
+    ExecutorOptions,
+    Local,
+    ProcessPool,
+    RayPool,
+    SlurmPool,
+    WorkerPool,
+    make_executor,
 )
 from mmbalance.compare.methods import (
     METHOD_SETS,
@@ -40,19 +51,26 @@ from mmbalance.compare.methods import (
 from mmbalance.compare.search import Candidate, SearchOutcome, best_candidate, search_candidates
 
 __all__ = [
+    "EXECUTORS",
     "METHOD_SETS",
     "Candidate",
     "CollectOnly",
     "ComparedMethod",
     "Comparison",
     "Executor",
+    "ExecutorOptions",
+    "Local",
     "PlannedRun",
     "ProcessPool",
+    "RayPool",
     "RunSummary",
     "SearchOutcome",
     "Sequential",
+    "SlurmPool",
+    "WorkerPool",
     "best_candidate",
     "expand_methods",
+    "make_executor",
     "method_configs",
     "parse_method_spec",
     "run_comparison",

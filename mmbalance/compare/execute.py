@@ -12,21 +12,16 @@ the runs. Every executor executes a run the same way, :func:`run_or_reuse`:
 - a run that diverges or fails with a user-facing error becomes a summary with that status, and
   the other runs go on.
 
-The executors: :class:`Sequential` (one run after another in this process, with progress and an
-estimate of the time left), :class:`ProcessPool` (a pool of local processes, one torch thread
-each) and :class:`CollectOnly` (trains nothing: the summaries of the runs that exist, for
-publishing a partial regeneration). Another executor (a cluster's job queue) implements
-:meth:`Executor.run` over the same :func:`run_or_reuse`.
+The executors here: :class:`Sequential` (one run after another in this process, with progress
+and an estimate of the time left) and :class:`CollectOnly` (trains nothing: the summaries of the
+runs that exist, for publishing a partial regeneration). Those that fan runs out to workers
+(local processes, Ray, Slurm) are in :mod:`~mmbalance.compare.executors`, over the same
+:func:`run_or_reuse`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import logging
-import multiprocessing
-import sys
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,56 +196,6 @@ class Sequential(Executor):
             out.append(run_or_reuse(run, default_callbacks(run.config, prefix)))
             clock.finished(time.perf_counter() - started if trained else None)
         return out
-
-
-class ProcessPool(Executor):
-    """``workers`` local processes (spawned, one torch thread each, Lightning's messages
-    silenced), each executing one run at a time; one line per finished run. A process that
-    crashes fails its run only: the run is reported and summed up as failed."""
-
-    def __init__(self, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"a process pool needs at least one worker, got {workers}")
-        self.workers = workers
-
-    def run(self, runs: Sequence[PlannedRun], title: str = "") -> list[RunSummary]:
-        summaries: list[RunSummary | None] = [None] * len(runs)
-        started = time.perf_counter()
-
-        def done(i: int, summary: RunSummary) -> None:
-            summaries[i] = summary
-            count = sum(s is not None for s in summaries)
-            minutes = (time.perf_counter() - started) / 60
-            print(f"{title}{count}/{len(runs)} {minutes:.1f} min {runs[i].name}", flush=True)
-
-        if self.workers == 1:
-            _quiet_worker()
-            for i, run in enumerate(runs):
-                done(i, run_or_reuse(run))
-        else:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_quiet_worker
-            ) as pool:
-                futures = {pool.submit(run_or_reuse, run): i for i, run in enumerate(runs)}
-                for future in concurrent.futures.as_completed(futures):
-                    i = futures[future]
-                    error = future.exception()
-                    if error is not None:
-                        print(f"FAILED {runs[i].name}: {error!r}", file=sys.stderr, flush=True)
-                        done(i, RunSummary.of_unfinished(runs[i], "failed", repr(error)))
-                    else:
-                        done(i, future.result())
-        return [s for s in summaries if s is not None]
-
-
-def _quiet_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
 
 
 class CollectOnly(Executor):
