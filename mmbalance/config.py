@@ -261,6 +261,15 @@ class TrainConfig:
                 value is None or math.isfinite(value), f"train.{name} must be finite, got {value}"
             )
         check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        if self.wandb is not None:
+            # W&B's own rule for project names, checked before anything trains
+            check(
+                isinstance(self.wandb, str)
+                and 0 < len(self.wandb) <= 128
+                and not set(self.wandb) & set("/\\#?%:")
+                and self.wandb.strip() == self.wandb,
+                "train.wandb must be a W&B project name (1 to 128 characters, none of / \\ # ? % :)",
+            )
         check(
             2 <= self.batch_size <= MAX_BATCH_SIZE,
             f"train.batch_size must be in [2, {MAX_BATCH_SIZE}], got {self.batch_size}",

@@ -47,7 +47,7 @@ def test_bayes_accuracy_matches_brute_force(num_modalities: int) -> None:
 
 def test_dataset_is_deterministic_and_standardised(small: dict) -> None:
     a = build_dataset(resolve_config(small))
-    from mmbalance.builder import _DATASET_CACHE
+    from mmbalance.builder.assemble import _DATASET_CACHE
 
     _DATASET_CACHE.clear()
     b = build_dataset(resolve_config(small))

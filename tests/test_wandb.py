@@ -128,3 +128,25 @@ def test_wandb_is_a_presentation_key_a_resume_may_change() -> None:
     from mmbalance.config import PRESENTATION_KEYS
 
     assert "train.wandb" in PRESENTATION_KEYS
+
+
+@pytest.mark.parametrize("project", ["", ":", "a/b", " padded"])
+def test_a_project_name_w_and_b_would_refuse_is_one_line_before_training(project: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config({**CALLBACKS_RUN, "train.wandb": project})
+    assert "train.wandb" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_w_and_b_without_an_account_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no stored login
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = resolve_config({**CALLBACKS_RUN, "train.wandb": "mmbalance-test"})
+    with pytest.raises(ConfigError) as err:
+        fit(cfg, tmp_path / "run")
+    message = str(err.value)
+    assert "W&B could not start" in message and "WANDB_MODE=offline" in message
+    assert "\n" not in message

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import secrets
 import sys
 import time
@@ -173,9 +174,18 @@ class WandB(Callback):
         import wandb
 
         out = trainer.out_dir.resolve()
-        options = {"name": out.name, "group": out.parent.name, "dir": str(out)} | self.init
+        options = {"name": out.name, "group": out.parent.name, "dir": str(out)}
+        if os.environ.get("WANDB_MODE"):  # read now: W&B keeps the settings of its first run
+            options["mode"] = os.environ["WANDB_MODE"]
+        options |= self.init
         config = trainer.cfg.to_dict()  # as config.yaml: every option
-        self._run = wandb.init(project=self.project, config=config, **options)
+        try:
+            self._run = wandb.init(project=self.project, config=config, **options)
+        except wandb.errors.Error as err:  # no account, no network, a refused option
+            raise ConfigError(
+                f"W&B could not start ({' '.join(str(err).split())[:200]}); log in with `wandb login`, or set "
+                "WANDB_MODE=offline to log into the run directory without an account"
+            ) from None
         self._run.define_metric("epoch")
         self._run.define_metric("global_step")
 

@@ -16,9 +16,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric import Fabric
@@ -76,7 +77,13 @@ def fit(
             if fabric.strategy._start_method == "spawn":  # CPU / tests: spawn workers from here
                 try:
                     result = fabric.launch(
-                        _fit_in_worker, cfg, out_dir, resume, os.getpid(), chosen, loaded_specs()
+                        _fit_in_worker,
+                        cfg.identity(),
+                        out_dir,
+                        resume,
+                        os.getpid(),
+                        chosen,
+                        loaded_specs(),
                     )
                 except ProcessExitedException as err:
                     how = f"killed by {err.signal_name}" if err.signal_name else "exited"
@@ -96,7 +103,7 @@ def fit(
 
 def _fit_in_worker(
     fabric: Fabric,
-    cfg: ResolvedConfig,
+    options: Mapping[str, Any],
     out_dir: Path,
     resume: bool,
     parent: int,
@@ -111,13 +118,17 @@ def _fit_in_worker(
     as one line instead of printing every worker's traceback; every rank raises the same
     error at the same point (the loss is all-reduced before it is checked), so none is left
     waiting in a collective. The worker first loads the plugins its parent was given
-    (``plugins``: :func:`~mmbalance.plugins.loaded_specs`), so it sees the same components.
+    (``plugins``: :func:`~mmbalance.plugins.loaded_specs`), so it sees the same components,
+    and then resolves the configuration from ``options`` (its plain identity: a resolved
+    configuration holds the plugins' own option classes, which the worker can unpickle only
+    once the plugins are loaded).
     """
     _die_with_parent(parent)
     dist = torch.distributed
     outcome: RunResult | MMBalanceError
     try:
         load_specs(plugins)
+        cfg = resolve_config(dict(options))
         outcome = _fit_in_process(fabric, cfg, out_dir, resume, callbacks)
     except MMBalanceError as err:
         # the traceback's frames hold the trainer and its DDP reducer: drop them, so that the
