@@ -57,7 +57,13 @@ Output: ``cost_cpu.json`` (tidy records) and ``cost_cpu.md`` in ``--out-dir``; o
 ``cost_<gpu-name>.json`` / ``.md`` (``--stem`` renames them). Run::
 
     python3 benchmarks/bench_cost.py [--quick] [--device cuda] [--threads 2]
-        [--settings small,sweep_batch] [--methods mcr,mmpareto,mmpareto[floor]]
+        [--settings small,sweep_batch] [--methods mcr,mmpareto,mmpareto[floor]] [--compile]
+
+Compiled steps (``--compile``): every entry trains with ``train.compile=true``; each compiles in
+a warm-up of its own before the timed rounds, and its records carry ``compile_s`` (the seconds
+spent compiling, Dynamo's account) and ``compile_steps`` (that time in compiled steps of the
+method: how many steps a run needs before compiling has paid for itself at most that often).
+The outputs are ``<stem>_compiled.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -161,6 +167,8 @@ class Setting:
     min_rounds: int = 2
     #: targets of this setting, overriding :data:`TARGETS`
     targets: dict[str, float] = field(default_factory=dict)
+    #: ``train.compile=true`` for every entry (the compiled step, :mod:`mmbalance.train.compiling`)
+    compile: bool = False
 
 
 FLOOR = TimedMethod("mmpareto[floor]", "mmpareto", method_class=MMParetoFloor)
@@ -337,6 +345,7 @@ def build_run(
         "train.accelerator": accelerator,
         "train.progress": False,
         "train.tensorboard": False,
+        "train.compile": setting.compile,
     }
     cfg = resolve_config(overrides)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=cfg.train.precision)
@@ -382,10 +391,17 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": t
 
 
 def time_setting(
-    setting: Setting, device: str, log: Callable[[str], None] = _log, clock: str = "wall"
+    setting: Setting,
+    device: str,
+    log: Callable[[str], None] = _log,
+    clock: str = "wall",
+    compile_s: dict[str, float] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Interleaved timing: seconds per step of every round, per label; and the input shapes."""
+    """Interleaved timing: seconds per step of every round, per label; and the input shapes.
+    With ``setting.compile``, the seconds each label spent compiling go into ``compile_s``
+    (compiling happens in a warm-up of its own, before the timed rounds)."""
     now = CLOCKS[clock]
+    compile_s = {} if compile_s is None else compile_s
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {e.label: build_run(setting, e, device, Path(tmp)) for e in setting.entries}
@@ -401,6 +417,10 @@ def time_setting(
 
         data = next(iter(runs.values()))[0].data
         shapes = {m: list(spec.shape) for m, spec in data.modalities.items()}
+        if setting.compile:  # compiling happens here, outside the rounds and the budget
+            for label in runs:
+                timed(label, setting.warmup)
+                compile_s[label] = runs[label][0].compiler.seconds or 0.0
         warm = {label: timed(label, setting.warmup) for label in runs}
         rounds = setting.rounds
         if setting.budget_s is not None:
@@ -498,7 +518,9 @@ def setting_records(
     device: str,
     threads: int,
     seconds: float,
+    compile_s: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
+    compile_s = compile_s or {}
     joint = statistics.median(times["joint"])
     floor = times.get(FLOOR.label)
     records = []
@@ -551,6 +573,12 @@ def setting_records(
                 "target_met": None if target is None else bool(ratio <= target),
                 "note": NOTES.get(entry.label, ""),
                 "setting_seconds": seconds,
+                "compiled": setting.compile,
+                "compile_s": compile_s.get(entry.label),
+                # steps after which compiling has cost as much as the steps themselves
+                "compile_steps": None
+                if entry.label not in compile_s
+                else compile_s[entry.label] / med,
                 **to_floor,
             }
         )
@@ -570,18 +598,20 @@ def run_cost(
     methods: Sequence[str] | None = None,
     stem: str | None = None,
     clock: str = "wall",
+    compile: bool = False,
     log: Callable[[str], None] = _log,
 ) -> list[dict[str, Any]]:
     """Run the cost benchmark, write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, return
     the records. ``settings`` selects settings by name (default: all), ``methods`` entries by
     label (``joint`` is always kept); ``stem`` names the output files (default
-    :func:`results_stem`)."""
+    :func:`results_stem`, with ``_compiled`` when ``compile``); ``compile`` times the compiled
+    step (``train.compile=true``) of every entry and records its compile time."""
     torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no GPU is available")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or results_stem(device)
+    stem = stem or results_stem(device) + ("_compiled" if compile else "")
     records: list[dict[str, Any]] = []
     for setting in make_settings(quick, device, resnet_batch, resnet_budget):
         if settings is not None and setting.name not in settings:
@@ -589,11 +619,15 @@ def run_cost(
         if methods is not None:
             keep = {"joint", *methods}
             setting.entries = [e for e in setting.entries if e.label in keep]
+        setting.compile = compile
+        # every entry compiles its own graph of the same forward code: let Dynamo keep them all
+        torch._dynamo.config.recompile_limit = max(8, 2 * len(setting.entries))
         started = time.perf_counter()
-        times, shapes = time_setting(setting, device, log, clock)
+        compile_s: dict[str, float] = {}
+        times, shapes = time_setting(setting, device, log, clock, compile_s)
         mem = memory_setting(setting, device, threads) if memory else None
         seconds = time.perf_counter() - started
-        new = setting_records(setting, times, shapes, mem, device, threads, seconds)
+        new = setting_records(setting, times, shapes, mem, device, threads, seconds, compile_s)
         for r in new:
             r["clock"] = clock
         records += new
@@ -777,6 +811,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--methods", help="comma-separated entry labels to time (joint is kept)")
     ap.add_argument("--stem", help="output file name stem (default: cost_cpu or cost_<gpu>)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="see CLOCKS")
+    ap.add_argument(
+        "--compile", action="store_true", help="time compiled steps (train.compile=true)"
+    )
     args = ap.parse_args(argv)
     started = time.perf_counter()
     records = run_cost(
@@ -791,9 +828,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         methods=args.methods.split(",") if args.methods else None,
         stem=args.stem,
         clock=args.clock,
+        compile=args.compile,
     )
     print_table(records)
-    stem = args.stem or results_stem(args.device)
+    stem = args.stem or results_stem(args.device) + ("_compiled" if args.compile else "")
     print(
         f"wrote {Path(args.out_dir) / stem}.json and .md in {time.perf_counter() - started:.0f} s"
     )

@@ -175,6 +175,10 @@ class TrainConfig:
         tensorboard: write TensorBoard events to the run directory.
         epoch_analysis: per-modality head/probe accuracy and Shapley curves after each
             validation (:mod:`mmbalance.eval.curves`).
+        compile: ``torch.compile`` the training step's forward (the model and the method's
+            losses): ``false``, ``true``, or ``auto`` (compile only where the saving measured on
+            the first steps, over the run's steps, exceeds the compile time); see
+            :mod:`mmbalance.train.compiling`.
     """
 
     epochs: int = 30
@@ -201,6 +205,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     epoch_analysis: bool = True
+    compile: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "momentum", "gamma", "grad_clip"):

@@ -78,6 +78,7 @@ from mmbalance.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmbalance.train.compiling import StepCompiler
 
 
 @dataclass
@@ -90,14 +91,19 @@ class RunResult:
     epochs_run: int
     bayes_accuracy: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    #: ``train.compile``'s outcome (:meth:`mmbalance.train.compiling.StepCompiler.summary`)
+    compile: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "metrics": self.metrics,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "bayes_accuracy": self.bayes_accuracy,
         }
+        if self.compile is not None:
+            out["compile"] = self.compile
+        return out
 
 
 class Trainer:
@@ -166,6 +172,11 @@ class Trainer:
             sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
             self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
         self.encoder_params = protocol.encoder_params
+        # train.compile: the step's forward compiled (mmbalance.train.compiling)
+        self.compiler: StepCompiler | None = None
+        if t.compile is not False:
+            steps = t.epochs * len(self.loaders["train"])
+            self.compiler = StepCompiler(protocol, t.compile, steps, log=self._log)
         self.history: list[dict[str, float]] = []
         self.step_logs: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None
@@ -282,7 +293,14 @@ class Trainer:
         ctx = self.protocol.context(
             batch.targets, batch.inputs, epoch, index=batch.index, epoch_progress=progress
         )
-        terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+        compiler = self.compiler
+        if compiler is None:
+            terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+        else:
+            compiler.before_step()
+            started = time.perf_counter()
+            terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+            compiler.after_step(time.perf_counter() - started)
         if ctx.logs:
             logged = {k: float(v) for k, v in ctx.logs.items()}
             self.step_logs.append({"step": ctx.step, "epoch": epoch, **logged})
@@ -410,7 +428,13 @@ class Trainer:
                 metrics[f"unimodal_ece_{m}"] = uni["ece"]
         return metrics
 
+    def _log(self, line: str) -> None:
+        if self.fabric.is_global_zero:
+            print(f"mmbalance: {line}", file=sys.stderr)
+
     def _finish(self) -> RunResult:
+        if self.compiler is not None:
+            self.compiler.finish()
         best_epoch = -1
         if self.best is not None:
             best = self.out_dir / "best.ckpt"
@@ -450,6 +474,7 @@ class Trainer:
             len(self.history),
             self.data.bayes_accuracy,
             self.history,
+            None if self.compiler is None else self.compiler.summary(),
         )
         if self.fabric.is_global_zero:
             write_json_atomic(self.out_dir / "metrics.json", result.to_json())
@@ -481,6 +506,7 @@ class Trainer:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "phase": None if self.phase is None else self.phase.name,
+            "compile": None if self.compiler is None else self.compiler.state_dict(),
         }
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
@@ -502,6 +528,8 @@ class Trainer:
             self.bad_epochs = int(ckpt["bad_epochs"])
             self.start_epoch = int(ckpt["epoch"]) + 1
             phase_name = ckpt.get("phase")
+            if self.compiler is not None:
+                self.compiler.load_state_dict(ckpt.get("compile"))
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise DataError(
                 f"checkpoint {str(path)!r} does not match this run ({type(err).__name__})"
