@@ -20,9 +20,11 @@ Our trainer (:class:`mmbalance.train.loop.Trainer`) and a user's own loop
 What differs between the two callers is only what they plug in: the engine (``backward``,
 ``all_reduce``, ``gather``, ``autocast``: Lightning Fabric's in our trainer, plain PyTorch in a
 user's loop), the forward (our trainer's is the Fabric-wrapped, possibly DDP, :class:`StepModule`),
-where the data come from and what happens before the optimizer step. A compiled step replaces
-:attr:`TrainingProtocol.forward` (``protocol.forward = torch.compile(protocol.module)``); the
-sequence around it stays as it is. The protocol adds no tensor operation to a step: it runs the
+where the data come from and what happens before the optimizer step. A compiled step
+(``train.compile``) replaces :attr:`TrainingProtocol.forward` by ``torch.compile`` of a function
+of it that returns the losses only (``(None, losses)``: an output left out of the loss would
+otherwise hand its parameters zero gradients instead of none); the sequence around it stays as
+it is. The protocol adds no tensor operation to a step: it runs the
 method's hooks and the caller's, nothing else.
 """
 
@@ -124,7 +126,8 @@ class TrainingProtocol:
     Attributes:
         forward: the forward of a step, ``forward(inputs, ctx) -> (output, losses)``:
             :attr:`module` itself unless the caller wraps it (our trainer: Fabric's wrapper, for
-            DDP and precision; a compiled step: ``torch.compile(module)``).
+            DDP and precision; a compiled step: ``torch.compile`` of a function of it that
+            returns ``(None, losses)``).
         backward, all_reduce, world_size, gather, autocast: the engine: how a loss is
             differentiated, a tensor summed over processes, per-process outputs gathered (in
             dataset order) and a pass put under mixed precision; plain single-process PyTorch by

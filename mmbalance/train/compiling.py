@@ -3,7 +3,7 @@
 The forward of a step (:class:`~mmbalance.methods.protocol.StepModule`: the method's ``encode``
 and ``transform_latents``, the heads, the method's ``losses``) is what the trainer compiles, by
 replacing :attr:`~mmbalance.methods.protocol.TrainingProtocol.forward` with
-``torch.compile(forward)``; the sequence of hooks around it stays as it is, and the modules, their
+``torch.compile(forward)`` (returning the losses only, :func:`losses_only`); the sequence of hooks around it stays as it is, and the modules, their
 parameters and their ``state_dict`` keys do not change, so checkpoints are the same either way.
 What a method computes in its forward is compiled with the model: MCR's masked set evaluations
 and divergences, MMPareto's losses, OGM's discrepancy scores and coefficients. A method's own
@@ -53,6 +53,23 @@ COMPILED_PROBE = 3
 BACKEND: str | Callable[..., Any] = "inductor"
 
 Mode = bool | Literal["auto"]
+
+
+def losses_only(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` returning ``(None, losses)``: the step's output stays inside the graph.
+
+    Compiled, every tensor a graph returns that requires grad is an output of its backward node,
+    and autograd hands the node zeros for the outputs the loss does not use: the parameters
+    behind them (a modality a method does not train in this step, a head it leaves out) would get
+    zero gradients instead of none, which an optimizer does not skip (momentum, weight decay and
+    Adam's moments would move them). The step uses only the losses, so only they are returned.
+    """
+
+    def step_losses(inputs: Any, ctx: Any) -> tuple[None, Any]:
+        _, losses = forward(inputs, ctx)
+        return None, losses
+
+    return step_losses
 
 
 def compile_seconds() -> float:
@@ -130,7 +147,9 @@ class StepCompiler:
         """Put the protocol's forward in the state of the next step."""
         if self.compiling:
             if self.compiled_forward is None:
-                self.compiled_forward = torch.compile(self.eager_forward, backend=BACKEND)
+                self.compiled_forward = torch.compile(
+                    losses_only(self.eager_forward), backend=BACKEND
+                )
             self.protocol.forward = self.compiled_forward
             self._spent_before = compile_seconds()
         else:
@@ -201,4 +220,11 @@ def _text(mode: Mode) -> str:
     return mode if isinstance(mode, str) else str(mode).lower()
 
 
-__all__ = ["BACKEND", "COMPILED_PROBE", "EAGER_PROBE", "StepCompiler", "compile_seconds"]
+__all__ = [
+    "BACKEND",
+    "COMPILED_PROBE",
+    "EAGER_PROBE",
+    "StepCompiler",
+    "compile_seconds",
+    "losses_only",
+]
