@@ -91,7 +91,10 @@ from mmbalance.build import build_components, build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
 from mmbalance.methods.base import Method, StepContext, total_loss
+from mmbalance.methods.mcr import MCR
 from mmbalance.methods.mmpareto import MMPareto
+from mmbalance.methods.ops.divergence import divergence_rows
+from mmbalance.models.output import ModelOutput
 from mmbalance.report import Column, Table, to_markdown, to_text
 from mmbalance.train import Trainer
 
@@ -113,6 +116,8 @@ NOTES = {
     "unipre_finetuned": "main stage; adds a unimodal pre-training stage",
     "mmpareto[latent]": "method.variant=latent",
     "mmpareto[floor]": "floor of exact MMPareto: its summed-loss step + 1 backward through encoders",
+    "mcr[floor]": "floor of MCR: its losses, R_MIPD's gather, set mixing and divergences by "
+    "autograd, without the game's routing",
 }
 
 
@@ -171,7 +176,45 @@ class Setting:
     compile: bool = False
 
 
+class MCRFloor(MCR):
+    """The floor of MCR: its losses with R_MIPD's own arithmetic and nothing else.
+
+    The same model, task, unimodal and contrastive losses and the same donors as MCR; R_MIPD is
+    the gather of the permuted contributions, the set mixing and the divergences over ``K * B``
+    rows per set (``sum_S W_S D_S``), differentiated by autograd without the game's routing of
+    the gradient (additive heads, which the benchmark's settings use; other heads: MCR itself).
+    What MCR adds on top is the routing. Not registered: a benchmark entry only.
+    """
+
+    def mipd(
+        self, output: ModelOutput, ctx: StepContext, donors: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        if output.contributions is None or self.params.perturbation != "permute":
+            return super().mipd(output, ctx, donors)
+        perturbation = self.perturbation(output, ctx, donors)
+        assert perturbation.index_stack is not None
+        mods = output.modalities
+        ref = output.logits
+        _, w = self.routing(mods, ref.device, ref.dtype)
+        anchors = torch.stack([output.contributions[m] for m in mods])  # (M, B, C)
+        m, b, c = anchors.shape
+        r = perturbation.rows
+        index = perturbation.index_stack.unsqueeze(-1).expand(m, r * b, c)
+        moved = anchors.gather(1, index).view(m, r * b * c)
+        u = (w.member @ moved).view(-1, r, b, c)
+        u = u + (w.outside @ anchors.view(m, b * c)).view(-1, 1, b, c)
+        bias = getattr(self._head(ctx), "bias", None)
+        if bias is not None:
+            u = u + bias
+        s = u.shape[0]
+        rows = divergence_rows(u.reshape(-1, c), ref.repeat(s * r, 1), ctx.task)
+        return (w.shared * rows.view(s, -1).mean(1)).sum()
+
+
 FLOOR = TimedMethod("mmpareto[floor]", "mmpareto", method_class=MMParetoFloor)
+MCR_FLOOR = TimedMethod("mcr[floor]", "mcr", method_class=MCRFloor)
+#: the floor entry of a method's label
+FLOORS = {"mmpareto": FLOOR, "mcr": MCR_FLOOR}
 
 
 def all_entries() -> list[TimedMethod]:
@@ -180,6 +223,8 @@ def all_entries() -> list[TimedMethod]:
     entries = [TimedMethod(n, n) for n in names]
     if "mmpareto" in names:
         entries += [TimedMethod("mmpareto[latent]", "mmpareto", (("variant", "latent"),)), FLOOR]
+    if "mcr" in names:
+        entries.append(MCR_FLOOR)
     return entries
 
 
@@ -188,13 +233,16 @@ def sweep_entries() -> list[TimedMethod]:
         TimedMethod("joint", "joint"),
         *(TimedMethod(n, n) for n in BALANCING if n in METHODS),
     ]
-    return entries + ([FLOOR] if "mmpareto" in METHODS else [])
+    return entries + [f for name, f in FLOORS.items() if name in METHODS]
 
 
 def mcr_k_entries(ks: Sequence[int] = (1, 8, 32, 128)) -> list[TimedMethod]:
     """joint and mcr with ``K`` permutations per step, for how its cost scales with K."""
     mcr = [TimedMethod(f"mcr[K={k}]", "mcr", (("num_permutations", k),)) for k in ks]
-    return [TimedMethod("joint", "joint"), *mcr]
+    floors = [
+        TimedMethod(f"mcr[K={k}][floor]", "mcr", (("num_permutations", k),), MCRFloor) for k in ks
+    ]
+    return [TimedMethod("joint", "joint"), *mcr, *floors]
 
 
 def _synthetic(modalities: int | None, quick: bool) -> dict[str, Any]:
@@ -522,7 +570,17 @@ def setting_records(
 ) -> list[dict[str, Any]]:
     compile_s = compile_s or {}
     joint = statistics.median(times["joint"])
-    floor = times.get(FLOOR.label)
+    # each entry's floor entry (and a floor's own), measured in the same rounds
+    floor_of = {f.label: f.label for f in setting.entries if f.method_class is not None}
+    for e in setting.entries:
+        if e.method_class is None:
+            floor = FLOORS.get(e.label)
+            labels = {f.label for f in setting.entries}
+            own = f"{e.label}[floor]"
+            if own in labels:
+                floor_of[e.label] = own
+            elif floor is not None and floor.label in labels:
+                floor_of[e.label] = floor.label
     records = []
     for entry in setting.entries:
         t = times[entry.label]
@@ -535,18 +593,19 @@ def setting_records(
         ratio = med / joint
         base, peak = memory[entry.label] if memory else (None, None)
         to_floor: dict[str, Any] = {}
-        if floor is not None and entry.label in ("mmpareto", FLOOR.label):
+        if entry.label in floor_of:
+            floor = times[floor_of[entry.label]]
             floor_rounds = [a / b for a, b in zip(t, floor, strict=True)]
             f25, f75 = _quartiles(floor_rounds)
             floor_ratio = med / statistics.median(floor)
+            is_floor = entry.method_class is not None
             to_floor = {
+                "floor": floor_of[entry.label],
                 "ratio_to_floor": floor_ratio,
                 "floor_q25": f25,
                 "floor_q75": f75,
-                "floor_target": FLOOR_TARGET if entry.label == "mmpareto" else None,
-                "floor_target_met": bool(floor_ratio <= FLOOR_TARGET)
-                if entry.label == "mmpareto"
-                else None,
+                "floor_target": None if is_floor else FLOOR_TARGET,
+                "floor_target_met": None if is_floor else bool(floor_ratio <= FLOOR_TARGET),
             }
         records.append(
             {
@@ -664,13 +723,16 @@ SWEEPS = (("sweep_batch", "batch", "batch"), ("sweep_modalities", "modalities", 
 
 
 def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target."""
+    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target;
+    for compiled steps also the compile time and its equivalent in steps."""
+    compiled = any(r.get("compiled") for r in rows)
     columns = [
         Column("method", "left", essential=True),
         Column("ms / step"),
         Column("ratio to joint", essential=True),
         Column("IQR", "left"),
         Column("peak mem MB"),
+        *([Column("compile s"), Column("= steps")] if compiled else []),
         Column("target", "left", essential=True),
         Column("note", "left", wrap=True),
     ]
@@ -681,6 +743,11 @@ def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
             f"{r['ratio_to_joint']:.3f}",
             f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
             _fmt(r["peak_mem_mb"], ".0f"),
+            *(
+                [_fmt(r.get("compile_s"), ".1f"), _fmt(r.get("compile_steps"), ".0f")]
+                if compiled
+                else []
+            ),
             _target_cell(r),
             r["note"],
         ]
@@ -720,9 +787,10 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
     if not records:
         return "No cost records.\n"
     first = records[0]
+    compiled = ", compiled steps (train.compile=true)" if first.get("compiled") else ""
     lines = [
         f"# Step cost relative to joint ({first['device']}: {first['device_name']}, "
-        f"{first['threads']} threads, torch {first['torch']})",
+        f"{first['threads']} threads, torch {first['torch']}{compiled})",
         "",
         "Ratio = median step time (`Trainer.train_step`, epoch "
         f"{first['epoch']}) / joint's median, methods interleaved in rounds on the same model "
@@ -730,6 +798,14 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
         "steps above the memory in use once model and batch are built (CPU: resident set "
         "size; CUDA: allocated), each method in a fresh process. Generated by "
         "`benchmarks/bench_cost.py`.",
+        *(
+            [
+                "Compiled steps: *compile s* = seconds spent compiling (before the timed "
+                "rounds, not in the ratios); *= steps*: that time in the method's compiled steps.",
+            ]
+            if compiled
+            else []
+        ),
         "",
     ]
     for name in [n for n in SETTING_TITLES if any(r["setting"] == n for r in records)]:
