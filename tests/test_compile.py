@@ -81,16 +81,22 @@ def _assert_rounding(eager: dict[str, Any], compiled: dict[str, Any], what: str)
         assert worst <= 1e-3 * scale + 1e-7, f"{what} {key}: {worst:.2e} at scale {scale:.2e}"
 
 
+def _both_ways(name: str, backend: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``(eager, compiled)``, each the gradients and weights of :func:`_steps`."""
+    counting = CountingBackend(backend)
+    monkeypatch.setattr(compiling, "BACKEND", counting)
+    eager = _steps(name, False, out / "eager")
+    compiled = _steps(name, True, out / "compiled")
+    assert counting.graphs >= 1, f"{name}: nothing was compiled"
+    assert eager[0], f"{name}: no gradient after {STEPS} steps"
+    return eager, compiled
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_compiled_and_eager_steps_give_equal_gradients(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = CountingBackend("aot_eager")
-    monkeypatch.setattr(compiling, "BACKEND", backend)
-    grads, weights = _steps(name, False, tmp_path / "eager")
-    c_grads, c_weights = _steps(name, True, tmp_path / "compiled")
-    assert backend.graphs >= 1, f"{name}: nothing was compiled"
-    assert grads, f"{name}: no gradient after {STEPS} steps"
+    (grads, weights), (c_grads, c_weights) = _both_ways(name, "aot_eager", tmp_path, monkeypatch)
     _assert_close(grads, c_grads, f"{name} gradient", rtol=1e-5, atol=1e-6)
     _assert_close(weights, c_weights, f"{name} weight", rtol=1e-5, atol=1e-6)
 
@@ -99,11 +105,7 @@ def test_compiled_and_eager_steps_give_equal_gradients(
 def test_inductor_compiled_steps_give_equal_gradients(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = CountingBackend("inductor")
-    monkeypatch.setattr(compiling, "BACKEND", backend)
-    grads, weights = _steps(name, False, tmp_path / "eager")
-    c_grads, c_weights = _steps(name, True, tmp_path / "compiled")
-    assert backend.graphs >= 1
+    (grads, weights), (c_grads, c_weights) = _both_ways(name, "inductor", tmp_path, monkeypatch)
     # inductor fuses and reorders reductions: equal to float32 rounding, not bit for bit
     _assert_rounding(grads, c_grads, f"{name} gradient")
     _assert_rounding(weights, c_weights, f"{name} weight")
