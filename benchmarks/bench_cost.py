@@ -19,7 +19,9 @@ Methods. Every registered method with its default options (``mcr``: K = 32 permu
 (:class:`MMParetoFloor`: the summed-loss step of MMPareto's model plus one backward pass of the
 fused loss through the encoders, the least any exact per-loss encoder gradient needs; the
 records of ``mmpareto`` and of the floor carry ``ratio_to_floor``, target
-:data:`FLOOR_TARGET`). ``unimodal`` is timed once, for its first
+:data:`FLOOR_TARGET`), and ``mcr[floor]`` (:class:`MCRFloor`: MCR's losses and R_MIPD's
+arithmetic by autograd, without the game's routing of the gradient; ``mcr`` and
+``mcr[K=k]`` carry ``ratio_to_floor`` against it and ``mcr[K=k][floor]``). ``unimodal`` is timed once, for its first
 modality. ``unipre_frozen`` / ``unipre_finetuned`` are timed in their main stage (after the
 unimodal pre-training, which they add as a separate stage and which is not timed here);
 ``unipre_frozen`` has its encoders frozen as ``fit`` does.
@@ -61,7 +63,13 @@ Output: ``cost_cpu.json`` (tidy records) and ``cost_cpu.md`` in ``--out-dir``; o
 ``cost_<gpu-name>.json`` / ``.md`` (``--stem`` renames them). Run::
 
     python3 benchmarks/bench_cost.py [--quick] [--device cuda] [--threads 2]
-        [--settings small,sweep_batch] [--methods mcr,mmpareto,mmpareto[floor]]
+        [--settings small,sweep_batch] [--methods mcr,mmpareto,mmpareto[floor]] [--compile]
+
+Compiled steps (``--compile``): every entry trains with ``train.compile=true``; each compiles in
+a warm-up of its own before the timed rounds, and its records carry ``compile_s`` (the seconds
+spent compiling, Dynamo's account) and ``compile_steps`` (that time in compiled steps of the
+method: how many steps a run needs before compiling has paid for itself at most that often).
+The outputs are ``<stem>_compiled.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -106,18 +114,20 @@ def run_cost(
     methods: Sequence[str] | None = None,
     stem: str | None = None,
     clock: str = "wall",
+    compile: bool = False,
     log: Callable[[str], None] = print_flushed,
 ) -> list[dict[str, Any]]:
     """Run the cost benchmark, write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, return
     the records. ``settings`` selects settings by name (default: all), ``methods`` entries by
     label (``joint`` is always kept); ``stem`` names the output files (default
-    :func:`results_stem`)."""
+    :func:`results_stem`, with ``_compiled`` when ``compile``); ``compile`` times the compiled
+    step (``train.compile=true``) of every entry and records its compile time."""
     torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no GPU is available")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or results_stem(device)
+    stem = stem or results_stem(device) + ("_compiled" if compile else "")
     records: list[dict[str, Any]] = []
     for setting in make_settings(quick, device, resnet_batch, resnet_budget):
         if settings is not None and setting.name not in settings:
@@ -125,11 +135,15 @@ def run_cost(
         if methods is not None:
             keep = {"joint", *methods}
             setting.entries = [e for e in setting.entries if e.label in keep]
+        setting.compile = compile
+        # every entry compiles its own graph of the same forward code: let Dynamo keep them all
+        torch._dynamo.config.recompile_limit = max(8, 2 * len(setting.entries))
         started = time.perf_counter()
-        times, shapes = time_setting(setting, device, log, clock)
+        compile_s: dict[str, float] = {}
+        times, shapes = time_setting(setting, device, log, clock, compile_s)
         mem = memory_setting(setting, device, threads) if memory else None
         seconds = time.perf_counter() - started
-        new = setting_records(setting, times, shapes, mem, device, threads, seconds)
+        new = setting_records(setting, times, shapes, mem, device, threads, seconds, compile_s)
         for r in new:
             r["clock"] = clock
         records += new
@@ -159,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--methods", help="comma-separated entry labels to time (joint is kept)")
     ap.add_argument("--stem", help="output file name stem (default: cost_cpu or cost_<gpu>)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="see CLOCKS")
+    ap.add_argument(
+        "--compile", action="store_true", help="time compiled steps (train.compile=true)"
+    )
     args = ap.parse_args(argv)
     started = time.perf_counter()
     records = run_cost(
@@ -173,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         methods=args.methods.split(",") if args.methods else None,
         stem=args.stem,
         clock=args.clock,
+        compile=args.compile,
     )
     print(cost_text(records))
-    stem = args.stem or results_stem(args.device)
+    stem = args.stem or results_stem(args.device) + ("_compiled" if args.compile else "")
     print(
         f"wrote {Path(args.out_dir) / stem}.json and .md in {time.perf_counter() - started:.0f} s"
     )

@@ -224,6 +224,10 @@ class TrainConfig:
             ``pip install 'mmbalance[wandb]'``; ``WANDB_MODE=offline`` logs without an account).
         epoch_curves: per-modality head/probe accuracy and Shapley curves after each
             validation (:mod:`mmbalance.eval.curves`).
+        compile: ``torch.compile`` the training step's forward (the model and the method's
+            losses): ``false``, ``true``, or ``auto`` (compile only where the saving measured on
+            the first steps, over the run's steps, exceeds the compile time); see
+            :mod:`mmbalance.train.compiling`.
     """
 
     renamed_options: ClassVar[dict[str, str]] = {"epoch_analysis": "epoch_curves"}
@@ -253,6 +257,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: str | None = None
     epoch_curves: bool = True
+    compile: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "momentum", "gamma", "grad_clip"):

@@ -30,8 +30,52 @@ def test_run_cost_quick_covers_every_method(tmp_path: Path) -> None:
     table = (tmp_path / "cost_cpu.md").read_text()
     assert "| mcr |" in table and "≤ 1.50" in table
     floor = {r["method"]: r for r in records if "ratio_to_floor" in r}
-    assert set(floor) == {"mmpareto", "mmpareto[floor]"}
+    assert set(floor) == {"mmpareto", "mmpareto[floor]", "mcr", "mcr[floor]"}
     assert floor["mmpareto[floor]"]["ratio_to_floor"] == 1.0
+    assert floor["mcr"]["floor"] == "mcr[floor]" and floor["mcr[floor]"]["ratio_to_floor"] == 1.0
+
+
+def test_mcr_floor_computes_mcrs_regulariser(tmp_path: Path) -> None:
+    """The floor entry of MCR runs the same arithmetic: its R_MIPD has MCR's value on the same
+    donors (only the routing of the gradient differs), for 2 and 3 modalities."""
+    from benchmarks.cost.settings import MCRFloor, build_run
+
+    for setting in make_settings(True, "cpu"):
+        if setting.name not in ("small", "sweep_modalities"):  # M = 2 and 3
+            continue
+        trainer, batch, _ = build_run(setting, TimedMethod("mcr", "mcr"), "cpu", tmp_path)
+        method = trainer.method
+        floor = MCRFloor(method.params)
+        floor.setup(method.info)
+        ctx = trainer.protocol.context(batch.targets, batch.inputs, 10)
+        output = trainer.protocol.module.output(batch.inputs, ctx)
+        mods = output.modalities
+        k = method.params.num_permutations
+        donors = {
+            m: torch.stack([torch.randperm(batch.targets.shape[0]) for _ in range(k)]) for m in mods
+        }
+        torch.testing.assert_close(
+            floor.mipd(output, ctx, donors), method.mipd(output, ctx, donors)
+        )
+
+
+def test_run_cost_times_compiled_steps(tmp_path: Path, monkeypatch) -> None:
+    from mmbalance.train import compiling
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")  # the cheapest complete compile
+    records = run_cost(
+        tmp_path,
+        quick=True,
+        threads=1,
+        settings=["small"],
+        memory=False,
+        methods=["ogm_ge"],
+        compile=True,
+    )
+    assert {r["method"] for r in records} == {"joint", "ogm_ge"}
+    assert all(r["compiled"] and r["compile_s"] > 0 and r["compile_steps"] > 0 for r in records)
+    table = (tmp_path / "cost_cpu_compiled.md").read_text()
+    assert "compiled steps" in table and "compile s" in table
 
 
 def test_run_cost_resnet_setting_builds_methods_with_their_own_head_or_held_out_data(

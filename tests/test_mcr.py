@@ -384,13 +384,17 @@ def test_donor_kinds() -> None:
     assert not bool((same == torch.arange(4)).any())  # falls back to other rows
 
 
-@pytest.mark.parametrize("loop_from", [2, 10**9])
-def test_both_permutation_samplers_are_uniform(loop_from: int, monkeypatch) -> None:
-    """``k`` torch.randperm calls (CPU, large batches) and the argsort of random keys: every row
-    is a permutation, and the 24 permutations of 4 rows are equally likely."""
-    monkeypatch.setattr(mcr_game, "RANDPERM_LOOP_MIN_BATCH", loop_from)
+@pytest.mark.parametrize("shuffle_from", [2, 10**9])
+def test_both_permutation_samplers_are_uniform(shuffle_from: int, monkeypatch) -> None:
+    """NumPy's row shuffles (CPU, many elements) and the argsort of random keys: every row is a
+    permutation, the 24 permutations of 4 rows are equally likely, and the draws are
+    reproducible from the generator."""
+    monkeypatch.setattr(mcr_game, "NUMPY_SHUFFLE_MIN_ELEMENTS", shuffle_from)
     g = torch.Generator().manual_seed(0)
     draws = uniform_permutations(4800, 4, g, torch.device("cpu"))
+    again = uniform_permutations(4800, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(draws, again)
+    assert not torch.equal(draws, uniform_permutations(4800, 4, g, torch.device("cpu")))
     assert torch.equal(draws.sort(1).values, torch.arange(4).expand(4800, 4))
     codes = (draws * torch.tensor([64, 16, 4, 1])).sum(1)
     counts = torch.bincount(codes, minlength=256)

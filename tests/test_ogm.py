@@ -198,34 +198,68 @@ def test_ge_noise_has_unmodulated_std_on_every_encoder_and_is_seeded() -> None:
 
 
 @pytest.mark.parametrize("one_draw", [False, True])
-def test_ge_noise_distribution_of_both_draws(one_draw: bool) -> None:
-    """Per-tensor scratch draws and one draw per encoder give the same distribution: the noise of
-    each tensor is N(0, (std(g) + 1e-8)^2) with the unmodulated std, independent across tensors
-    and elements, on top of k * g; and it is reproducible from the generator's seed."""
+def test_ge_noise_distribution_of_both_draws(one_draw: bool, monkeypatch) -> None:
+    """Chunked parallel draws (CPU) and one draw for all tensors (GPUs) give the official
+    distribution: the noise of each tensor is N(0, (std(g) + 1e-8)^2) with the unmodulated std
+    (its mean and std checked against the formula), independent across tensors, chunks and
+    elements, on top of k * g; and it is reproducible from the seed."""
     from scipy import stats
 
+    from mmbalance.methods import ogm
+
+    monkeypatch.setattr(ogm, "NOISE_CHUNK", 1500)  # tensors of several chunks, kept small
     gen = torch.Generator().manual_seed(0)
     grads = [
         3.0 * torch.randn(4000, generator=gen),
         0.1 * torch.randn(80, 50, generator=gen) + 2.0,
         torch.randn(1, generator=gen),  # a single element: std 0, noise 1e-8
         torch.randn(4000, generator=gen),
+        torch.randn(50, 80, generator=gen).T,  # not contiguous: one chunk
     ]
     before = [g.clone() for g in grads]
     k = torch.tensor(0.3)
-    add_ge_noise(grads, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    add_ge_noise(grads, k, 5, one_draw=one_draw)
     noise = [g - k * b for g, b in zip(grads, before, strict=True)]
     for n, b in zip(noise, before, strict=True):
         if b.numel() == 1:
             assert abs(float(n)) < 1e-6
             continue
-        unit = (n / (b.std() + 1e-8)).reshape(-1).double().numpy()
+        sigma = float(b.std()) + 1e-8
+        # mean 0 and std sigma, within 5 standard errors
+        assert abs(float(n.mean())) < 5 * sigma / n.numel() ** 0.5
+        assert abs(float(n.std()) / sigma - 1) < 5 / (2 * n.numel()) ** 0.5
+        unit = (n / sigma).reshape(-1).double().numpy()
         assert stats.kstest(unit, "norm").pvalue > 1e-3
     assert abs(float(torch.corrcoef(torch.stack([noise[0], noise[3]]))[0, 1])) < 0.1
+    chunks = noise[0].split(1500)  # two chunks of one tensor are not the same draw
+    assert abs(float(torch.corrcoef(torch.stack([chunks[0], chunks[1]]))[0, 1])) < 0.15
     again = [b.clone() for b in before]
-    add_ge_noise(again, k, torch.Generator().manual_seed(5), one_draw=one_draw)
+    add_ge_noise(again, k, 5, one_draw=one_draw)
     for a, g in zip(again, grads, strict=True):
         torch.testing.assert_close(a, g, rtol=0, atol=0)
+    other = [b.clone() for b in before]
+    add_ge_noise(other, k, 6, one_draw=one_draw)
+    assert not torch.equal(other[0], grads[0])
+
+
+def test_ge_noise_does_not_depend_on_the_number_of_threads(monkeypatch) -> None:
+    from mmbalance.methods import ogm
+
+    monkeypatch.setattr(ogm, "NOISE_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(1)
+    before = [torch.randn(5000, generator=gen), torch.randn(30, 40, generator=gen)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            grads = [b.clone() for b in before]
+            add_ge_noise(grads, torch.tensor(0.5), 11)
+            results.append(grads)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_window_and_warmup_switch_modulation_off() -> None:

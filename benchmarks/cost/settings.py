@@ -17,7 +17,10 @@ from mmbalance.builder import build_components, build_dataset, resolve_config
 from mmbalance.data.base import Batch, DatasetBundle, ModalitySpec, MultimodalTensorDataset
 from mmbalance.methods import METHODS
 from mmbalance.methods.base import Method, StepContext, total_loss
+from mmbalance.methods.mcr import MCR
 from mmbalance.methods.mmpareto import MMPareto
+from mmbalance.methods.ops.divergence import divergence_rows
+from mmbalance.models.output import ModelOutput
 from mmbalance.train import Trainer
 
 #: Epoch passed to ``train_step``: late enough that every method's modulation is active.
@@ -36,6 +39,8 @@ NOTES = {
     "unipre_finetuned": "main stage; adds a unimodal pre-training stage",
     "mmpareto[latent]": "method.variant=latent",
     "mmpareto[floor]": "floor of exact MMPareto: its summed-loss step + 1 backward through encoders",
+    "mcr[floor]": "floor of MCR: its losses, R_MIPD's gather, set mixing and divergences by "
+    "autograd, without the game's routing",
 }
 
 
@@ -90,17 +95,60 @@ class Setting:
     min_rounds: int = 2
     #: targets of this setting, overriding :data:`TARGETS`
     targets: dict[str, float] = field(default_factory=dict)
+    #: ``train.compile=true`` for every entry (the compiled step, :mod:`mmbalance.train.compiling`)
+    compile: bool = False
+
+
+class MCRFloor(MCR):
+    """The floor of MCR: its losses with R_MIPD's own arithmetic and nothing else.
+
+    The same model, task, unimodal and contrastive losses and the same donors as MCR; R_MIPD is
+    the gather of the permuted contributions, the set mixing and the divergences over ``K * B``
+    rows per set (``sum_S W_S D_S``), differentiated by autograd without the game's routing of
+    the gradient (additive heads, which the benchmark's settings use; other heads: MCR itself).
+    What MCR adds on top is the routing. Not registered: a benchmark entry only.
+    """
+
+    def mipd(
+        self, output: ModelOutput, ctx: StepContext, donors: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        if output.contributions is None or self.params.perturbation != "permute":
+            return super().mipd(output, ctx, donors)
+        perturbation = self.perturbation(output, ctx, donors)
+        assert perturbation.index_stack is not None
+        mods = output.modalities
+        ref = output.logits
+        _, w = self.routing(mods, ref.device, ref.dtype)
+        anchors = torch.stack([output.contributions[m] for m in mods])  # (M, B, C)
+        m, b, c = anchors.shape
+        r = perturbation.rows
+        index = perturbation.index_stack.unsqueeze(-1).expand(m, r * b, c)
+        moved = anchors.gather(1, index).view(m, r * b * c)
+        u = (w.member @ moved).view(-1, r, b, c)
+        u = u + (w.outside @ anchors.view(m, b * c)).view(-1, 1, b, c)
+        bias = getattr(self._head(ctx), "bias", None)
+        if bias is not None:
+            u = u + bias
+        s = u.shape[0]
+        rows = divergence_rows(u.reshape(-1, c), ref.repeat(s * r, 1), ctx.task)
+        return (w.shared * rows.view(s, -1).mean(1)).sum()
 
 
 FLOOR = TimedMethod("mmpareto[floor]", "mmpareto", method_class=MMParetoFloor)
+MCR_FLOOR = TimedMethod("mcr[floor]", "mcr", method_class=MCRFloor)
+#: the floor entry of a method's label
+FLOORS = {"mmpareto": FLOOR, "mcr": MCR_FLOOR}
 
 
 def all_entries() -> list[TimedMethod]:
-    """Every registered method (joint first) plus MMPareto's latent variant and its floor."""
+    """Every registered method (joint first) plus MMPareto's latent variant and its floor, and
+    MCR's floor."""
     names = ["joint", *(n for n in METHODS.names() if n != "joint")]
     entries = [TimedMethod(n, n) for n in names]
     if "mmpareto" in names:
         entries += [TimedMethod("mmpareto[latent]", "mmpareto", (("variant", "latent"),)), FLOOR]
+    if "mcr" in names:
+        entries.append(MCR_FLOOR)
     return entries
 
 
@@ -109,13 +157,16 @@ def sweep_entries() -> list[TimedMethod]:
         TimedMethod("joint", "joint"),
         *(TimedMethod(n, n) for n in BALANCING if n in METHODS),
     ]
-    return entries + ([FLOOR] if "mmpareto" in METHODS else [])
+    return entries + [f for name, f in FLOORS.items() if name in METHODS]
 
 
 def mcr_k_entries(ks: Sequence[int] = (1, 8, 32, 128)) -> list[TimedMethod]:
     """joint and mcr with ``K`` permutations per step, for how its cost scales with K."""
     mcr = [TimedMethod(f"mcr[K={k}]", "mcr", (("num_permutations", k),)) for k in ks]
-    return [TimedMethod("joint", "joint"), *mcr]
+    floors = [
+        TimedMethod(f"mcr[K={k}][floor]", "mcr", (("num_permutations", k),), MCRFloor) for k in ks
+    ]
+    return [TimedMethod("joint", "joint"), *mcr, *floors]
 
 
 def _synthetic(modalities: int | None, quick: bool) -> dict[str, Any]:
@@ -267,6 +318,7 @@ def build_run(
         "train.accelerator": accelerator,
         "train.progress": False,
         "train.tensorboard": False,
+        "train.compile": setting.compile,
     }
     cfg = resolve_config(overrides)
     fabric = Fabric(accelerator=accelerator, devices=1, precision=cfg.train.precision)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import platform
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from benchmarks.cost.settings import EPOCH, FLOOR, FLOOR_TARGET, NOTES, TARGETS, Setting
+from benchmarks.cost.settings import EPOCH, FLOOR_TARGET, FLOORS, NOTES, TARGETS, Setting
 from mmbalance.report import Column, Table, to_markdown, to_text
 
 
@@ -43,9 +43,21 @@ def setting_records(
     device: str,
     threads: int,
     seconds: float,
+    compile_s: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
+    compile_s = compile_s or {}
     joint = statistics.median(times["joint"])
-    floor = times.get(FLOOR.label)
+    # each entry's floor entry (and a floor's own), measured in the same rounds
+    labels = {e.label for e in setting.entries}
+    floor_of = {e.label: e.label for e in setting.entries if e.method_class is not None}
+    for e in setting.entries:
+        if e.method_class is None:
+            floor = FLOORS.get(e.label)
+            own = f"{e.label}[floor]"
+            if own in labels:
+                floor_of[e.label] = own
+            elif floor is not None and floor.label in labels:
+                floor_of[e.label] = floor.label
     records = []
     for entry in setting.entries:
         t = times[entry.label]
@@ -58,18 +70,19 @@ def setting_records(
         ratio = med / joint
         base, peak = memory[entry.label] if memory else (None, None)
         to_floor: dict[str, Any] = {}
-        if floor is not None and entry.label in ("mmpareto", FLOOR.label):
+        if entry.label in floor_of:
+            floor = times[floor_of[entry.label]]
             floor_rounds = [a / b for a, b in zip(t, floor, strict=True)]
             f25, f75 = _quartiles(floor_rounds)
             floor_ratio = med / statistics.median(floor)
+            is_floor = entry.method_class is not None
             to_floor = {
+                "floor": floor_of[entry.label],
                 "ratio_to_floor": floor_ratio,
                 "floor_q25": f25,
                 "floor_q75": f75,
-                "floor_target": FLOOR_TARGET if entry.label == "mmpareto" else None,
-                "floor_target_met": bool(floor_ratio <= FLOOR_TARGET)
-                if entry.label == "mmpareto"
-                else None,
+                "floor_target": None if is_floor else FLOOR_TARGET,
+                "floor_target_met": None if is_floor else bool(floor_ratio <= FLOOR_TARGET),
             }
         records.append(
             {
@@ -96,6 +109,12 @@ def setting_records(
                 "target_met": None if target is None else bool(ratio <= target),
                 "note": NOTES.get(entry.label, ""),
                 "setting_seconds": seconds,
+                "compiled": setting.compile,
+                "compile_s": compile_s.get(entry.label),
+                # steps after which compiling has cost as much as the steps themselves
+                "compile_steps": None
+                if entry.label not in compile_s
+                else compile_s[entry.label] / med,
                 **to_floor,
             }
         )
@@ -122,13 +141,16 @@ SWEEPS = (("sweep_batch", "batch", "batch"), ("sweep_modalities", "modalities", 
 
 
 def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target."""
+    """One main setting: per method its step time, ratio to joint, IQR, peak memory, target;
+    for compiled steps also the compile time and its equivalent in steps."""
+    compiled = any(r.get("compiled") for r in rows)
     columns = [
         Column("method", "left", essential=True),
         Column("ms / step"),
         Column("ratio to joint", essential=True),
         Column("IQR", "left"),
         Column("peak mem MB"),
+        *([Column("compile s"), Column("= steps")] if compiled else []),
         Column("target", "left", essential=True),
         Column("note", "left", wrap=True),
     ]
@@ -139,6 +161,11 @@ def setting_table(rows: Sequence[dict[str, Any]]) -> Table:
             f"{r['ratio_to_joint']:.3f}",
             f"{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}",
             _fmt(r["peak_mem_mb"], ".0f"),
+            *(
+                [_fmt(r.get("compile_s"), ".1f"), _fmt(r.get("compile_steps"), ".0f")]
+                if compiled
+                else []
+            ),
             _target_cell(r),
             r["note"],
         ]
@@ -178,9 +205,10 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
     if not records:
         return "No cost records.\n"
     first = records[0]
+    compiled = ", compiled steps (train.compile=true)" if first.get("compiled") else ""
     lines = [
         f"# Step cost relative to joint ({first['device']}: {first['device_name']}, "
-        f"{first['threads']} threads, torch {first['torch']})",
+        f"{first['threads']} threads, torch {first['torch']}{compiled})",
         "",
         "Ratio = median step time (`Trainer.train_step`, epoch "
         f"{first['epoch']}) / joint's median, methods interleaved in rounds on the same model "
@@ -188,6 +216,14 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
         "steps above the memory in use once model and batch are built (CPU: resident set "
         "size; CUDA: allocated), each method in a fresh process. Generated by "
         "`benchmarks/bench_cost.py`.",
+        *(
+            [
+                "Compiled steps: *compile s* = seconds spent compiling (before the timed "
+                "rounds, not in the ratios); *= steps*: that time in the method's compiled steps.",
+            ]
+            if compiled
+            else []
+        ),
         "",
     ]
     for name in [n for n in SETTING_TITLES if any(r["setting"] == n for r in records)]:

@@ -33,10 +33,17 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": t
 
 
 def time_setting(
-    setting: Setting, device: str, log: Callable[[str], None] = print_flushed, clock: str = "wall"
+    setting: Setting,
+    device: str,
+    log: Callable[[str], None] = print_flushed,
+    clock: str = "wall",
+    compile_s: dict[str, float] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Interleaved timing: seconds per step of every round, per label; and the input shapes."""
+    """Interleaved timing: seconds per step of every round, per label; and the input shapes.
+    With ``setting.compile``, the seconds each label spent compiling go into ``compile_s``
+    (compiling happens in a warm-up of its own, before the timed rounds)."""
     now = CLOCKS[clock]
+    compile_s = {} if compile_s is None else compile_s
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {e.label: build_run(setting, e, device, Path(tmp)) for e in setting.entries}
@@ -52,6 +59,11 @@ def time_setting(
 
         data = next(iter(runs.values()))[0].data
         shapes = {m: list(spec.shape) for m, spec in data.modalities.items()}
+        if setting.compile:  # compiling happens here, outside the rounds and the budget
+            for label in runs:
+                timed(label, setting.warmup)
+                compiler = runs[label][0].compiler
+                compile_s[label] = (compiler.seconds if compiler is not None else None) or 0.0
         warm = {label: timed(label, setting.warmup) for label in runs}
         rounds = setting.rounds
         if setting.budget_s is not None:

@@ -268,8 +268,10 @@ class MCR(Method):
         drawn = self._draw_donor_stack(targets, len(modalities))
         return {m: drawn[i] for i, m in enumerate(modalities)}
 
+    @torch.compiler.disable
     def _draw_donor_stack(self, targets: Tensor, count: int) -> Tensor:
-        """``(count, K, B)`` donors, drawn as :meth:`sample_donors` describes."""
+        """``(count, K, B)`` donors, drawn as :meth:`sample_donors` describes (eagerly in a
+        compiled step: the draw reads its seed on the host; one graph break instead of several)."""
         p: MCRParams = self.params
         seed = int(torch.randint(0, 2**62, (1,)).item())
         gen = torch.Generator(device=targets.device).manual_seed(seed)

@@ -21,6 +21,7 @@ unimodal heads are never scaled.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,8 +56,9 @@ class OGMParams(ModulationParams):
         ge: add the generalization-enhancement Gaussian noise to the encoder gradients.
         scale_params: which encoder tensors are modulated: ``all`` trainable ones, or ``conv``
             (4-D kernels only, as the official code does).
-        seed: seeds the GE noise, drawn from a generator reseeded every step, so every DDP rank
-            draws the same noise.
+        seed: seeds the GE noise, drawn from generators seeded by it and the step (and the
+            modality), so every DDP rank draws the same noise and a resumed run the same as an
+            uninterrupted one.
     """
 
     alpha: float = 0.8
@@ -120,8 +122,7 @@ class OGM(Method):
         coeff = ctx.scratch.get("coeff")
         if coeff is None:
             return
-        generator: torch.Generator | None = None
-        for m, k in coeff.items():
+        for i, (m, k) in enumerate(coeff.items()):
             params = self.selected(ctx.encoder_params.get(m, ()))
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:
@@ -131,34 +132,53 @@ class OGM(Method):
                 if bool(k != 1):
                     torch._foreach_mul_(grads, k)
                 continue
-            if generator is None or generator.device != grads[0].device:
-                generator = torch.Generator(device=grads[0].device)
-                generator.manual_seed(self.params.seed * 1_000_003 + ctx.step)
-            add_ge_noise(grads, k, generator, one_draw=grads[0].device.type != "cpu")
+            # a seed per (run seed, step, modality): every DDP rank and a resumed run draw alike
+            seed = (self.params.seed * 1_000_003 + ctx.step) * 1_009 + i
+            add_ge_noise(grads, k, seed, one_draw=grads[0].device.type != "cpu")
 
 
-def add_ge_noise(
-    grads: Sequence[Tensor],
-    k: Tensor,
-    generator: torch.Generator,
-    one_draw: bool = False,
-) -> None:
+#: Elements per noise chunk of the CPU draw: each chunk has its own generator, so chunks are
+#: drawn in parallel and the noise does not depend on the number of threads.
+NOISE_CHUNK = 1 << 18
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads drawing noise chunks (as many as torch's intra-op threads), made once."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max(1, torch.get_num_threads()), "mmbalance-noise"))
+    return _POOL[0]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of noise chunk ``chunk`` of a draw seeded ``seed`` (a 63-bit mix of both)."""
+    return (seed * 0x9E3779B97F4A7C15 + chunk * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def add_ge_noise(grads: Sequence[Tensor], k: Tensor, seed: int, one_draw: bool = False) -> None:
     """OGM-GE's update, in place: ``g <- k * g + eps * (std(g) + 1e-8)``, ``eps ~ N(0, I)``.
 
     ``std(g)`` is the standard deviation of each tensor's unmodulated gradient (0 for a single
     element), as in the official code, which draws ``N(0, (std + 1e-8)^2)`` noise per tensor.
 
-    Two ways to draw the same distribution (independent standard normals for every element):
-    ``one_draw`` fills one buffer for all tensors in a single call and applies it with two
-    ``foreach`` operations, the fewest kernels (GPUs); otherwise each tensor's noise is drawn into
-    one scratch buffer reused across the tensors and added with a fused ``addcmul_``, which on CPU
-    avoids allocating (and faulting in) a fresh buffer per tensor and a second pass for the
-    product. On CPU the cost that remains is the normal sampler itself, a few ns per element.
+    Two ways to draw the same distribution (independent standard normals for every element),
+    both reproducible from ``seed``:
+
+    - ``one_draw`` (GPUs): one generator fills one buffer for all tensors in a single call, applied
+      with two ``foreach`` operations, the fewest kernels;
+    - otherwise (CPU, where the normal sampler itself is the cost, a few ns per element and one
+      thread per call): the gradients are cut into chunks of at most :data:`NOISE_CHUNK` elements
+      (a tensor's elements in order), each with its own generator seeded by
+      :func:`chunk_seed`, drawn on as many threads as torch uses into a scratch buffer per
+      thread and added with a fused ``addcmul_``. The chunks are fixed by the tensors' sizes
+      alone, so the noise is the same whatever the number of threads.
     """
     stds = [(g.std() if g.numel() > 1 else g.new_zeros(())) + 1e-8 for g in grads]
     dtypes = {g.dtype for g in grads}
     if one_draw and len(dtypes) == 1:
         first = grads[0]
+        generator = torch.Generator(device=first.device).manual_seed(chunk_seed(seed, 0))
         flat = torch.empty(sum(g.numel() for g in grads), dtype=first.dtype, device=first.device)
         flat.normal_(generator=generator)
         pieces = flat.split([g.numel() for g in grads])
@@ -166,13 +186,39 @@ def add_ge_noise(
         torch._foreach_mul_(list(grads), k)
         torch._foreach_addcmul_(list(grads), noise, stds)
         return
-    scratch: dict[torch.dtype, Tensor] = {}
+    chunks: list[tuple[Tensor, Tensor, int]] = []  # (gradient piece, its std, chunk seed)
     for g, std in zip(grads, stds, strict=True):
-        if g.dtype not in scratch:
-            largest = max(t.numel() for t in grads if t.dtype == g.dtype)
-            scratch[g.dtype] = torch.empty(largest, dtype=g.dtype, device=g.device)
-        noise = scratch[g.dtype][: g.numel()].view_as(g).normal_(generator=generator)
-        g.mul_(k).addcmul_(noise, std)
+        g.mul_(k)
+        flat = g.view(-1) if g.is_contiguous() else None
+        if flat is None or g.numel() <= NOISE_CHUNK:
+            chunks.append((g, std, chunk_seed(seed, len(chunks))))
+            continue
+        for piece in flat.split(NOISE_CHUNK):
+            chunks.append((piece, std, chunk_seed(seed, len(chunks))))
+    workers = max(1, min(torch.get_num_threads(), len(chunks)))
+    if workers == 1 or sum(g.numel() for g in grads) <= NOISE_CHUNK:
+        _draw_chunks(chunks)
+        return
+    shares: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for chunk in sorted(chunks, key=lambda c: -c[0].numel()):  # largest first, to the least loaded
+        w = loads.index(min(loads))
+        shares[w].append(chunk)
+        loads[w] += chunk[0].numel()
+    for done in [_pool().submit(_draw_chunks, share) for share in shares]:
+        done.result()
+
+
+def _draw_chunks(chunks: Sequence[tuple[Tensor, Tensor, int]]) -> None:
+    """Add each chunk's noise (its own generator) to it, through one scratch buffer per dtype."""
+    scratch: dict[torch.dtype, Tensor] = {}
+    for piece, std, seed in chunks:
+        if piece.dtype not in scratch:
+            largest = max(p.numel() for p, _, _ in chunks if p.dtype == piece.dtype)
+            scratch[piece.dtype] = torch.empty(largest, dtype=piece.dtype, device=piece.device)
+        generator = torch.Generator(device=piece.device).manual_seed(seed)
+        noise = scratch[piece.dtype][: piece.numel()].view_as(piece)
+        piece.addcmul_(noise.normal_(generator=generator), std)
 
 
 @METHODS.register("ogm_ge")

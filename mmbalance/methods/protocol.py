@@ -27,10 +27,12 @@ What differs between the two callers is only what they plug in: the engine (``ba
 ``all_reduce``, ``gather``, ``autocast``: Lightning Fabric's in our trainer, plain PyTorch in a
 user's loop), the forward (our trainer's is the Fabric-wrapped, possibly DDP, :class:`StepModule`),
 where the data come from (the batches of an epoch's subsets included) and what happens before
-the optimizer step. A compiled step replaces
-:attr:`TrainingProtocol.forward` (``protocol.forward = torch.compile(protocol.module)``); the
-sequence around it stays as it is. The protocol adds no tensor operation to a step: it runs the
-method's hooks and the caller's, nothing else.
+the optimizer step. A compiled step (``train.compile``) replaces
+:attr:`TrainingProtocol.forward` by ``torch.compile`` of it; the forward returns the losses
+alone, so no parameter a loss does not use gets a zero gradient (a compiled graph hands zeros
+to every output it returns that the loss leaves out). The sequence around it stays as it is.
+The protocol adds no tensor operation to a step: it runs the method's hooks and the caller's,
+nothing else.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class TrainingProtocol:
     Attributes:
         forward: the forward of a step, ``forward(inputs, ctx) -> losses``:
             :attr:`module` itself unless the caller wraps it (our trainer: Fabric's wrapper, for
-            DDP and precision; a compiled step: ``torch.compile(module)``).
+            DDP and precision; a compiled step: ``torch.compile`` of it).
         backward, all_reduce, world_size, gather, autocast: the engine: how a loss is
             differentiated, a tensor summed over processes, per-process outputs gathered (in
             dataset order) and a pass put under mixed precision; plain single-process PyTorch by

@@ -94,6 +94,7 @@ from mmbalance.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmbalance.train.compiling import StepCompiler
 from mmbalance.train.rundir import config_hash
 
 
@@ -114,9 +115,11 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     config: str = ""
     data: str = ""
+    #: ``train.compile``'s outcome (:meth:`mmbalance.train.compiling.StepCompiler.summary`)
+    compile: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "metrics": self.metrics,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
@@ -124,6 +127,9 @@ class RunResult:
             "config": self.config,
             "data": self.data,
         }
+        if self.compile is not None:
+            out["compile"] = self.compile
+        return out
 
 
 class Callback:
@@ -226,6 +232,11 @@ class Trainer:
             sampler = ShardBatchSampler(len(data.splits[split]), 2 * t.batch_size, rank, world)
             self.loaders[split] = make_loader(data.splits[split], sampler, t.num_workers)
         self.encoder_params = protocol.encoder_params
+        # train.compile: the step's forward compiled (mmbalance.train.compiling)
+        self.compiler: StepCompiler | None = None
+        if t.compile is not False:
+            steps = t.epochs * len(self.loaders["train"])
+            self.compiler = StepCompiler(protocol, t.compile, steps, log=self._log)
         self.history: list[dict[str, float]] = []
         self.step_logs: list[dict[str, float]] = []
         self.best: dict[str, Any] | None = None
@@ -375,7 +386,14 @@ class Trainer:
             epoch_progress=progress,
             subset=subset,
         )
-        terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+        compiler = self.compiler
+        if compiler is None:
+            terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+        else:
+            compiler.before_step()
+            started = time.perf_counter()
+            terms = self.protocol.run_step(ctx, self.optimizer, self._before_optimizer_step)
+            compiler.after_step(time.perf_counter() - started)
         if ctx.logs:
             logged = {k: float(v) for k, v in ctx.logs.items()}
             self.step_logs.append({"step": ctx.step, "epoch": epoch, **logged})
@@ -524,7 +542,13 @@ class Trainer:
             if was_training:
                 self.train_mode()
 
+    def _log(self, line: str) -> None:
+        if self.fabric.is_global_zero:
+            print(f"mmbalance: {line}", file=sys.stderr)
+
     def _finish(self) -> RunResult:
+        if self.compiler is not None:
+            self.compiler.finish()
         best_epoch = -1
         if self.best is not None:
             best = self.out_dir / "best.ckpt"
@@ -561,6 +585,7 @@ class Trainer:
             self.history,
             config_hash(self.cfg),
             self.data_fingerprint,
+            None if self.compiler is None else self.compiler.summary(),
         )
         if self.fabric.is_global_zero:
             write_json_atomic(self.out_dir / "metrics.json", result.to_json())
@@ -597,6 +622,7 @@ class Trainer:
             "config": json.dumps(self.cfg.identity(), sort_keys=True),
             "data": self.data_fingerprint,
             "version": mmbalance.__version__,
+            "compile": None if self.compiler is None else self.compiler.state_dict(),
         }
 
     def _restore(self, ckpt: Mapping[str, Any], path: Path) -> None:
@@ -630,6 +656,8 @@ class Trainer:
         self.bad_epochs = ckpt["bad_epochs"]
         self.start_epoch = ckpt["epoch"] + 1
         phase_name = ckpt.get("phase")
+        if self.compiler is not None:  # train.compile=auto keeps the decision it took
+            self.compiler.load_state_dict(ckpt.get("compile"))
         set_rng_state(rngs[self.fabric.global_rank])
         self.saved_epoch = self.start_epoch - 1
         self.protocol.resume_phase(phase_name, self.start_epoch - 1)

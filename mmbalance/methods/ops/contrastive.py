@@ -91,7 +91,7 @@ class SupervisedNTXent(torch.autograd.Function):
         tiled = same.view(1, b, 1, b)
         # A = positive / D; c_a = sum_p A_ap; dL/dx = E (A + c (1 - T)) - positive
         grad = torch.div(tiled, denom.view(m, b, m, b)).view(n, n)
-        grad.fill_diagonal_(0.0)
+        grad.diagonal().zero_()
         c = grad.sum(1, keepdim=True)
         grad.view(m, b, m, b).add_(c.view(m, b, 1, 1) * (1.0 - tiled))  # + c at negatives
         grad.mul_(big_e)
