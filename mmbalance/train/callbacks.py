@@ -40,7 +40,7 @@ from typing import Any
 from torch import Tensor
 
 from mmbalance.builder.resolve import ResolvedConfig
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, shown
 from mmbalance.eval.curves import epoch_curves
 from mmbalance.io import make_dir, write_text_atomic
 from mmbalance.train.loop import Callback, RunResult, Trainer
@@ -183,7 +183,7 @@ class WandB(Callback):
             self._run = wandb.init(project=self.project, config=config, **options)
         except wandb.errors.Error as err:  # no account, no network, a refused option
             raise ConfigError(
-                f"W&B could not start ({' '.join(str(err).split())[:200]}); log in with `wandb login`, or set "
+                f"W&B could not start ({shown(str(err), 200)}); log in with `wandb login`, or set "
                 "WANDB_MODE=offline to log into the run directory without an account"
             ) from None
         self._run.define_metric("epoch")
