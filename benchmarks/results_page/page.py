@@ -743,8 +743,11 @@ def search_table(saved: Mapping[str, Any]) -> Table:
     columns += [Column("candidates: validation accuracy", "left"), Column("chosen")]
     rows = []
     for s in saved["search"]:
+        refused = s.get("refused", {})
         scores = ", ".join(
-            f"{k}: {v:.4f}" if v is not None and v >= 0 else f"{k}: diverged"
+            f"{k}: {v:.4f}"
+            if v is not None and v >= 0
+            else f"{k}: {'refused' if k in refused else 'did not finish'}"
             for k, v in s["scores"].items()
         )
         rows.append([s["study"], f"`{s['method']}`", s["option"], scores, f"{s['chosen']:g}"])

@@ -43,15 +43,17 @@ from mmbalance.compare.execute import (
 from mmbalance.compare.methods import (
     ComparedMethod,
     expand_methods,
-    method_configs,
+    method_options,
     parse_method_spec,
+    refuse_same_runs,
     shared_options,
 )
 from mmbalance.compare.search import (
+    Candidate,
     SearchOutcome,
     best_candidate,
+    config_with_value,
     search_candidates,
-    with_searched_value,
 )
 from mmbalance.errors import ConfigError, shown
 from mmbalance.io import claim_output, output_lock, remove_stale_temporaries, write_json_atomic
@@ -170,11 +172,21 @@ def run_comparison(
         METHODS.require(parse_method_spec(spec)[0])
     data = build_dataset(resolve_config(shared_options(overrides)))
     compared = expand_methods(methods, list(data.modalities))
-    configs = method_configs(compared, overrides)
+    labels = [m.label for m in compared]
+    options = method_options(compared, overrides)
+    plans: list[list[Candidate]] = []
+    if search:
+        plans = [search_candidates(m, o, out_dir) for m, o in zip(compared, options, strict=True)]
+        planned = [c.config for plan in plans for c in plan if c.config is not None]
+        refuse_same_runs(labels, [[_identity(c.config) for c in plan] for plan in plans])
+    else:
+        configs = _configs_with_choices(compared, options, choices)
+        refuse_same_runs(labels, [c.identity() for c in configs])
+        planned = configs
     # training is imported once every name and option is known to be valid (fast errors)
     from mmbalance.train.rundir import check_same_run
 
-    for cfg in configs:
+    for cfg in planned:
         check_engine(cfg)
     executor = executor if executor is not None else Sequential()
     claim_output(out_dir, "comparison")
@@ -183,11 +195,7 @@ def run_comparison(
         searched: list[SearchOutcome] = []
         search_runs: list[RunSummary] = []
         if search:
-            configs, searched, search_runs = _search(
-                compared, configs, out_dir, data.task, executor
-            )
-        elif choices:
-            configs = _apply_choices(compared, configs, choices)
+            configs, searched, search_runs = _search(compared, plans, out_dir, data.task, executor)
         runs = [
             PlannedRun(m.label, seed, cfg.with_train(seed=seed), out_dir / m.label / f"seed{seed}")
             for m, cfg in zip(compared, configs, strict=True)
@@ -204,24 +212,29 @@ def run_comparison(
     return comparison
 
 
+def _identity(config: ResolvedConfig | None) -> dict[str, Any] | None:
+    return config.identity() if config is not None else None
+
+
 def _search(
     compared: Sequence[ComparedMethod],
-    configs: Sequence[ResolvedConfig],
+    plans: Sequence[Sequence[Candidate]],
     out_dir: Path,
     task: str,
     executor: Executor,
 ) -> tuple[list[ResolvedConfig], list[SearchOutcome], list[RunSummary]]:
-    """Run every method's search and return the chosen configurations (seed 0), the outcomes
-    and the candidates' runs; the chosen candidate's finished run becomes the method's seed-0
-    run."""
+    """Run every method's search (``plans``: its candidates) and return the chosen
+    configurations (seed 0), the outcomes and the candidates' runs; the chosen candidate's
+    finished run becomes the method's seed-0 run. A refused candidate is not run and never
+    wins."""
     from mmbalance.eval.metrics import selection_key
     from mmbalance.train.rundir import check_same_run
 
-    plans = [search_candidates(m, c, out_dir) for m, c in zip(compared, configs, strict=True)]
     runs = [
         PlannedRun(c.label, 0, c.config, c.run_dir, f"{c.label} {c.option}={c.value:g}")
         for plan in plans
         for c in plan
+        if c.config is not None
     ]
     for run in runs:
         check_same_run(run.config, run.run_dir)
@@ -229,12 +242,22 @@ def _search(
     ahead = iter(summaries)
     chosen, outcomes = [], []
     for method, plan in zip(compared, plans, strict=True):
+        done = [next(ahead) if c.config is not None else None for c in plan]
         scores = tuple(
-            selection_key(dict(s.metrics["val"]), task) if s.finished else None
-            for s in (next(ahead) for _ in plan)
+            selection_key(dict(s.metrics["val"]), task) if s is not None and s.finished else None
+            for s in done
         )
-        outcome = SearchOutcome(method.label, plan[0].option, tuple(c.value for c in plan), scores)
+        outcome = SearchOutcome(
+            method.label,
+            plan[0].option,
+            tuple(c.value for c in plan),
+            scores,
+            tuple(c.refusal for c in plan),
+        )
         best = plan[best_candidate(scores)]
+        if best.config is None:  # every candidate that ran failed: the default-like one
+            best = next(c for c in [*plan[len(plan) // 2 :], *plan] if c.config is not None)
+        assert best.config is not None
         chosen.append(best.config)
         outcomes.append(outcome)
         copy_finished_run(best.run_dir, out_dir / method.label / "seed0")
@@ -244,19 +267,22 @@ def _search(
     return chosen, outcomes, summaries
 
 
-def _apply_choices(
+def _configs_with_choices(
     compared: Sequence[ComparedMethod],
-    configs: Sequence[ResolvedConfig],
+    options: Sequence[Mapping[str, Any]],
     choices: Sequence[SearchOutcome],
 ) -> list[ResolvedConfig]:
-    """Every method's configuration with the value another comparison's search chose."""
+    """Every method's configuration: its options, with the value another comparison's search
+    chose where ``choices`` are given."""
+    if not choices:
+        return [resolve_config(o) for o in options]
     by_label = {c.label: c for c in choices}
     missing = [m.label for m in compared if m.label not in by_label]
     if missing:
         raise ConfigError(f"the given search choices lack {', '.join(missing)}")
     return [
-        with_searched_value(cfg, by_label[m.label].option, by_label[m.label].chosen)
-        for m, cfg in zip(compared, configs, strict=True)
+        config_with_value(o, by_label[m.label].option, by_label[m.label].chosen)
+        for m, o in zip(compared, options, strict=True)
     ]
 
 

@@ -153,35 +153,46 @@ def _scoped_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("method."): v for k, v in overrides.items() if k.startswith("method.")}
 
 
-def method_configs(
+def method_options(
     entries: Sequence[ComparedMethod], overrides: Mapping[str, Any]
-) -> list[ResolvedConfig]:
-    """The resolved configuration of every compared method (seed from ``overrides``), refusing
-    a method-scoped option that no compared method has and two methods that are the same run."""
+) -> list[dict[str, Any]]:
+    """The flat options of every compared method's runs: the shared options, ``method=NAME``,
+    and the ``method.KEY`` options given next to the methods that it has, under its label's own;
+    a method-scoped option that no compared method has is refused."""
     shared, scoped = shared_options(overrides), _scoped_options(overrides)
     used: set[str] = set()
-    configs = []
+    out = []
     for e in entries:
         fields = {f.name for f in dataclasses.fields(METHODS.get(e.method).Params)}
         options = {k: v for k, v in scoped.items() if k in fields} | dict(e.params)
         used |= options.keys() & scoped.keys()
-        configs.append(
-            resolve_config(
-                {**shared, "method": e.method, **{f"method.{k}": v for k, v in options.items()}}
-            )
-        )
+        out.append({**shared, "method": e.method, **{f"method.{k}": v for k, v in options.items()}})
     unused = [k for k in scoped if k not in used]
     if unused:
         names = ", ".join(dict.fromkeys(e.method for e in entries))
         raise ConfigError(
             f"method.{unused[0]} is an option of none of the compared methods ({names})"
         )
-    keys = [c.identity() for c in configs]
+    return out
+
+
+def refuse_same_runs(labels: Sequence[str], keys: Sequence[Any]) -> None:
+    """Refuse two compared methods whose runs are the same configuration (``keys``: what each
+    one trains, e.g. its :meth:`ResolvedConfig.identity`)."""
     for i, key in enumerate(keys):
         for j in range(i):
             if keys[j] == key:
                 raise ConfigError(
-                    f"{entries[j].label} and {entries[i].label} are the same configuration; "
+                    f"{labels[j]} and {labels[i]} are the same configuration; "
                     "compare each configuration once"
                 )
+
+
+def method_configs(
+    entries: Sequence[ComparedMethod], overrides: Mapping[str, Any]
+) -> list[ResolvedConfig]:
+    """The resolved configuration of every compared method (seed from ``overrides``), refusing
+    a method-scoped option that no compared method has and two methods that are the same run."""
+    configs = [resolve_config(o) for o in method_options(entries, overrides)]
+    refuse_same_runs([e.label for e in entries], [c.identity() for c in configs])
     return configs

@@ -12,13 +12,14 @@ not finish never wins, and a tie goes to the middle value (the default-like one)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmbalance.builder.resolve import ResolvedConfig
+from mmbalance.builder.resolve import ResolvedConfig, resolve_config
 from mmbalance.compare.methods import ComparedMethod
+from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
 
 #: A validation selection key (larger is better), or None for a run that did not finish.
@@ -27,42 +28,55 @@ Score = tuple[float, float] | None
 
 @dataclass(frozen=True)
 class Candidate:
-    """One value of a compared method's searched option: its configuration and run directory."""
+    """One value of a compared method's searched option: its configuration and run directory,
+    or (``config`` None) why that value's run is refused: a value at which the method would
+    never act on the run's schedule, say (``mslr``'s window of 10 epochs on a 6-epoch run)."""
 
     label: str
     option: str
     value: float
-    config: ResolvedConfig
+    config: ResolvedConfig | None
     run_dir: Path
+    refusal: str = ""
 
 
-def with_searched_value(cfg: ResolvedConfig, option: str, value: float) -> ResolvedConfig:
-    """``cfg`` with a searched option set to a candidate value (a ``train.lr`` value is a
-    multiple of the configured learning rate)."""
-    actual = value * cfg.train.lr if option == "train.lr" else value
-    return cfg.with_option(option, actual)
+def config_with_value(options: Mapping[str, Any], option: str, value: float) -> ResolvedConfig:
+    """The run of the flat ``options`` with a searched option at a candidate value (a
+    ``train.lr`` value is a multiple of the configured learning rate), checked like any run
+    (ConfigError when it is refused)."""
+    if option == "train.lr":
+        base = resolve_config(options)
+        return base.with_train(lr=value * base.train.lr)
+    return resolve_config({**options, option: value})
 
 
 def search_candidates(
-    method: ComparedMethod, cfg: ResolvedConfig, out_dir: Path
+    method: ComparedMethod, options: Mapping[str, Any], out_dir: Path
 ) -> list[Candidate]:
-    """The candidates of one compared method, each on seed 0 under
-    ``out_dir/search/LABEL/OPTION=V/seed0``. An option the method's label fixes itself
-    (``mcr[lam=1]``) is not searched: the method has one candidate, its own."""
+    """The candidates of one compared method (``options``: its runs' flat options), each on
+    seed 0 under ``out_dir/search/LABEL/OPTION=V/seed0``. An option the method's label fixes
+    itself (``mcr[lam=1]``) is not searched: the method has one candidate, its own.
+
+    A value whose run is refused is a candidate that is not run (it never wins), so a method
+    whose default would be refused on the study's schedule is still searched at its other
+    values; when every value is refused, the comparison is refused with the default-like
+    (middle) value's reason, before anything trains."""
     option, values = METHODS.get(method.method).searched_option()
     fixed = dict(method.params)
     if option.startswith("method.") and option.removeprefix("method.") in fixed:
         values = (fixed[option.removeprefix("method.")],)
-    return [
-        Candidate(
-            method.label,
-            option,
-            value,
-            with_searched_value(cfg.with_train(seed=0), option, value),
-            out_dir / "search" / method.label / f"{option}={value:g}" / "seed0",
-        )
-        for value in values
-    ]
+    out = []
+    for value in values:
+        config, refusal = None, ""
+        try:
+            config = config_with_value(options, option, value).with_train(seed=0)
+        except ConfigError as err:
+            refusal = str(err)
+        run_dir = out_dir / "search" / method.label / f"{option}={value:g}" / "seed0"
+        out.append(Candidate(method.label, option, value, config, run_dir, refusal))
+    if all(c.config is None for c in out):
+        raise ConfigError(out[len(out) // 2].refusal)
+    return out
 
 
 def best_candidate(scores: Sequence[Score]) -> int:
@@ -85,6 +99,8 @@ class SearchOutcome:
     option: str
     values: tuple[float, ...]
     scores: tuple[Score, ...]
+    #: per value, why its run was refused ("" for a value that was run)
+    refusals: tuple[str, ...] = ()
 
     @property
     def chosen(self) -> float:
@@ -92,8 +108,10 @@ class SearchOutcome:
 
     def to_json(self) -> dict[str, Any]:
         """``search.json``'s entry: every candidate's primary validation metric (None: it did
-        not finish) and the chosen value."""
-        return {
+        not finish or was refused), the chosen value, and why a refused candidate was."""
+        reasons = self.refusals or ("",) * len(self.values)
+        refused = {f"{v:g}": r for v, r in zip(self.values, reasons, strict=True) if r}
+        out: dict[str, Any] = {
             "method": self.label,
             "option": self.option,
             "scores": {
@@ -102,3 +120,6 @@ class SearchOutcome:
             },
             "chosen": self.chosen,
         }
+        if refused:
+            out["refused"] = refused
+        return out
