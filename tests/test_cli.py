@@ -53,7 +53,10 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["compare", "--methods", "ogm_ge[alpha]", "--out", "/tmp/x"], "expected KEY=VALUE"),
     ],
 )
-def test_error_paths(capsys, argv: list[str], message: str) -> None:
+def test_error_paths(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default run directory (runs/...) lands in tmp_path
     assert message in _error(capsys, argv)
 
 

@@ -261,7 +261,10 @@ def test_every_bad_file_is_one_line_and_nothing_is_unpickled(capsys, tmp_path: P
     assert not marker.exists()
 
 
-def test_a_missing_path_and_an_unknown_format_are_one_line(capsys, tmp_path: Path) -> None:
+def test_a_missing_path_and_an_unknown_format_are_one_line(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default run directory (runs/...) lands in tmp_path
     for path, message in (
         (tmp_path / "none.npz", "does not exist; set dataset.path"),
         (tmp_path / "x.csv", "is no .npz, .safetensors or directory of .npy files"),

@@ -87,7 +87,10 @@ def test_a_table_of_images_and_speech_trains_and_is_cached(tmp_path: Path, monke
     assert min(np.abs(x.transpose(1, 2, 0) - expected).max() for x in images) < 1e-5
 
 
-def test_paths_outside_the_table_s_directory_are_refused(capsys, tmp_path: Path) -> None:
+def test_paths_outside_the_table_s_directory_are_refused(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default run directory (runs/...) lands in tmp_path
     table = make_table(tmp_path / "data", per_class=6)
     outside = tmp_path / "secret.png"
     shutil.copy(table.parent / "images" / "red0.png", outside)
