@@ -118,6 +118,30 @@ def test_cost_tables_render_the_committed_records_as_committed() -> None:
     assert "missed" in text and "sweep_modalities" in text
 
 
+def test_compiled_table_pairs_each_method_with_its_eager_step() -> None:
+    """Each compiled record sits beside the eager record of the same setting and method; the
+    steps to earn the compile time back are that time over the milliseconds saved per step."""
+    from benchmarks.cost.tables import compiled_table
+
+    def record(method: str, ms: float, ratio: float, compile_s: float | None = None) -> dict:
+        out = {"setting": "small", "batch": 32, "modalities": 2, "method": method}
+        return {**out, "ms_per_step": ms, "ratio_to_joint": ratio, "compile_s": compile_s}
+
+    eager = [record("joint", 1.0, 1.0), record("mcr", 2.4, 2.4), record("ogm", 1.5, 1.5)]
+    compiled = [
+        record("joint", 0.8, 1.0, 12.0),
+        record("mcr", 1.2, 1.5, 30.0),
+        record("ogm", 1.6, 2.0, 9.0),
+        record("dgl", 1.0, 1.25, 5.0),  # not measured eager: left out
+    ]
+    rows = {r[1]: r for r in compiled_table(eager, compiled).rows}
+    assert set(rows) == {"joint", "mcr", "ogm"}
+    assert rows["mcr"][:5] == ["small (B=32, M=2)", "mcr", "2.40", "1.50", "0.50"]
+    assert rows["mcr"][6] == f"{30.0 * 1000 / (2.4 - 1.2):,.0f}"  # 25,000 steps
+    assert rows["joint"][6] == f"{12.0 * 1000 / (1.0 - 0.8):,.0f}"
+    assert rows["ogm"][6] == "never"  # compiled is slower per step
+
+
 def test_results_page_regenerates_the_committed_accuracy_section(tmp_path: Path) -> None:
     """``docs/results.md`` is what the page code makes of the committed results (the figures
     are not redrawn here), and its p-values are scipy's paired t-tests, Holm-adjusted."""

@@ -258,6 +258,59 @@ def cost_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting_label(r: Mapping[str, Any]) -> str:
+    return f"{r['setting']} (B={r['batch']}, M={r['modalities']})"
+
+
+def compiled_table(
+    eager: Sequence[Mapping[str, Any]], compiled: Sequence[Mapping[str, Any]]
+) -> Table:
+    """Eager against compiled steps, per setting and method measured both ways: the ratio to
+    joint of each (each against joint stepped the same way, in its own run), the method's
+    compiled step time over its eager one, and the compile time with the steps it takes
+    to earn back (``compile s / (eager ms - compiled ms)``; "never" when compiling is not
+    faster)."""
+
+    def key(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (r["setting"], r["batch"], r["modalities"], r["method"])
+
+    eager_by = {key(r): r for r in eager}
+    columns = [
+        Column("setting", "left", essential=True),
+        Column("method", "left", essential=True),
+        Column("eager: ratio to joint", essential=True),
+        Column("compiled: ratio to joint", essential=True),
+        Column("compiled ÷ eager ms"),
+        Column("compile s"),
+        Column("steps to earn it back"),
+    ]
+    cells = []
+    for c in compiled:
+        e = eager_by.get(key(c))
+        if e is None:
+            continue
+        saved_ms = e["ms_per_step"] - c["ms_per_step"]
+        compile_s = c.get("compile_s")
+        if compile_s is None:
+            back = "–"
+        elif saved_ms <= 0:
+            back = "never"
+        else:
+            back = f"{compile_s * 1000 / saved_ms:,.0f}"
+        cells.append(
+            [
+                _setting_label(c),
+                c["method"],
+                f"{e['ratio_to_joint']:.2f}",
+                f"{c['ratio_to_joint']:.2f}",
+                f"{c['ms_per_step'] / e['ms_per_step']:.2f}",
+                _fmt(compile_s, ".1f"),
+                back,
+            ]
+        )
+    return Table(columns, cells)
+
+
 def cost_text(records: Sequence[dict[str, Any]], width: int | None = None) -> str:
     """The records as one text table that fits the terminal (80 columns in a log)."""
     columns = [

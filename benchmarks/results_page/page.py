@@ -711,6 +711,29 @@ def _cost_section(cost: Sequence[Mapping[str, Any]] | None, results: Path) -> li
         _demote(cost_markdown(cost)),
         "",
     ]
+    # each measurement with compiled steps beside its eager one: ``cost_X_compiled.json``
+    from benchmarks.cost.tables import compiled_table
+
+    for done in sorted(results.glob("cost_*_compiled.json")):
+        eager_path = done.with_name(done.name.replace("_compiled.json", ".json"))
+        if not eager_path.is_file():
+            continue
+        table = compiled_table(json.loads(eager_path.read_text()), json.loads(done.read_text()))
+        if not table.rows:
+            continue
+        out += [
+            f"### Compiled against eager steps: `{eager_path.name}` and `{done.name}`",
+            "",
+            "`train.compile=true` (`torch.compile` of the step's forward and the method's "
+            "losses) against eager steps, each timed against `joint` stepped the same way; "
+            "*compiled ÷ eager ms*: the method's own step time compiled over eager (below 1: "
+            "compiling pays per step); *steps to earn it back*: the compile time over the time "
+            "saved per step, the number of steps a run must take before compiling saves time "
+            "(what `train.compile=auto` weighs).",
+            "",
+            to_markdown(table),
+            "",
+        ]
     # further measurements saved beside it (another device, another batch): ``cost_<name>.json``
     for extra in sorted(results.glob("cost_*.json")):
         if extra.name == "cost_cpu.json":
