@@ -27,34 +27,55 @@ STEPS = 3
 
 
 class CountingBackend:
-    """``aot_eager`` (or another backend), counting the graphs it is given."""
+    """``aot_eager`` (or another backend), counting the graphs it is given and recording the
+    Python ``math`` functions they call."""
 
     def __init__(self, backend: str) -> None:
         self.backend = torch._dynamo.lookup_backend(backend)
         self.graphs = 0
+        self.python_math: list[str] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         self.graphs += 1
+        self.python_math += [
+            str(node.target)
+            for node in gm.graph.nodes
+            if node.op == "call_function" and _python_math(node.target)
+        ]
         return self.backend(gm, example_inputs)
 
 
+def _python_math(target: Any) -> bool:
+    """Whether a graph node calls a ``math`` function: as itself, or as the symbolic
+    ``torch._sym_sin``-style op Dynamo records for one on a symbolic number."""
+    module, name = getattr(target, "__module__", ""), getattr(target, "__name__", "")
+    return module == "math" or (module == "torch" and name.startswith("_sym_"))
+
+
 def _steps(name: str, compiled: bool, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The gradients of the last of :data:`STEPS` training steps of the first epoch, and the
-    weights after them, for the contract's tiny run of ``name``."""
-    cfg = contract_config(name, epochs=contract_epochs(name), **{"train.compile": compiled})
+    """The gradients of the last of :data:`STEPS` training steps of the contract's last epoch
+    (where every method's schedule acts), and the weights after them, for the contract's tiny
+    run of ``name``."""
+    epochs = contract_epochs(name)
+    cfg = contract_config(name, epochs=epochs, **{"train.compile": compiled})
     trainer = build_trainer(cfg, out)
     ctx = trainer.epoch_context(0)
     ctx.initial_encoder_state = {
         k: v.detach().clone() for k, v in trainer.model.encoders.state_dict().items()
     }
     trainer.method.on_train_start(ctx)
-    trainer.protocol.begin_epoch(trainer.epoch_context(0), trainer.optimizer, lambda _: 0.05)
+    epoch = epochs - 1
+    start = trainer.protocol.begin_epoch(
+        trainer.epoch_context(epoch), trainer.optimizer, lambda _: 0.05
+    )
+    # a method that re-samples its epochs (remix) steps on its first subset, as the loop would
+    subset = start.subsets[0].name if start.subsets else None
     trainer.train_mode()
     torch.manual_seed(7)
     done = 0
     while done < STEPS:
         for batch in trainer.loaders["train"]:
-            trainer.train_step(batch, 0, done / STEPS)
+            trainer.train_step(batch, epoch, done / STEPS, subset=subset)
             done += 1
             if done == STEPS:
                 break
@@ -88,6 +109,10 @@ def _both_ways(name: str, backend: str, out: Path, monkeypatch: pytest.MonkeyPat
     eager = _steps(name, False, out / "eager")
     compiled = _steps(name, True, out / "compiled")
     assert counting.graphs >= 1, f"{name}: nothing was compiled"
+    # Python arithmetic on the step or epoch counters (a schedule) must run eagerly: traced, the
+    # counters become symbolic integers once they change, and inductor's C++ code cannot call
+    # ``math.sin`` on one (AMCo's mask ratio did)
+    assert not counting.python_math, f"{name}: {counting.python_math} traced into a graph"
     assert eager[0], f"{name}: no gradient after {STEPS} steps"
     return eager, compiled
 

@@ -159,6 +159,10 @@ class AMCo(Method):
     def on_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch_first_step = None  # l_t restarts with the epoch
 
+    # Runs eagerly under ``train.compile``: the schedule is Python arithmetic on the step and
+    # epoch counters (and state kept across steps), which Dynamo would otherwise trace as
+    # symbolic integers once they change, and inductor's C++ code cannot evaluate ``sin`` of one.
+    @torch.compiler.disable
     def step_mask(self, num_classes: int, ctx: StepContext) -> tuple[float, Tensor]:
         """``(p_t, mask)`` of this step."""
         if self._epoch_first_step is None:
