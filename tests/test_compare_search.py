@@ -75,6 +75,12 @@ def test_a_refused_value_is_a_candidate_not_run_and_all_refused_is_one_line(
     )
     assert outcome.chosen == 3
     assert set(outcome.to_json()["refused"]) == {"5", "10"}
+    # when no run finished, the choice is still a value that was run: the default-like one
+    refused = ("", "never acts", "never acts")
+    failed = SearchOutcome("mslr", "method.window", (3, 5, 10), (None, None, None), refused)
+    assert failed.chosen == 3
+    ran = SearchOutcome("m", "method.x", (1, 2, 3), (None, None, None), ("", "", "no"))
+    assert ran.chosen == 2
     with pytest.raises(ConfigError, match=r"window=5.*the run has 3 epochs"):
         search_candidates(ComparedMethod("mslr", "mslr"), {**mslr, "train.epochs": 3}, tmp_path)
 

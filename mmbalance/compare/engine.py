@@ -51,7 +51,6 @@ from mmbalance.compare.methods import (
 from mmbalance.compare.search import (
     Candidate,
     SearchOutcome,
-    best_candidate,
     config_with_value,
     search_candidates,
 )
@@ -254,10 +253,8 @@ def _search(
             scores,
             tuple(c.refusal for c in plan),
         )
-        best = plan[best_candidate(scores)]
-        if best.config is None:  # every candidate that ran failed: the default-like one
-            best = next(c for c in [*plan[len(plan) // 2 :], *plan] if c.config is not None)
-        assert best.config is not None
+        best = plan[outcome.chosen_index]
+        assert best.config is not None  # a refused value is never chosen
         chosen.append(best.config)
         outcomes.append(outcome)
         copy_finished_run(best.run_dir, out_dir / method.label / "seed0")

@@ -103,8 +103,19 @@ class SearchOutcome:
     refusals: tuple[str, ...] = ()
 
     @property
+    def chosen_index(self) -> int:
+        """:func:`best_candidate` of the scores; when no candidate finished, the default-like
+        (middle, then the next) value that was not refused."""
+        best = best_candidate(self.scores)
+        if self.scores[best] is None and self.refusals and self.refusals[best]:
+            count = len(self.values)
+            order = [*range(count // 2, count), *range(count)]
+            best = next((i for i in order if not self.refusals[i]), best)
+        return best
+
+    @property
     def chosen(self) -> float:
-        return self.values[best_candidate(self.scores)]
+        return self.values[self.chosen_index]
 
     def to_json(self) -> dict[str, Any]:
         """``search.json``'s entry: every candidate's primary validation metric (None: it did
