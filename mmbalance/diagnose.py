@@ -100,20 +100,20 @@ ADVICE: dict[str, tuple[Advice, ...]] = {
         Advice(
             ("unipre_frozen", "unipre_finetuned"),
             "Unimodal pre-training first: in the competition regime of docs/results.md "
-            "(AV-Fashion-CNN, Adam, 3 seeds, every method searched alike) both closed all of the "
+            "(AV-Fashion-CNN, Adam, 5 seeds, every method searched alike) both closed all of the "
             "gap between joint and the ensemble (their means passed the ensemble's).",
         ),
         Advice(
-            ("greedy", "mbsd", "umt", "dgl", "mmpareto", "mcr", "multiloss"),
-            "Multi-loss training, distillation and regularisers next: they closed 45 to 90 % of "
+            ("mbsd", "greedy", "umt", "mcr", "mmpareto", "dgl", "multiloss"),
+            "Multi-loss training, distillation and regularisers next: they closed 45 to 100 % of "
             "the gap there, none significantly above joint after Holm's correction over 33 "
-            "methods (3 seeds).",
+            "methods.",
         ),
         Advice(
             ("mlb", "pmr", "ogm_ge"),
             "Gradient-modulation methods only under SGD: under Adam, ogm, ogm_ge, mslr and agm "
-            "ended below joint in that study (none significantly with 3 seeds); in its SGD arm, "
-            "mlb and pmr ended above their joint reference, though not significantly.",
+            "ended below joint in that study (ogm_ge significantly); in its SGD arm, mlb and pmr "
+            "ended above their joint reference, though not significantly.",
             sgd_only=True,
         ),
     ),
