@@ -44,7 +44,6 @@ from mmbalance.compare.methods import (
     METHOD_SETS,
     ComparedMethod,
     expand_methods,
-    method_configs,
     parse_method_spec,
     split_methods,
 )
@@ -71,7 +70,6 @@ __all__ = [
     "best_candidate",
     "expand_methods",
     "make_executor",
-    "method_configs",
     "parse_method_spec",
     "run_comparison",
     "run_or_reuse",

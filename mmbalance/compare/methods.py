@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmbalance.builder.resolve import ResolvedConfig, resolve_config
 from mmbalance.config import parse_value
 from mmbalance.errors import ConfigError, shown
 from mmbalance.methods import METHODS
@@ -178,7 +177,7 @@ def method_options(
 
 def refuse_same_runs(labels: Sequence[str], keys: Sequence[Any]) -> None:
     """Refuse two compared methods whose runs are the same configuration (``keys``: what each
-    one trains, e.g. its :meth:`ResolvedConfig.identity`)."""
+    one trains, e.g. its :meth:`~mmbalance.builder.resolve.ResolvedConfig.identity`)."""
     for i, key in enumerate(keys):
         for j in range(i):
             if keys[j] == key:
@@ -186,13 +185,3 @@ def refuse_same_runs(labels: Sequence[str], keys: Sequence[Any]) -> None:
                     f"{labels[j]} and {labels[i]} are the same configuration; "
                     "compare each configuration once"
                 )
-
-
-def method_configs(
-    entries: Sequence[ComparedMethod], overrides: Mapping[str, Any]
-) -> list[ResolvedConfig]:
-    """The resolved configuration of every compared method (seed from ``overrides``), refusing
-    a method-scoped option that no compared method has and two methods that are the same run."""
-    configs = [resolve_config(o) for o in method_options(entries, overrides)]
-    refuse_same_runs([e.label for e in entries], [c.identity() for c in configs])
-    return configs
